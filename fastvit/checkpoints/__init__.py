@@ -1,0 +1,1 @@
+"""Checkpoint loaders, one file per foreign format; load_checkpoint() sniffs the format."""

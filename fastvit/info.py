@@ -1,0 +1,108 @@
+"""``python -m fastvit.info``: what this machine can run.
+
+Prints the versions fastvit depends on, the GPUs and their compute capability, whether the CUDA
+extension fastvit._C is built and loadable (and if not, why), its build metadata, and for every op
+which backends are available here, the auto order, and any fallbacks recorded in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Any
+
+import torch
+
+import fastvit
+from fastvit import _ext, kernels
+from fastvit.ops import dispatch
+
+__all__ = ["collect", "main"]
+
+
+def _version(module: str) -> str:
+    try:
+        mod = __import__(module)
+        return getattr(mod, "__version__", "installed")
+    except Exception as exc:
+        return f"not importable ({type(exc).__name__}: {exc})"
+
+
+def collect() -> dict[str, Any]:
+    """Everything ``main`` prints, as a dict (benchmarks store it beside their results)."""
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            gpus.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count})
+    device = torch.device("cuda", 0) if gpus else torch.device("cpu")
+    ops = {}
+    for name, op in dispatch.registered_ops().items():
+        ops[name] = {
+            "backends": op.availability(device),
+            "auto_order": list(op.preference) if device.type == "cuda" else ["torch"],
+        }
+    return {
+        "fastvit": fastvit.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": kernels.TRITON_VERSION or f"not importable ({kernels.TRITON_IMPORT_ERROR})",
+        "triton_interpreter": kernels.INTERPRET,
+        "timm": _version("timm"),
+        "gpus": gpus,
+        "device_for_ops": str(device),
+        "extension": {
+            "loaded": _ext.available(),
+            "load_error": _ext.load_error(),
+            "cudart": getattr(_ext.module(), "CUDART_VERSION", None),
+            "device_status": _ext.module().device_status() if _ext.available() else None,
+            "build": _ext.build_info(),
+        },
+        "env": {k: v for k, v in os.environ.items() if k.startswith("FASTVIT_") or k == "TRITON_INTERPRET"},
+        "ops": ops,
+        "fallbacks": {f"{op}/{backend}": reasons for (op, backend), reasons in dispatch.fallback_log().items()},
+    }
+
+
+def main() -> None:
+    info = collect()
+    print(f"fastvit {info['fastvit']}  (python {info['python']}, {info['platform']})")
+    print(f"torch   {info['torch']}  (CUDA {info['torch_cuda']})")
+    print(f"triton  {info['triton']}" + ("  [TRITON_INTERPRET=1: kernels run on the CPU]" if info["triton_interpreter"] else ""))
+    print(f"timm    {info['timm']}")
+    if info["gpus"]:
+        for g in info["gpus"]:
+            print(f"GPU {g['index']}   {g['name']}, compute capability {g['capability']}, {g['memory_gib']} GiB, {g['sms']} SMs")
+    else:
+        print("GPU     none visible to torch (ops run on the torch backend; Triton only under TRITON_INTERPRET=1)")
+    ext = info["extension"]
+    print()
+    if ext["loaded"]:
+        print(f"fastvit._C  loaded (CUDA runtime {ext['cudart']}; {ext['device_status']})")
+    else:
+        print(f"fastvit._C  NOT loaded: {ext['load_error']}")
+    for key, value in ext["build"].items():
+        print(f"    {key:>13}: {value}")
+    if info["env"]:
+        print()
+        for key, value in info["env"].items():
+            print(f"{key}={value}")
+    print()
+    print(f"ops (on {info['device_for_ops']}):")
+    for name, op in info["ops"].items():
+        print(f"  {name}   auto order: {' > '.join(op['auto_order'])}")
+        for backend, reasons in op["backends"].items():
+            status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
+            print(f"    {backend:<7} {status}")
+    if info["fallbacks"]:
+        print()
+        print("auto-dispatch fallbacks in this process:")
+        for key, reasons in info["fallbacks"].items():
+            print(f"  {key}: {'; '.join(reasons)}")
+
+
+if __name__ == "__main__":
+    main()

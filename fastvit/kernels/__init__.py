@@ -1,0 +1,22 @@
+"""Triton kernels and their launchers, one module per op family (no dispatch, no torch.library).
+
+Importing a kernel module decorates its kernels with ``triton.jit``; under ``TRITON_INTERPRET=1``
+(read by Triton at that moment) they run on the CPU through the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+__all__ = ["INTERPRET", "TRITON_IMPORT_ERROR", "TRITON_VERSION"]
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_IMPORT_ERROR: Optional[str] = None
+TRITON_VERSION: Optional[str] = None
+try:
+    import triton
+
+    TRITON_VERSION = triton.__version__
+except Exception as exc:  # not installed (e.g. macOS / Windows) or broken
+    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"

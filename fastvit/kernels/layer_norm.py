@@ -1,0 +1,189 @@
+"""Triton LayerNorm with an optional fused residual add, forward and backward.
+
+Forward, one program per row (the row is held in registers, so rows up to ``MAX_COLS`` wide):
+    z = x + residual   (rounded to x's dtype and stored: the transformer's residual stream)
+    y = (z - mean) * rstd * weight + bias,   rstd = 1 / sqrt(var(z) + eps), statistics in fp32
+
+Backward, each program walks a contiguous chunk of rows and keeps fp32 running sums of
+dweight = sum(dy * xhat) and dbias = sum(dy) in registers, written once as a partial row; the launcher
+reduces the (programs, cols) partials. dz = rstd * (w*dy - xhat*mean(w*dy*xhat) - mean(w*dy)) plus the
+incoming gradient of the residual stream is both dx and dresidual.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastvit.kernels import INTERPRET
+from fastvit.kernels._common import device_guard
+
+__all__ = ["MAX_COLS", "layer_norm_bwd", "layer_norm_fwd"]
+
+MAX_COLS = 32768  # one row in registers: 32768 fp32 values is the most a program holds sensibly
+
+
+def _num_warps(block_n: int) -> int:
+    return 1 if INTERPRET else min(max(block_n // 256, 1), 16)
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # (M, N) input, row stride stride_x
+    R,  # (M, N) residual or unused, row stride stride_r
+    W,  # (N,) weight
+    B,  # (N,) bias or unused
+    Y,  # (M, N) output, row stride stride_y
+    RO,  # (M, N) x + residual, written when HAS_RESIDUAL
+    MEAN,  # (M,) fp32
+    RSTD,  # (M,) fp32
+    N,
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_ro,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    z = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        z_stored = (z + r).to(RO.dtype.element_ty)
+        tl.store(RO + row * stride_ro + cols, z_stored, mask=mask)
+        z = z_stored.to(tl.float32)
+    mean = tl.sum(z, axis=0) / N
+    diff = tl.where(mask, z - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / N + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    y = diff * rstd * w
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY,  # (M, N) upstream gradient of y, row stride stride_dy
+    DRO,  # (M, N) upstream gradient of x + residual, or unused
+    Z,  # (M, N) the normalised input (x + residual), row stride stride_z
+    W,  # (N,) weight
+    MEAN,  # (M,) fp32
+    RSTD,  # (M,) fp32
+    DZ,  # (M, N) output: dx (= dresidual)
+    DW_PART,  # (programs, N) fp32 partial sums of dweight
+    DB_PART,  # (programs, N) fp32 partial sums of dbias, or unused
+    M,
+    N,
+    stride_dy,
+    stride_dro,
+    stride_z,
+    stride_dz,
+    rows_per_program,
+    HAS_DRO: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    acc_dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for row in range(row_start, row_end):
+        z = tl.load(Z + row * stride_z + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        xhat = tl.where(mask, (z - mean) * rstd, 0.0)
+        wdy = w * dy
+        c1 = tl.sum(xhat * wdy, axis=0) / N
+        c2 = tl.sum(wdy, axis=0) / N
+        dz = (wdy - (xhat * c1 + c2)) * rstd
+        if HAS_DRO:
+            dz += tl.load(DRO + row * stride_dro + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DZ + row * stride_dz + cols, dz.to(DZ.dtype.element_ty), mask=mask)
+        acc_dw += dy * xhat
+        acc_db += dy
+    tl.store(DW_PART + pid * N + cols, acc_dw, mask=mask)
+    if HAS_BIAS:
+        tl.store(DB_PART + pid * N + cols, acc_db, mask=mask)
+
+
+def layer_norm_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    eps: float,
+    y: torch.Tensor,
+    residual_out: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> None:
+    """Launches the forward on 2-D row views (unit last stride); writes y, residual_out, mean, rstd."""
+    M, N = x.shape
+    if M == 0:
+        return
+    block_n = triton.next_power_of_2(N)
+    with device_guard(x):
+        _layer_norm_fwd_kernel[(M,)](
+            x, residual if residual is not None else x, weight, bias if bias is not None else weight,
+            y, residual_out if residual_out is not None else y, mean, rstd,
+            N, x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+            residual_out.stride(0) if residual_out is not None else 0, eps,
+            HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+            num_warps=_num_warps(block_n),
+        )  # fmt: skip
+
+
+def _num_programs(x: torch.Tensor, rows: int) -> int:
+    if x.is_cuda:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        return max(1, min(rows, 4 * sms))
+    return max(1, min(rows, 4))
+
+
+def layer_norm_bwd(
+    dy: torch.Tensor,
+    dresidual_out: Optional[torch.Tensor],
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dz: torch.Tensor,
+    has_bias: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Launches the backward; writes dz and returns the fp32 (programs, N) partials of dweight, dbias."""
+    M, N = z.shape
+    programs = _num_programs(z, M)
+    dw_part = torch.empty((programs, N), device=z.device, dtype=torch.float32)
+    db_part = torch.empty((programs, N), device=z.device, dtype=torch.float32) if has_bias else None
+    if M == 0:
+        dw_part.zero_()
+        if db_part is not None:
+            db_part.zero_()
+        return dw_part, db_part
+    block_n = triton.next_power_of_2(N)
+    rows_per_program = triton.cdiv(M, programs)
+    with device_guard(z):
+        _layer_norm_bwd_kernel[(programs,)](
+            dy, dresidual_out if dresidual_out is not None else dy, z, weight, mean, rstd, dz,
+            dw_part, db_part if db_part is not None else dw_part,
+            M, N, dy.stride(0), dresidual_out.stride(0) if dresidual_out is not None else 0,
+            z.stride(0), dz.stride(0), rows_per_program,
+            HAS_DRO=dresidual_out is not None, HAS_BIAS=has_bias, BLOCK_N=block_n,
+            num_warps=_num_warps(block_n),
+        )  # fmt: skip
+    return dw_part, db_part

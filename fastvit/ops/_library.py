@@ -1,0 +1,75 @@
+"""Helpers for registering fastvit's ops with torch.library (shared by every ops/<op>.py).
+
+Every kernel entry point is a ``torch.library.custom_op`` in namespace ``fastvit`` with a fake
+implementation and autograd, so ``torch.compile(fullgraph=True)``, CUDA graphs and ``torch.export``
+treat it as one opaque node. The backend is a string argument of the op, chosen by
+:mod:`fastvit.ops.dispatch` before the call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+__all__ = ["new_output", "register_autocast_keep_dtype", "register_autocast_lower"]
+
+_AUTOCAST_KEYS = ("AutocastCPU", "AutocastCUDA")
+_LIBS: list = []  # keep the Library fragments alive for the life of the process
+# Set by fastvit.testing.poisoned_outputs(): kernel outputs start as NaN so unwritten elements show up.
+POISON_OUTPUTS = False
+
+
+def new_output(shape: Sequence[int], like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Allocates a kernel output on ``like``'s device (NaN-filled under fastvit.testing.poisoned_outputs)."""
+    out = torch.empty(tuple(shape), device=like.device, dtype=dtype or like.dtype)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+def _autocast_excluded() -> Any:
+    keyset = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU) | torch._C.DispatchKeySet(
+        torch._C.DispatchKey.AutocastCUDA
+    )
+    return torch._C._ExcludeDispatchKeyGuard(keyset)
+
+
+def _register_autocast(op: Any, cast: Optional[Callable[[Any, str], Any]]) -> None:
+    qualname = op._qualname if hasattr(op, "_qualname") else op.name()
+    namespace, name = qualname.split("::")
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    _LIBS.append(lib)
+
+    for key in _AUTOCAST_KEYS:
+        device_type = "cuda" if key.endswith("CUDA") else "cpu"
+
+        def kernel(keyset: Any, *args: Any, _device_type: str = device_type) -> Any:
+            with _autocast_excluded():
+                if cast is not None:
+                    args = tuple(cast(a, _device_type) for a in args)
+                return op(*args)
+
+        lib.impl(name, kernel, key, with_keyset=True)
+
+
+
+def register_autocast_keep_dtype(op: Any) -> None:
+    """Under autocast, run ``op`` on its inputs as given: the output keeps the input dtype.
+
+    Used by normalisations: unlike ``F.layer_norm`` (which autocast runs in fp32 and returns fp32),
+    fastvit's kernels already compute statistics in fp32 and return the activation dtype, and they
+    accept fp32 weights beside fp16/bf16 activations.
+    """
+    _register_autocast(op, None)
+
+
+def register_autocast_lower(op: Any) -> None:
+    """Under autocast, cast floating-point tensor inputs to the autocast dtype (as ``F.linear`` is)."""
+
+    def cast(arg: Any, device_type: str) -> Any:
+        if isinstance(arg, torch.Tensor) and arg.is_floating_point():
+            return arg.to(torch.get_autocast_dtype(device_type))
+        return arg
+
+    _register_autocast(op, cast)

@@ -1,0 +1,272 @@
+"""LayerNorm over the last dimension, with an optional fused residual add.
+
+Math (statistics in fp32, output in x's dtype)::
+
+    z    = x + residual                   # in x's dtype: the transformer's residual stream
+    y    = (z - mean(z)) / sqrt(var(z) + eps) * weight + bias
+    returns y                             # residual is None
+    returns (y, z)                        # from one pass over memory
+
+Gradients: dz = rstd * (w*dy - xhat*mean(w*dy*xhat) - mean(w*dy)) + dz_out is both dx and dresidual;
+dweight = sum_rows(dy * xhat), dbias = sum_rows(dy).
+
+Dtypes: x and residual share a dtype (fp32, fp16 or bf16); weight and bias are that dtype or fp32
+(the AMP case of fp32 parameters and low-precision activations). Under autocast the op keeps x's
+dtype (``F.layer_norm`` would return fp32).
+
+Backends and auto order on CUDA tensors: ``triton`` > ``cuda`` > ``torch``. Provisional: neither
+kernel has been timed on an H100/H200 yet (benchmarks/bench_layer_norm.py will set this order).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastvit import _ext, kernels
+from fastvit.kernels._common import device_guard, rows_view
+from fastvit.ops._library import new_output, register_autocast_keep_dtype
+from fastvit.ops.dispatch import OpDispatcher
+
+if kernels.TRITON_IMPORT_ERROR is None:
+    from fastvit.kernels import layer_norm as _triton_kernels
+
+__all__ = ["layer_norm", "layer_norm_ref"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def layer_norm_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    eps: float = 1e-6,
+    residual: Optional[Tensor] = None,
+    *,
+    upcast: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """The specification, in plain torch. ``upcast=True`` computes everything in fp32 and returns fp32
+    (the oracle tests compare against); otherwise y and z come back in x's dtype."""
+    if upcast:
+        x = x.float()
+        residual = residual.float() if residual is not None else None
+    z = x if residual is None else x + residual
+    shape = (z.shape[-1],)
+    if weight.dtype == z.dtype:
+        y = F.layer_norm(z, shape, weight, bias, eps)
+    else:
+        y = F.layer_norm(z.float(), shape, weight.float(), bias.float() if bias is not None else None, eps)
+    y = y.to(z.dtype)  # autocast runs F.layer_norm in fp32; the op keeps the input dtype
+    return y if residual is None else (y, z)
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def _check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float) -> None:
+    named = {"x": x, "weight": weight, "bias": bias, "residual": residual}
+    for name, t in named.items():
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"fastvit.ops.layer_norm: {name} must be a torch.Tensor, got {type(t).__name__}")
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"fastvit.ops.layer_norm: inputs are on different devices ({where}); move them to one device")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"fastvit.ops.layer_norm: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"fastvit.ops.layer_norm: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"fastvit.ops.layer_norm: weight must have shape ({x.shape[-1]},) to match x's last dimension, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"fastvit.ops.layer_norm: weight dtype {weight.dtype} must be x's dtype ({x.dtype}) or float32")
+    if bias is not None and (bias.shape != weight.shape or bias.dtype != weight.dtype):
+        raise ValueError(
+            f"fastvit.ops.layer_norm: bias must match weight (shape {tuple(weight.shape)}, {weight.dtype}), "
+            f"got shape {tuple(bias.shape)}, {bias.dtype}"
+        )
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(
+                f"fastvit.ops.layer_norm: residual shape {tuple(residual.shape)} must equal x's shape {tuple(x.shape)}"
+            )
+        if residual.dtype != x.dtype:
+            raise TypeError(f"fastvit.ops.layer_norm: residual dtype {residual.dtype} must equal x's dtype {x.dtype}")
+    if not eps > 0:
+        raise ValueError(f"fastvit.ops.layer_norm: eps must be > 0, got {eps}")
+
+
+# -------------------------------------------------------------------------------------- backends
+
+
+def _no_reasons(**_: object) -> list[str]:
+    return []
+
+
+def _triton_reasons(x: Tensor, **_: object) -> list[str]:
+    if kernels.TRITON_IMPORT_ERROR is None and x.shape[-1] > _triton_kernels.MAX_COLS:
+        return [f"row width {x.shape[-1]} exceeds the Triton kernel's {_triton_kernels.MAX_COLS} (one row per program)"]
+    return []
+
+
+_DISPATCH = OpDispatcher(
+    name="layer_norm",
+    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _no_reasons},
+    preference=("triton", "cuda", "torch"),
+)
+
+
+def _fwd_kernel(
+    backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float,
+    y: Tensor, residual_out: Optional[Tensor], mean: Tensor, rstd: Tensor,
+) -> None:  # fmt: skip
+    if backend == "triton":
+        _triton_kernels.layer_norm_fwd(x, weight, bias, residual, eps, y, residual_out, mean, rstd)
+        return
+    C = _ext.require("layer_norm")
+    with device_guard(x):
+        C.layer_norm_fwd(
+            _ext.ptr(x), _ext.ptr(residual), _ext.ptr(weight), _ext.ptr(bias), _ext.ptr(y), _ext.ptr(residual_out),
+            _ext.ptr(mean), _ext.ptr(rstd), x.shape[0], x.shape[1], x.stride(0),
+            residual.stride(0) if residual is not None else 0, y.stride(0),
+            residual_out.stride(0) if residual_out is not None else 0, eps,
+            _ext.dtype_code(x), _ext.dtype_code(weight), _ext.stream_handle(x.device),
+        )  # fmt: skip
+
+
+def _bwd_kernel(
+    backend: str, dy: Tensor, dresidual_out: Optional[Tensor], z: Tensor, weight: Tensor, mean: Tensor,
+    rstd: Tensor, dz: Tensor, has_bias: bool,
+) -> tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+    if backend == "triton":
+        return _triton_kernels.layer_norm_bwd(dy, dresidual_out, z, weight, mean, rstd, dz, has_bias)
+    C = _ext.require("layer_norm")
+    M, N = z.shape
+    sms = torch.cuda.get_device_properties(z.device).multi_processor_count if z.is_cuda else 1
+    programs = max(1, min(M, 4 * sms))
+    dw_part = torch.empty((programs, N), device=z.device, dtype=torch.float32)
+    db_part = torch.empty((programs, N), device=z.device, dtype=torch.float32) if has_bias else None
+    with device_guard(z):
+        C.layer_norm_bwd(
+            _ext.ptr(dy), _ext.ptr(dresidual_out), _ext.ptr(z), _ext.ptr(weight), _ext.ptr(mean), _ext.ptr(rstd),
+            _ext.ptr(dz), _ext.ptr(dw_part), _ext.ptr(db_part), M, N, dy.stride(0),
+            dresidual_out.stride(0) if dresidual_out is not None else 0, z.stride(0), dz.stride(0), programs,
+            _ext.dtype_code(z), _ext.dtype_code(weight), _ext.stream_handle(z.device),
+        )  # fmt: skip
+    if M == 0:
+        dw_part.zero_()
+        if db_part is not None:
+            db_part.zero_()
+    return dw_part, db_part
+
+
+# ------------------------------------------------------------------------------- torch.library ops
+
+
+@torch.library.custom_op("fastvit::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x, residual: (M, N) with unit last stride. Returns y, x + residual (empty without a residual),
+    and the fp32 per-row mean and rstd kept for the backward."""
+    M, N = x.shape
+    y = new_output((M, N), x)
+    residual_out = new_output((M, N), x) if residual is not None else x.new_empty((0,))
+    mean = new_output((M,), x, torch.float32)
+    rstd = new_output((M,), x, torch.float32)
+    _fwd_kernel(backend, x, weight, bias, residual, eps, y, residual_out if residual is not None else None, mean, rstd)
+    return y, residual_out, mean, rstd
+
+
+@_layer_norm_fwd.register_fake
+def _(x, weight, bias, residual, eps, backend):
+    M, N = x.shape
+    residual_out = x.new_empty((M, N)) if residual is not None else x.new_empty((0,))
+    return x.new_empty((M, N)), residual_out, x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvit::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(
+    dy: Tensor, dresidual_out: Optional[Tensor], z: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+    has_bias: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Returns dz (= dx = dresidual), dweight and dbias (empty without a bias)."""
+    dz = new_output(z.shape, z)
+    dw_part, db_part = _bwd_kernel(backend, dy, dresidual_out, z, weight, mean, rstd, dz, has_bias)
+    dweight = dw_part.sum(0).to(weight.dtype)
+    dbias = db_part.sum(0).to(weight.dtype) if db_part is not None else weight.new_empty((0,))
+    return dz, dweight, dbias
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, dresidual_out, z, weight, mean, rstd, has_bias, backend):
+    return z.new_empty(z.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape if has_bias else (0,))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, residual, eps, backend = inputs
+    _, residual_out, mean, rstd = output
+    z = residual_out if residual is not None else x
+    ctx.save_for_backward(z, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+    ctx.backend = backend
+
+
+def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
+    z, weight, mean, rstd = ctx.saved_tensors
+    dy = rows_view(dy) if dy is not None else torch.zeros_like(z)
+    dresidual_out = rows_view(dresidual_out) if ctx.has_residual and dresidual_out is not None else None
+    dz, dweight, dbias = _layer_norm_bwd(dy, dresidual_out, z, weight, mean, rstd, ctx.has_bias, ctx.backend)
+    return dz, dweight, dbias if ctx.has_bias else None, dz if ctx.has_residual else None, None, None
+
+
+_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autocast_keep_dtype(_layer_norm_fwd)
+
+
+# ------------------------------------------------------------------------------------ public API
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    eps: float = 1e-6,
+    *,
+    residual: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """LayerNorm over the last dimension, optionally of ``x + residual``, in one pass.
+
+    Args:
+        x: (..., C) activations, fp32 / fp16 / bf16; any strides (a copy is made only when the last
+            dimension is not contiguous).
+        weight: (C,) scale, x's dtype or fp32.
+        bias: (C,) shift like ``weight``, or None.
+        eps: added to the variance; timm's ViTs use 1e-6, ``nn.LayerNorm`` defaults to 1e-5.
+        residual: (..., C) like ``x``; when given, the op normalises ``x + residual`` and also returns it.
+        backend: None (``FASTVIT_BACKEND`` or auto), "torch", "triton" or "cuda".
+
+    Returns:
+        ``y`` without a residual; ``(y, x + residual)`` with one. Both in x's dtype and shape.
+
+    Raises:
+        TypeError / ValueError: bad dtypes, shapes or mixed devices, naming the input.
+        fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
+    """
+    _check_inputs(x, weight, bias, residual, eps)
+    backend = _DISPATCH.select(backend, x.device, x=x, weight=weight, bias=bias, residual=residual)
+    if backend == "torch":
+        return layer_norm_ref(x, weight, bias, eps, residual)
+    y, residual_out, _, _ = _layer_norm_fwd(
+        rows_view(x), weight, bias, rows_view(residual) if residual is not None else None, float(eps), backend
+    )
+    y = y.view(x.shape)
+    return y if residual is None else (y, residual_out.view(x.shape))
