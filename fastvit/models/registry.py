@@ -1,0 +1,116 @@
+"""The model registry: timm-style entrypoints, ``create_model`` and ``list_models``.
+
+An entrypoint is a function ``name(pretrained=False, **kwargs) -> nn.Module`` decorated with
+:func:`register_model`; its ``__name__`` is the model name (timm's names, e.g. ``vit_base_patch16_224``).
+Entrypoints build the architecture only. ``create_model`` owns the rest: the ``num_classes`` /
+``img_size`` overrides and, for ``pretrained``, handing the model to
+``fastvit.checkpoints.load_pretrained`` (which resolves weights from the local caches or a path).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from typing import Any, Callable, Optional, Union
+
+from torch import nn
+
+__all__ = ["create_model", "is_model", "list_models", "model_entrypoint", "register_model"]
+
+_ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Registers ``fn`` under ``fn.__name__`` and returns it unchanged (use as a decorator).
+
+    Raises:
+        ValueError: another entrypoint already has that name.
+    """
+    name = fn.__name__
+    if name in _ENTRYPOINTS and _ENTRYPOINTS[name] is not fn:
+        raise ValueError(f"fastvit: model name {name!r} is registered twice ({_ENTRYPOINTS[name].__module__} and {fn.__module__})")
+    _ENTRYPOINTS[name] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted registered model names matching a shell-style ``pattern`` (``"vit_*"``, ``"*distilled*"``).
+
+    Args:
+        pattern: fnmatch pattern; a name with a ``.tag`` suffix is matched on its architecture part.
+    """
+    pattern = pattern.split(".", 1)[0] if "." in pattern else pattern
+    return sorted(n for n in _ENTRYPOINTS if fnmatch.fnmatchcase(n, pattern))
+
+
+def is_model(name: str) -> bool:
+    """True when ``name`` (optionally with a ``.tag`` suffix) is a registered architecture."""
+    return name.split(".", 1)[0] in _ENTRYPOINTS
+
+
+def model_entrypoint(name: str) -> Callable[..., nn.Module]:
+    """The entrypoint registered for ``name`` (a ``.tag`` suffix is ignored).
+
+    Raises:
+        ValueError: unknown name, with the closest registered names as a hint.
+    """
+    arch = name.split(".", 1)[0]
+    if arch not in _ENTRYPOINTS:
+        import difflib
+
+        close = difflib.get_close_matches(arch, list(_ENTRYPOINTS), n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"fastvit: unknown model {name!r}.{hint} See fastvit.list_models() for all {len(_ENTRYPOINTS)} names.")
+    return _ENTRYPOINTS[arch]
+
+
+def create_model(
+    name: str,
+    pretrained: Union[bool, str, os.PathLike] = False,
+    num_classes: Optional[int] = None,
+    img_size: Optional[Union[int, tuple[int, int]]] = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Builds a registered model, optionally with pretrained weights.
+
+    Args:
+        name: a registered name (``fastvit.list_models()``), optionally with a timm pretrained tag
+            (``"vit_base_patch16_224.orig_in21k_ft_in1k"``); the tag only selects weights.
+        pretrained: False (random init), True (weights for ``name`` from the local timm / Hugging Face
+            cache; an error names the file looked for when none is cached) or a checkpoint path
+            (any format ``fastvit.load_checkpoint`` reads).
+        num_classes: classifier size; 0 builds no head. None keeps the architecture's default (1000).
+        img_size: input resolution the position embedding is built for. None keeps the default.
+        **overrides: further constructor arguments of the architecture (``drop_path_rate=0.1``,
+            ``global_pool="avg"``, ``dynamic_img_size=True``, ...).
+
+    Returns:
+        The model in train mode (like timm); call ``.eval()`` for inference.
+
+    Raises:
+        ValueError: unknown name.
+        TypeError: an override the architecture does not accept.
+        FileNotFoundError / RuntimeError: from the weight loader when ``pretrained`` cannot be honoured.
+    """
+    entrypoint = model_entrypoint(name)
+    kwargs = dict(overrides)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    model = entrypoint(**kwargs)
+    if pretrained is not False and pretrained is not None:
+        if isinstance(pretrained, os.PathLike):
+            pretrained = os.fspath(pretrained)
+        if not isinstance(pretrained, (bool, str)):
+            raise TypeError(f"fastvit.create_model: pretrained must be a bool or a checkpoint path, got {type(pretrained).__name__}")
+        try:
+            from fastvit.checkpoints import load_pretrained
+        except ImportError as err:
+            raise RuntimeError(
+                f"fastvit.create_model({name!r}, pretrained={pretrained!r}): pretrained weights need "
+                f"fastvit.checkpoints.load_pretrained, which this installation lacks ({err}); "
+                f"build with pretrained=False and load weights with your own code"
+            ) from err
+        load_pretrained(model, name, pretrained)
+    return model
