@@ -5,6 +5,7 @@ this machine can run.
 """
 
 from fastvit import ops
+from fastvit.models import create_model, list_models
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "ops"]
+__all__ = ["__version__", "create_model", "list_models", "ops"]
