@@ -1,0 +1,441 @@
+"""Multi-head scaled-dot-product attention (no mask, non-causal: the ViT encoder's attention).
+
+Math, per batch b and head h, with q (Nq, D), k and v (Nk, D)::
+
+    S   = scale * q @ k.T                    # scale=None means D ** -0.5
+    P   = softmax(S, dim=-1)                 # fp32 statistics
+    out = (P * Z / (1 - dropout_p)) @ v      # Z: Bernoulli(1 - dropout_p) keep mask, only when dropout_p > 0
+    lse = logsumexp(S, dim=-1)               # (natural log, fp32) kept by the kernels for the backward
+
+Gradients (Delta = rowsum(dout * out))::
+
+    dV = (P * Z / (1 - p)).T @ dout
+    dP = (dout @ v.T) * Z / (1 - p)
+    dS = P * (dP - Delta)
+    dQ = scale * dS @ k,   dK = scale * dS.T @ q
+
+Layouts: :func:`attention` takes q, k, v as (B, H, N, D) like ``F.scaled_dot_product_attention`` and
+returns a contiguous (B, H, Nq, D). :func:`attention_qkvpacked` takes the qkv Linear's output
+(B, N, 3*H*D) (timm's ``reshape(B, N, 3, H, D)`` order) and returns (B, N, H*D) ready for the output
+projection: the Triton kernels read q, k and v as strided views of qkv and write the output (and, in the
+backward, dq/dk/dv into one dqkv buffer) in place, with no permute or contiguous copy on either side.
+
+Dtypes: fp32, fp16 and bf16, fp32 accumulation, output in the input dtype. Under autocast the inputs are
+cast to the autocast dtype (like ``F.linear``). fp32 matmuls in the Triton kernels follow
+``torch.get_float32_matmul_precision()``: "highest" (PyTorch's default) uses exact fp32 products
+(``input_precision="ieee"``), "high"/"medium" use TF32 tensor cores.
+
+Dropout: drawn in the kernels from a Philox key taken from torch's generator (a ``torch.randint`` on the
+inputs' device, so ``torch.manual_seed``, the CUDA-graph-safe generator and activation checkpointing's RNG
+restore all apply); the backward re-derives the same mask. The mask is not the one
+``F.scaled_dot_product_attention`` would draw: :func:`attention_dropout_mask` materialises the kernels'
+mask for tests. Like SDPA, the op applies ``dropout_p`` as given; modules pass 0 in eval mode.
+
+Backends and auto order on CUDA tensors: ``triton`` > ``torch`` (SDPA). Provisional: the Triton kernels
+have not been timed on an H100/H200 yet (benchmarks/bench_attention.py will set this order). CPU tensors
+go to ``torch`` unless ``backend="triton"`` is asked for under the Triton interpreter.
+
+:func:`attention_probs` is the explicit path that also returns the probabilities P (for attention
+rollout and hooks); it is plain torch and materialises the (B, H, Nq, Nk) matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastvit import kernels
+from fastvit.ops._library import new_output, register_autocast_lower
+from fastvit.ops.dispatch import OpDispatcher
+
+if kernels.TRITON_IMPORT_ERROR is None:
+    from fastvit.kernels import attention as _triton_kernels
+
+__all__ = [
+    "attention",
+    "attention_dropout_mask",
+    "attention_probs",
+    "attention_probs_ref",
+    "attention_qkvpacked",
+    "attention_ref",
+    "split_qkv",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Philox keys are drawn in [0, 2**62) so key + batch*heads never overflows int64.
+_SEED_HIGH = 2**62
+
+
+def attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: Optional[float] = None,
+    *,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[Tensor] = None,
+    upcast: bool = False,
+) -> Tensor:
+    """The specification, in plain torch, on (B, H, N, D) inputs: ``softmax(scale * q @ k.T) @ v``.
+
+    ``upcast=True`` computes in fp32 (or in the inputs' dtype when that is fp64) and returns that dtype;
+    otherwise every matmul runs in the inputs' dtype (softmax statistics in fp32) and the result comes back
+    in it. ``dropout_mask`` (bool, (B, H, Nq, Nk), True = keep) applies ``P * mask / (1 - dropout_p)``.
+    """
+    if upcast and q.dtype != torch.float64:
+        q, k, v = q.float(), k.float(), v.float()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    probs = torch.softmax((q @ k.transpose(-2, -1)).float() * scale, dim=-1)
+    if dropout_mask is not None:
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    return probs.to(v.dtype) @ v
+
+
+def attention_probs_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """``(out, probs)`` with probs = softmax(scale * q @ k.T) (fp32 statistics) in the inputs' dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    probs = torch.softmax((q @ k.transpose(-2, -1)).float() * scale, dim=-1).to(q.dtype)
+    return probs @ v, probs
+
+
+def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v as (B, H, N, D) strided views of a packed (B, N, 3*H*D) qkv (no copy)."""
+    B, N, C3 = qkv.shape
+    head_dim = C3 // (3 * num_heads)
+    q, k, v = qkv.view(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def _check_scale_dropout(op: str, scale: Optional[float], dropout_p: float) -> None:
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise ValueError(f"fastvit.ops.{op}: scale must be a finite number or None (D ** -0.5), got {scale!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"fastvit.ops.{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
+    named = {"q": q, "k": k, "v": v}
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fastvit.ops.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if len({t.device for t in named.values()}) > 1:
+        where = ", ".join(f"{n} on {t.device}" for n, t in named.items())
+        raise ValueError(f"fastvit.ops.{op}: inputs are on different devices ({where}); move them to one device")
+    if len({t.dtype for t in named.values()}) > 1:
+        kinds = ", ".join(f"{n} {t.dtype}" for n, t in named.items())
+        raise TypeError(f"fastvit.ops.{op}: q, k and v must share one dtype, got {kinds}; cast them to one")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"fastvit.ops.{op}: q, k, v must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in named.items():
+        if t.dim() != 4:
+            raise ValueError(
+                f"fastvit.ops.{op}: {name} must be 4-D (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}"
+            )
+    if k.shape != v.shape:
+        raise ValueError(f"fastvit.ops.{op}: k shape {tuple(k.shape)} must equal v shape {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"fastvit.ops.{op}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head_dim "
+            "(only the token counts may differ)"
+        )
+    if q.shape[-1] == 0:
+        raise ValueError(f"fastvit.ops.{op}: head_dim must be positive, got shape {tuple(q.shape)}")
+
+
+def _check_packed(qkv: Tensor, num_heads: int) -> None:
+    op = "attention_qkvpacked"
+    if not isinstance(qkv, Tensor):
+        raise TypeError(f"fastvit.ops.{op}: qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"fastvit.ops.{op}: num_heads must be a positive int, got {num_heads!r}")
+    if qkv.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"fastvit.ops.{op}: qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
+    if qkv.dim() != 3:
+        raise ValueError(f"fastvit.ops.{op}: qkv must be 3-D (batch, tokens, 3*heads*head_dim), got {tuple(qkv.shape)}")
+    if qkv.shape[-1] == 0 or qkv.shape[-1] % (3 * num_heads) != 0:
+        raise ValueError(
+            f"fastvit.ops.{op}: qkv's last dimension {qkv.shape[-1]} must be a positive multiple of "
+            f"3 * num_heads = {3 * num_heads} (timm's qkv Linear has 3 * dim outputs)"
+        )
+
+
+# -------------------------------------------------------------------------------------- backends
+
+
+def _no_reasons(**_: object) -> list[str]:
+    return []
+
+
+def _triton_reasons(q: Tensor, k: Tensor, **_: object) -> list[str]:
+    if kernels.TRITON_IMPORT_ERROR is not None:
+        return []  # the environment reason already says Triton is missing
+    return _triton_kernels.unsupported_reasons(head_dim=q.shape[-1], q_tokens=q.shape[-2], k_tokens=k.shape[-2])
+
+
+_DISPATCH = OpDispatcher(
+    name="attention",
+    reasons={"torch": _no_reasons, "triton": _triton_reasons},
+    preference=("triton", "torch"),
+)
+
+
+def _dropout_seed(dropout_p: float, like: Tensor) -> Optional[Tensor]:
+    """A Philox key from torch's generator for ``like``'s device: (1,) int64, or None without dropout."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, _SEED_HIGH, (1,), device=like.device, dtype=torch.int64)
+
+
+def _fp32_precision() -> str:
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+# ------------------------------------------------------------------------------- torch.library ops
+
+
+@torch.library.custom_op("fastvit::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor], backend: str
+) -> tuple[Tensor, Tensor]:
+    """q (B, H, Nq, D), k and v (B, H, Nk, D), unit last stride. Returns out (B, H, Nq, D) and lse (B, H, Nq) fp32."""
+    B, H, Nq, D = q.shape
+    out = new_output((B, H, Nq, D), q)
+    lse = new_output((B, H, Nq), q, torch.float32)
+    _triton_kernels.attention_fwd(q, k, v, out, lse, scale, dropout_p, seed, _fp32_precision())
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, scale, dropout_p, seed, backend):
+    B, H, Nq, D = q.shape
+    return q.new_empty((B, H, Nq, D)), q.new_empty((B, H, Nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvit::attention_bwd", mutates_args=())
+def _attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, dropout_p: float,
+    seed: Optional[Tensor], deterministic: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Returns dq, dk, dv, contiguous, in q's dtype."""
+    dq, dk, dv = new_output(q.shape, q), new_output(k.shape, k), new_output(v.shape, v)
+    _triton_kernels.attention_bwd(
+        dout, q, k, v, out, lse, dq, dk, dv, scale, dropout_p, seed, deterministic, _fp32_precision()
+    )
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, scale, dropout_p, seed, deterministic, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale, dropout_p, seed, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
+    # The kernels' backward is deterministic either way; the flag selects the atomic-free dq pass.
+    ctx.deterministic = torch.are_deterministic_algorithms_enabled()
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(
+        _unit_last_stride(dout), q, k, v, out, lse, ctx.scale, ctx.dropout_p, seed, ctx.deterministic, ctx.backend
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autocast_lower(_attention_fwd)
+
+
+@torch.library.custom_op("fastvit::attention_qkvpacked_fwd", mutates_args=())
+def _attention_qkvpacked_fwd(
+    qkv: Tensor, num_heads: int, scale: float, dropout_p: float, seed: Optional[Tensor], backend: str
+) -> tuple[Tensor, Tensor]:
+    """qkv (B, N, 3*H*D) with unit last stride. Returns out (B, N, H*D) and lse (B, H, N) fp32."""
+    B, N, C3 = qkv.shape
+    q, k, v = split_qkv(qkv, num_heads)
+    out = new_output((B, N, C3 // 3), qkv)
+    lse = new_output((B, num_heads, N), qkv, torch.float32)
+    _triton_kernels.attention_fwd(q, k, v, _heads_view(out, num_heads), lse, scale, dropout_p, seed, _fp32_precision())
+    return out, lse
+
+
+@_attention_qkvpacked_fwd.register_fake
+def _(qkv, num_heads, scale, dropout_p, seed, backend):
+    B, N, C3 = qkv.shape
+    return qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+
+
+def _heads_view(x: Tensor, num_heads: int) -> Tensor:
+    """(B, N, H*D) as a (B, H, N, D) strided view."""
+    B, N, C = x.shape
+    return x.view(B, N, num_heads, C // num_heads).transpose(1, 2)
+
+
+@torch.library.custom_op("fastvit::attention_qkvpacked_bwd", mutates_args=())
+def _attention_qkvpacked_bwd(
+    dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: float, dropout_p: float,
+    seed: Optional[Tensor], deterministic: bool, backend: str,
+) -> Tensor:  # fmt: skip
+    """dout and out (B, N, H*D) with unit last stride. Returns dqkv (B, N, 3*H*D) written in place by the kernels."""
+    dqkv = new_output(qkv.shape, qkv)
+    q, k, v = split_qkv(qkv, num_heads)
+    dq, dk, dv = split_qkv(dqkv, num_heads)
+    _triton_kernels.attention_bwd(
+        _heads_view(dout, num_heads), q, k, v, _heads_view(out, num_heads), lse, dq, dk, dv, scale, dropout_p, seed,
+        deterministic, _fp32_precision(),
+    )  # fmt: skip
+    return dqkv
+
+
+@_attention_qkvpacked_bwd.register_fake
+def _(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, deterministic, backend):
+    return qkv.new_empty(qkv.shape)
+
+
+def _packed_setup_context(ctx, inputs, output) -> None:
+    qkv, num_heads, scale, dropout_p, seed, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, seed)
+    ctx.num_heads, ctx.scale, ctx.dropout_p, ctx.backend = num_heads, scale, dropout_p, backend
+    ctx.deterministic = torch.are_deterministic_algorithms_enabled()
+
+
+def _packed_backward(ctx, dout, _dlse):
+    qkv, out, lse, seed = ctx.saved_tensors
+    dout = dout if dout.stride(-1) == 1 and dout.stride(1) == dout.shape[-1] else dout.contiguous()
+    dqkv = _attention_qkvpacked_bwd(
+        dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p, seed, ctx.deterministic, ctx.backend
+    )
+    return dqkv, None, None, None, None, None
+
+
+_attention_qkvpacked_fwd.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+register_autocast_lower(_attention_qkvpacked_fwd)
+
+
+# ------------------------------------------------------------------------------------ public API
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Scaled-dot-product attention with ``F.scaled_dot_product_attention`` semantics (no mask, non-causal).
+
+    Args:
+        q: (B, H, Nq, D) queries, fp32 / fp16 / bf16, any strides (a copy is made only when the last
+            dimension is not contiguous).
+        k: (B, H, Nk, D) keys, same dtype and device as q.
+        v: (B, H, Nk, D) values.
+        scale: multiplies q @ k.T; None means D ** -0.5. Modules with their own scale (T2T-ViT) pass it.
+        dropout_p: probability of dropping an attention weight, applied as given (pass 0.0 in eval mode).
+        backend: None (``FASTVIT_BACKEND`` or auto), "torch" (SDPA) or "triton".
+
+    Returns:
+        (B, H, Nq, D) contiguous, in q's dtype.
+
+    Raises:
+        TypeError / ValueError: bad dtypes, shapes, scale, dropout_p or mixed devices, naming the input.
+        fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
+    """
+    _check_qkv("attention", q, k, v)
+    _check_scale_dropout("attention", scale, dropout_p)
+    backend = _DISPATCH.select(backend, q.device, q=q, k=k, v=v, scale=scale, dropout_p=dropout_p)
+    if backend == "torch":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    out, _ = _attention_fwd(q, k, v, scale, float(dropout_p), _dropout_seed(dropout_p, q), backend)
+    return out
+
+
+def attention_qkvpacked(
+    qkv: Tensor,
+    num_heads: int,
+    *,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Attention straight from the qkv Linear's output, returning the input of the output projection.
+
+    Equivalent to ``q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)``, then
+    ``attention(q, k, v).transpose(1, 2).reshape(B, N, H * D)``, but the Triton backend reads q, k, v
+    and writes the output (and dqkv in the backward) through strides, with no copies.
+
+    Args:
+        qkv: (B, N, 3*H*D), fp32 / fp16 / bf16; the last dimension must be contiguous for the no-copy path.
+        num_heads: H.
+        scale: multiplies q @ k.T; None means D ** -0.5.
+        dropout_p: probability of dropping an attention weight, applied as given (pass 0.0 in eval mode).
+        backend: None (``FASTVIT_BACKEND`` or auto), "torch" (SDPA) or "triton".
+
+    Returns:
+        (B, N, H*D) in qkv's dtype.
+
+    Raises:
+        TypeError / ValueError: bad dtype, shape, num_heads, scale or dropout_p, naming the input.
+        fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
+    """
+    _check_packed(qkv, num_heads)
+    _check_scale_dropout("attention_qkvpacked", scale, dropout_p)
+    q, k, v = split_qkv(qkv, num_heads)
+    backend = _DISPATCH.select(backend, qkv.device, q=q, k=k, v=v, scale=scale, dropout_p=dropout_p)
+    B, N, C3 = qkv.shape
+    if backend == "torch":
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        return out.transpose(1, 2).reshape(B, N, C3 // 3)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = _attention_qkvpacked_fwd(
+        _unit_last_stride(qkv), num_heads, scale, float(dropout_p), _dropout_seed(dropout_p, qkv), backend
+    )
+    return out
+
+
+def attention_probs(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """The explicit (unfused) attention that also returns the probabilities, for rollout and hooks.
+
+    Args:
+        q: (B, H, Nq, D) queries, fp32 / fp16 / bf16.
+        k: (B, H, Nk, D) keys.
+        v: (B, H, Nk, D) values.
+        scale: multiplies q @ k.T; None means D ** -0.5.
+
+    Returns:
+        ``(out, probs)``: out (B, H, Nq, D) and probs = softmax(scale * q @ k.T) (B, H, Nq, Nk), both in
+        q's dtype (softmax statistics in fp32). Autograd flows through both.
+    """
+    _check_qkv("attention_probs", q, k, v)
+    _check_scale_dropout("attention_probs", scale, 0.0)
+    return attention_probs_ref(q, k, v, scale)
+
+
+def attention_dropout_mask(seed: Tensor, batch: int, heads: int, q_tokens: int, k_tokens: int, dropout_p: float) -> Tensor:
+    """The Triton kernels' dropout keep-mask (bool, (B, H, Nq, Nk), True = keep) for a given Philox key.
+
+    For tests and debugging at small shapes: the kernels never materialise it. ``seed`` is the (1,) int64
+    key tensor (on the inputs' device) that :func:`attention` draws with ``torch.randint``.
+    """
+    if kernels.TRITON_IMPORT_ERROR is not None:
+        raise RuntimeError(f"fastvit.ops.attention_dropout_mask needs Triton ({kernels.TRITON_IMPORT_ERROR})")
+    return _triton_kernels.dropout_keep_mask(seed, batch, heads, q_tokens, k_tokens, dropout_p)
