@@ -3,7 +3,6 @@
 from fastvit.ops.dispatch import BACKENDS, BackendNotSupported
 from fastvit.ops.attention import attention, attention_probs, attention_probs_ref, attention_qkvpacked, attention_ref
 from fastvit.ops.layer_norm import layer_norm, layer_norm_ref
-from fastvit.ops.linear import linear, linear_ref
 
 __all__ = [
     "BACKENDS",
@@ -15,6 +14,4 @@ __all__ = [
     "attention_ref",
     "layer_norm",
     "layer_norm_ref",
-    "linear",
-    "linear_ref",
 ]
