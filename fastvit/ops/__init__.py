@@ -3,6 +3,7 @@
 from fastvit.ops.dispatch import BACKENDS, BackendNotSupported
 from fastvit.ops.attention import attention, attention_probs, attention_probs_ref, attention_qkvpacked, attention_ref
 from fastvit.ops.layer_norm import layer_norm, layer_norm_ref
+from fastvit.ops.linear import linear, linear_ref
 
 __all__ = [
     "BACKENDS",

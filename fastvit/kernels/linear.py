@@ -1,0 +1,251 @@
+"""Triton GEMM ``x @ weight.T`` with a fused epilogue, forward and the activation's backward.
+
+One kernel, two epilogues (constexpr ``ACT_GRAD``), each program computing one (BLOCK_M, BLOCK_N) tile
+of the (M, N) result with an fp32 accumulator over K:
+    forward   y = act(acc + bias) + residual         (one rounding to the output dtype)
+    ACT_GRAD  g = dy * act'(acc + bias)              (h is recomputed, never stored: see ops/linear.py)
+
+Tiles are visited in groups of GROUP_M rows of tiles so neighbouring programs reuse the same weight
+columns from L2. Loads clamp ragged rows / columns into range (``% M``, ``% N``) so the K loop needs no
+M/N masks; K is masked only when BLOCK_K does not divide it; every store is masked. fp32 inputs use
+TF32 products on the GPU (the interpreter computes them exactly).
+
+Configs are autotuned once per (M bucket, N, K, dtype, epilogue) and remembered; while a CUDA graph is
+being captured an untuned key gets a fixed default config instead of benchmarking inside the capture.
+Under the interpreter there is one small config.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastvit.kernels import INTERPRET
+from fastvit.kernels._common import device_guard
+
+__all__ = ["ACTIVATION_CODES", "linear_act_grad", "linear_fwd"]
+
+ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
+_SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+_SQRT_2_OVER_PI = 0.7978845608028654
+_SMEM_LIMIT = 160 * 1024  # sm_80's 163 KB opt-in shared memory, so pruned lists also fit an A100
+
+
+@triton.jit
+def _activation(h, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:  # exact GELU: h * Phi(h)
+        return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    elif ACTIVATION == 2:  # tanh GELU: 0.5 h (1 + tanh(u)) == h * sigmoid(2u)
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        return h * tl.sigmoid(2.0 * u)
+    elif ACTIVATION == 3:  # quick GELU
+        return h * tl.sigmoid(1.702 * h)
+    else:
+        return h
+
+
+@triton.jit
+def _activation_grad(h, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:  # Phi(h) + h * phi(h)
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        return cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+    elif ACTIVATION == 2:  # s = sigmoid(2u): d/dh = s + 2 h s (1 - s) u'
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
+        s = tl.sigmoid(2.0 * u)
+        return s + 2.0 * h * s * (1.0 - s) * du
+    elif ACTIVATION == 3:  # s = sigmoid(1.702 h): d/dh = s + 1.702 h s (1 - s)
+        s = tl.sigmoid(1.702 * h)
+        return s + 1.702 * h * s * (1.0 - s)
+    else:
+        return tl.full(h.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _linear_kernel(
+    X,  # (M, K) input, strides (stride_xm, stride_xk)
+    W,  # (N, K) weight, strides (stride_wn, stride_wk)
+    B,  # (N,) bias, or unused
+    R,  # (M, N) forward: the residual added last; ACT_GRAD: dy. Strides (stride_rm, stride_rn)
+    Y,  # (M, N) output, row stride stride_ym, unit column stride
+    M,
+    N,
+    K,
+    M_BUCKET,  # unused in the body: the autotuning key's row bucket (next power of two of M)
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_rm,
+    stride_rn,
+    stride_ym,
+    ACTIVATION: tl.constexpr,  # 0 none, 1 gelu, 2 gelu_tanh, 3 quick_gelu
+    HAS_BIAS: tl.constexpr,
+    HAS_R: tl.constexpr,
+    ACT_GRAD: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Ragged rows / columns re-read valid ones (their results are never stored), keeping the K loop mask-free.
+    rows = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+    cols = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = W + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BLOCK_K, BLOCK_N): weight.T
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    h = acc
+    if HAS_BIAS:
+        h += tl.load(B + cols).to(tl.float32)[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    r_ptrs = R + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
+    if ACT_GRAD:
+        dy = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+        out = dy * _activation_grad(h, ACTIVATION)
+    else:
+        out = _activation(h, ACTIVATION)
+        if HAS_R:
+            out += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(Y.dtype.element_ty), mask=mask)
+
+
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
+    )
+
+
+# Hopper/Ampere tiles: big tiles for the large-batch ViT GEMMs, smaller ones for batch 1 (M = 197) and
+# narrow N; BLOCK_K = 32 keeps fp32 (TF32) tiles inside shared memory.
+_CONFIGS = [
+    _config(128, 256, 64, 8, 3),
+    _config(256, 128, 64, 8, 3),
+    _config(128, 128, 64, 4, 4),
+    _config(128, 128, 32, 4, 4),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(64, 64, 64, 4, 4),
+    _config(64, 64, 32, 4, 3),
+]
+_DEFAULT_CONFIG = _config(128, 128, 32, 4, 4)  # fits every dtype; used for untuned keys during graph capture
+_INTERPRET_CONFIG = _config(32, 32, 32, 1, 1, group_m=4)
+
+
+def _prune(configs: list, named_args: dict, **kwargs) -> list:
+    """Drop tiles that cannot fit shared memory at this dtype, or whose rows mostly fall past M."""
+    elsize = named_args["X"].element_size()
+    max_m = max(64, triton.next_power_of_2(named_args["M"]))
+    kept = [
+        c for c in configs
+        if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * elsize <= _SMEM_LIMIT
+        and c.kwargs["BLOCK_M"] <= max_m
+    ]  # fmt: skip
+    return kept or [_DEFAULT_CONFIG]
+
+
+_KEY = ["M_BUCKET", "N", "K", "ACTIVATION", "HAS_BIAS", "HAS_R", "ACT_GRAD"]
+_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+_linear_fixed = _even_k(_linear_kernel)  # launched with an explicit config
+_linear_tuned = triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+    _linear_fixed
+)
+# (device index, dtype, *key values) -> the tuned config, so later launches (and graph captures) skip the autotuner.
+_BEST: dict[tuple, triton.Config] = {}
+
+
+def _config_kwargs(config: triton.Config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    r: Optional[torch.Tensor],
+    y: torch.Tensor,
+    activation: Optional[str],
+    act_grad: bool,
+) -> None:
+    M, K = x.shape
+    N = weight.shape[0]
+    if M == 0 or N == 0:
+        return
+    m_bucket = triton.next_power_of_2(M)
+    flags = {
+        "ACTIVATION": ACTIVATION_CODES[activation], "HAS_BIAS": bias is not None, "HAS_R": r is not None,
+        "ACT_GRAD": act_grad,
+    }  # fmt: skip
+    args = (
+        x, weight, bias if bias is not None else weight, r if r is not None else y, y, M, N, K, m_bucket,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        r.stride(0) if r is not None else 0, r.stride(1) if r is not None else 0, y.stride(0),
+    )  # fmt: skip
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    key = (x.device.index, x.dtype, m_bucket, N, K, *flags.values())
+    config = _INTERPRET_CONFIG if INTERPRET else _BEST.get(key)
+    with device_guard(x):
+        if config is None and x.is_cuda and torch.cuda.is_current_stream_capturing():
+            config = _DEFAULT_CONFIG  # benchmarking inside a capture would record the trials
+        if config is None:
+            _linear_tuned[grid](*args, **flags)
+            _BEST[key] = _linear_tuned.best_config
+        else:
+            _linear_fixed[grid](*args, **flags, **_config_kwargs(config))
+
+
+def linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    activation: Optional[str],
+    y: torch.Tensor,
+) -> None:
+    """Writes ``y = act(x @ weight.T + bias) + residual``; x (M, K), weight (N, K), residual (M, N) may have
+    any strides; y is (M, N) with a unit column stride."""
+    _launch(x, weight, bias, residual, y, activation, act_grad=False)
+
+
+def linear_act_grad(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    activation: str,
+    g: torch.Tensor,
+) -> None:
+    """Writes ``g = dy * act'(x @ weight.T + bias)``, recomputing the pre-activation tile by tile."""
+    _launch(x, weight, bias, dy, g, activation, act_grad=True)

@@ -1,0 +1,266 @@
+"""Linear layer with a fused epilogue: bias, activation and residual add on the GEMM's accumulator.
+
+Math (fp32 accumulation, one rounding to x's dtype at the end)::
+
+    h = x @ weight.T + bias               # the pre-activation, never stored
+    y = act(h) + residual                 # act: identity, "gelu" (erf, nn.GELU()), "gelu_tanh"
+                                          #      (nn.GELU(approximate="tanh")), "quick_gelu" (h * sigmoid(1.702 h))
+
+Gradients (dy is the gradient of y)::
+
+    g         = dy * act'(h)              # the fused part: h is recomputed by a GEMM whose epilogue
+                                          # multiplies in dy, so g is the only (M, N) tensor written
+    dx        = g @ weight                # plain GEMMs: torch.matmul (cuBLAS)
+    dweight   = g.T @ x
+    dbias     = sum_rows(g)               # fp32 sum
+    dresidual = dy                        # passes through
+
+Memory choice: recomputing h costs one extra GEMM of the forward's size in the backward of an
+activated layer (fc1 of an MLP: 3 GEMMs instead of 2), and saves storing the (M, N) pre-activation,
+which for fc1 is the 4x-wide hidden tensor (timm's eager MLP keeps it: F.gelu saves its input). With
+no activation there is nothing to recompute and dy is g.
+
+Dtypes: x, weight, bias and residual share one dtype: fp16 and bf16 run on the tensor cores with fp32
+accumulation; fp32 inputs go through TF32 on the GPU (10-bit mantissa products, fp32 accumulation, the
+same trade as ``torch.backends.cuda.matmul.allow_tf32 = True``); under the Triton interpreter fp32 is
+exact. float64 is served by the "torch" backend only. Under autocast the op lowers its floating-point
+inputs to the autocast dtype, as ``F.linear`` does.
+
+Backends and auto order on CUDA tensors: ``triton`` > ``torch``. Provisional: the Triton GEMM has not
+been timed against cuBLAS on an H100/H200 yet (benchmarks/bench_linear.py will set this order).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastvit import kernels
+from fastvit.ops._library import new_output, register_autocast_lower
+from fastvit.ops.dispatch import OpDispatcher
+
+if kernels.TRITON_IMPORT_ERROR is None:
+    from fastvit.kernels import linear as _triton_kernels
+
+__all__ = ["ACTIVATIONS", "linear", "linear_ref"]
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _activate(h: Tensor, activation: Optional[str]) -> Tensor:
+    if activation is None:
+        return h
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "quick_gelu":
+        return h * torch.sigmoid(1.702 * h)
+    raise ValueError(_unknown_activation(activation))
+
+
+def linear_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+    residual: Optional[Tensor] = None,
+    *,
+    upcast: bool = False,
+) -> Tensor:
+    """The specification, in plain torch: ``act(F.linear(x, weight, bias)) + residual``.
+
+    ``upcast=True`` computes in fp32 (fp64 inputs stay fp64) and returns that dtype (the oracle tests
+    compare against); otherwise every step rounds to the inputs' dtype, as timm's eager modules do.
+    """
+    if upcast:
+        def up(t: Optional[Tensor]) -> Optional[Tensor]:
+            return t if t is None or t.dtype == torch.float64 else t.float()
+
+        x, weight, bias, residual = up(x), up(weight), up(bias), up(residual)
+    y = _activate(F.linear(x, weight, bias), activation)
+    return y if residual is None else y + residual
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def _unknown_activation(activation: object) -> str:
+    return (
+        f"fastvit.ops.linear: unknown activation {activation!r}; expected None or one of "
+        f"{', '.join(repr(a) for a in ACTIVATIONS)}"
+    )
+
+
+def _autocast_enabled(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4 has no device_type argument
+        return torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def _check_inputs(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], residual: Optional[Tensor]
+) -> None:
+    named = {"x": x, "weight": weight, "bias": bias, "residual": residual}
+    for name, t in named.items():
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"fastvit.ops.linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(_unknown_activation(activation))
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"fastvit.ops.linear: inputs are on different devices ({where}); move them to one device")
+    for name, t in named.items():
+        if t is not None and t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"fastvit.ops.linear: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    for name, t in named.items():
+        # Under autocast the op lowers every input to the autocast dtype first (see the autocast rule).
+        if t is not None and t.dtype != x.dtype and not _autocast_enabled(x.device):
+            raise TypeError(
+                f"fastvit.ops.linear: {name} dtype {t.dtype} must equal x's dtype {x.dtype} (cast the parameters, "
+                f"or run under torch.autocast, which lowers them like F.linear)"
+            )
+    if x.dim() < 1:
+        raise ValueError("fastvit.ops.linear: x must have at least one dimension (..., in_features), got a scalar")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"fastvit.ops.linear: weight must have shape (out_features, {x.shape[-1]}) to match x's last dimension "
+            f"(in_features), got {tuple(weight.shape)}"
+        )
+    out_features = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(
+            f"fastvit.ops.linear: bias must have shape ({out_features},) (weight's out_features), got {tuple(bias.shape)}"
+        )
+    if residual is not None:
+        expected = (*x.shape[:-1], out_features)
+        if tuple(residual.shape) != expected:
+            raise ValueError(
+                f"fastvit.ops.linear: residual shape {tuple(residual.shape)} must equal the output's shape {expected}"
+            )
+
+
+# -------------------------------------------------------------------------------------- backends
+
+
+def _no_reasons(**_: object) -> list[str]:
+    return []
+
+
+def _triton_reasons(x: Tensor, **_: object) -> list[str]:
+    if x.dtype not in _KERNEL_DTYPES:
+        return [f"dtype {x.dtype} is not supported by the Triton GEMM (float32 via TF32, float16, bfloat16)"]
+    return []
+
+
+_DISPATCH = OpDispatcher(
+    name="linear",
+    reasons={"torch": _no_reasons, "triton": _triton_reasons},
+    preference=("triton", "torch"),
+)
+
+
+# ------------------------------------------------------------------------------- torch.library ops
+
+
+@torch.library.custom_op("fastvit::linear_fwd", mutates_args=())
+def _linear_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], activation: str, backend: str
+) -> Tensor:
+    """x: (M, K), weight: (N, K), residual: (M, N), any strides; activation "" means none.
+    Returns act(x @ weight.T + bias) + residual as a contiguous (M, N) tensor."""
+    y = new_output((x.shape[0], weight.shape[0]), x)
+    _triton_kernels.linear_fwd(x, weight, bias, residual, activation or None, y)
+    return y
+
+
+@_linear_fwd.register_fake
+def _(x, weight, bias, residual, activation, backend):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("fastvit::linear_act_grad", mutates_args=())
+def _linear_act_grad(
+    dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, backend: str
+) -> Tensor:
+    """dy: (M, N). Recomputes h = x @ weight.T + bias and returns dy * act'(h), contiguous (M, N)."""
+    g = new_output(dy.shape, dy)
+    _triton_kernels.linear_act_grad(dy, x, weight, bias, activation, g)
+    return g
+
+
+@_linear_act_grad.register_fake
+def _(dy, x, weight, bias, activation, backend):
+    return dy.new_empty(dy.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, residual, activation, backend = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.activation = activation
+    ctx.backend = backend
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, dy):
+    x, weight, bias = ctx.saved_tensors
+    if ctx.activation:
+        g = _linear_act_grad(dy, x, weight, bias, ctx.activation, ctx.backend)
+    else:
+        g = dy
+    dx = torch.matmul(g, weight) if ctx.needs_input_grad[0] else None
+    dweight = torch.matmul(g.t(), x) if ctx.needs_input_grad[1] else None
+    dbias = g.sum(0, dtype=torch.float32).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+    dresidual = dy if ctx.has_residual else None
+    return dx, dweight, dbias, dresidual, None, None
+
+
+_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autocast_lower(_linear_fwd)
+
+
+# ------------------------------------------------------------------------------------ public API
+
+
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    activation: Optional[str] = None,
+    residual: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """``act(x @ weight.T + bias) + residual`` with bias, activation and residual in the GEMM's epilogue.
+
+    Args:
+        x: (..., in_features) activations, fp32 / fp16 / bf16 (fp64 on the "torch" backend); any strides.
+        weight: (out_features, in_features), x's dtype (``nn.Linear.weight``).
+        bias: (out_features,) like ``weight``, or None.
+        activation: None, "gelu" (exact erf, ``nn.GELU()``), "gelu_tanh" (``nn.GELU(approximate="tanh")``)
+            or "quick_gelu" (``h * sigmoid(1.702 h)``).
+        residual: (..., out_features) added after the activation (the transformer's residual stream), or None.
+        backend: None (``FASTVIT_BACKEND`` or auto), "torch" or "triton".
+
+    Returns:
+        (..., out_features) in x's dtype; fp32 accumulation (TF32 products for fp32 inputs on the GPU).
+
+    Raises:
+        TypeError / ValueError: bad dtypes, shapes, an unknown activation or mixed devices, naming the input.
+        fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
+    """
+    _check_inputs(x, weight, bias, activation, residual)
+    backend = _DISPATCH.select(backend, x.device, x=x, weight=weight, bias=bias, residual=residual)
+    if backend == "torch":
+        return linear_ref(x, weight, bias, activation, residual)
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    residual2d = residual.reshape(-1, weight.shape[0]) if residual is not None else None
+    y = _linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, residual2d, activation or "", backend)
+    return y.view(out_shape)
