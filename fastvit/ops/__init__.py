@@ -15,4 +15,6 @@ __all__ = [
     "attention_ref",
     "layer_norm",
     "layer_norm_ref",
+    "linear",
+    "linear_ref",
 ]
