@@ -1,9 +1,522 @@
-"""Triton flash attention (forward and backward). Work in progress: the kernels land in the next commit."""
+"""Triton flash attention for ViT shapes: forward and backward, online softmax, fp32 accumulation.
+
+Layout: every tensor is a (B, H, N, D) view with a unit last stride and arbitrary batch/head/token
+strides, so q, k, v can be read straight out of a packed (B, N, 3*H*D) qkv and the output (and dq/dk/dv)
+written straight into (B, N, H*D) / (B, N, 3*H*D) buffers. Grids are (token blocks, H, B) so programs
+of one head run next to each other and share K/V in L2; batch and head offsets are int64.
+
+Forward, one program per BLOCK_M queries of one (b, h): loop over BLOCK_N keys keeping the running max
+m and sum l of exp2(scale*log2(e) * q.k - m) (base-2 exponentials fold the log2(e) into the scale), the
+fp32 accumulator rescaled by exp2(m_old - m_new); the last key block is masked for any N. Stores out in
+the input dtype and lse = m + log(l) (natural log, fp32) for the backward.
+
+Backward (FlashAttention-2 structure): a pre-pass stores Delta = rowsum(dout * out) in fp32; then one
+launch whose first programs each own BLOCK_N keys and loop over all queries to accumulate dk, dv, and
+whose remaining programs each own BLOCK_M queries and loop over all keys to accumulate dq. P is
+recomputed from lse. No atomics: the backward is deterministic (bitwise reproducible) by construction.
+
+Head dims: any D with D % 8 == 0 and 16 <= D <= 128, split into a power-of-two part BLOCK_D0 and a
+masked tail BLOCK_D1 (0 when D is a power of two): D=80 runs as 64 + 16 and D=96 as 64 + 32, so
+ViT-H/14 pays for 80 columns, not 128. Each matmul over D is two tl.dot calls.
+
+Dropout: keep(b, h, i, j) = rand(key + b*H + h, i*Nk + j) >= p with Triton's Philox ``tl.rand``; the
+(1,) int64 key tensor is drawn from torch's generator by the caller and loaded in the kernel (no host
+sync, CUDA-graph safe). :func:`dropout_keep_mask` materialises the same mask for tests.
+
+fp32 inputs: ``input_precision`` is "ieee" (exact fp32 products, no tensor cores) or "tf32", chosen by
+the caller from ``torch.get_float32_matmul_precision()``; fp16/bf16 always use tensor cores.
+
+Autotuning: small config lists keyed on (N bucket = next power of two of max(Nq, Nk), D, dtype), pruned
+by N; one config under the interpreter. Inside CUDA-graph capture the autotuner never runs: the config
+already chosen for that key (or the first config) is launched directly.
+"""
 
 from __future__ import annotations
 
-__all__ = ["unsupported_reasons"]
+from typing import Any, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastvit.kernels import INTERPRET
+from fastvit.kernels._common import device_guard
+
+__all__ = [
+    "MAX_HEAD_DIM",
+    "attention_bwd",
+    "attention_fwd",
+    "dropout_keep_mask",
+    "head_dim_blocks",
+    "unsupported_reasons",
+]
+
+MAX_HEAD_DIM = 128  # q, k, v, acc tiles of BLOCK x 128 already fill the register file
+_LOG2E = 1.4426950408889634
+_INT32_MAX = 2**31 - 1
 
 
-def unsupported_reasons(head_dim: int, q_tokens: int, k_tokens: int) -> list[str]:
-    return ["the Triton attention kernels are not implemented yet (issue 4 in progress)"]
+def head_dim_blocks(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D0, BLOCK_D1): the largest power of two <= D, and the masked tail (0, or >= 16 for tl.dot)."""
+    d0 = 1 << (head_dim.bit_length() - 1)
+    tail = head_dim - d0
+    return d0, (max(16, triton.next_power_of_2(tail)) if tail else 0)
+
+
+def unsupported_reasons(head_dim: int, q_tokens: int, k_tokens: int, dropout_p: float = 0.0) -> list[str]:
+    """Why the Triton kernels cannot serve these sizes (empty list: they can)."""
+    reasons = []
+    if head_dim % 8 != 0 or not 16 <= head_dim <= MAX_HEAD_DIM:
+        reasons.append(
+            f"head_dim {head_dim} is not supported by the Triton attention kernels (needs a multiple of 8 "
+            f"between 16 and {MAX_HEAD_DIM})"
+        )
+    if dropout_p > 0 and q_tokens * k_tokens > _INT32_MAX:
+        reasons.append(
+            f"dropout with {q_tokens} x {k_tokens} tokens exceeds the kernels' int32 Philox counter (Nq * Nk < 2**31)"
+        )
+    return reasons
+
+
+# ----------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _load_tile(base, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constexpr, MASK_COLS: tl.constexpr):
+    """A (rows, cols) tile of a (N, D) matrix with unit column stride; zeros outside N (and D if MASK_COLS)."""
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    if MASK_COLS:
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
+    return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, tile, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constexpr, MASK_COLS: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    tile = tile.to(base.dtype.element_ty)
+    if MASK_COLS:
+        tl.store(ptrs, tile, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
+    else:
+        tl.store(ptrs, tile, mask=rows[:, None] < n_rows)
+
+
+@triton.jit
+def _dropout_keep(SEED, bh, counters, dropout_p):
+    """True where the attention weight survives: one Philox stream per (batch, head), counter i*Nk + j."""
+    key = tl.load(SEED) + bh
+    return tl.rand(key, counters) >= dropout_p
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,  # (B, H, Nq, D) strides (stride_qb, stride_qh, stride_qn, 1)
+    K,  # (B, H, Nk, D)
+    V,  # (B, H, Nk, D)
+    O,  # (B, H, Nq, D) output
+    LSE,  # (B, H, Nq) fp32 output, contiguous: natural-log logsumexp of the scaled scores
+    SEED,  # (1,) int64 Philox key (read only with DROPOUT)
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H, N_Q, N_K,
+    N_BUCKET,  # autotune key only
+    scale, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols0 = tl.arange(0, BLOCK_D0)
+    q0 = _load_tile(q_base, offs_m, cols0, stride_qn, N_Q, HEAD_DIM, False)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_D0), dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        cols1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        q1 = _load_tile(q_base, offs_m, cols1, stride_qn, N_Q, HEAD_DIM, True)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_D1), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+    for start_n in range(0, N_K, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k0 = _load_tile(k_base, offs_n, cols0, stride_kn, N_K, HEAD_DIM, False)
+        qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+        if BLOCK_D1 > 0:
+            k1 = _load_tile(k_base, offs_n, cols1, stride_kn, N_K, HEAD_DIM, True)
+            qk += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+        qk = tl.where(offs_n[None, :] < N_K, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(SEED, b * H + h, offs_m[:, None] * N_K + offs_n[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v0 = _load_tile(v_base, offs_n, cols0, stride_vn, N_K, HEAD_DIM, False)
+        acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PRECISION)
+        if BLOCK_D1 > 0:
+            v1 = _load_tile(v_base, offs_n, cols1, stride_vn, N_K, HEAD_DIM, True)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PRECISION)
+        m_i = m_new
+    inv_l = 1.0 / l_i
+    if DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    o_base = O + b * stride_ob + h * stride_oh
+    _store_tile(o_base, acc0 * inv_l[:, None], offs_m, cols0, stride_on, N_Q, HEAD_DIM, False)
+    if BLOCK_D1 > 0:
+        _store_tile(o_base, acc1 * inv_l[:, None], offs_m, cols1, stride_on, N_Q, HEAD_DIM, True)
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(LSE + (b * H + h) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O,  # (B, H, Nq, D) forward output
+    DO,  # (B, H, Nq, D) upstream gradient
+    DELTA,  # (B, H, Nq) fp32 output, contiguous: rowsum(dout * out)
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    H, N_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    o_base = O + b * stride_ob + h * stride_oh
+    do_base = DO + b * stride_dob + h * stride_doh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols0 = tl.arange(0, BLOCK_D0)
+    o = _load_tile(o_base, offs_m, cols0, stride_on, N_Q, HEAD_DIM, False).to(tl.float32)
+    do = _load_tile(do_base, offs_m, cols0, stride_don, N_Q, HEAD_DIM, False).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if BLOCK_D1 > 0:
+        cols1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        o = _load_tile(o_base, offs_m, cols1, stride_on, N_Q, HEAD_DIM, True).to(tl.float32)
+        do = _load_tile(do_base, offs_m, cols1, stride_don, N_Q, HEAD_DIM, True).to(tl.float32)
+        delta += tl.sum(o * do, 1)
+    tl.store(DELTA + (b * H + h) * N_Q + offs_m, delta, mask=offs_m < N_Q)
+
+
+@triton.jit
+def _attn_bwd_kernel(
+    Q, K, V,  # (B, H, N, D) forward inputs
+    DO,  # (B, H, Nq, D) upstream gradient
+    LSE, DELTA,  # (B, H, Nq) fp32, contiguous
+    DQ, DK, DV,  # (B, H, N, D) outputs (any strides with unit last stride, e.g. views of one dqkv)
+    SEED,  # (1,) int64 Philox key (read only with DROPOUT)
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, N_Q, N_K,
+    N_BUCKET,  # autotune key only
+    scale, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + h
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + bh * N_Q
+    delta_base = DELTA + bh * N_Q
+    qk_scale = scale * 1.4426950408889634
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    cols0 = tl.arange(0, BLOCK_D0)
+    if BLOCK_D1 > 0:
+        cols1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    num_kv_blocks = tl.cdiv(N_K, BLOCK_N)
+    if pid < num_kv_blocks:
+        # dk, dv for BLOCK_N keys; scores are computed transposed, (keys, queries).
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = _load_tile(k_base, offs_n, cols0, stride_kn, N_K, HEAD_DIM, False)
+        v0 = _load_tile(v_base, offs_n, cols0, stride_vn, N_K, HEAD_DIM, False)
+        dk0 = tl.zeros((BLOCK_N, BLOCK_D0), dtype=tl.float32)
+        dv0 = tl.zeros((BLOCK_N, BLOCK_D0), dtype=tl.float32)
+        if BLOCK_D1 > 0:
+            k1 = _load_tile(k_base, offs_n, cols1, stride_kn, N_K, HEAD_DIM, True)
+            v1 = _load_tile(v_base, offs_n, cols1, stride_vn, N_K, HEAD_DIM, True)
+            dk1 = tl.zeros((BLOCK_N, BLOCK_D1), dtype=tl.float32)
+            dv1 = tl.zeros((BLOCK_N, BLOCK_D1), dtype=tl.float32)
+        for start_m in range(0, N_Q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            valid_m = offs_m < N_Q
+            q0 = _load_tile(q_base, offs_m, cols0, stride_qn, N_Q, HEAD_DIM, False)
+            do0 = _load_tile(do_base, offs_m, cols0, stride_don, N_Q, HEAD_DIM, False)
+            qkT = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)
+            dpT = tl.dot(v0, tl.trans(do0), input_precision=PRECISION)
+            if BLOCK_D1 > 0:
+                q1 = _load_tile(q_base, offs_m, cols1, stride_qn, N_Q, HEAD_DIM, True)
+                do1 = _load_tile(do_base, offs_m, cols1, stride_don, N_Q, HEAD_DIM, True)
+                qkT += tl.dot(k1, tl.trans(q1), input_precision=PRECISION)
+                dpT += tl.dot(v1, tl.trans(do1), input_precision=PRECISION)
+            lse = tl.load(lse_base + offs_m, mask=valid_m, other=0.0) * 1.4426950408889634
+            delta = tl.load(delta_base + offs_m, mask=valid_m, other=0.0)
+            pT = tl.where(valid_m[None, :], tl.exp2(qkT * qk_scale - lse[None, :]), 0.0)
+            if DROPOUT:
+                keep = _dropout_keep(SEED, bh, offs_m[None, :] * N_K + offs_n[:, None], dropout_p)
+                p_dropped = tl.where(keep, pT * inv_keep, 0.0)
+                dpT = tl.where(keep, dpT * inv_keep, 0.0)
+            else:
+                p_dropped = pT
+            dsT = pT * (dpT - delta[None, :])
+            dv0 += tl.dot(p_dropped.to(do0.dtype), do0, input_precision=PRECISION)
+            dk0 += tl.dot(dsT.to(q0.dtype), q0, input_precision=PRECISION)
+            if BLOCK_D1 > 0:
+                dv1 += tl.dot(p_dropped.to(do1.dtype), do1, input_precision=PRECISION)
+                dk1 += tl.dot(dsT.to(q1.dtype), q1, input_precision=PRECISION)
+        dk_base = DK + b * stride_dkb + h * stride_dkh
+        dv_base = DV + b * stride_dvb + h * stride_dvh
+        _store_tile(dk_base, dk0 * scale, offs_n, cols0, stride_dkn, N_K, HEAD_DIM, False)
+        _store_tile(dv_base, dv0, offs_n, cols0, stride_dvn, N_K, HEAD_DIM, False)
+        if BLOCK_D1 > 0:
+            _store_tile(dk_base, dk1 * scale, offs_n, cols1, stride_dkn, N_K, HEAD_DIM, True)
+            _store_tile(dv_base, dv1, offs_n, cols1, stride_dvn, N_K, HEAD_DIM, True)
+    else:
+        # dq for BLOCK_M queries, looping over all keys (its own pass: no atomics).
+        offs_m = (pid - num_kv_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid_m = offs_m < N_Q
+        q0 = _load_tile(q_base, offs_m, cols0, stride_qn, N_Q, HEAD_DIM, False)
+        do0 = _load_tile(do_base, offs_m, cols0, stride_don, N_Q, HEAD_DIM, False)
+        dq0 = tl.zeros((BLOCK_M, BLOCK_D0), dtype=tl.float32)
+        if BLOCK_D1 > 0:
+            q1 = _load_tile(q_base, offs_m, cols1, stride_qn, N_Q, HEAD_DIM, True)
+            do1 = _load_tile(do_base, offs_m, cols1, stride_don, N_Q, HEAD_DIM, True)
+            dq1 = tl.zeros((BLOCK_M, BLOCK_D1), dtype=tl.float32)
+        lse = tl.load(lse_base + offs_m, mask=valid_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m, mask=valid_m, other=0.0)
+        for start_n in range(0, N_K, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k0 = _load_tile(k_base, offs_n, cols0, stride_kn, N_K, HEAD_DIM, False)
+            v0 = _load_tile(v_base, offs_n, cols0, stride_vn, N_K, HEAD_DIM, False)
+            qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+            dp = tl.dot(do0, tl.trans(v0), input_precision=PRECISION)
+            if BLOCK_D1 > 0:
+                k1 = _load_tile(k_base, offs_n, cols1, stride_kn, N_K, HEAD_DIM, True)
+                v1 = _load_tile(v_base, offs_n, cols1, stride_vn, N_K, HEAD_DIM, True)
+                qk += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+                dp += tl.dot(do1, tl.trans(v1), input_precision=PRECISION)
+            p = tl.where(offs_n[None, :] < N_K, tl.exp2(qk * qk_scale - lse[:, None]), 0.0)
+            if DROPOUT:
+                keep = _dropout_keep(SEED, bh, offs_m[:, None] * N_K + offs_n[None, :], dropout_p)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq0 += tl.dot(ds.to(k0.dtype), k0, input_precision=PRECISION)
+            if BLOCK_D1 > 0:
+                dq1 += tl.dot(ds.to(k1.dtype), k1, input_precision=PRECISION)
+        dq_base = DQ + b * stride_dqb + h * stride_dqh
+        _store_tile(dq_base, dq0 * scale, offs_m, cols0, stride_dqn, N_Q, HEAD_DIM, False)
+        if BLOCK_D1 > 0:
+            _store_tile(dq_base, dq1 * scale, offs_m, cols1, stride_dqn, N_Q, HEAD_DIM, True)
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    SEED,  # (1,) int64 Philox key
+    MASK,  # (B, H, Nq, Nk) int8 output, contiguous: 1 = keep
+    H, N_Q, N_K, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    base = MASK + bh * N_Q * N_K
+    for start_n in range(0, N_K, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        counters = offs_m[:, None] * N_K + offs_n[None, :]
+        keep = _dropout_keep(SEED, bh, counters, dropout_p)
+        tl.store(base + counters, keep.to(tl.int8), mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
+
+
+# -------------------------------------------------------------------------------- autotune configs
+
+
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# One small config under the interpreter: 32 x 32 tiles so even the tiny test shapes cross block edges.
+_INTERPRET_CONFIGS = [_config(32, 32, 1, 1)]
+# Hopper/Ampere candidates (FlashAttention-2-like tiles). Provisional until benchmarks/bench_attention.py
+# has been run on an H100/H200.
+_FWD_CONFIGS = [
+    _config(128, 64, 4, 3),
+    _config(128, 64, 8, 3),
+    _config(128, 128, 8, 3),
+    _config(64, 64, 4, 3),
+    _config(64, 32, 4, 2),
+    _config(32, 32, 4, 2),
+]
+_BWD_CONFIGS = [
+    _config(64, 64, 4, 2),
+    _config(64, 64, 8, 3),
+    _config(32, 64, 4, 2),
+    _config(64, 128, 8, 2),
+    _config(32, 32, 4, 2),
+]
+
+
+def _prune(configs: list, named_args: dict, **_: Any) -> list:
+    """Drop tiles far larger than the sequence (N=50 does not need 128-row tiles) and 128x128 tiles at D > 64."""
+    n_pow2 = max(16, triton.next_power_of_2(max(named_args["N_Q"], named_args["N_K"])))
+    wide = named_args["BLOCK_D0"] + named_args["BLOCK_D1"] > 64
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_M"] <= max(32, n_pow2) and c.kwargs["BLOCK_N"] <= max(32, n_pow2)
+        and not (wide and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)
+    ]  # fmt: skip
+    return kept or configs[-1:]
+
+
+def _autotuned(kernel: Any, configs: list) -> Any:
+    if INTERPRET:
+        return triton.autotune(configs=_INTERPRET_CONFIGS, key=["N_BUCKET", "HEAD_DIM"])(kernel)
+    return triton.autotune(configs=configs, key=["N_BUCKET", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune})(
+        kernel
+    )
+
+
+_attn_fwd = _autotuned(_attn_fwd_kernel, _FWD_CONFIGS)
+_attn_bwd = _autotuned(_attn_bwd_kernel, _BWD_CONFIGS)
+# (kernel name, N bucket, D, dtype) -> the config the autotuner chose outside CUDA-graph capture.
+_CHOSEN: dict[tuple, triton.Config] = {}
+
+
+def _launch(tuned: Any, grid: Any, tune_key: tuple, *args: Any, **kwargs: Any) -> None:
+    """Runs an autotuned kernel; during CUDA-graph capture, replays the config chosen earlier without tuning
+    (benchmarking inside a capture would record the trial launches into the graph)."""
+    key = (tuned.base_fn.__name__, *tune_key)
+    capturing = args[0].is_cuda and torch.cuda.is_current_stream_capturing()
+    if capturing:
+        config = _CHOSEN.get(key, tuned.configs[0])
+        tuned.fn[grid](*args, **kwargs, **config.all_kwargs())
+        return
+    tuned[grid](*args, **kwargs)
+    _CHOSEN[key] = tuned.best_config
+
+
+# ---------------------------------------------------------------------------------------- launchers
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _check_views(**views: torch.Tensor) -> None:
+    for name, t in views.items():
+        if t.stride(-1) != 1:
+            raise ValueError(f"fastvit attention kernels: {name} needs a unit last stride, got strides {t.stride()}")
+        if (t.shape[2] - 1) * t.stride(2) + t.shape[3] > _INT32_MAX:
+            raise ValueError(
+                f"fastvit attention kernels: {name} spans more than 2**31 elements within one (batch, head) "
+                f"(shape {tuple(t.shape)}, strides {t.stride()}); token offsets are int32"
+            )
+
+
+def _n_bucket(n_q: int, n_k: int) -> int:
+    return triton.next_power_of_2(max(n_q, n_k, 16))
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    fp32_precision: str = "ieee",
+) -> None:
+    """Writes ``out`` (B, H, Nq, D view) and ``lse`` ((B, H, Nq) contiguous fp32) from (B, H, N, D) views."""
+    B, H, N_Q, D = q.shape
+    N_K = k.shape[2]
+    if out.numel() == 0:
+        return
+    if N_K == 0:
+        raise ValueError("fastvit attention kernels: k and v have no tokens; softmax over zero keys is undefined")
+    _check_views(q=q, k=k, v=v, out=out)
+    d0, d1 = head_dim_blocks(D)
+    n_bucket = _n_bucket(N_Q, N_K)
+    grid = lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
+    with device_guard(q):
+        _launch(
+            _attn_fwd, grid, (n_bucket, D, q.dtype),
+            q, k, v, out, lse, seed if seed is not None else lse,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
+            H, N_Q, N_K, n_bucket, float(scale), float(dropout_p),
+            HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, DROPOUT=dropout_p > 0,
+            PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32",
+        )  # fmt: skip
+
+
+def attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    deterministic: bool = True,
+    fp32_precision: str = "ieee",
+) -> None:
+    """Writes dq, dk, dv ((B, H, N, D) views, e.g. of one dqkv buffer).
+
+    ``deterministic`` is accepted for the API: this backward has no atomics and is always bitwise
+    reproducible, so every request is met.
+    """
+    B, H, N_Q, D = q.shape
+    N_K = k.shape[2]
+    if dq.numel() == 0 and dk.numel() == 0:
+        return
+    _check_views(dout=dout, q=q, k=k, v=v, out=out, dq=dq, dk=dk, dv=dv)
+    d0, d1 = head_dim_blocks(D)
+    n_bucket = _n_bucket(N_Q, N_K)
+    delta = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
+    delta_block = 32 if INTERPRET else 64
+    grid = lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]) + triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
+    with device_guard(q):
+        _attn_bwd_delta_kernel[(triton.cdiv(N_Q, delta_block), H, B)](
+            out, dout, delta, *_strides3(out), *_strides3(dout), H, N_Q,
+            HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=delta_block, num_warps=1 if INTERPRET else 4,
+        )  # fmt: skip
+        _launch(
+            _attn_bwd, grid, (n_bucket, D, q.dtype),
+            q, k, v, dout, lse, delta, dq, dk, dv, seed if seed is not None else lse,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
+            *_strides3(dq), *_strides3(dk), *_strides3(dv),
+            H, N_Q, N_K, n_bucket, float(scale), float(dropout_p),
+            HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, DROPOUT=dropout_p > 0,
+            PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32",
+        )  # fmt: skip
+
+
+def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, q_tokens: int, k_tokens: int, dropout_p: float) -> torch.Tensor:
+    """The kernels' keep mask, (B, H, Nq, Nk) bool, for the (1,) int64 Philox key ``seed``."""
+    mask = torch.empty((batch, heads, q_tokens, k_tokens), device=seed.device, dtype=torch.int8)
+    if mask.numel():
+        with device_guard(seed):
+            _dropout_mask_kernel[(triton.cdiv(q_tokens, 32), heads, batch)](
+                seed, mask, heads, q_tokens, k_tokens, float(dropout_p), BLOCK_M=32, BLOCK_N=32
+            )
+    return mask.bool()

@@ -173,10 +173,10 @@ def _no_reasons(**_: object) -> list[str]:
     return []
 
 
-def _triton_reasons(q: Tensor, k: Tensor, **_: object) -> list[str]:
+def _triton_reasons(q: Tensor, k: Tensor, dropout_p: float = 0.0, **_: object) -> list[str]:
     if kernels.TRITON_IMPORT_ERROR is not None:
         return []  # the environment reason already says Triton is missing
-    return _triton_kernels.unsupported_reasons(head_dim=q.shape[-1], q_tokens=q.shape[-2], k_tokens=k.shape[-2])
+    return _triton_kernels.unsupported_reasons(q.shape[-1], q.shape[-2], k.shape[-2], dropout_p)
 
 
 _DISPATCH = OpDispatcher(
