@@ -53,14 +53,14 @@ def _activation_grad(h, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:  # Phi(h) + h * phi(h)
         cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
         return cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+    # 1 - sigmoid(z) is evaluated as sigmoid(-z): near s = 1 the subtraction would cancel, and the
+    # h * u' factor (~200 at |h| = 10) would magnify the lost bits.
     elif ACTIVATION == 2:  # s = sigmoid(2u): d/dh = s + 2 h s (1 - s) u'
         u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
-        s = tl.sigmoid(2.0 * u)
-        return s + 2.0 * h * s * (1.0 - s) * du
+        return tl.sigmoid(2.0 * u) + 2.0 * h * tl.sigmoid(2.0 * u) * tl.sigmoid(-2.0 * u) * du
     elif ACTIVATION == 3:  # s = sigmoid(1.702 h): d/dh = s + 1.702 h s (1 - s)
-        s = tl.sigmoid(1.702 * h)
-        return s + 1.702 * h * s * (1.0 - s)
+        return tl.sigmoid(1.702 * h) + 1.702 * h * tl.sigmoid(1.702 * h) * tl.sigmoid(-1.702 * h)
     else:
         return tl.full(h.shape, 1.0, tl.float32)
 

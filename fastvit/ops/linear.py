@@ -137,7 +137,8 @@ def _check_inputs(
     out_features = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(
-            f"fastvit.ops.linear: bias must have shape ({out_features},) (weight's out_features), got {tuple(bias.shape)}"
+            f"fastvit.ops.linear: bias must have shape ({out_features},) (weight's out_features), "
+            f"got {tuple(bias.shape)}"
         )
     if residual is not None:
         expected = (*x.shape[:-1], out_features)

@@ -1,0 +1,326 @@
+"""ops.linear: output and every gradient by the three-way rule, on each backend available.
+
+The kernel's error against the fp64 reference (``linear_ref`` on fp64 copies) must be at most 2x
+(output) / 3x (gradients) the error of the same torch computation in the kernel's dtype, plus the
+dtype's rounding floor (fastvit.testing.assert_three_way). Without a GPU the Triton kernels run under
+the interpreter on small shapes in fp32 and fp16; bf16, TF32 and ViT-sized GEMMs are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastvit import ops
+from fastvit.ops.linear import ACTIVATIONS, _linear_act_grad, _linear_fwd, linear_ref
+from fastvit.testing import assert_three_way, poisoned_outputs
+
+ACTS = [None, *ACTIVATIONS]
+GRAD_NAMES = ("dx", "dweight", "dbias", "dresidual")
+
+
+def _inputs(x_shape, out_features, dtype, device, *, bias=True, residual=True, scale=1.0):
+    """Fresh random leaves; weights scaled by 1/sqrt(in_features) so h has unit-size values (times scale)."""
+    in_features = x_shape[-1]
+    x = (torch.randn(x_shape, device=device) * scale).to(dtype).requires_grad_()
+    w = (torch.randn(out_features, in_features, device=device) * in_features**-0.5).to(dtype).requires_grad_()
+    b = (0.5 * torch.randn(out_features, device=device)).to(dtype).requires_grad_() if bias else None
+    r = torch.randn((*x_shape[:-1], out_features), device=device).to(dtype).requires_grad_() if residual else None
+    return x, w, b, r
+
+
+def _run(fn, leaves, dy, cast=None):
+    """fn(*leaves) and the gradients of <fn, dy> for every leaf that is not None (leaves cast first if asked)."""
+    leaves = [t if t is None else (t.detach().to(cast) if cast else t.detach()).requires_grad_() for t in leaves]
+    y = fn(*leaves)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(y, present, dy.to(y.dtype))
+    return y, grads
+
+
+def _lowp_context(dtype, device):
+    """torch's own fp32 GEMMs use TF32 on the GPU here, as the kernel does (documented in ops/linear.py)."""
+    if device.type == "cuda" and dtype == torch.float32:
+        previous = torch.backends.cuda.matmul.allow_tf32
+
+        @contextlib.contextmanager
+        def tf32():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                yield
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
+
+        return tf32()
+    return contextlib.nullcontext()
+
+
+def _check(backend, x, w, b, r, activation, *, grad=True):
+    """Three-way check of y and every gradient: kernel vs fp64 reference vs torch in x's dtype."""
+    leaves = (x, w, b, r)
+    names = [n for n, t in zip(GRAD_NAMES, (x, w, b, r)) if t is not None]
+    dy = torch.randn((*x.shape[:-1], w.shape[0]), device=x.device)
+
+    def kernel(x, w, b, r):
+        return ops.linear(x, w, b, activation=activation, residual=r, backend=backend)
+
+    def reference(x, w, b, r):
+        return linear_ref(x, w, b, activation, r)
+
+    with poisoned_outputs():
+        y, grads = _run(kernel, leaves, dy)
+    y_ref, grads_ref = _run(reference, leaves, dy, cast=torch.float64)
+    with _lowp_context(x.dtype, x.device):
+        y_lp, grads_lp = _run(reference, leaves, dy)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0])
+    assert_three_way(y, y_ref, y_lp, factor=2.0, name=f"y ({activation})")
+    if not grad:
+        return
+    for name, g, g_ref, g_lp, leaf in zip(names, grads, grads_ref, grads_lp, [t for t in leaves if t is not None]):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape, f"{name}: {g.dtype}{list(g.shape)}"
+        assert_three_way(g, g_ref, g_lp, factor=3.0, name=f"{name} ({activation})")
+
+
+# ------------------------------------------------------------------------------ interpreter / GPU
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_matches_reference(activation, dtype, device):
+    """Odd sizes: M = 7, K = 40 (not a multiple of BLOCK_K), N = 24 (a partial column tile)."""
+    x, w, b, r = _inputs((7, 40), 24, dtype, device)
+    _check("triton", x, w, b, r, activation)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ragged_tokens(dtype, device):
+    """(batch, 197 tokens, C): M = 394 is not a multiple of any row tile."""
+    x, w, b, r = _inputs((2, 197, 32), 48, dtype, device)
+    _check("triton", x, w, b, None, "gelu")
+    _check("triton", x, w, b, r, None)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("bias, residual", [(False, False), (False, True), (True, False)])
+def test_optional_bias_and_residual(bias, residual, device):
+    x, w, b, r = _inputs((5, 3, 40), 36, torch.float32, device, bias=bias, residual=residual)
+    _check("triton", x, w, b, r, "gelu_tanh")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_tails(activation, device):
+    """Pre-activations out to |h| ~ 20: the erf / sigmoid tails of each activation and its derivative."""
+    x, w, b, r = _inputs((6, 32), 40, torch.float32, device, scale=12.0)
+    _check("triton", x, w, b, r, activation)
+
+
+@pytest.mark.interpreter
+def test_non_contiguous_views(device):
+    """x a column slice of a wider buffer, weight transposed storage, residual column-major, 3-D token views."""
+    wide = torch.randn(9, 100, device=device)
+    x = wide[:, 10:50].requires_grad_()  # leaf view, row stride 100
+    w = (torch.randn(40, 24, device=device) * 0.15).t().requires_grad_()  # (24, 40) with strides (1, 24)
+    b = torch.randn(24, device=device, requires_grad=True)
+    r = torch.randn(24, 9, device=device).t().requires_grad_()  # (9, 24) column-major
+    assert x.stride() == (100, 1) and w.stride() == (1, 24) and r.stride() == (1, 9)
+    _check("triton", x, w, b, r, "quick_gelu")
+    # (B=3, N=7, C=32) from a (N, B, C) buffer: not viewable as 2-D
+    tokens = torch.randn(7, 3, 32, device=device).transpose(0, 1).requires_grad_()
+    _, w3, b3, r3 = _inputs((3, 7, 32), 20, torch.float32, device)
+    _check("triton", tokens, w3, b3, r3, "gelu")
+
+
+@pytest.mark.interpreter
+def test_zero_rows(device):
+    x, w, b, r = _inputs((0, 16), 24, torch.float32, device)
+    y = ops.linear(x, w, b, activation="gelu", residual=r, backend="triton")
+    assert y.shape == (0, 24)
+    dx, dw, db = torch.autograd.grad(y.sum(), (x, w, b))
+    assert dx.shape == (0, 16) and (dw == 0).all() and (db == 0).all()
+
+
+@pytest.mark.interpreter
+def test_autocast_lowers_like_f_linear(device):
+    """fp32 inputs under autocast(float16) run in fp16 and return fp16, as F.linear does."""
+    x, w, b, r = (t.detach() for t in _inputs((6, 40), 24, torch.float32, device))
+    with torch.autocast(device.type, dtype=torch.float16):
+        y = ops.linear(x, w, b, activation="gelu", residual=r, backend="triton")
+        assert F.linear(x, w, b).dtype == torch.float16
+    assert y.dtype == torch.float16
+    lowered = [t.half() for t in (x, w, b, r)]
+    y_ref = linear_ref(*[t.double() for t in lowered[:3]], "gelu", lowered[3].double())
+    assert_three_way(y, y_ref, linear_ref(*lowered[:3], "gelu", lowered[3]), name="y under autocast")
+
+
+def test_activation_definitions_match_torch_modules():
+    """The spec's activations are nn.GELU(), nn.GELU(approximate="tanh") and x * sigmoid(1.702 x)."""
+    x, w, b = torch.randn(5, 16), torch.randn(8, 16), torch.randn(8)
+    h = F.linear(x, w, b)
+    torch.testing.assert_close(linear_ref(x, w, b, "gelu"), nn.GELU()(h), rtol=0, atol=0)
+    torch.testing.assert_close(linear_ref(x, w, b, "gelu_tanh"), nn.GELU(approximate="tanh")(h), rtol=0, atol=0)
+    torch.testing.assert_close(linear_ref(x, w, b, "quick_gelu"), h * torch.sigmoid(1.702 * h), rtol=0, atol=0)
+
+
+def test_torch_backend_is_the_reference():
+    x, w, b, r = (t.detach() for t in _inputs((2, 5, 16), 12, torch.float32, "cpu"))
+    for activation in ACTS:
+        got = ops.linear(x, w, b, activation=activation, residual=r, backend="torch")
+        assert torch.equal(got, linear_ref(x, w, b, activation, r))
+
+
+def test_auto_on_cpu_uses_torch():
+    x, w = torch.randn(3, 8), torch.randn(4, 8)
+    assert torch.equal(ops.linear(x, w), F.linear(x, w))
+
+
+def test_torch_backend_serves_float64():
+    x, w, b = (torch.randn(s, dtype=torch.float64) for s in ((3, 8), (4, 8), (4,)))
+    assert ops.linear(x, w, b, activation="gelu").dtype == torch.float64
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    "activation, bias, residual", [("gelu", True, True), ("", False, False), ("quick_gelu", False, True)]
+)
+def test_opcheck(activation, bias, residual, device):
+    x, w, b, r = _inputs((5, 40), 24, torch.float32, device, bias=bias, residual=residual)
+    torch.library.opcheck(_linear_fwd, (x, w, b, r, activation, "triton"))
+    dy = torch.randn(5, 24, device=device)
+    if activation:
+        b_ = b.detach() if b is not None else None
+        torch.library.opcheck(_linear_act_grad, (dy, x.detach(), w.detach(), b_, activation, "triton"))
+
+
+@pytest.mark.interpreter
+def test_compile_fullgraph(device):
+    """One opaque node for Dynamo, forward and backward: no graph break, same values as eager."""
+    x, w, b, r = _inputs((2, 5, 32), 24, torch.float32, device)
+
+    def f(x, w, b, r):
+        return ops.linear(x, w, b, activation="gelu", residual=r, backend="triton") * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got, got_grads = _run(compiled, (x, w, b, r), torch.ones(2, 5, 24, device=device))
+    want, want_grads = _run(f, (x, w, b, r), torch.ones(2, 5, 24, device=device))
+    torch.testing.assert_close(got, want)
+    for g, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, e)
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, error, match",
+    [
+        (lambda: (torch.randn(2, 8), torch.randn(4, 7), None), {}, ValueError,
+         r"weight must have shape \(out_features, 8\)"),
+        (lambda: (torch.randn(2, 8), torch.randn(4, 8, device="meta"), None), {}, ValueError, "different devices"),
+        (lambda: (torch.arange(16).view(2, 8), torch.randn(4, 8), None), {}, TypeError,
+         "x must be float32, float16 or bfloat16"),
+        (lambda: (torch.randn(2, 8), torch.randint(0, 3, (4, 8)), None), {}, TypeError,
+         "weight must be float32, float16 or bfloat16"),
+        (lambda: (torch.randn(2, 8), torch.randn(4, 8, dtype=torch.float16), None), {}, TypeError,
+         "weight dtype torch.float16 must equal x's dtype"),
+        (lambda: (torch.randn(2, 8), torch.randn(4, 8), torch.randn(5)), {}, ValueError,
+         r"bias must have shape \(4,\)"),
+        (lambda: (torch.randn(2, 8), torch.randn(4, 8), None), {"activation": "relu"}, ValueError,
+         "unknown activation 'relu'; expected None or one of 'gelu', 'gelu_tanh', 'quick_gelu'"),
+        (lambda: (torch.randn(2, 8), torch.randn(4, 8), None), {"residual": torch.randn(2, 8)}, ValueError,
+         r"residual shape \(2, 8\) must equal the output's shape \(2, 4\)"),
+        (lambda: (torch.randn(2, 8), torch.randn(4, 8), None), {"backend": "tpu"}, ValueError, "unknown backend"),
+    ],
+)
+def test_bad_inputs(make, kwargs, error, match):
+    x, w, b = make()
+    with pytest.raises(error, match=match):
+        ops.linear(x, w, b, **kwargs)
+
+
+@pytest.mark.interpreter
+def test_triton_refuses_float64_with_reasons():
+    x, w = torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(ops.BackendNotSupported) as info:
+        ops.linear(x, w, backend="triton")
+    msg = str(info.value)
+    assert "backend='triton' cannot run these inputs" in msg
+    assert "dtype torch.float64 is not supported by the Triton GEMM" in msg
+    assert "Hint: use backend='torch'" in msg
+
+
+def test_no_cuda_backend():
+    with pytest.raises(ops.BackendNotSupported, match="op linear has no 'cuda' backend"):
+        ops.linear(torch.randn(2, 8), torch.randn(4, 8), backend="cuda")
+
+
+# ------------------------------------------------------------------------------------ GPU matrix
+
+# (in_features, out_features, activation, residual): fc1 (+GELU) and fc2 (+residual) of DeiT-S, ViT-B,
+# ViT-L and ViT-H (MLP ratio 4), an MLP ratio 3 pair, the attention projection and T2T's 147 / 576 widths.
+GPU_SHAPES = [
+    (384, 1536, "gelu", False), (1536, 384, None, True),
+    (768, 3072, "gelu", False), (3072, 768, None, True),
+    (1024, 4096, "gelu", False), (4096, 1024, None, True),
+    (1280, 5120, "gelu", False), (5120, 1280, None, True),
+    (768, 2304, "gelu", False), (2304, 768, None, True),
+    (768, 768, None, True), (147, 64, "gelu", False), (576, 64, "gelu_tanh", False), (64, 576, "quick_gelu", True),
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("in_features, out_features, activation, residual", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens", [(1, 197), (3, 197), (2, 577)])
+def test_gpu_matrix(in_features, out_features, activation, residual, dtype, tokens):
+    x, w, b, r = _inputs((*tokens, in_features), out_features, dtype, torch.device("cuda"), residual=residual)
+    _check("triton", x, w, b, r, activation)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ACTS)
+def test_gpu_large_batch_bf16(activation):
+    x, w, b, r = _inputs((64, 197, 768), 3072, torch.bfloat16, torch.device("cuda"))
+    _check("triton", x, w, b, r, activation)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    x, w, b, r = _inputs((32, 197, 768), 3072, torch.bfloat16, torch.device("cuda"))
+    runs = []
+    for _ in range(2):
+        y = ops.linear(x, w, b, activation="gelu", residual=r, backend="triton")
+        runs.append((y, *torch.autograd.grad(y, (x, w, b, r), torch.ones_like(y))))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture():
+    """A tuned key replays its config inside a capture; an untuned key gets the default config instead of
+    autotuning (which would record the trial launches into the graph)."""
+    from fastvit.kernels import linear as kernels_linear
+
+    cuda = torch.device("cuda")
+    _, w, b, _ = (t.detach() for t in _inputs((1, 768), 3072, torch.float16, cuda))
+    # Eager warm-up at 5 x 197 rows: tunes that row bucket and compiles every config, the default included.
+    for tokens in (5 * 197, 5 * 197, 7 * 197):
+        x, _, _, r = (t.detach() for t in _inputs((tokens, 768), 3072, torch.float16, cuda))
+        if tokens == 7 * 197:
+            tuned_before = len(kernels_linear._BEST)
+        else:
+            ops.linear(x, w, b, activation="gelu", residual=r, backend="triton")
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = ops.linear(x, w, b, activation="gelu", residual=r, backend="triton")
+        g.replay()
+        torch.cuda.synchronize()
+        expected = linear_ref(x.double(), w.double(), b.double(), "gelu", r.double())
+        assert_three_way(y, expected, linear_ref(x, w, b, "gelu", r), name=f"captured y ({tokens} rows)")
+    assert len(kernels_linear._BEST) == tuned_before, "an untuned key was autotuned inside a CUDA-graph capture"
