@@ -4,6 +4,8 @@ from fastvit.ops.dispatch import BACKENDS, BackendNotSupported
 from fastvit.ops.attention import attention, attention_probs, attention_probs_ref, attention_qkvpacked, attention_ref
 from fastvit.ops.layer_norm import layer_norm, layer_norm_ref
 from fastvit.ops.linear import linear, linear_ref
+from fastvit.ops.patch_embed import patch_embed, patch_embed_ref
+from fastvit.ops.soft_split import soft_split, soft_split_ref
 
 __all__ = [
     "BACKENDS",
@@ -17,4 +19,8 @@ __all__ = [
     "layer_norm_ref",
     "linear",
     "linear_ref",
+    "patch_embed",
+    "patch_embed_ref",
+    "soft_split",
+    "soft_split_ref",
 ]

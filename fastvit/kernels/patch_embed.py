@@ -1,0 +1,291 @@
+"""Triton patch embedding: conv(kernel = stride = patch) as GEMMs that gather patches from the image.
+
+Shapes: image x (B, C, H, W) with any strides (NCHW or channels_last), patch p, grid Hp x Wp
+(``ceil`` when padding), N = Hp * Wp patches, K = C * p * p, D = embedding width, P prefix tokens.
+Patch m = ph * Wp + pw and feature k = c * p * p + ki * p + kj (the conv weight's (D, C, p, p) order)
+read pixel x[b, c, ph * p + ki, pw * p + kj]; pixels past the bottom/right edge read as 0, which is
+exactly timm's ``dynamic_img_pad`` (zero padding right/bottom) without materialising a padded copy.
+
+Kernels (fp32 accumulation in every one):
+    forward   out[b, P + m, :] = A[b, m, :] @ W^T + bias + pos[P' + m]     (P' = P if pos covers the
+              out[b, :P, :]    = prefix + pos[:P]                            prefix rows, else 0)
+              one launch writes the whole (B, P + N, D) output: the programs of the first row tile
+              of each image also store the prefix rows.
+    dx        dA[b, m, :] = dout[b, P + m, :] @ W, stored straight into the image layout (the patches
+              do not overlap, so every pixel inside the grid is written exactly once: no atomics);
+              pixels in the padding region are dropped.
+    dweight   dW = sum over (b, m) of dout[b, P + m, :]^T A[b, m, :], split over row chunks into fp32
+              partials that the launcher sums (deterministic, enough programs for a 768 x 768 weight).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastvit.kernels import INTERPRET
+from fastvit.kernels._common import device_guard
+
+__all__ = ["patch_embed_dweight", "patch_embed_dx", "patch_embed_fwd"]
+
+
+def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) -> Configs; one small config under the interpreter."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+_GEMM_SHAPES = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 32, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 64, 64, 4, 3),
+]
+
+
+@triton.jit
+def _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH: tl.constexpr):
+    """Offsets (within one image) and in-image mask of A[m, k] for row vector m and column vector k."""
+    ph = m // Wp
+    pw = m % Wp
+    c = k // (PATCH * PATCH)
+    r = k % (PATCH * PATCH)
+    row = ph[:, None] * PATCH + (r // PATCH)[None, :]
+    col = pw[:, None] * PATCH + (r % PATCH)[None, :]
+    offs = c[None, :].to(tl.int64) * sx_c + row.to(tl.int64) * sx_h + col.to(tl.int64) * sx_w
+    return offs, (row < H) & (col < W)
+
+
+@triton.jit
+def _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH: tl.constexpr):
+    """Offsets of W[n, k] (the (D, C, p, p) conv weight, any strides) for row vector n, column vector k."""
+    c = k // (PATCH * PATCH)
+    r = k % (PATCH * PATCH)
+    return n[:, None].to(tl.int64) * sw_d + (c * sw_c + (r // PATCH) * sw_h + (r % PATCH) * sw_w)[None, :].to(tl.int64)
+
+
+@triton.autotune(configs=_configs(_GEMM_SHAPES), key=["N", "D", "K", "PATCH"])
+@triton.jit
+def _patch_embed_fwd_kernel(
+    X,  # (B, C, H, W) image, strides sx_*
+    Wt,  # (D, C, p, p) conv weight, strides sw_*
+    BIAS,  # (D,) or unused
+    POS,  # (R, D) position embedding (R = N or P + N), row stride s_pos, or unused
+    PREFIX,  # (P, D) prefix tokens, row stride s_pre, or unused
+    OUT,  # (B, P + N, D) contiguous output
+    N, D, K, P, Wp, H, W,
+    sx_b, sx_c, sx_h, sx_w,
+    sw_d, sw_c, sw_h, sw_w,
+    s_pos, s_pre,
+    PATCH: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    POS_COVERS_PREFIX: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    num_n = tl.cdiv(D, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < N
+    n_ok = n < D
+    x_img = X + b * sx_b
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        a_offs, a_in = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH)
+        a = tl.load(x_img + a_offs, mask=a_in & m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(Wt + _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH), mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_POS:
+        pos_row = m + P if POS_COVERS_PREFIX else m
+        pos = tl.load(POS + pos_row.to(tl.int64)[:, None] * s_pos + n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += pos.to(tl.float32)
+    out_img = OUT + b * (N + P) * D
+    out_offs = (m + P).to(tl.int64)[:, None] * D + n[None, :]
+    tl.store(out_img + out_offs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if HAS_PREFIX:
+        if pid_m == 0:
+            # The class / distillation tokens: written by the first row tile of each image.
+            p = tl.arange(0, BLOCK_P)
+            p_mask = (p < P)[:, None] & n_ok[None, :]
+            tok = tl.load(PREFIX + p.to(tl.int64)[:, None] * s_pre + n[None, :], mask=p_mask, other=0.0).to(tl.float32)
+            if HAS_POS:
+                if POS_COVERS_PREFIX:
+                    tok += tl.load(POS + p.to(tl.int64)[:, None] * s_pos + n[None, :], mask=p_mask, other=0.0).to(tl.float32)
+            tl.store(out_img + p.to(tl.int64)[:, None] * D + n[None, :], tok.to(OUT.dtype.element_ty), mask=p_mask)
+
+
+@triton.autotune(configs=_configs(_GEMM_SHAPES), key=["N", "D", "K", "PATCH"])
+@triton.jit
+def _patch_embed_dx_kernel(
+    DOUT,  # (B, P + N, D) contiguous upstream gradient
+    Wt,  # (D, C, p, p) conv weight, strides sw_*
+    DX,  # (B, C, H, W) gradient of the image, strides sx_*
+    N, D, K, P, Wp, H, W,
+    sx_b, sx_c, sx_h, sx_w,
+    sw_d, sw_c, sw_h, sw_w,
+    PATCH: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # patches
+    BLOCK_N: tl.constexpr,  # reduction over D
+    BLOCK_K: tl.constexpr,  # patch features
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_m = pid // num_k
+    pid_k = pid % num_k
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_ok = m < N
+    k_ok = k < K
+    dout_img = DOUT + b * (N + P) * D + (m + P).to(tl.int64)[:, None] * D
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < D
+        g = tl.load(dout_img + n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(Wt + _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH), mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
+    offs, in_img = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH)
+    tl.store(DX + b * sx_b + offs, acc.to(DX.dtype.element_ty), mask=in_img & m_ok[:, None] & k_ok[None, :])
+
+
+@triton.autotune(configs=_configs(_GEMM_SHAPES), key=["N", "D", "K", "PATCH", "rows_per_split"])
+@triton.jit
+def _patch_embed_dweight_kernel(
+    DOUT,  # (B, P + N, D) contiguous upstream gradient
+    X,  # (B, C, H, W) image, strides sx_*
+    DW_PART,  # (splits, D, K) fp32 partial sums
+    ROWS, N, D, K, P, Wp, H, W,
+    sx_b, sx_c, sx_h, sx_w,
+    rows_per_split,
+    PATCH: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # reduction over the B * N patch rows
+    BLOCK_N: tl.constexpr,  # D
+    BLOCK_K: tl.constexpr,  # patch features
+):  # fmt: skip
+    pid = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_n = pid // num_k
+    pid_k = pid % num_k
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = n < D
+    k_ok = k < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, ROWS)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)  # global patch row over (b, m)
+        r_ok = r < row_end
+        b = r // N
+        m = r % N
+        g = tl.load(
+            DOUT + (b * (N + P) + P + m)[None, :] * D + n[:, None], mask=r_ok[None, :] & n_ok[:, None], other=0.0
+        )  # (BLOCK_N, BLOCK_M): dout^T
+        a_offs, a_in = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH)
+        a = tl.load(X + b[:, None] * sx_b + a_offs, mask=a_in & r_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(g, a, acc, input_precision=INPUT_PRECISION)
+    tl.store(DW_PART + split * D * K + n.to(tl.int64)[:, None] * K + k[None, :], acc, mask=n_ok[:, None] & k_ok[None, :])
+
+
+def _input_precision(x: torch.Tensor) -> str:
+    # fp32 follows torch's conv: TF32 tensor cores when cuDNN would use them (torch's default).
+    return "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRET else "ieee"
+
+
+def _grid_hw(x: torch.Tensor, patch: int) -> tuple[int, int]:
+    return triton.cdiv(x.shape[2], patch), triton.cdiv(x.shape[3], patch)
+
+
+def patch_embed_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    pos: Optional[torch.Tensor],
+    prefix: Optional[torch.Tensor],
+    out: torch.Tensor,
+) -> None:
+    """Writes ``out`` (B, P + N, D): x (B, C, H, W) any strides; pos (R, D) and prefix (P, D) with unit
+    last stride; the grid is ``ceil(H / p) x ceil(W / p)`` (the caller checked divisibility or padding)."""
+    B, C, H, W = x.shape
+    D, patch = weight.shape[0], weight.shape[2]
+    Hp, Wp = _grid_hw(x, patch)
+    N, K = Hp * Wp, C * patch * patch
+    P = prefix.shape[0] if prefix is not None else 0
+    if B == 0 or D == 0:
+        return
+    with device_guard(x):
+        _patch_embed_fwd_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]), B)](
+            x, weight, bias if bias is not None else weight, pos if pos is not None else weight,
+            prefix if prefix is not None else weight, out,
+            N, D, K, P, Wp, H, W, *x.stride(), *weight.stride(),
+            pos.stride(0) if pos is not None else 0, prefix.stride(0) if prefix is not None else 0,
+            PATCH=patch, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
+            POS_COVERS_PREFIX=pos is not None and pos.shape[0] == N + P, HAS_PREFIX=P > 0,
+            BLOCK_P=triton.next_power_of_2(max(P, 1)), INPUT_PRECISION=_input_precision(x),
+        )  # fmt: skip
+
+
+def patch_embed_dx(dout: torch.Tensor, weight: torch.Tensor, num_prefix: int, dx: torch.Tensor) -> None:
+    """Writes every pixel of ``dx`` (B, C, H, W, any strides): dout (B, P + N, D) contiguous."""
+    B, C, H, W = dx.shape
+    D, patch = weight.shape[0], weight.shape[2]
+    Hp, Wp = _grid_hw(dx, patch)
+    N, K = Hp * Wp, C * patch * patch
+    if dx.numel() == 0:
+        return
+    with device_guard(dx):
+        _patch_embed_dx_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]), B)](
+            dout, weight, dx, N, D, K, num_prefix, Wp, H, W, *dx.stride(), *weight.stride(),
+            PATCH=patch, INPUT_PRECISION=_input_precision(dx),
+        )  # fmt: skip
+
+
+def _num_splits(x: torch.Tensor, rows: int, tiles: int) -> int:
+    """Row chunks for the weight gradient: about two waves of programs, each chunk >= 512 rows."""
+    programs = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+    return max(1, min(triton.cdiv(programs, tiles), triton.cdiv(rows, 512)))
+
+
+def patch_embed_dweight(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Returns the fp32 (D, C, p, p) weight gradient: dout (B, P + N, D) contiguous, x as in the forward."""
+    B, C, H, W = x.shape
+    D, patch = weight.shape[0], weight.shape[2]
+    Hp, Wp = _grid_hw(x, patch)
+    N, K = Hp * Wp, C * patch * patch
+    rows = B * N
+    splits = _num_splits(x, rows, triton.cdiv(D, 128) * triton.cdiv(K, 128))
+    rows_per_split = triton.cdiv(max(rows, 1), splits)
+    part = torch.empty((splits, D, K), device=x.device, dtype=torch.float32)
+    if rows == 0 or D == 0 or K == 0:
+        return part.zero_().sum(0).view(D, C, patch, patch)
+    with device_guard(x):
+        _patch_embed_dweight_kernel[lambda meta: (triton.cdiv(D, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), splits)](
+            dout, x, part, rows, N, D, K, num_prefix, Wp, H, W, *x.stride(), rows_per_split,
+            PATCH=patch, INPUT_PRECISION=_input_precision(x),
+        )  # fmt: skip
+    return (part[0] if splits == 1 else part.sum(0)).view(D, C, patch, patch)

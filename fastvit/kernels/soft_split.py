@@ -1,0 +1,305 @@
+"""Triton T2T soft split: unfold (im2col) as a gather, with an optional fused LayerNorm per output row.
+
+Geometry: image (B, C, H, W) seen through four strides, so NCHW, channels_last and T2T's token
+layout (B, H * W, C) are all read in place; kernel kh x kw, stride sh x sw, zero padding ph x pw,
+output grid Ho x Wo, L = Ho * Wo rows per image, F = C * kh * kw features per row. Row
+r = b * L + oh * Wo + ow, feature f = c * kh * kw + ki * kw + kj (nn.Unfold's order) reads pixel
+x[b, c, oh * sh - ph + ki, ow * sw - pw + kj], 0 outside the image.
+
+Forward: each program gathers BLOCK_R full rows (F <= MAX_FEATURES) and, with LayerNorm, normalises
+them in registers (fp32 statistics, kept for the backward). No unfolded copy is ever materialised.
+
+Backward (the fold), deterministic and without atomics: each program owns a tile of input pixels x
+channels and gathers the at most ceil(kh / sh) * ceil(kw / sw) output elements that read each pixel.
+With LayerNorm, a first kernel recomputes the rows, writes per-row c1 = mean(xhat * w * dy) and
+c2 = mean(w * dy) and fp32 partials of dweight / dbias; the fold then forms
+du = rstd * (w * dy - xhat * c1 - c2) on the fly from the pixel it is writing, so du is never stored.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastvit.kernels import INTERPRET
+from fastvit.kernels._common import device_guard
+
+__all__ = ["MAX_FEATURES", "soft_split_bwd", "soft_split_fwd", "soft_split_ln_bwd_stats"]
+
+MAX_FEATURES = 16384  # one row per program lane group in registers
+
+
+def _rows_per_program(block_f: int) -> int:
+    return 1 if INTERPRET and block_f > 1024 else max(1, min(64, 4096 // block_f))
+
+
+def _num_warps(elements: int) -> int:
+    return 1 if INTERPRET else min(max(elements // 512, 1), 8)
+
+
+@triton.jit
+def _gather_offsets(r, f, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KH: tl.constexpr, KW: tl.constexpr,
+                    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):  # fmt: skip
+    """Offsets and in-image mask of U[r, f] for row vector r (int64) and feature vector f."""
+    b = r // L
+    l_ = r % L
+    oh = l_ // Wo
+    ow = l_ % Wo
+    c = f // (KH * KW)
+    ki = (f // KW) % KH
+    kj = f % KW
+    h = oh[:, None] * SH - PH + ki[None, :]
+    w = ow[:, None] * SW - PW + kj[None, :]
+    offs = b[:, None] * sx_b + c[None, :].to(tl.int64) * sx_c + h * sx_h + w * sx_w
+    return offs, (h >= 0) & (h < H) & (w >= 0) & (w < W)
+
+
+@triton.jit
+def _soft_split_fwd_kernel(
+    X,  # image, strides sx_*
+    NW,  # (F,) LayerNorm weight or unused
+    NB,  # (F,) LayerNorm bias or unused
+    Y,  # (B * L, F) contiguous output
+    MEAN,  # (B * L,) fp32, written with LayerNorm
+    RSTD,  # (B * L,) fp32, written with LayerNorm
+    ROWS, L, Wo, H, W, F,
+    sx_b, sx_c, sx_h, sx_w,
+    eps,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    f = tl.arange(0, BLOCK_F)
+    r_ok = r < ROWS
+    f_ok = f < F
+    mask = r_ok[:, None] & f_ok[None, :]
+    offs, in_img = _gather_offsets(r, f, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KH, KW, SH, SW, PH, PW)
+    u = tl.load(X + offs, mask=mask & in_img, other=0.0)
+    if HAS_LN:
+        u = u.to(tl.float32)
+        mean = tl.sum(u, axis=1) / F
+        diff = tl.where(mask, u - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / F + eps)
+        u = diff * rstd[:, None] * tl.load(NW + f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            u += tl.load(NB + f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(MEAN + r, mean, mask=r_ok)
+        tl.store(RSTD + r, rstd, mask=r_ok)
+    tl.store(Y + r[:, None] * F + f[None, :], u.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _soft_split_ln_bwd_stats_kernel(
+    DY,  # (B * L, F) contiguous upstream gradient
+    X,  # image, strides sx_*
+    NW,  # (F,) LayerNorm weight
+    MEAN,  # (B * L,) fp32
+    RSTD,  # (B * L,) fp32
+    C1,  # (B * L,) fp32 output: mean(xhat * w * dy)
+    C2,  # (B * L,) fp32 output: mean(w * dy)
+    DW_PART,  # (programs, F) fp32 partials of dweight
+    DB_PART,  # (programs, F) fp32 partials of dbias, or unused
+    ROWS, L, Wo, H, W, F,
+    sx_b, sx_c, sx_h, sx_w,
+    rows_per_program,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    f = tl.arange(0, BLOCK_F)
+    f_ok = f < F
+    w = tl.load(NW + f, mask=f_ok, other=0.0).to(tl.float32)
+    acc_dw = tl.zeros((BLOCK_R, BLOCK_F), dtype=tl.float32)
+    acc_db = tl.zeros((BLOCK_R, BLOCK_F), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, ROWS)
+    for r0 in range(row_start, row_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = r < row_end
+        mask = r_ok[:, None] & f_ok[None, :]
+        offs, in_img = _gather_offsets(r, f, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KH, KW, SH, SW, PH, PW)
+        u = tl.load(X + offs, mask=mask & in_img, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r[:, None] * F + f[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + r, mask=r_ok, other=0.0)
+        rstd = tl.load(RSTD + r, mask=r_ok, other=0.0)
+        xhat = tl.where(mask, (u - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = w[None, :] * dy
+        tl.store(C1 + r, tl.sum(xhat * wdy, axis=1) / F, mask=r_ok)
+        tl.store(C2 + r, tl.sum(wdy, axis=1) / F, mask=r_ok)
+        acc_dw += dy * xhat
+        acc_db += dy
+    tl.store(DW_PART + pid * F + f, tl.sum(acc_dw, axis=0), mask=f_ok)
+    if HAS_BIAS:
+        tl.store(DB_PART + pid * F + f, tl.sum(acc_db, axis=0), mask=f_ok)
+
+
+@triton.jit
+def _soft_split_fold_kernel(
+    DY,  # (B * L, F) contiguous upstream gradient (of the LayerNorm output when HAS_LN)
+    X,  # image, strides sx_* (read only with LayerNorm)
+    NW,  # (F,) LayerNorm weight or unused
+    MEAN, RSTD, C1, C2,  # (B * L,) fp32 row statistics, used with LayerNorm
+    DX,  # image gradient, strides sd_*
+    C, H, W, L, Ho, Wo, F,
+    sx_b, sx_c, sx_h, sx_w,
+    sd_b, sd_c, sd_h, sd_w,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    BLOCK_PIX: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    pix = tl.program_id(0) * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2).to(tl.int64)
+    pix_ok = pix < H * W
+    c_ok = c < C
+    h = pix // W
+    w = pix % W
+    tile_mask = pix_ok[:, None] & c_ok[None, :]
+    if HAS_LN:
+        xv = tl.load(
+            X + b * sx_b + (h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w)[:, None] + c.to(tl.int64)[None, :] * sx_c,
+            mask=tile_mask, other=0.0,
+        ).to(tl.float32)
+    acc = tl.zeros((BLOCK_PIX, BLOCK_C), dtype=tl.float32)
+    # Kernel rows ki that land on pixel row h: ki = (h + PH) % SH + i * SH, oh = (h + PH - ki) / SH.
+    for i in tl.static_range((KH + SH - 1) // SH):
+        ki = (h + PH) % SH + i * SH
+        oh = (h + PH - ki) // SH
+        row_ok = (ki < KH) & (h + PH - ki >= 0) & (oh < Ho)
+        for j in tl.static_range((KW + SW - 1) // SW):
+            kj = (w + PW) % SW + j * SW
+            ow = (w + PW - kj) // SW
+            ok = row_ok & (kj < KW) & (w + PW - kj >= 0) & (ow < Wo) & pix_ok
+            r = b * L + (oh * Wo + ow).to(tl.int64)
+            f = c[None, :] * (KH * KW) + (ki * KW + kj)[:, None]
+            m = ok[:, None] & c_ok[None, :]
+            g = tl.load(DY + r[:, None] * F + f, mask=m, other=0.0).to(tl.float32)
+            if HAS_LN:
+                mean = tl.load(MEAN + r, mask=ok, other=0.0)
+                rstd = tl.load(RSTD + r, mask=ok, other=0.0)
+                c1 = tl.load(C1 + r, mask=ok, other=0.0)
+                c2 = tl.load(C2 + r, mask=ok, other=0.0)
+                nw = tl.load(NW + f, mask=m, other=0.0).to(tl.float32)
+                xhat = (xv - mean[:, None]) * rstd[:, None]
+                g = tl.where(m, rstd[:, None] * (nw * g - xhat * c1[:, None] - c2[:, None]), 0.0)
+            acc += g
+    offs = b * sd_b + (h.to(tl.int64) * sd_h + w.to(tl.int64) * sd_w)[:, None] + c.to(tl.int64)[None, :] * sd_c
+    tl.store(DX + offs, acc.to(DX.dtype.element_ty), mask=tile_mask)
+
+
+def soft_split_fwd(
+    x: torch.Tensor,
+    image_strides: tuple[int, int, int, int],
+    geometry: tuple[int, int, int, int],
+    kernel: tuple[int, int, int, int, int, int],
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    eps: float,
+    y: torch.Tensor,
+    mean: Optional[torch.Tensor],
+    rstd: Optional[torch.Tensor],
+) -> None:
+    """Writes y (B * L, F) and, with LayerNorm, the fp32 row mean / rstd.
+
+    ``image_strides`` are the (b, c, h, w) strides through which ``x`` is read as an image;
+    ``geometry`` = (B, C, H, W); ``kernel`` = (kh, kw, sh, sw, ph, pw)."""
+    B, C, H, W = geometry
+    kh, kw, sh, sw, ph, pw = kernel
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    rows, F = y.shape
+    if rows == 0:
+        return
+    block_f = triton.next_power_of_2(F)
+    block_r = _rows_per_program(block_f)
+    with device_guard(x):
+        _soft_split_fwd_kernel[(triton.cdiv(rows, block_r),)](
+            x, norm_weight if norm_weight is not None else y, norm_bias if norm_bias is not None else y, y,
+            mean if mean is not None else y, rstd if rstd is not None else y,
+            rows, Ho * Wo, Wo, H, W, F, *image_strides, eps,
+            KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HAS_LN=norm_weight is not None, HAS_BIAS=norm_bias is not None,
+            BLOCK_R=block_r, BLOCK_F=block_f, num_warps=_num_warps(block_r * block_f),
+        )  # fmt: skip
+
+
+def _num_programs(x: torch.Tensor, rows: int) -> int:
+    if x.is_cuda:
+        return max(1, min(rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count))
+    return max(1, min(rows, 4))
+
+
+def soft_split_ln_bwd_stats(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    image_strides: tuple[int, int, int, int],
+    geometry: tuple[int, int, int, int],
+    kernel: tuple[int, int, int, int, int, int],
+    norm_weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """LayerNorm backward statistics: returns per-row fp32 (c1, c2) and the fp32 (programs, F) partials
+    of dweight and dbias (None without a bias)."""
+    B, C, H, W = geometry
+    kh, kw, sh, sw, ph, pw = kernel
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    rows, F = dy.shape
+    programs = _num_programs(dy, rows)
+    c1 = torch.empty((rows,), device=dy.device, dtype=torch.float32)
+    c2 = torch.empty((rows,), device=dy.device, dtype=torch.float32)
+    dw_part = torch.zeros((programs, F), device=dy.device, dtype=torch.float32)
+    db_part = torch.zeros((programs, F), device=dy.device, dtype=torch.float32) if has_bias else None
+    if rows == 0:
+        return c1, c2, dw_part, db_part
+    block_f = triton.next_power_of_2(F)
+    block_r = _rows_per_program(block_f)
+    with device_guard(dy):
+        _soft_split_ln_bwd_stats_kernel[(programs,)](
+            dy, x, norm_weight, mean, rstd, c1, c2, dw_part, db_part if db_part is not None else dw_part,
+            rows, Ho * Wo, Wo, H, W, F, *image_strides, triton.cdiv(rows, programs),
+            KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HAS_BIAS=has_bias,
+            BLOCK_R=block_r, BLOCK_F=block_f, num_warps=_num_warps(block_r * block_f),
+        )  # fmt: skip
+    return c1, c2, dw_part, db_part
+
+
+def soft_split_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    image_strides: tuple[int, int, int, int],
+    geometry: tuple[int, int, int, int],
+    kernel: tuple[int, int, int, int, int, int],
+    dx: torch.Tensor,
+    dx_strides: tuple[int, int, int, int],
+    norm_weight: Optional[torch.Tensor] = None,
+    stats: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+) -> None:
+    """The fold: writes every element of dx (read through ``dx_strides`` as an image). With LayerNorm,
+    ``stats`` = (mean, rstd, c1, c2) and dy is the gradient of the normalised rows."""
+    B, C, H, W = geometry
+    kh, kw, sh, sw, ph, pw = kernel
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    F = dy.shape[1]
+    if B * C * H * W == 0:
+        return
+    block_c = min(triton.next_power_of_2(C), 16 if INTERPRET else 64)
+    block_pix = 16 if INTERPRET else max(16, 4096 // block_c)
+    has_ln = norm_weight is not None
+    mean, rstd, c1, c2 = stats if has_ln else (dy, dy, dy, dy)
+    grid = (triton.cdiv(H * W, block_pix), triton.cdiv(C, block_c), B)
+    with device_guard(dy):
+        _soft_split_fold_kernel[grid](
+            dy, x, norm_weight if has_ln else dy, mean, rstd, c1, c2, dx,
+            C, H, W, Ho * Wo, Ho, Wo, F, *image_strides, *dx_strides,
+            KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HAS_LN=has_ln,
+            BLOCK_PIX=block_pix, BLOCK_C=block_c, num_warps=_num_warps(block_pix * block_c),
+        )  # fmt: skip

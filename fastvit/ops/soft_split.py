@@ -1,0 +1,326 @@
+"""T2T-ViT soft split: ``nn.Unfold`` + transpose, optionally fused with the LayerNorm that follows it.
+
+Math, for an image x (B, C, H, W), kernel k, stride s, zero padding p (each an int or an (h, w) pair)::
+
+    Ho = (H + 2p - k) // s + 1,  Wo likewise,  L = Ho * Wo,  F = C * k * k
+    u[b, oh * Wo + ow, c * k * k + ki * k + kj] = x[b, c, oh * s - p + ki, ow * s - p + kj]   (0 outside)
+    u == nn.Unfold(k, s, p)(x).transpose(1, 2)                         # (B, L, F)
+    with norm_weight: returns layer_norm(u, norm_weight, norm_bias, norm_eps) over the F features
+    (the zero padding counts in the statistics, exactly as unfold-then-LayerNorm does).
+
+Token input: T2T stages pass (B, L, C) tokens with their grid ``hw=(H, W)``, L = H * W; the op reads
+them as the image ``x.transpose(1, 2).reshape(B, C, H, W)`` through strides, without the copy that
+reshape would make. T2T geometries: 7/4/2 on 3x224x224 -> 3136 x 147; 3/2/1 on 64x56x56 -> 784 x 576;
+3/2/1 on 64x28x28 -> 196 x 576.
+
+Gradients: the fold (each pixel gathers the <= ceil(k/s)^2 outputs that read it; deterministic, no
+atomics), with the LayerNorm backward folded into it when fused; dnorm_weight = sum(dy * xhat),
+dnorm_bias = sum(dy) over all rows.
+
+Dtypes: fp32, fp16, bf16; the output keeps x's dtype (also under autocast: an unfold and a
+LayerNorm do no arithmetic worth lowering). LayerNorm statistics in fp32; norm_weight / norm_bias are
+x's dtype or fp32.
+
+Backends and auto order on CUDA tensors: ``triton`` > ``torch``. Provisional: the kernel has not been
+timed on an H100/H200 yet (benchmarks/bench_soft_split.py will set this order).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastvit import kernels
+from fastvit.ops._library import new_output, register_autocast_keep_dtype
+from fastvit.ops.dispatch import OpDispatcher
+from fastvit.ops.layer_norm import layer_norm_ref
+
+if kernels.TRITON_IMPORT_ERROR is None:
+    from fastvit.kernels import soft_split as _triton_kernels
+
+__all__ = ["soft_split", "soft_split_ref"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_OP = "fastvit.ops.soft_split"
+IntPair = Union[int, tuple[int, int]]
+
+
+def soft_split_ref(
+    x: Tensor,
+    *,
+    kernel_size: IntPair,
+    stride: IntPair,
+    padding: IntPair,
+    hw: Optional[tuple[int, int]] = None,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    norm_eps: float = 1e-5,
+) -> Tensor:
+    """The specification, in plain torch: (token ->) image, ``F.unfold``, transpose (, LayerNorm).
+
+    Shapes as in :func:`soft_split`; inputs are assumed valid. Computes in x's dtype."""
+    if hw is not None:
+        B, L, C = x.shape
+        x = x.transpose(1, 2).reshape(B, C, hw[0], hw[1])
+    u = F.unfold(x, kernel_size, padding=padding, stride=stride).transpose(1, 2)
+    if norm_weight is not None:
+        u = layer_norm_ref(u, norm_weight, norm_bias, norm_eps)
+    return u
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair):
+        raise ValueError(f"{_OP}: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _geometry(x: Tensor, hw: Optional[Sequence[int]]) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """(B, C, H, W) and the (b, c, h, w) strides through which x reads as an image (no copy)."""
+    if not hw:
+        return tuple(x.shape), tuple(x.stride())  # type: ignore[return-value]
+    B, _, C = x.shape
+    H, W = hw
+    s_b, s_l, s_c = x.stride()
+    return (B, C, H, W), (s_b, s_c, W * s_l, s_l)
+
+
+def _check_inputs(
+    x: Tensor, hw: Optional[Sequence[int]], kernel: tuple[int, ...], norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor], norm_eps: float,
+) -> int:  # fmt: skip
+    """Validates everything; returns F, the features per output row."""
+    named = {"x": x, "norm_weight": norm_weight, "norm_bias": norm_bias}
+    for name, t in named.items():
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"{_OP}: inputs are on different devices ({where}); move them to one device")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{_OP}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if hw is None:
+        if x.dim() != 4:
+            raise ValueError(
+                f"{_OP}: x must be a (B, C, H, W) image, or (B, L, C) tokens with hw=(H, W); got shape {tuple(x.shape)} "
+                "without hw"
+            )
+    else:
+        if (
+            not isinstance(hw, (tuple, list)) or len(hw) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in hw)
+        ):  # fmt: skip
+            raise ValueError(f"{_OP}: hw must be a pair of positive ints (H, W), got {hw!r}")
+        if x.dim() != 3 or x.shape[1] != hw[0] * hw[1]:
+            raise ValueError(
+                f"{_OP}: token input must have shape (B, L, C) with L = H * W = {hw[0] * hw[1]} for hw={tuple(hw)}, "
+                f"got {tuple(x.shape)}"
+            )
+    (_, C, H, W), _ = _geometry(x, hw)
+    kh, kw, sh, sw, ph, pw = kernel
+    if H + 2 * ph < kh or W + 2 * pw < kw:
+        raise ValueError(
+            f"{_OP}: kernel_size ({kh}, {kw}) is larger than the padded image ({H + 2 * ph}x{W + 2 * pw}); "
+            "no output position fits"
+        )
+    features = C * kh * kw
+    if norm_bias is not None and norm_weight is None:
+        raise ValueError(f"{_OP}: norm_bias was given without norm_weight; pass both to fuse the LayerNorm")
+    if norm_weight is not None:
+        if norm_weight.dim() != 1 or norm_weight.shape[0] != features:
+            raise ValueError(
+                f"{_OP}: norm_weight must have shape ({features},) = C * kh * kw for C={C} and kernel ({kh}, {kw}), "
+                f"got {tuple(norm_weight.shape)}"
+            )
+        if norm_weight.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{_OP}: norm_weight dtype {norm_weight.dtype} must be x's dtype ({x.dtype}) or float32")
+        if norm_bias is not None and (norm_bias.shape != norm_weight.shape or norm_bias.dtype != norm_weight.dtype):
+            raise ValueError(
+                f"{_OP}: norm_bias must match norm_weight (shape {tuple(norm_weight.shape)}, {norm_weight.dtype}), "
+                f"got shape {tuple(norm_bias.shape)}, {norm_bias.dtype}"
+            )
+        if not norm_eps > 0:
+            raise ValueError(f"{_OP}: norm_eps must be > 0, got {norm_eps}")
+    return features
+
+
+# -------------------------------------------------------------------------------------- backends
+
+
+def _no_reasons(**_: object) -> list[str]:
+    return []
+
+
+def _triton_reasons(features: int, **_: object) -> list[str]:
+    if kernels.TRITON_IMPORT_ERROR is None and features > _triton_kernels.MAX_FEATURES:
+        return [f"{features} features per row exceed the Triton kernel's {_triton_kernels.MAX_FEATURES}"]
+    return []
+
+
+_DISPATCH = OpDispatcher(
+    name="soft_split",
+    reasons={"torch": _no_reasons, "triton": _triton_reasons},
+    preference=("triton", "torch"),
+)
+
+
+def _out_shape(x: Tensor, hw: Sequence[int], kernel: Sequence[int]) -> tuple[int, int]:
+    (B, C, H, W), _ = _geometry(x, hw)
+    kh, kw, sh, sw, ph, pw = kernel
+    return B * ((H + 2 * ph - kh) // sh + 1) * ((W + 2 * pw - kw) // sw + 1), C * kh * kw
+
+
+# ------------------------------------------------------------------------------- torch.library ops
+
+
+@torch.library.custom_op("fastvit::soft_split_fwd", mutates_args=())
+def _soft_split_fwd(
+    x: Tensor, hw: list[int], kernel: list[int], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+    eps: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """x: (B, C, H, W) with hw == [], or (B, L, C) tokens with hw == [H, W]; kernel = [kh, kw, sh, sw, ph, pw].
+    Returns the (B * L_out, F) rows and, with LayerNorm, their fp32 mean and rstd (else empty)."""
+    geometry, strides = _geometry(x, hw)
+    y = new_output(_out_shape(x, hw, kernel), x)
+    has_ln = norm_weight is not None
+    mean = new_output((y.shape[0] if has_ln else 0,), x, torch.float32)
+    rstd = new_output((y.shape[0] if has_ln else 0,), x, torch.float32)
+    _triton_kernels.soft_split_fwd(
+        x, strides, geometry, tuple(kernel), norm_weight, norm_bias, eps, y, mean if has_ln else None,
+        rstd if has_ln else None,
+    )  # fmt: skip
+    return y, mean, rstd
+
+
+@_soft_split_fwd.register_fake
+def _(x, hw, kernel, norm_weight, norm_bias, eps, backend):
+    rows, features = _out_shape(x, hw, kernel)
+    stats = rows if norm_weight is not None else 0
+    return x.new_empty((rows, features)), x.new_empty((stats,), dtype=torch.float32), x.new_empty((stats,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvit::soft_split_bwd", mutates_args=())
+def _soft_split_bwd(
+    dy: Tensor, x: Tensor, hw: list[int], kernel: list[int], norm_weight: Optional[Tensor], mean: Tensor,
+    rstd: Tensor, has_bias: bool, need_dx: bool, need_dnorm: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Returns dx (x's shape, contiguous; empty unless need_dx) and, with LayerNorm and need_dnorm, the
+    gradients of norm_weight and norm_bias (else empty)."""
+    geometry, strides = _geometry(x, hw)
+    kernel_t = tuple(kernel)
+    stats = None
+    dweight, dbias = x.new_empty((0,)), x.new_empty((0,))
+    if norm_weight is not None:
+        c1, c2, dw_part, db_part = _triton_kernels.soft_split_ln_bwd_stats(
+            dy, x, strides, geometry, kernel_t, norm_weight, mean, rstd, has_bias
+        )
+        stats = (mean, rstd, c1, c2)
+        if need_dnorm:
+            dweight = dw_part.sum(0).to(norm_weight.dtype)
+            dbias = db_part.sum(0).to(norm_weight.dtype) if db_part is not None else dbias
+    dx = x.new_empty((0,))
+    if need_dx:
+        dx = new_output(x.shape, x)
+        _, dx_strides = _geometry(dx, hw)
+        _triton_kernels.soft_split_bwd(dy, x, strides, geometry, kernel_t, dx, dx_strides, norm_weight, stats)
+    return dx, dweight, dbias
+
+
+@_soft_split_bwd.register_fake
+def _(dy, x, hw, kernel, norm_weight, mean, rstd, has_bias, need_dx, need_dnorm, backend):
+    dx = x.new_empty(x.shape if need_dx else (0,))
+    ln_grads = norm_weight is not None and need_dnorm
+    dweight = x.new_empty(norm_weight.shape, dtype=norm_weight.dtype) if ln_grads else x.new_empty((0,))
+    dbias = x.new_empty(norm_weight.shape, dtype=norm_weight.dtype) if ln_grads and has_bias else x.new_empty((0,))
+    return dx, dweight, dbias
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, hw, kernel, norm_weight, norm_bias, eps, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, norm_weight, mean, rstd)
+    ctx.hw, ctx.kernel, ctx.backend = hw, kernel, backend
+    ctx.has_bias = norm_bias is not None
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, norm_weight, mean, rstd = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    need_dnorm = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+    if not need_dx and not need_dnorm:
+        return None, None, None, None, None, None, None
+    dx, dweight, dbias = _soft_split_bwd(
+        dy.contiguous(), x, ctx.hw, ctx.kernel, norm_weight, mean, rstd, ctx.has_bias, need_dx, need_dnorm,
+        ctx.backend,
+    )  # fmt: skip
+    return (
+        dx if need_dx else None, None, None,
+        dweight if norm_weight is not None and ctx.needs_input_grad[3] else None,
+        dbias if ctx.has_bias and ctx.needs_input_grad[4] else None, None, None,
+    )  # fmt: skip
+
+
+_soft_split_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autocast_keep_dtype(_soft_split_fwd)
+
+
+# ------------------------------------------------------------------------------------ public API
+
+
+def soft_split(
+    x: Tensor,
+    *,
+    kernel_size: IntPair,
+    stride: IntPair,
+    padding: IntPair,
+    hw: Optional[tuple[int, int]] = None,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    norm_eps: float = 1e-5,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """T2T soft split: ``nn.Unfold(kernel_size, stride, padding)(x).transpose(1, 2)``, optionally followed
+    by a fused LayerNorm over the ``C * k * k`` features of each output token.
+
+    Args:
+        x: (B, C, H, W) image (NCHW or channels_last), or (B, L, C) tokens with ``hw``; fp32 / fp16 /
+            bf16; any strides (no copy is made for either layout).
+        kernel_size: k, an int or (kh, kw).
+        stride: s, an int or (sh, sw).
+        padding: zero padding p, an int or (ph, pw).
+        hw: (H, W) grid of token input (L = H * W, row-major as T2T's ``reshape``); None for an image.
+        norm_weight: (C * kh * kw,) LayerNorm weight (x's dtype or fp32) to fuse, or None.
+        norm_bias: LayerNorm bias like norm_weight, or None (only with norm_weight).
+        norm_eps: LayerNorm epsilon; T2T-ViT's ``nn.LayerNorm`` default is 1e-5.
+        backend: None (``FASTVIT_BACKEND`` or auto), "torch" or "triton".
+
+    Returns:
+        (B, L_out, C * kh * kw) in x's dtype, L_out = Ho * Wo in row-major order.
+
+    Raises:
+        TypeError / ValueError: bad dtypes, shapes, geometry or mixed devices, naming the input.
+        fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    kernel = [kh, kw, sh, sw, ph, pw]
+    features = _check_inputs(x, hw, tuple(kernel), norm_weight, norm_bias, norm_eps)
+    backend = _DISPATCH.select(
+        backend, x.device, x=x, norm_weight=norm_weight, norm_bias=norm_bias, features=features, hw=hw
+    )
+    if backend == "torch":
+        return soft_split_ref(
+            x, kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw), hw=hw, norm_weight=norm_weight,
+            norm_bias=norm_bias, norm_eps=norm_eps,
+        )  # fmt: skip
+    hw_list = list(hw) if hw else []
+    (_, _, H, W), _ = _geometry(x, hw_list)
+    tokens = ((H + 2 * ph - kh) // sh + 1) * ((W + 2 * pw - kw) // sw + 1)
+    y, _, _ = _soft_split_fwd(x, hw_list, kernel, norm_weight, norm_bias, float(norm_eps), backend)
+    return y.view(x.shape[0], tokens, features)
