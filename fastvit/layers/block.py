@@ -1,0 +1,113 @@
+"""The pre-norm transformer block (timm's ``Block``) and LayerScale.
+
+Per block the work runs as five fastvit ops::
+
+    y      = ops.layer_norm(x)                                   # norm1
+    a      = attn(y)                                             # ops.linear (qkv) -> ops.attention_qkvpacked
+                                                                 #   -> ops.linear (proj)
+    y, x   = ops.layer_norm(ls1(drop_path1(a)), residual=x)      # norm2 with the first residual add fused
+    x      = ops.linear(ops.linear(y, gelu), residual=x)         # mlp.fc1 (+GELU), mlp.fc2 (+second residual)
+
+The second residual is added in fc2's epilogue only when nothing sits between fc2 and the add (no
+LayerScale, no active drop-path or output dropout); otherwise it is added after, as timm does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from fastvit.layers.attention import Attention
+from fastvit.layers.drop import DropPath
+from fastvit.layers.mlp import Mlp
+from fastvit.layers.norm import LayerNorm
+
+__all__ = ["Block", "LayerScale"]
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale ``x * gamma`` (CaiT / DeiT III; key ``gamma``).
+
+    Args:
+        dim: channels.
+        init_values: initial value of every gamma entry.
+        inplace: multiply in place (only safe when nothing else reads x).
+    """
+
+    def __init__(self, dim: int, init_values: float = 1e-5, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mul_(self.gamma) if self.inplace else x * self.gamma
+
+
+class Block(nn.Module):
+    """timm's ViT ``Block`` (norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2; same keys).
+
+    Args:
+        dim: token width.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / dim.
+        qkv_bias: bias on the qkv projection.
+        qk_norm: LayerNorm on q and k per head.
+        proj_bias: bias on the attention output projection and the MLP.
+        proj_drop: dropout after the attention projection and in the MLP (training only).
+        attn_drop: dropout on the attention probabilities (training only).
+        init_values: LayerScale init; None disables LayerScale.
+        drop_path: stochastic-depth probability of both residual branches (training only).
+        act_layer: MLP activation (see :class:`fastvit.layers.Mlp`).
+        norm_layer: norm class (default :class:`fastvit.layers.LayerNorm`, eps 1e-6); it must accept
+            ``residual=`` like that class does (the fused add + norm).
+        mlp_layer: MLP class.
+        attn_head_dim: head dim when not ``dim // num_heads``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        proj_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: Optional[float] = None,
+        drop_path: float = 0.0,
+        act_layer: Union[str, Callable[[], nn.Module]] = "gelu",
+        norm_layer: Optional[Callable[[int], nn.Module]] = None,
+        mlp_layer: Callable[..., nn.Module] = Mlp,
+        attn_head_dim: Optional[int] = None,
+    ):
+        super().__init__()
+        norm_layer = norm_layer or LayerNorm
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
+            attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, attn_head_dim=attn_head_dim,
+        )  # fmt: skip
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, bias=proj_bias, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def _mlp_residual_fusable(self) -> bool:
+        if not isinstance(self.ls2, nn.Identity):
+            return False
+        if self.training and isinstance(self.drop_path2, DropPath) and self.drop_path2.drop_prob > 0.0:
+            return False
+        return hasattr(self.mlp, "residual_fusable") and self.mlp.residual_fusable()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, C) -> (B, N, C): ``x + attn(norm1(x))`` then ``+ mlp(norm2(.))``, timm's math."""
+        a = self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        y, x = self.norm2(a, residual=x)  # x <- x + a; y = norm2(x), one pass
+        if self._mlp_residual_fusable():
+            return self.mlp(y, residual=x)
+        return x + self.drop_path2(self.ls2(self.mlp(y)))
