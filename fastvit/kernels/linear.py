@@ -4,6 +4,8 @@ One kernel, two epilogues (constexpr ``ACT_GRAD``), each program computing one (
 of the (M, N) result with an fp32 accumulator over K:
     forward   y = act(acc + bias) + residual         (one rounding to the output dtype)
     ACT_GRAD  g = dy * act'(acc + bias)              (h is recomputed, never stored: see ops/linear.py)
+              and, if asked, the tile's column sums of g (fp32) as one row of dbias partials, so the
+              bias gradient needs no second pass over the (M, N) tensor
 
 Tiles are visited in groups of GROUP_M rows of tiles so neighbouring programs reuse the same weight
 columns from L2. Loads clamp ragged rows / columns into range (``% M``, ``% N``) so the K loop needs no
@@ -72,6 +74,7 @@ def _linear_kernel(
     B,  # (N,) bias, or unused
     R,  # (M, N) forward: the residual added last; ACT_GRAD: dy. Strides (stride_rm, stride_rn)
     Y,  # (M, N) output, row stride stride_ym, unit column stride
+    DB,  # (>= cdiv(M, BLOCK_M), N) fp32 dbias partials, one row per row tile (WRITE_DBIAS), or unused
     M,
     N,
     K,
@@ -87,6 +90,7 @@ def _linear_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_R: tl.constexpr,
     ACT_GRAD: tl.constexpr,
+    WRITE_DBIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -131,7 +135,9 @@ def _linear_kernel(
     r_ptrs = R + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
     if ACT_GRAD:
         dy = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
-        out = dy * _activation_grad(h, ACTIVATION)
+        out = dy * _activation_grad(h, ACTIVATION)  # 0 on ragged rows and columns (dy masked to 0)
+        if WRITE_DBIAS:
+            tl.store(DB + pid_m.to(tl.int64) * N + offs_n, tl.sum(out, axis=0), mask=offs_n < N)
     else:
         out = _activation(h, ACTIVATION)
         if HAS_R:
@@ -159,6 +165,7 @@ _CONFIGS = [
 ]
 _DEFAULT_CONFIG = _config(128, 128, 32, 4, 4)  # fits every dtype; used for untuned keys during graph capture
 _INTERPRET_CONFIG = _config(32, 32, 32, 1, 1, group_m=4)
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in [*_CONFIGS, _DEFAULT_CONFIG, _INTERPRET_CONFIG])
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
@@ -173,7 +180,7 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
     return kept or [_DEFAULT_CONFIG]
 
 
-_KEY = ["M_BUCKET", "N", "K", "ACTIVATION", "HAS_BIAS", "HAS_R", "ACT_GRAD"]
+_KEY = ["M_BUCKET", "N", "K", "ACTIVATION", "HAS_BIAS", "HAS_R", "ACT_GRAD", "WRITE_DBIAS"]
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 _linear_fixed = _even_k(_linear_kernel)  # launched with an explicit config
 _linear_tuned = triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
@@ -193,6 +200,7 @@ def _launch(
     bias: Optional[torch.Tensor],
     r: Optional[torch.Tensor],
     y: torch.Tensor,
+    dbias_part: Optional[torch.Tensor],
     activation: Optional[str],
     act_grad: bool,
 ) -> None:
@@ -203,10 +211,11 @@ def _launch(
     m_bucket = triton.next_power_of_2(M)
     flags = {
         "ACTIVATION": ACTIVATION_CODES[activation], "HAS_BIAS": bias is not None, "HAS_R": r is not None,
-        "ACT_GRAD": act_grad,
+        "ACT_GRAD": act_grad, "WRITE_DBIAS": dbias_part is not None,
     }  # fmt: skip
     args = (
-        x, weight, bias if bias is not None else weight, r if r is not None else y, y, M, N, K, m_bucket,
+        x, weight, bias if bias is not None else weight, r if r is not None else y, y,
+        dbias_part if dbias_part is not None else y, M, N, K, m_bucket,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         r.stride(0) if r is not None else 0, r.stride(1) if r is not None else 0, y.stride(0),
     )  # fmt: skip
@@ -236,7 +245,7 @@ def linear_fwd(
 ) -> None:
     """Writes ``y = act(x @ weight.T + bias) + residual``; x (M, K), weight (N, K), residual (M, N) may have
     any strides; y is (M, N) with a unit column stride."""
-    _launch(x, weight, bias, residual, y, activation, act_grad=False)
+    _launch(x, weight, bias, residual, y, None, activation, act_grad=False)
 
 
 def linear_act_grad(
@@ -246,6 +255,12 @@ def linear_act_grad(
     bias: Optional[torch.Tensor],
     activation: str,
     g: torch.Tensor,
-) -> None:
-    """Writes ``g = dy * act'(x @ weight.T + bias)``, recomputing the pre-activation tile by tile."""
-    _launch(x, weight, bias, dy, g, activation, act_grad=True)
+    need_dbias: bool,
+) -> Optional[torch.Tensor]:
+    """Writes ``g = dy * act'(x @ weight.T + bias)``, recomputing the pre-activation tile by tile; returns
+    sum_rows(g) in fp32 when ``need_dbias`` (reduced from per-row-tile partials), else None."""
+    M, N = g.shape
+    # Zeroed: the tuned tile height decides how many partial rows get written (at most this many).
+    part = torch.zeros((triton.cdiv(M, _MIN_BLOCK_M), N), device=g.device, dtype=torch.float32) if need_dbias else None
+    _launch(x, weight, bias, dy, g, part, activation, act_grad=True)
+    return part.sum(0) if part is not None else None

@@ -12,7 +12,7 @@ Gradients (dy is the gradient of y)::
                                           # multiplies in dy, so g is the only (M, N) tensor written
     dx        = g @ weight                # plain GEMMs: torch.matmul (cuBLAS)
     dweight   = g.T @ x
-    dbias     = sum_rows(g)               # fp32 sum
+    dbias     = sum_rows(g)               # fp32, from per-tile column sums in the same epilogue
     dresidual = dy                        # passes through
 
 Memory choice: recomputing h costs one extra GEMM of the forward's size in the backward of an
@@ -189,17 +189,18 @@ def _(x, weight, bias, residual, activation, backend):
 
 @torch.library.custom_op("fastvit::linear_act_grad", mutates_args=())
 def _linear_act_grad(
-    dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, backend: str
-) -> Tensor:
-    """dy: (M, N). Recomputes h = x @ weight.T + bias and returns dy * act'(h), contiguous (M, N)."""
+    dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, need_dbias: bool, backend: str
+) -> tuple[Tensor, Tensor]:
+    """dy: (M, N). Recomputes h = x @ weight.T + bias and returns g = dy * act'(h), contiguous (M, N), and
+    sum_rows(g) in bias's dtype (empty unless need_dbias)."""
     g = new_output(dy.shape, dy)
-    _triton_kernels.linear_act_grad(dy, x, weight, bias, activation, g)
-    return g
+    dbias = _triton_kernels.linear_act_grad(dy, x, weight, bias, activation, g, need_dbias)
+    return g, dbias.to(dy.dtype) if dbias is not None else dy.new_empty((0,))
 
 
 @_linear_act_grad.register_fake
-def _(dy, x, weight, bias, activation, backend):
-    return dy.new_empty(dy.shape)
+def _(dy, x, weight, bias, activation, need_dbias, backend):
+    return dy.new_empty(dy.shape), dy.new_empty((dy.shape[1],) if need_dbias else (0,))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -212,13 +213,14 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dy):
     x, weight, bias = ctx.saved_tensors
+    need_dbias = bias is not None and ctx.needs_input_grad[2]
     if ctx.activation:
-        g = _linear_act_grad(dy, x, weight, bias, ctx.activation, ctx.backend)
+        g, dbias = _linear_act_grad(dy, x, weight, bias, ctx.activation, need_dbias, ctx.backend)
     else:
-        g = dy
+        g, dbias = dy, dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_dbias else None
     dx = torch.matmul(g, weight) if ctx.needs_input_grad[0] else None
     dweight = torch.matmul(g.t(), x) if ctx.needs_input_grad[1] else None
-    dbias = g.sum(0, dtype=torch.float32).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+    dbias = dbias if need_dbias else None
     dresidual = dy if ctx.has_residual else None
     return dx, dweight, dbias, dresidual, None, None
 

@@ -114,6 +114,23 @@ def test_optional_bias_and_residual(bias, residual, device):
 
 
 @pytest.mark.interpreter
+def test_frozen_bias(device):
+    """A bias that needs no gradient: the backward skips the fused dbias partials, dx and dweight unchanged."""
+    x, w, b, _ = _inputs((70, 40), 24, torch.float16, device, residual=False)
+    b.requires_grad_(False)
+    dy = torch.randn(70, 24, device=device).half()
+    with poisoned_outputs():
+        y = ops.linear(x, w, b, activation="gelu", backend="triton")
+        got = torch.autograd.grad(y, (x, w), dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w)]
+    want = torch.autograd.grad(linear_ref(*leaves64, b.double(), "gelu"), leaves64, dy.double())
+    leaves16 = [t.detach().requires_grad_() for t in (x, w)]
+    lowp = torch.autograd.grad(linear_ref(*leaves16, b, "gelu"), leaves16, dy)
+    for name, g, e, lp in zip(("dx", "dweight"), got, want, lowp):
+        assert_three_way(g, e, lp, factor=3.0, name=name)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_activation_tails(activation, device):
     """Pre-activations out to |h| ~ 20: the erf / sigmoid tails of each activation and its derivative."""
@@ -195,7 +212,7 @@ def test_opcheck(activation, bias, residual, device):
     dy = torch.randn(5, 24, device=device)
     if activation:
         b_ = b.detach() if b is not None else None
-        torch.library.opcheck(_linear_act_grad, (dy, x.detach(), w.detach(), b_, activation, "triton"))
+        torch.library.opcheck(_linear_act_grad, (dy, x.detach(), w.detach(), b_, activation, bias, "triton"))
 
 
 @pytest.mark.interpreter
