@@ -1,7 +1,7 @@
 """fastvit models (ViT, DeiT, R50+ViT hybrid, T2T-ViT, segmentors) and the create_model registry."""
 
 from fastvit.models.registry import create_model, is_model, list_models, model_entrypoint, register_model
-from fastvit.models import vit  # noqa: E402  (registers the ViT / DeiT names)
+from fastvit.models import hybrid, vit  # registers the ViT / DeiT / hybrid names
 from fastvit.models.vit import VisionTransformer, VisionTransformerDistilled
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "list_models",
     "model_entrypoint",
     "register_model",
+    "hybrid",
     "vit",
 ]

@@ -79,7 +79,10 @@ def create_model(
         pretrained: False (random init), True (weights for ``name`` from the local timm / Hugging Face
             cache; an error names the file looked for when none is cached) or a checkpoint path
             (any format ``fastvit.load_checkpoint`` reads).
-        num_classes: classifier size; 0 builds no head. None keeps the architecture's default (1000).
+        num_classes: classifier size; 0 builds no head. None keeps timm's default for the name: the class
+            count of its default weights (1000 for most; 0 for ``vit_huge_patch14_224``,
+            ``vit_large_patch32_224`` and ``vit_base_r50_s16_224``, whose default weights are in21k
+            feature extractors).
         img_size: input resolution the position embedding is built for. None keeps the default.
         **overrides: further constructor arguments of the architecture (``drop_path_rate=0.1``,
             ``global_pool="avg"``, ``dynamic_img_size=True``, ...).

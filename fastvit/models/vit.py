@@ -515,6 +515,9 @@ class VisionTransformerDistilled(VisionTransformer):
 
 def _create(cls: type, cfg: dict[str, Any], model_args: dict[str, Any], kwargs: dict[str, Any]) -> VisionTransformer:
     kwargs.pop("pretrained", None)  # weights are create_model's business (fastvit.checkpoints)
+    # Like timm, the default head size is that of the architecture's default weights (0 for the
+    # in21k feature extractors such as vit_huge_patch14_224.orig_in21k).
+    kwargs.setdefault("num_classes", cfg["num_classes"])
     model = cls(**{**model_args, **kwargs})
     model.pretrained_cfg = dict(cfg, input_size=(model.patch_embed.in_chans, *model.patch_embed.img_size))
     return model
