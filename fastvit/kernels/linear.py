@@ -110,8 +110,10 @@ def _linear_kernel(
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # Ragged rows / columns re-read valid ones (their results are never stored), keeping the K loop mask-free.
-    rows = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
-    cols = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    # No max_contiguous hint here: the wrapped indices are not contiguous, and with a transposed operand
+    # (unit stride along M or N) such a hint would vectorise loads across the wrap, past the buffer's end.
+    rows = offs_m % M
+    cols = offs_n % N
     x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = W + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BLOCK_K, BLOCK_N): weight.T
 
@@ -183,9 +185,11 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 _KEY = ["M_BUCKET", "N", "K", "ACTIVATION", "HAS_BIAS", "HAS_R", "ACT_GRAD", "WRITE_DBIAS"]
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 _linear_fixed = _even_k(_linear_kernel)  # launched with an explicit config
-_linear_tuned = triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-    _linear_fixed
-)
+# DB is zeroed before every trial: a taller trial tile writes fewer partial rows than a shorter one did,
+# and the stale rows would otherwise be summed into dbias.
+_linear_tuned = triton.autotune(
+    configs=_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["DB"]
+)(_linear_fixed)
 # (device index, dtype, *key values) -> the tuned config, so later launches (and graph captures) skip the autotuner.
 _BEST: dict[tuple, triton.Config] = {}
 
