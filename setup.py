@@ -13,6 +13,7 @@ Environment:
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -65,6 +66,12 @@ class CMakeBuild(build_ext):
             info = {"built": False, "skip_reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             for ext in self.extensions:
                 self._write_info(os.path.dirname(self.get_ext_fullpath(ext.name)), info)
+            if self.inplace or getattr(self, "editable_mode", False):
+                # A module left by an earlier build would load and contradict the record just written.
+                for stale in glob.glob(os.path.join(ROOT, "fastvit", "_C.*")):
+                    if stale.endswith((".so", ".pyd")):
+                        print(f"fastvit: removing the stale extension {stale}", file=sys.stderr)
+                        os.remove(stale)
             self.extensions = []
             return
         super().run()

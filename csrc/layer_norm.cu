@@ -194,11 +194,17 @@ LaunchShape launch_shape(std::int64_t cols) {
   return {0, 256};
 }
 
-template <template <typename, typename, int> class Launcher, typename... Args>
-void dispatch_types(const char* op, int x_dtype, int w_dtype, Args&&... args) {
+void check_dtypes(const char* op, int x_dtype, int w_dtype) {
+  require(x_dtype == kFloat32 || x_dtype == kFloat16 || x_dtype == kBFloat16, op,
+          "unsupported dtype code " + std::to_string(x_dtype) + " (expected float32, float16 or bfloat16)");
   require(w_dtype == x_dtype || w_dtype == kFloat32, op,
           std::string("weight dtype ") + dtype_name(w_dtype) + " must be the input dtype (" + dtype_name(x_dtype) +
               ") or float32");
+}
+
+// x_dtype / w_dtype were validated by check_dtypes.
+template <template <typename, typename, int> class Launcher, typename... Args>
+void dispatch_types(int x_dtype, int w_dtype, Args&&... args) {
   switch (x_dtype) {
     case kFloat32: Launcher<float, float, 0>::run(args...); break;
     case kFloat16:
@@ -209,7 +215,6 @@ void dispatch_types(const char* op, int x_dtype, int w_dtype, Args&&... args) {
       if (w_dtype == kFloat32) Launcher<__nv_bfloat16, float, 0>::run(args...);
       else Launcher<__nv_bfloat16, __nv_bfloat16, 0>::run(args...);
       break;
-    default: require(false, op, "unsupported dtype code " + std::to_string(x_dtype) + " (expected float32, float16 or bfloat16)");
   }
 }
 
@@ -258,9 +263,10 @@ void layer_norm_fwd(const LayerNormFwdArgs& a) {
   require(a.x && a.weight && a.y && a.mean && a.rstd, op, "x, weight, y, mean and rstd must be non-null device pointers");
   require(!a.residual || a.residual_out, op, "a residual needs a residual_out buffer");
   require(a.x_stride >= a.cols && a.y_stride >= a.cols, op, "row strides must be >= the row width");
+  check_dtypes(op, a.x_dtype, a.w_dtype);
   require_cuda_device(op);
   if (a.rows == 0) return;
-  dispatch_types<FwdLauncher>(op, a.x_dtype, a.w_dtype, a);
+  dispatch_types<FwdLauncher>(a.x_dtype, a.w_dtype, a);
   check_launch(op);
 }
 
@@ -270,9 +276,10 @@ void layer_norm_bwd(const LayerNormBwdArgs& a) {
   require(a.dy && a.z && a.weight && a.mean && a.rstd && a.dz && a.dweight_partial, op,
           "dy, z, weight, mean, rstd, dz and dweight_partial must be non-null device pointers");
   require(a.num_partials > 0, op, "num_partials must be > 0");
+  check_dtypes(op, a.x_dtype, a.w_dtype);
   require_cuda_device(op);
   if (a.rows == 0) return;
-  dispatch_types<BwdLauncher>(op, a.x_dtype, a.w_dtype, a);
+  dispatch_types<BwdLauncher>(a.x_dtype, a.w_dtype, a);
   check_launch(op);
 }
 

@@ -7,6 +7,7 @@ helpers that turn tensors into its arguments (pointers, dtype codes, stream hand
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from types import ModuleType
@@ -23,8 +24,10 @@ _BUILD_INFO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_build
 _module: Optional[ModuleType] = None
 _load_error: Optional[str] = None
 try:
-    from fastvit import _C as _module  # type: ignore[attr-defined, no-redef]
-except Exception as exc:  # ImportError, or an OSError from a broken shared library
+    _module = importlib.import_module("fastvit._C")
+except ModuleNotFoundError as exc:
+    _load_error = f"no compiled fastvit._C module in {os.path.dirname(_BUILD_INFO)} ({exc})"
+except Exception as exc:  # a broken or mismatched shared library
     _load_error = f"{type(exc).__name__}: {exc}"
 
 

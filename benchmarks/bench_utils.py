@@ -1,0 +1,76 @@
+"""Shared plumbing for the per-op benchmarks (benchmarks/bench_<op>.py).
+
+Timing is ``triton.testing.do_bench`` (median over repeated runs after warm-up, L2 flushed between
+runs), the ceiling is a device-to-device copy measured in the same run, and results are written as
+JSON beside a markdown table, tagged with the GPU, versions and git sha.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Callable, Sequence
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def require_gpu(script: str) -> None:
+    """Exits 0 with a message on a machine without a GPU: kernel timings need one."""
+    if not torch.cuda.is_available():
+        print(f"{script}: no GPU visible to torch (torch.cuda.is_available() is False); this benchmark times GPU "
+              "kernels and has nothing to measure here. Run it on an NVIDIA GPU machine.")
+        sys.exit(0)
+
+
+def median_ms(fn: Callable[[], Any], *, warmup_ms: int = 50, rep_ms: int = 200) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth (read + write bytes per second): the ceiling for memory-bound ops."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6
+
+
+def git_sha() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> str:
+    """Writes benchmarks/results/<name>_<gpu>_<date>.json with the environment; returns the path."""
+    from fastvit.info import collect
+
+    info = collect()
+    gpu = info["gpus"][0]["name"].replace(" ", "_") if info["gpus"] else "cpu"
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f"{name}_{gpu}_{stamp}.json")
+    payload = {"benchmark": name, "command": " ".join(sys.argv), "date": stamp, "git_sha": git_sha(),
+               "environment": info, **extra, "rows": list(rows)}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    return path
