@@ -1,1 +1,427 @@
-"""Checkpoint loaders, one file per foreign format; load_checkpoint() sniffs the format."""
+"""Checkpoint loaders, one file per foreign format; :func:`load_checkpoint` sniffs the format.
+
+==================  ==============================================================  ======================
+format              what it is                                                      module
+==================  ==============================================================  ======================
+``npz``             Google JAX ``.npz`` (original ViT release incl. R50 hybrid,     :mod:`.npz`
+                    in21k files with ``pre_logits``; big_vision layouts)
+``timm``            timm state dicts (``.pth``, ``.bin``, ``.safetensors``, also    :mod:`.timm`
+                    timm train checkpoints ``{'state_dict', 'state_dict_ema'}``)
+``deit``            DeiT ``{'model': state_dict}`` files (timm names)               :mod:`.timm`
+``t2t_official``    official T2T-ViT ``.pth.tar`` (``state_dict_ema``, ``module.``)  :mod:`.t2t_official`
+``mmpretrain``      mmpretrain classifiers (``backbone.*`` / ``head.*``)             :mod:`.mmpretrain`
+``mmseg``           mmseg ViT backbones (``vit2mmseg`` output or segmentors)        :mod:`.mmseg`
+``vit_pytorch``     jeonsworld/ViT-pytorch ``.bin`` (``transformer.*``)              :mod:`.vit_pytorch`
+==================  ==============================================================  ======================
+
+Reading a file: the container (torch pickle, safetensors, npz) is told by content; wrappers
+(``state_dict_ema`` > ``state_dict`` > ``model`` > ``module``) and a DDP ``module.`` prefix are removed;
+the keys tell the format; the format's module renames them to fastvit's names (timm's for ViT /
+DeiT / hybrid, the official repository's for T2T-ViT). Loading into a model then resamples a
+position embedding of another grid the way the source does (:mod:`fastvit.layers.pos_embed`:
+timm/DeiT bicubic with antialias, Google npz bilinear, mmseg/mmpretrain/T2T bicubic) and loads with
+``strict`` semantics: any missing, unexpected or mis-shaped key raises :class:`CheckpointError`
+naming the detected format and the keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from fastvit.checkpoints import mmpretrain as _mmpretrain
+from fastvit.checkpoints import mmseg as _mmseg
+from fastvit.checkpoints import npz as _npz
+from fastvit.checkpoints import timm as _timm
+from fastvit.checkpoints import vit_pytorch as _vit_pytorch
+from fastvit.checkpoints._common import CheckpointError, StateDict, shorten
+from fastvit.checkpoints._io import read_container
+from fastvit.layers.pos_embed import resample_abs_pos_embed
+from fastvit.checkpoints.pretrained import (
+    PretrainedWeightsNotFound,
+    pretrained_cfg_for,
+    resolve_pretrained_file,
+)
+
+__all__ = [
+    "FORMATS",
+    "GOOGLE_PREPROCESSING",
+    "Checkpoint",
+    "CheckpointError",
+    "LoadResult",
+    "PretrainedWeightsNotFound",
+    "detect_format",
+    "load_checkpoint",
+    "load_pretrained",
+    "read_checkpoint",
+    "resolve_pretrained_file",
+]
+
+_log = logging.getLogger("fastvit.checkpoints")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+FORMATS: dict[str, str] = {
+    "npz": "Google JAX .npz",
+    "timm": "timm state dict",
+    "deit": "DeiT {'model': ...} checkpoint",
+    "t2t_official": "official T2T-ViT checkpoint",
+    "mmpretrain": "mmpretrain classifier checkpoint",
+    "mmseg": "mmseg ViT backbone",
+    "vit_pytorch": "jeonsworld/ViT-pytorch checkpoint",
+}
+
+# How each source resamples a position embedding to another grid (fastvit.layers.pos_embed conventions):
+# timm / DeiT bicubic with antialias; Google npz bilinear; mmseg / mmpretrain / official T2T bicubic
+# without antialias. jeonsworld only resamples when reading Google npz files (scipy zoom, order 1): its
+# .bin files get the npz convention.
+_RESAMPLE: dict[str, str] = {
+    "npz": "npz",
+    "timm": "timm",
+    "deit": "timm",
+    "t2t_official": "mmpretrain",
+    "mmpretrain": "mmpretrain",
+    "mmseg": "mmseg",
+    "vit_pytorch": "npz",
+}
+
+# How Google's ViT weights (and jeonsworld fine-tunes of them) expect images: resized to the square
+# input without a crop, scaled to [-1, 1] (google-research/vision_transformer#39).
+GOOGLE_PREPROCESSING: dict[str, Any] = {
+    "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bilinear",
+}
+_PREPROCESSING = {"npz": GOOGLE_PREPROCESSING, "vit_pytorch": GOOGLE_PREPROCESSING}
+
+# Wrapper keys, most preferred first; EMA weights are what timm-trained releases (T2T-ViT) report.
+_WRAPPERS_EMA = ("state_dict_ema",)
+_WRAPPERS = ("state_dict", "model", "module")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from a file, its keys already in fastvit's names.
+
+    Attributes:
+        state_dict: the tensors, renamed to fastvit's (timm / official T2T) names.
+        format: the detected (or forced) format, a key of :data:`FORMATS`.
+        source: the file path, or ``"<state dict>"``.
+        wrapper: the wrapper keys that were removed, e.g. ``["state_dict_ema"]``.
+        ignored: source keys deliberately left out (segmentation heads, ``pre_logits``, ...).
+    """
+
+    state_dict: StateDict
+    format: str
+    source: str
+    wrapper: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def description(self) -> str:
+        wrapped = f" inside {'/'.join(repr(w) for w in self.wrapper)}" if self.wrapper else ""
+        return f"{self.format!r} ({FORMATS[self.format]}{wrapped})"
+
+
+@dataclass
+class LoadResult:
+    """What :func:`load_checkpoint` did. With ``strict=True`` the three key lists are empty."""
+
+    format: str
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+    mismatched_keys: list[str]
+    ignored_keys: list[str]
+    reset_classifier_keys: list[str]
+    resampled_pos_embed: bool
+
+
+def _t2t_official() -> Any:
+    """The T2T-ViT helper's module (``is_t2t_official`` / ``convert_t2t_official``), or None before it exists."""
+    try:
+        from fastvit.checkpoints import t2t_official
+    except ImportError:
+        return None
+    return t2t_official
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(obj: Any, use_ema: bool) -> tuple[StateDict, list[str]]:
+    wrapper: list[str] = []
+    names = (_WRAPPERS_EMA if use_ema else ()) + _WRAPPERS
+    while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
+        inner = next((k for k in names if isinstance(obj.get(k), Mapping) and obj.get(k)), None)
+        if inner is None:
+            break
+        wrapper.append(inner)
+        obj = obj[inner]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"expected a dict of tensors, found a {type(obj).__name__}")
+    sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}  # saved from a DistributedDataParallel wrapper
+    return sd, wrapper
+
+
+def detect_format(state_dict: Mapping[str, torch.Tensor], wrapper: Optional[list[str]] = None) -> Optional[str]:
+    """The format a (unwrapped) state dict's keys belong to, or ``None`` if no format recognises them."""
+    t2t = _t2t_official()
+    if _vit_pytorch.is_vit_pytorch(state_dict):
+        return "vit_pytorch"
+    if _mmseg.is_mmseg(state_dict):
+        return "mmseg"
+    if _mmpretrain.is_mmpretrain(state_dict):
+        return "mmpretrain"
+    if t2t is not None and t2t.is_t2t_official(state_dict):
+        return "t2t_official"
+    if t2t is None and any(k.startswith("tokens_to_token.") for k in state_dict):
+        return "t2t_official"
+    if _timm.is_timm(state_dict):
+        return "deit" if wrapper and wrapper[-1] == "model" else "timm"
+    return None
+
+
+def _to_native(fmt: str, sd: StateDict) -> tuple[StateDict, list[str]]:
+    """Convert ``sd`` from ``fmt`` to fastvit names; also return the keys deliberately left out."""
+    if fmt in ("timm", "deit"):
+        return _timm.timm_to_native(sd), [k for k in sd if k.startswith("pre_logits.")]
+    if fmt == "mmseg":
+        backbone, ignored = _mmseg.split_segmentor(sd)
+        return _mmseg.mmseg_to_timm(backbone), ignored
+    if fmt == "mmpretrain":
+        ignored = [k for k in sd if k.startswith(_mmpretrain.IGNORED_PARTS + ("neck.",))]
+        return _mmpretrain.mmpretrain_to_native({k: v for k, v in sd.items() if k not in ignored}), ignored
+    if fmt == "vit_pytorch":
+        return _vit_pytorch.vit_pytorch_to_native(sd), []
+    if fmt == "t2t_official":
+        t2t = _t2t_official()
+        return (t2t.convert_t2t_official(sd) if t2t is not None else dict(sd)), []
+    raise CheckpointError(f"unknown format {fmt!r}; choose one of {sorted(FORMATS)} or 'auto'")
+
+
+def _describe_keys(keys: list[str]) -> str:
+    return shorten(sorted(keys), limit=12)
+
+
+def read_checkpoint(
+    source: Union[PathLike, Mapping[str, Any]], format: str = "auto", *, use_ema: bool = True
+) -> Checkpoint:
+    """Read a checkpoint file (or an already loaded dict) and rename its keys to fastvit's names.
+
+    Args:
+        source: a file path (any container: torch pickle, safetensors, npz) or a loaded checkpoint dict.
+        format: ``"auto"`` (sniff) or a key of :data:`FORMATS` to force one.
+        use_ema: prefer ``state_dict_ema`` over ``state_dict`` when a timm train checkpoint has both.
+
+    Raises:
+        CheckpointError: unreadable / truncated file, unknown format, or a layout the format cannot convert.
+        FileNotFoundError: ``source`` is a path that does not exist.
+    """
+    if format != "auto" and format not in FORMATS:
+        raise CheckpointError(f"unknown format {format!r}; choose one of {sorted(FORMATS)} or 'auto'")
+    if isinstance(source, Mapping):
+        name, container, content = "<state dict>", "torch", source
+    else:
+        name = os.fspath(source)
+        container, content = read_container(source)
+    if container == "npz":
+        if format not in ("auto", "npz"):
+            raise CheckpointError(f"{name} is a numpy .npz archive (Google layout), not format={format!r}; use format='npz'")
+        try:
+            sd = _npz.npz_to_timm(content)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{name}: {exc}") from exc
+        ignored = [k for k in content if "pre_logits/" in k]
+        return Checkpoint(sd, "npz", name, [], ignored)
+    try:
+        sd, wrapper = _unwrap(content, use_ema)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{name}: {exc}") from exc
+    detected = detect_format(sd, wrapper)
+    if format == "auto":
+        if detected is None:
+            top = list(content)[:12] if isinstance(content, Mapping) else []
+            raise CheckpointError(
+                f"{name}: unknown checkpoint format: {len(sd)} tensors with keys {_describe_keys(list(sd))}"
+                f"{f' (top-level keys {top})' if wrapper else ''}. fastvit reads: "
+                + "; ".join(f"{k} ({v})" for k, v in FORMATS.items())
+                + ". Pass format=... if you know which it is."
+            )
+        format = detected
+    if format == "npz":
+        raise CheckpointError(f"{name} is not a numpy .npz archive; detected format {detected!r}")
+    native, ignored = _to_native(format, sd)
+    return Checkpoint(native, format, name, wrapper, ignored)
+
+
+def _classifier_names(model: nn.Module) -> tuple[str, ...]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("classifier") if isinstance(cfg, Mapping) else None
+    if isinstance(names, str):
+        return (names,)
+    return tuple(names) if names else ("head", "head_dist")
+
+
+def _num_prefix_tokens(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> int:
+    if getattr(model, "no_embed_class", False):
+        return 0
+    if isinstance(getattr(model, "num_prefix_tokens", None), int):
+        return model.num_prefix_tokens
+    count = sum(1 for k in ("cls_token", "dist_token") if k in sd)
+    return count + (sd["reg_token"].shape[1] if "reg_token" in sd else 0)
+
+
+def _grid(model: nn.Module, num_tokens: int) -> Optional[tuple[int, int]]:
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is not None and len(grid) == 2 and grid[0] * grid[1] == num_tokens:
+        return int(grid[0]), int(grid[1])
+    side = int(round(num_tokens ** 0.5))
+    return (side, side) if side * side == num_tokens else None
+
+
+def _fit_pos_embed(model: nn.Module, sd: StateDict, target: Mapping[str, torch.Tensor], interp: str) -> bool:
+    have, want = sd.get("pos_embed"), target.get("pos_embed")
+    if have is None or want is None or have.shape == want.shape:
+        return False
+    if have.ndim != 3 or want.ndim != 3 or have.shape[-1] != want.shape[-1]:
+        return False  # another architecture: reported as a shape mismatch
+    prefix = _num_prefix_tokens(model, sd)
+    new_grid = _grid(model, want.shape[1] - prefix)
+    if new_grid is None:
+        return False
+    try:
+        sd["pos_embed"] = resample_abs_pos_embed(have, new_grid, num_prefix_tokens=prefix, interp=interp)
+    except ValueError:
+        return False  # not a square grid in the checkpoint: reported as a shape mismatch
+    return True
+
+
+def _set_preprocessing(model: nn.Module, values: Mapping[str, Any]) -> None:
+    cfg = getattr(model, "pretrained_cfg", None)
+    cfg = dict(cfg) if isinstance(cfg, Mapping) else {}
+    cfg.update(values)
+    model.pretrained_cfg = cfg
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: Union[PathLike, Mapping[str, Any]],
+    format: str = "auto",
+    strict: bool = True,
+    *,
+    use_ema: bool = True,
+    adapt_classifier: bool = False,
+) -> LoadResult:
+    """Load a checkpoint of any supported format into ``model``.
+
+    Args:
+        model: a fastvit model (or a timm ViT: the names are the same).
+        path: checkpoint file (``.npz``, ``.pth``, ``.pth.tar``, ``.bin``, ``.safetensors``) or a loaded dict.
+        format: ``"auto"`` to sniff it, or a key of :data:`FORMATS`.
+        strict: raise :class:`CheckpointError` on any missing, unexpected or mis-shaped key (default).
+            With ``False`` the matching keys are loaded and the rest reported in the result.
+        use_ema: prefer ``state_dict_ema`` when a training checkpoint has both.
+        adapt_classifier: a classifier (``head`` / ``head_dist``) whose shape differs from the model's is
+            skipped and the model keeps its own (as ``create_model(..., pretrained=True, num_classes=K)``
+            does); all other keys stay strict.
+
+    Returns:
+        A :class:`LoadResult`. A position embedding of another grid is resampled the way its source
+        does, and a fastvit model's ``pos_embed_interp`` is set to that convention for later
+        resampling (``dynamic_img_size``). Google ``.npz`` and jeonsworld weights also set the model's ``pretrained_cfg``
+        preprocessing to Google's (resize without crop, mean = std = 0.5), which
+        :func:`fastvit.inference_model` uses.
+
+    Raises:
+        CheckpointError: unreadable / truncated / unknown file, or keys that do not fit the model.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    ckpt = read_checkpoint(path, format, use_ema=use_ema)
+    sd = dict(ckpt.state_dict)
+    target = model.state_dict()
+    resampled = _fit_pos_embed(model, sd, target, _RESAMPLE[ckpt.format])
+
+    reset: list[str] = []
+    classifiers = _classifier_names(model)
+
+    def in_classifier(key: str) -> bool:
+        return key.split(".", 1)[0] in classifiers
+
+    if adapt_classifier:
+        for name in classifiers:
+            theirs = [k for k in sd if k.split(".", 1)[0] == name]
+            if any(k not in target or target[k].shape != sd[k].shape for k in theirs):
+                for k in theirs:
+                    del sd[k]
+        reset = sorted(k for k in target if in_classifier(k) and k not in sd)
+        if reset:
+            _log.info("%s: classifier keys %s not loaded (another size or absent); they keep the model's init",
+                      ckpt.source, reset)
+
+    missing = [k for k in target if k not in sd and k not in reset]
+    unexpected = [k for k in sd if k not in target]
+    mismatched = [k for k in sd if k in target and sd[k].shape != target[k].shape]
+    if strict and (missing or unexpected or mismatched):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys {_describe_keys(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys {_describe_keys(unexpected)}")
+        if mismatched:
+            shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}" for k in sorted(mismatched)]
+            parts.append(f"{len(mismatched)} shape mismatches {shorten(shapes, limit=6)}")
+        hint = "Check that the model matches the checkpoint (name, img_size, num_classes)"
+        head_sizes = [k for k in mismatched if in_classifier(k)]
+        if head_sizes:
+            k = head_sizes[0]
+            hint = (f"The classifier differs ({k}: {tuple(sd[k].shape)} vs {tuple(target[k].shape)}): create the model "
+                    f"with num_classes={sd[k].shape[0]}, or pass adapt_classifier=True to keep the model's own head")
+        raise CheckpointError(
+            f"{ckpt.source}: detected format {ckpt.description}; it does not fit {type(model).__name__}: "
+            + "; ".join(parts) + f". {hint}, or pass strict=False to load only the matching keys."
+        )
+    loadable = {k: v for k, v in sd.items() if k in target and k not in mismatched}
+    model.load_state_dict(loadable, strict=False)
+    if ckpt.format in _PREPROCESSING:
+        _set_preprocessing(model, _PREPROCESSING[ckpt.format])
+    if hasattr(model, "pos_embed_interp"):
+        # fastvit models resample on the fly (dynamic_img_size, set_input_size) the way the weights' source does.
+        model.pos_embed_interp = _RESAMPLE[ckpt.format]
+    return LoadResult(ckpt.format, missing, unexpected, mismatched, ckpt.ignored, reset, resampled)
+
+
+def load_pretrained(model: nn.Module, name: str, pretrained: Union[bool, PathLike, None]) -> nn.Module:
+    """Load the weights ``create_model(name, pretrained=...)`` asks for into ``model`` and return it.
+
+    Args:
+        model: the freshly built model.
+        name: the model name (``arch`` or ``arch.tag``), used to find the published weights.
+        pretrained: ``False`` / ``None`` (nothing to do), ``True`` (the published weights from the local
+            timm / Hugging Face / torch-hub cache; never downloaded) or a checkpoint path of any format.
+
+    A classifier of another size than the checkpoint's (``num_classes=K``) keeps its fresh init and a
+    position embedding of another grid (``img_size=...``) is resampled; every other key is strict.
+    ``model.pretrained_cfg`` records the weights' preprocessing.
+
+    Raises:
+        PretrainedWeightsNotFound: ``pretrained=True`` and no cached file exists (message lists the paths).
+        CheckpointError: the file does not fit the model.
+    """
+    if pretrained is None or pretrained is False:
+        return model
+    if pretrained is True:
+        cfg = pretrained_cfg_for(name)
+        path = resolve_pretrained_file(name, cfg)
+        _set_preprocessing(model, {k: v for k, v in (cfg or {}).items() if v is not None})
+    elif isinstance(pretrained, (str, os.PathLike)):
+        path = pretrained
+    else:
+        raise TypeError(f"pretrained must be True, False or a checkpoint path, got {type(pretrained).__name__}")
+    load_checkpoint(model, path, adapt_classifier=True)
+    return model
