@@ -9,8 +9,10 @@ of the (M, N) result with an fp32 accumulator over K:
 
 Tiles are visited in groups of GROUP_M rows of tiles so neighbouring programs reuse the same weight
 columns from L2. Loads clamp ragged rows / columns into range (``% M``, ``% N``) so the K loop needs no
-M/N masks; K is masked only when BLOCK_K does not divide it; every store is masked. fp32 inputs use
-TF32 products on the GPU (the interpreter computes them exactly).
+M/N masks; K is masked only when BLOCK_K does not divide it; every store is masked. fp32 inputs follow
+``torch.get_float32_matmul_precision()`` as ``F.linear`` does: "highest" (torch's default) gives exact
+fp32 products, "high" / "medium" TF32 tensor-core products; fp32 accumulation either way (the
+interpreter computes exactly).
 
 Configs are autotuned once per (M bucket, N, K, dtype, epilogue) and remembered; while a CUDA graph is
 being captured an untuned key gets a fixed default config instead of benchmarking inside the capture.
@@ -92,6 +94,7 @@ def _linear_kernel(
     ACT_GRAD: tl.constexpr,
     WRITE_DBIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; only fp32 operands read it
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -126,7 +129,7 @@ def _linear_kernel(
             k_left = K - k * BLOCK_K
             a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="tf32")
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -182,7 +185,7 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
     return kept or [_DEFAULT_CONFIG]
 
 
-_KEY = ["M_BUCKET", "N", "K", "ACTIVATION", "HAS_BIAS", "HAS_R", "ACT_GRAD", "WRITE_DBIAS"]
+_KEY = ["M_BUCKET", "N", "K", "ACTIVATION", "HAS_BIAS", "HAS_R", "ACT_GRAD", "WRITE_DBIAS", "DOT_PRECISION"]
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 _linear_fixed = _even_k(_linear_kernel)  # launched with an explicit config
 # DB is zeroed before every trial: a taller trial tile writes fewer partial rows than a shorter one did,
@@ -192,6 +195,13 @@ _linear_tuned = triton.autotune(
 )(_linear_fixed)
 # (device index, dtype, *key values) -> the tuned config, so later launches (and graph captures) skip the autotuner.
 _BEST: dict[tuple, triton.Config] = {}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """TF32 for fp32 operands only where torch itself would use it for a matmul; fp16/bf16 ignore this."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 def _config_kwargs(config: triton.Config) -> dict:
@@ -215,7 +225,7 @@ def _launch(
     m_bucket = triton.next_power_of_2(M)
     flags = {
         "ACTIVATION": ACTIVATION_CODES[activation], "HAS_BIAS": bias is not None, "HAS_R": r is not None,
-        "ACT_GRAD": act_grad, "WRITE_DBIAS": dbias_part is not None,
+        "ACT_GRAD": act_grad, "WRITE_DBIAS": dbias_part is not None, "DOT_PRECISION": _dot_precision(x.dtype),
     }  # fmt: skip
     args = (
         x, weight, bias if bias is not None else weight, r if r is not None else y, y,

@@ -21,10 +21,12 @@ which for fc1 is the 4x-wide hidden tensor (timm's eager MLP keeps it: F.gelu sa
 no activation there is nothing to recompute and dy is g.
 
 Dtypes: x, weight, bias and residual share one dtype: fp16 and bf16 run on the tensor cores with fp32
-accumulation; fp32 inputs go through TF32 on the GPU (10-bit mantissa products, fp32 accumulation, the
-same trade as ``torch.backends.cuda.matmul.allow_tf32 = True``); under the Triton interpreter fp32 is
+accumulation. fp32 inputs follow ``torch.get_float32_matmul_precision()`` exactly as ``F.linear`` does:
+"high" or "medium" (``torch.backends.cuda.matmul.allow_tf32 = True``) runs them through TF32 on the GPU
+(10-bit mantissa products, fp32 accumulation: the fast path for fp32 models); "highest", torch's
+default, keeps exact fp32 products (no tensor cores, so slow). Under the Triton interpreter fp32 is
 exact. float64 is served by the "torch" backend only. Under autocast the op lowers its floating-point
-inputs to the autocast dtype, as ``F.linear`` does.
+inputs to the autocast dtype, as ``F.linear`` does (a fp32 residual stream is lowered too).
 
 Backends and auto order on CUDA tensors: ``triton`` > ``torch``. Provisional: the Triton GEMM has not
 been timed against cuBLAS on an H100/H200 yet (benchmarks/bench_linear.py will set this order).
@@ -253,7 +255,8 @@ def linear(
         backend: None (``FASTVIT_BACKEND`` or auto), "torch" or "triton".
 
     Returns:
-        (..., out_features) in x's dtype; fp32 accumulation (TF32 products for fp32 inputs on the GPU).
+        (..., out_features) in x's dtype; fp32 accumulation (fp32 inputs: TF32 products on the GPU when
+        ``torch.get_float32_matmul_precision()`` allows them, as for ``F.linear``).
 
     Raises:
         TypeError / ValueError: bad dtypes, shapes, an unknown activation or mixed devices, naming the input.

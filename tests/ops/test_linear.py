@@ -42,21 +42,15 @@ def _run(fn, leaves, dy, cast=None):
     return y, grads
 
 
-def _lowp_context(dtype, device):
-    """torch's own fp32 GEMMs use TF32 on the GPU here, as the kernel does (documented in ops/linear.py)."""
-    if device.type == "cuda" and dtype == torch.float32:
-        previous = torch.backends.cuda.matmul.allow_tf32
-
-        @contextlib.contextmanager
-        def tf32():
-            torch.backends.cuda.matmul.allow_tf32 = True
-            try:
-                yield
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = previous
-
-        return tf32()
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def _float32_matmul_precision(precision):
+    """Both the kernel and torch read this setting for fp32 GEMMs ("high": TF32 on the GPU)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _check(backend, x, w, b, r, activation, *, grad=True):
@@ -74,8 +68,7 @@ def _check(backend, x, w, b, r, activation, *, grad=True):
     with poisoned_outputs():
         y, grads = _run(kernel, leaves, dy)
     y_ref, grads_ref = _run(reference, leaves, dy, cast=torch.float64)
-    with _lowp_context(x.dtype, x.device):
-        y_lp, grads_lp = _run(reference, leaves, dy)
+    y_lp, grads_lp = _run(reference, leaves, dy)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0])
     assert_three_way(y, y_ref, y_lp, factor=2.0, name=f"y ({activation})")
     if not grad:
@@ -300,6 +293,21 @@ GPU_SHAPES = [
 def test_gpu_matrix(in_features, out_features, activation, residual, dtype, tokens):
     x, w, b, r = _inputs((*tokens, in_features), out_features, dtype, torch.device("cuda"), residual=residual)
     _check("triton", x, w, b, r, activation)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_gpu_fp32_follows_torch_matmul_precision(precision):
+    """fp32 inputs: exact products under "highest" (torch's default), TF32 under "high", like F.linear."""
+    x, w, b, r = _inputs((2, 197, 768), 3072, torch.float32, torch.device("cuda"))
+    with _float32_matmul_precision(precision):
+        _check("triton", x, w, b, r, "gelu")
+        y = ops.linear(x, w, b, backend="triton").double()
+    error = (y - linear_ref(x.double(), w.double(), b.double())).abs().max().item()
+    if precision == "highest":
+        assert error < 1e-4, f"fp32 products under 'highest' should be exact, max error {error:.3g}"
+    else:
+        assert error > 1e-4, f"'high' should run TF32 products (expected error ~1e-3), max error {error:.3g}"
 
 
 @pytest.mark.gpu
