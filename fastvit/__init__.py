@@ -6,6 +6,8 @@ this machine can run.
 
 from fastvit import ops
 from fastvit.models import create_model, list_models
+from fastvit.checkpoints import load_checkpoint
+from fastvit.inference import inference_model
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "create_model", "list_models", "ops"]
+__all__ = ["__version__", "create_model", "inference_model", "list_models", "load_checkpoint", "ops"]
