@@ -35,7 +35,7 @@ __all__ = ["patch_embed_dweight", "patch_embed_dx", "patch_embed_fwd"]
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) -> Configs; one small config under the interpreter."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}, num_warps=1, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in shapes

@@ -1,0 +1,270 @@
+"""ops.soft_split: outputs and every gradient against the fp32 reference, on each backend available.
+
+Without LayerNorm the forward is a pure gather and must equal ``nn.Unfold`` bit for bit; everything
+else is compared with the per-dtype tolerance table (fastvit.testing). Without a GPU the Triton
+kernels run under the interpreter on reduced T2T geometries (7/4/2 on small images, 3/2/1 on token
+input with 8 channels); the real T2T sizes and bf16 are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastvit import ops
+from fastvit.ops.soft_split import _soft_split_bwd, _soft_split_fwd, soft_split_ref
+from fastvit.testing import GRAD_TOLERANCE_SCALE, assert_close, poisoned_outputs
+
+STAGE0 = dict(kernel_size=7, stride=4, padding=2)  # on the image
+STAGE12 = dict(kernel_size=3, stride=2, padding=1)  # on the tokens of the previous stage
+
+
+def _norm(features, dtype, device, *, bias=True):
+    w = (1 + 0.5 * torch.randn(features, device=device)).to(dtype).requires_grad_()
+    b = (0.5 * torch.randn(features, device=device)).to(dtype).requires_grad_() if bias else None
+    return w, b
+
+
+def _features(x, hw, kernel_size):
+    k = kernel_size if isinstance(kernel_size, tuple) else (kernel_size, kernel_size)
+    return (x.shape[2] if hw else x.shape[1]) * k[0] * k[1]
+
+
+def _check(x, *, hw=None, norm=None, eps=1e-5, backend="triton", **geometry):
+    """Runs the op and the fp32 reference; compares the tokens and the gradients of every input."""
+    nw, nb = norm if norm is not None else (None, None)
+    leaves = [t for t in (x, nw, nb) if t is not None]
+    names = [n for n, t in zip(("dx", "dnorm_weight", "dnorm_bias"), (x, nw, nb)) if t is not None]
+    with poisoned_outputs():
+        y = ops.soft_split(x, hw=hw, norm_weight=nw, norm_bias=nb, norm_eps=eps, backend=backend, **geometry)
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    it = iter(ref_leaves[1:])
+    y_ref = soft_split_ref(
+        ref_leaves[0], hw=hw, norm_weight=next(it) if nw is not None else None,
+        norm_bias=next(it) if nb is not None else None, norm_eps=eps, **geometry,
+    )  # fmt: skip
+    assert y.dtype == x.dtype and y.shape == y_ref.shape
+    if nw is None:  # a pure gather: exact
+        assert torch.equal(y, y_ref.to(x.dtype)), "soft split without LayerNorm must equal nn.Unfold exactly"
+    else:
+        assert_close(y, y_ref, x.dtype, name="tokens")
+    dy = torch.randn(y.shape, device=x.device)
+    with poisoned_outputs():
+        got = torch.autograd.grad(y, leaves, dy.to(y.dtype))
+    want = torch.autograd.grad(y_ref, ref_leaves, dy)
+    for name, g, leaf, e in zip(names, got, leaves, want):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape, f"{name}: {g.dtype}{list(g.shape)}"
+        assert_close(g, e, x.dtype, scale=GRAD_TOLERANCE_SCALE, name=name)
+
+
+# ------------------------------------------------------------------------------ interpreter / GPU
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fused_norm", [False, True])
+def test_t2t_stage0_on_image(dtype, fused_norm, device):
+    """7/4/2 on a 3x20x20 image: 5x5 = 25 tokens of 147 features (the zero padding counts in the LN)."""
+    x = torch.randn(2, 3, 20, 20, device=device).to(dtype).requires_grad_()
+    _check(x, norm=_norm(147, dtype, device) if fused_norm else None, **STAGE0)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fused_norm", [False, True])
+def test_t2t_stages12_on_tokens(dtype, fused_norm, device):
+    """3/2/1 on (B, 7 * 9, 8) tokens with hw=(7, 9): 4x5 = 20 tokens of 72 features, ragged grid."""
+    x = torch.randn(2, 63, 8, device=device).to(dtype).requires_grad_()
+    _check(x, hw=(7, 9), norm=_norm(72, dtype, device) if fused_norm else None, **STAGE12)
+
+
+@pytest.mark.interpreter
+def test_fp32_norm_weights_with_half_tokens_and_no_bias(device):
+    """The AMP layout: fp32 LayerNorm parameters, fp16 tokens; dnorm_weight comes back in fp32."""
+    x = torch.randn(1, 36, 8, device=device).half().requires_grad_()
+    _check(x, hw=(6, 6), norm=_norm(72, torch.float32, device, bias=False), **STAGE12)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    "geometry",
+    [dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0)), dict(kernel_size=2, stride=2, padding=0),
+     dict(kernel_size=3, stride=1, padding=2), dict(kernel_size=5, stride=3, padding=0)],
+)  # fmt: skip
+def test_other_geometries(geometry, device):
+    """Rectangular kernels, non-overlapping windows, padding wider than the stride, uncovered pixels."""
+    x = torch.randn(2, 3, 11, 10, device=device).requires_grad_()
+    _check(x, **geometry)
+    _check(x, norm=_norm(_features(x, None, geometry["kernel_size"]), torch.float32, device), **geometry)
+
+
+@pytest.mark.interpreter
+def test_layouts_read_in_place(device):
+    """channels_last images, tokens from a (B, C, L) buffer (transposed) and tokens sliced from a wider buffer."""
+    img = torch.randn(2, 4, 9, 9, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    _check(img, norm=_norm(36, torch.float32, device), **STAGE12)
+    tokens_t = torch.randn(2, 4, 81, device=device).transpose(1, 2).requires_grad_()  # (B, L, C), stride(1) == 1
+    _check(tokens_t, hw=(9, 9), **STAGE12)
+    wide = torch.randn(2, 81, 12, device=device)
+    tokens_s = wide[:, :, 2:6].requires_grad_()
+    _check(tokens_s, hw=(9, 9), norm=_norm(36, torch.float32, device), **STAGE12)
+
+
+@pytest.mark.interpreter
+def test_only_norm_gradients(device):
+    """The first T2T stage: the image needs no gradient, the fused LayerNorm's parameters do."""
+    x = torch.randn(1, 3, 12, 12, device=device)
+    nw, nb = _norm(147, torch.float32, device)
+    y = ops.soft_split(x, norm_weight=nw, norm_bias=nb, backend="triton", **STAGE0)
+    got = torch.autograd.grad(y.sum(), (nw, nb))
+    want = torch.autograd.grad(soft_split_ref(x, norm_weight=nw, norm_bias=nb, **STAGE0).sum(), (nw, nb))
+    for g, e, name in zip(got, want, ("dnorm_weight", "dnorm_bias")):
+        assert_close(g, e, torch.float32, scale=GRAD_TOLERANCE_SCALE, name=name)
+
+
+@pytest.mark.interpreter
+def test_zero_batch(device):
+    x = torch.randn(0, 16, 4, device=device, requires_grad=True)
+    nw, nb = _norm(36, torch.float32, device)
+    y = ops.soft_split(x, hw=(4, 4), norm_weight=nw, norm_bias=nb, backend="triton", **STAGE12)
+    assert y.shape == (0, 4, 36)
+    dx, dw = torch.autograd.grad(y.sum(), (x, nw))
+    assert dx.shape == x.shape and (dw == 0).all()
+
+
+@pytest.mark.interpreter
+def test_autocast_keeps_dtype(device):
+    x = torch.randn(1, 16, 4, device=device)
+    nw, nb = (t.detach() for t in _norm(36, torch.float32, device))
+    with torch.autocast(device.type, dtype=torch.float16):
+        y = ops.soft_split(x, hw=(4, 4), norm_weight=nw, norm_bias=nb, backend="triton", **STAGE12)
+    assert y.dtype == torch.float32
+    assert_close(y, soft_split_ref(x, hw=(4, 4), norm_weight=nw, norm_bias=nb, **STAGE12), torch.float32)
+
+
+def test_reference_is_unfold_transpose():
+    """The spec: nn.Unfold(k, s, p)(x).transpose(1, 2); tokens go through T2T's transpose + reshape."""
+    x = torch.randn(2, 3, 20, 20)
+    torch.testing.assert_close(soft_split_ref(x, **STAGE0), nn.Unfold(kernel_size=7, stride=4, padding=2)(x).transpose(1, 2), rtol=0, atol=0)
+    tokens = torch.randn(2, 49, 8)
+    image = tokens.transpose(1, 2).reshape(2, 8, 7, 7)
+    want = nn.LayerNorm(72)(nn.Unfold(kernel_size=3, stride=2, padding=1)(image).transpose(1, 2))
+    ln = nn.LayerNorm(72)
+    got = soft_split_ref(tokens, hw=(7, 7), norm_weight=ln.weight, norm_bias=ln.bias, **STAGE12)
+    torch.testing.assert_close(got, want)
+
+
+def test_torch_backend_is_the_reference():
+    x = torch.randn(2, 16, 4)
+    nw, nb = (t.detach() for t in _norm(36, torch.float32, "cpu"))
+    got = ops.soft_split(x, hw=(4, 4), norm_weight=nw, norm_bias=nb, backend="torch", **STAGE12)
+    assert torch.equal(got, soft_split_ref(x, hw=(4, 4), norm_weight=nw, norm_bias=nb, **STAGE12))
+    assert torch.equal(ops.soft_split(x, hw=(4, 4), **STAGE12), soft_split_ref(x, hw=(4, 4), **STAGE12))
+
+
+@pytest.mark.interpreter
+def test_opcheck(device):
+    x = torch.randn(2, 16, 4, device=device)
+    nw, nb = (t.detach() for t in _norm(36, torch.float32, device))
+    kernel = [3, 3, 2, 2, 1, 1]
+    torch.library.opcheck(_soft_split_fwd, (x, [4, 4], kernel, nw, nb, 1e-5, "triton"))
+    torch.library.opcheck(_soft_split_fwd, (x.transpose(1, 2).reshape(2, 4, 4, 4), [], kernel, None, None, 1e-5, "triton"))
+    _, mean, rstd = _soft_split_fwd(x, [4, 4], kernel, nw, nb, 1e-5, "triton")
+    dy = torch.randn(8, 36, device=device)
+    torch.library.opcheck(_soft_split_bwd, (dy, x, [4, 4], kernel, nw, mean, rstd, True, True, True, "triton"))
+
+
+@pytest.mark.interpreter
+def test_compile_fullgraph(device):
+    """One opaque node for Dynamo, forward and backward: no graph break, same values as eager."""
+    x = torch.randn(2, 16, 4, device=device, requires_grad=True)
+    nw, nb = _norm(36, torch.float32, device)
+
+    def f(x, nw, nb):
+        return ops.soft_split(x, hw=(4, 4), norm_weight=nw, norm_bias=nb, backend="triton", **STAGE12) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, f):
+        y = fn(x, nw, nb)
+        results.append((y, *torch.autograd.grad(y.sum(), (x, nw, nb))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+
+
+@pytest.mark.parametrize(
+    "x, kwargs, error, match",
+    [
+        (torch.randn(2, 16, 4), {}, ValueError, r"x must be a \(B, C, H, W\) image, or \(B, L, C\) tokens with hw"),
+        (torch.randn(2, 16, 4), {"hw": (4, 5)}, ValueError, r"L = H \* W = 20 for hw=\(4, 5\)"),
+        (torch.randn(2, 16, 4), {"hw": (4, 0)}, ValueError, "hw must be a pair of positive ints"),
+        (torch.randn(1, 3, 2, 2), {"kernel_size": 7, "padding": 2, "stride": 4}, ValueError,
+         r"kernel_size \(7, 7\) is larger than the padded image \(6x6\)"),
+        (torch.randn(1, 3, 8, 8), {"stride": 0}, ValueError, "stride must be an int >= 1"),
+        (torch.randn(1, 3, 8, 8), {"padding": -1}, ValueError, "padding must be an int >= 0"),
+        (torch.randn(1, 3, 8, 8), {"norm_weight": torch.ones(26)}, ValueError,
+         r"norm_weight must have shape \(27,\) = C \* kh \* kw"),
+        (torch.randn(1, 3, 8, 8), {"norm_bias": torch.ones(27)}, ValueError, "norm_bias was given without norm_weight"),
+        (torch.randn(1, 3, 8, 8), {"norm_weight": torch.ones(27), "norm_bias": torch.ones(27).half()}, ValueError,
+         "norm_bias must match norm_weight"),
+        (torch.randn(1, 3, 8, 8).half(), {"norm_weight": torch.ones(27, dtype=torch.bfloat16)}, TypeError,
+         "norm_weight dtype torch.bfloat16 must be x's dtype"),
+        (torch.randn(1, 3, 8, 8), {"norm_weight": torch.ones(27), "norm_eps": 0.0}, ValueError, "norm_eps must be > 0"),
+        (torch.zeros(1, 3, 8, 8, dtype=torch.int64), {}, TypeError, "x must be float32, float16 or bfloat16"),
+        (torch.randn(1, 3, 8, 8), {"norm_weight": torch.ones(27, device="meta")}, ValueError, "different devices"),
+        (torch.randn(1, 3, 8, 8), {"backend": "tpu"}, ValueError, "unknown backend"),
+    ],
+)  # fmt: skip
+def test_bad_inputs(x, kwargs, error, match):
+    kwargs = {**STAGE12, **kwargs}
+    with pytest.raises(error, match=match):
+        ops.soft_split(x, **kwargs)
+
+
+def test_no_cuda_backend():
+    with pytest.raises(ops.BackendNotSupported, match="op soft_split has no 'cuda' backend"):
+        ops.soft_split(torch.randn(1, 3, 8, 8), backend="cuda", **STAGE12)
+
+
+# ------------------------------------------------------------------------------------ GPU matrix
+
+# The T2T-ViT soft splits at 224: image 3x224x224 -> 3136 x 147; tokens 64x56x56 -> 784 x 576;
+# tokens 64x28x28 -> 196 x 576; and the first split at 384 (96x96 -> 9216 tokens, > 4096).
+GPU_CASES = [((3, 224, 224), None, STAGE0), ((3136, 64), (56, 56), STAGE12), ((784, 64), (28, 28), STAGE12),
+             ((3, 384, 384), None, STAGE0)]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, hw, geometry", GPU_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fused_norm", [False, True])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_gpu_t2t_shapes(shape, hw, geometry, dtype, fused_norm, batch):
+    cuda = torch.device("cuda")
+    x = torch.randn(batch, *shape, device=cuda).to(dtype).requires_grad_()
+    features = _features(x, hw, geometry["kernel_size"])
+    _check(x, hw=hw, norm=_norm(features, dtype, cuda) if fused_norm else None, **geometry)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_norm_weights_bf16_tokens():
+    cuda = torch.device("cuda")
+    x = torch.randn(8, 3136, 64, device=cuda).bfloat16().requires_grad_()
+    _check(x, hw=(56, 56), norm=_norm(576, torch.float32, cuda), **STAGE12)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    cuda = torch.device("cuda")
+    x = torch.randn(16, 3136, 64, device=cuda).half().requires_grad_()
+    nw, nb = _norm(576, torch.float16, cuda)
+    runs = []
+    for _ in range(2):
+        y = ops.soft_split(x, hw=(56, 56), norm_weight=nw, norm_bias=nb, backend="triton", **STAGE12)
+        runs.append((y, *torch.autograd.grad(y, (x, nw, nb), torch.ones_like(y))))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
