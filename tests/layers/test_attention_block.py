@@ -1,0 +1,97 @@
+"""fastvit.layers Attention and Block against timm's (state dicts loaded strictly, CPU fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.layers import Attention as TimmAttention
+from timm.layers import LayerNorm as TimmLayerNorm
+from timm.models.vision_transformer import Block as TimmBlock
+from timm.utils import AttentionExtract
+
+from fastvit.layers import Attention, Block
+from fastvit.testing import assert_close
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_matches_timm(qk_norm, fused):
+    ours = Attention(64, num_heads=4, qkv_bias=True, qk_norm=qk_norm).eval()
+    theirs = TimmAttention(64, num_heads=4, qkv_bias=True, qk_norm=qk_norm, norm_layer=TimmLayerNorm).eval()
+    if qk_norm:  # give the q/k norms non-trivial parameters
+        for p in theirs.parameters():
+            if p.dim() == 1:
+                torch.nn.init.normal_(p)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    ours.fused_attn = fused
+    x = torch.randn(2, 17, 64)
+    with torch.no_grad():
+        assert_close(ours(x), theirs(x))
+
+
+def test_explicit_path_keeps_probabilities_and_feeds_attention_extract():
+    attn = Attention(32, num_heads=2, qkv_bias=True).eval()
+    x = torch.randn(3, 10, 32)
+    with torch.no_grad():
+        fused_out = attn(x)
+        assert attn.last_attn is None
+        attn.fused_attn = False
+        out = attn(x)
+    assert_close(out, fused_out)
+    probs = attn.last_attn
+    assert probs.shape == (3, 2, 10, 10)
+    assert_close(probs.sum(-1), torch.ones(3, 2, 10))
+    q, k, _ = attn.qkv(x).reshape(3, 10, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    assert_close(probs, torch.softmax(q @ k.transpose(-2, -1) * 16**-0.5, -1))
+
+    # timm's hook-based extractor watches *attn_drop, which the explicit path calls with the probabilities
+    model = torch.nn.Sequential()
+    model.add_module("attn", attn)
+    extracted = AttentionExtract(model, method="hook")(x)
+    assert list(extracted) == ["attn.attn_drop"]
+    assert_close(extracted["attn.attn_drop"], probs)
+
+
+def test_attention_extra_macs_and_bad_heads():
+    attn = Attention(64, num_heads=4)
+    assert attn.extra_macs((2, 10, 64)) == {"attention": 2 * 2 * 4 * 10 * 10 * 16}
+    with pytest.raises(ValueError, match="divisible"):
+        Attention(65, num_heads=4)
+
+
+@pytest.mark.parametrize("init_values", [None, 1e-2])
+def test_block_matches_timm(init_values):
+    ours = Block(48, num_heads=3, qkv_bias=True, init_values=init_values).eval()
+    theirs = TimmBlock(48, num_heads=3, qkv_bias=True, init_values=init_values).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert ours._mlp_residual_fusable() == (init_values is None)
+    x = torch.randn(2, 13, 48)
+    with torch.no_grad():
+        assert_close(ours(x), theirs(x))
+
+
+def test_block_gradients_match_timm():
+    ours = Block(32, num_heads=2, qkv_bias=True)
+    theirs = TimmBlock(32, num_heads=2, qkv_bias=True)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x1 = torch.randn(2, 7, 32, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    ours(x1).square().sum().backward()
+    theirs(x2).square().sum().backward()
+    assert_close(x1.grad, x2.grad)
+    theirs_grads = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        assert_close(p.grad, theirs_grads[name].grad)
+
+
+def test_block_regularisers_only_in_training():
+    block = Block(32, num_heads=2, drop_path=0.5, proj_drop=0.3, attn_drop=0.3)
+    x = torch.randn(4, 9, 32)
+    block.eval()
+    with torch.no_grad():
+        a, b = block(x), block(x)
+        assert torch.equal(a, b)
+        block.train()
+        assert not block._mlp_residual_fusable()
+        c = block(x)
+    assert not torch.allclose(a, c)
