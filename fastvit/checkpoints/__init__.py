@@ -112,6 +112,7 @@ class Checkpoint:
         source: the file path, or ``"<state dict>"``.
         wrapper: the wrapper keys that were removed, e.g. ``["state_dict_ema"]``.
         ignored: source keys deliberately left out (segmentation heads, ``pre_logits``, ...).
+        detected: what sniffing the keys found (differs from ``format`` when a format was forced).
     """
 
     state_dict: StateDict
@@ -119,11 +120,16 @@ class Checkpoint:
     source: str
     wrapper: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    detected: Optional[str] = None
 
     @property
     def description(self) -> str:
         wrapped = f" inside {'/'.join(repr(w) for w in self.wrapper)}" if self.wrapper else ""
-        return f"{self.format!r} ({FORMATS[self.format]}{wrapped})"
+        text = f"format {self.format!r} ({FORMATS[self.format]}{wrapped})"
+        if self.detected != self.format:
+            text += f", forced by format=; its keys look like {self.detected!r}" if self.detected else ", forced by format="
+            return text
+        return "detected " + text
 
 
 @dataclass
@@ -238,7 +244,7 @@ def read_checkpoint(
         except CheckpointError as exc:
             raise CheckpointError(f"{name}: {exc}") from exc
         ignored = [k for k in content if "pre_logits/" in k]
-        return Checkpoint(sd, "npz", name, [], ignored)
+        return Checkpoint(sd, "npz", name, [], ignored, "npz")
     try:
         sd, wrapper = _unwrap(content, use_ema)
     except CheckpointError as exc:
@@ -257,7 +263,7 @@ def read_checkpoint(
     if format == "npz":
         raise CheckpointError(f"{name} is not a numpy .npz archive; detected format {detected!r}")
     native, ignored = _to_native(format, sd)
-    return Checkpoint(native, format, name, wrapper, ignored)
+    return Checkpoint(native, format, name, wrapper, ignored, detected)
 
 
 def _classifier_names(model: nn.Module) -> tuple[str, ...]:
@@ -378,12 +384,12 @@ def load_checkpoint(
             parts.append(f"{len(mismatched)} shape mismatches {shorten(shapes, limit=6)}")
         hint = "Check that the model matches the checkpoint (name, img_size, num_classes)"
         head_sizes = [k for k in mismatched if in_classifier(k)]
-        if head_sizes:
+        if head_sizes and len(head_sizes) == len(mismatched) and not missing and not unexpected:
             k = head_sizes[0]
             hint = (f"The classifier differs ({k}: {tuple(sd[k].shape)} vs {tuple(target[k].shape)}): create the model "
                     f"with num_classes={sd[k].shape[0]}, or pass adapt_classifier=True to keep the model's own head")
         raise CheckpointError(
-            f"{ckpt.source}: detected format {ckpt.description}; it does not fit {type(model).__name__}: "
+            f"{ckpt.source}: {ckpt.description}; it does not fit {type(model).__name__}: "
             + "; ".join(parts) + f". {hint}, or pass strict=False to load only the matching keys."
         )
     loadable = {k: v for k, v in sd.items() if k in target and k not in mismatched}
