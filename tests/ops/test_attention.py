@@ -1,0 +1,429 @@
+"""fastvit.ops.attention: the Triton kernels against an fp64 reference (three-way rule), the packed-qkv
+path, dropout, determinism, registration (opcheck, compile, autocast) and bad inputs.
+
+Without a GPU the Triton cases run under the interpreter on tiny shapes in fp32 and fp16 (the interpreter
+has no bf16 arithmetic); the full N x D x dtype matrix, CUDA graphs and inductor are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvit import kernels, ops
+from fastvit.ops.attention import attention_dropout_mask, attention_ref, split_qkv
+from fastvit.ops.dispatch import BackendNotSupported
+from fastvit.testing import assert_three_way, poisoned_outputs
+from tests.conftest import DEVICE
+
+needs_triton = pytest.mark.skipif(
+    kernels.TRITON_IMPORT_ERROR is not None, reason=f"triton is not importable: {kernels.TRITON_IMPORT_ERROR}"
+)
+pytestmark = needs_triton
+# The module, not the function fastvit.ops re-exports under the same name.
+attn_mod = importlib.import_module("fastvit.ops.attention")
+
+# The T2T-ViT token transformer scales by (dim / heads) ** -0.5 with dim = 147, not head_dim ** -0.5.
+T2T_SCALE = 147**-0.5
+
+
+def _qkv(B: int, H: int, N: int, D: int, dtype: torch.dtype, n_k: int | None = None) -> list[torch.Tensor]:
+    n_k = N if n_k is None else n_k
+    shapes = [(B, H, N, D), (B, H, n_k, D), (B, H, n_k, D)]
+    return [torch.randn(s, device=DEVICE, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor], dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(out, inputs, dout)
+
+
+def _check_three_way(q, k, v, dout, kernel_out, kernel_grads, scale=None, name=""):
+    """Kernel vs fp64 reference, bounded by torch-in-the-kernel's-dtype vs the same reference."""
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attention_ref(*ref_in, scale)
+    ref_grads = _grads(ref, ref_in, dout.double())
+    lowp_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    lowp = attention_ref(*lowp_in, scale)
+    lowp_grads = _grads(lowp, lowp_in, dout)
+    assert kernel_out.dtype == q.dtype
+    assert_three_way(kernel_out, ref, lowp, factor=2.0, name=f"{name} out")
+    for grad_name, kg, rg, lg in zip(("dq", "dk", "dv"), kernel_grads, ref_grads, lowp_grads):
+        assert_three_way(kg, rg, lg, factor=3.0, name=f"{name} {grad_name}")
+
+
+def _run_triton(q, k, v, dout, scale=None):
+    with poisoned_outputs():
+        out = ops.attention(q, k, v, scale=scale, backend="triton")
+        grads = _grads(out, [q, k, v], dout)
+    return out, grads
+
+
+# ------------------------------------------------------------------------- interpreter-size cases
+
+SMALL_CASES = [
+    # (B, H, N, D, dtype)
+    (1, 1, 1, 32, torch.float32),
+    (3, 2, 50, 64, torch.float32),
+    (1, 1, 197, 64, torch.float32),
+    (1, 2, 50, 80, torch.float32),
+    (1, 1, 40, 96, torch.float32),
+    (1, 1, 33, 128, torch.float32),
+    (1, 1, 1, 64, torch.float16),
+    (2, 1, 50, 32, torch.float16),
+    (1, 2, 50, 80, torch.float16),
+    (1, 1, 70, 64, torch.float16),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("B,H,N,D,dtype", SMALL_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_triton_matches_reference_small(B, H, N, D, dtype):
+    q, k, v = _qkv(B, H, N, D, dtype)
+    dout = torch.randn(B, H, N, D, device=DEVICE, dtype=dtype)
+    out, grads = _run_triton(q, k, v, dout)
+    _check_three_way(q, k, v, dout, out, grads, name=f"B{B} H{H} N{N} D{D} {dtype}")
+
+
+@pytest.mark.interpreter
+def test_triton_custom_scale_and_cross_lengths():
+    """T2T's own scale, and Nq != Nk (the kernels take separate token counts)."""
+    q, k, v = _qkv(2, 1, 37, 64, torch.float32, n_k=45)
+    dout = torch.randn_like(q)
+    out, grads = _run_triton(q, k, v, dout, scale=T2T_SCALE)
+    _check_three_way(q, k, v, dout, out, grads, scale=T2T_SCALE, name="t2t scale")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("layout", ["transposed_last_dim", "bnhd_view", "expanded"])
+def test_triton_noncontiguous_upstream_grad(layout):
+    B, H, N, D = 2, 2, 40, 64
+    q, k, v = _qkv(B, H, N, D, torch.float32)
+    if layout == "transposed_last_dim":  # stride(-1) != 1: the op copies it
+        dout = torch.randn(B, H, D, N, device=DEVICE).transpose(-1, -2)
+    elif layout == "bnhd_view":  # unit last stride, permuted token/head strides: read in place
+        dout = torch.randn(B, N, H, D, device=DEVICE).transpose(1, 2)
+    else:  # the gradient of a sum: stride 0 everywhere
+        dout = torch.ones(1, 1, 1, 1, device=DEVICE).expand(B, H, N, D)
+    assert not dout.is_contiguous()
+    out, grads = _run_triton(q, k, v, dout)
+    _check_three_way(q, k, v, dout.contiguous(), out, grads, name=layout)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("row_padding", [0, 8], ids=["dense", "strided_rows"])
+def test_qkvpacked_matches_split_reference(dtype, row_padding):
+    """qkv (B, N, 3*H*D) from a Linear (or a slice of a wider buffer): out (B, N, H*D) and dqkv."""
+    B, N, H, D = 3, 45, 2, 80
+    wide = torch.randn(B, N, row_padding + 3 * H * D, device=DEVICE, dtype=dtype)
+    qkv = wide[..., row_padding:].detach().requires_grad_()
+    dout = torch.randn(B, N, H * D, device=DEVICE, dtype=dtype)
+    with poisoned_outputs():
+        out = ops.attention_qkvpacked(qkv, H, backend="triton")
+        (dqkv,) = torch.autograd.grad(out, qkv, dout)
+    assert out.shape == (B, N, H * D) and out.is_contiguous()
+    assert dqkv.shape == qkv.shape
+
+    def split_attention(packed: torch.Tensor) -> torch.Tensor:
+        q, k, v = split_qkv(packed, H)
+        return attention_ref(q, k, v).transpose(1, 2).reshape(B, N, H * D)
+
+    ref_in = qkv.detach().double().requires_grad_()
+    ref = split_attention(ref_in)
+    (ref_grad,) = torch.autograd.grad(ref, ref_in, dout.double())
+    lowp_in = qkv.detach().clone().requires_grad_()
+    lowp = split_attention(lowp_in)
+    (lowp_grad,) = torch.autograd.grad(lowp, lowp_in, dout)
+    assert_three_way(out, ref, lowp, factor=2.0, name="packed out")
+    assert_three_way(dqkv, ref_grad, lowp_grad, factor=3.0, name="packed dqkv")
+
+
+@pytest.mark.interpreter
+def test_qkvpacked_torch_backend_matches_triton():
+    B, N, H, D = 2, 20, 3, 32
+    qkv = torch.randn(B, N, 3 * H * D, device=DEVICE)
+    torch_out = ops.attention_qkvpacked(qkv, H, backend="torch")
+    triton_out = ops.attention_qkvpacked(qkv, H, backend="triton")
+    torch.testing.assert_close(triton_out, torch_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.interpreter
+def test_backward_is_bitwise_deterministic():
+    q, k, v = _qkv(3, 2, 50, 80, torch.float32)
+    dout = torch.randn_like(q)
+    first = _run_triton(q, k, v, dout)
+    torch.use_deterministic_algorithms(True)
+    try:
+        second = _run_triton(q, k, v, dout)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip((first[0], *first[1]), (second[0], *second[1])):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------ dropout
+
+
+@pytest.mark.interpreter
+def test_dropout_matches_reference_with_rederived_mask():
+    B, H, N, D, p = 2, 3, 45, 64, 0.3
+    q, k, v = _qkv(B, H, N, D, torch.float32)
+    dout = torch.randn_like(q)
+    torch.manual_seed(1234)
+    with poisoned_outputs():
+        out = ops.attention(q, k, v, dropout_p=p, backend="triton")
+        grads = _grads(out, [q, k, v], dout)
+    torch.manual_seed(1234)  # the op's Philox key is the next draw from torch's generator
+    seed = torch.randint(0, attn_mod._SEED_HIGH, (1,), device=DEVICE, dtype=torch.int64)
+    mask = attention_dropout_mask(seed, B, H, N, N, p)
+    keep_rate = mask.float().mean().item()
+    assert abs(keep_rate - (1 - p)) < 0.02, f"keep rate {keep_rate:.4f}, expected {1 - p}"
+    assert not torch.equal(mask[0, 0], mask[0, 1]), "heads must draw independent masks"
+    ref = attention_ref(q, k, v, dropout_p=p, dropout_mask=mask)
+    ref_grads = _grads(ref, [q, k, v], dout)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=2e-5, rtol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.interpreter
+def test_dropout_follows_torch_generator_and_checkpointing():
+    q, k, v = _qkv(1, 2, 30, 32, torch.float32)
+
+    def f(q, k, v):
+        return ops.attention(q, k, v, dropout_p=0.5, backend="triton")
+
+    torch.manual_seed(7)
+    a = f(q, k, v)
+    torch.manual_seed(7)
+    b = f(q, k, v)
+    c = f(q, k, v)
+    assert torch.equal(a, b), "same torch seed must give the same mask"
+    assert not torch.equal(b, c), "successive calls must draw new masks"
+    # Activation checkpointing restores the RNG state for the recompute: identical gradients.
+    torch.manual_seed(3)
+    plain = _grads(f(q, k, v).sum(), [q, k, v], torch.tensor(1.0))
+    torch.manual_seed(3)
+    out = torch.utils.checkpoint.checkpoint(f, q, k, v, use_reentrant=False)
+    ckpt = _grads(out.sum(), [q, k, v], torch.tensor(1.0))
+    for g1, g2 in zip(plain, ckpt):
+        assert torch.equal(g1, g2)
+
+
+def test_zero_dropout_draws_no_random_numbers():
+    q, k, v = (torch.randn(1, 1, 4, 16) for _ in range(3))
+    state = torch.get_rng_state()
+    ops.attention(q, k, v, backend="torch")
+    assert attn_mod._dropout_seed(0.0, q) is None
+    assert torch.equal(state, torch.get_rng_state())
+
+
+# ------------------------------------------------------------------------------------ registration
+
+
+@pytest.mark.interpreter
+def test_opcheck_forward_and_backward_ops():
+    q, k, v = (torch.randn(1, 2, 5, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    fwd = torch.ops.fastvit.attention_fwd.default
+    torch.library.opcheck(fwd, (q, k, v, 0.25, 0.0, None, "triton"))
+    out, lse = (t.detach() for t in fwd(q, k, v, 0.25, 0.0, None, "triton"))
+    dout = torch.randn_like(out)
+    # The backward op has no autograd of its own (no double backward, like FlashAttention): plain tensors.
+    bwd_args = (dout, q.detach(), k.detach(), v.detach(), out, lse, 0.25, 0.0, None, True, "triton")
+    torch.library.opcheck(torch.ops.fastvit.attention_bwd.default, bwd_args)
+    qkv = torch.randn(2, 5, 3 * 2 * 16, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastvit.attention_qkvpacked_fwd.default, (qkv, 2, 0.25, 0.0, None, "triton"))
+
+
+@pytest.mark.interpreter
+def test_torch_compile_fullgraph_no_graph_break():
+    class TinyAttention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = torch.nn.Linear(32, 96)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return ops.attention_qkvpacked(self.qkv(x), 2, backend="triton")
+
+    module = TinyAttention().to(DEVICE)
+    x = torch.randn(2, 9, 32, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), module(x))
+    (g_compiled,) = torch.autograd.grad(compiled(x).sum(), x)
+    (g_eager,) = torch.autograd.grad(module(x).sum(), x)
+    torch.testing.assert_close(g_compiled, g_eager)
+
+
+@pytest.mark.interpreter
+def test_autocast_runs_in_autocast_dtype():
+    q, k, v = _qkv(1, 2, 20, 32, torch.float32)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out = ops.attention(q, k, v, backend="triton")
+    assert out.dtype == torch.float16
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32
+    ref = attention_ref(q.detach().half(), k.detach().half(), v.detach().half(), upcast=True)
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+# ---------------------------------------------------------------------------- torch backend / probs
+
+
+def test_torch_backend_is_sdpa():
+    q, k, v = (torch.randn(2, 3, 17, 24) for _ in range(3))
+    out = ops.attention(q, k, v, scale=T2T_SCALE, backend="torch")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=T2T_SCALE))
+    torch.testing.assert_close(out, attention_ref(q, k, v, T2T_SCALE), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_probs_returns_softmax_and_output():
+    q, k, v = (torch.randn(2, 3, 17, 24, requires_grad=True) for _ in range(3))
+    out, probs = ops.attention_probs(q, k, v, scale=0.2)
+    assert probs.shape == (2, 3, 17, 17)
+    torch.testing.assert_close(probs, torch.softmax(q @ k.transpose(-1, -2) * 0.2, -1))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3, 17))
+    torch.testing.assert_close(out, attention_ref(q, k, v, 0.2), atol=1e-5, rtol=1e-5)
+    (out.sum() + probs.sum()).backward()
+    assert q.grad is not None
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    with pytest.raises(ValueError, match="k shape .* must equal v shape"):
+        ops.attention(q, k, torch.randn(1, 2, 9, 16))
+    with pytest.raises(ValueError, match="must agree in batch, heads and head_dim"):
+        ops.attention(torch.randn(1, 3, 8, 16), k, v)
+    with pytest.raises(ValueError, match="must be 4-D"):
+        ops.attention(q[0], k[0], v[0])
+    with pytest.raises(TypeError, match="share one dtype"):
+        ops.attention(q, k.half(), v)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        ops.attention(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="different devices"):
+        ops.attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        ops.attention(q, k, v, dropout_p=1.0)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        ops.attention(q, k, v, scale=float("nan"))
+    with pytest.raises(ValueError, match="positive multiple of 3 \\* num_heads"):
+        ops.attention_qkvpacked(torch.randn(1, 8, 100), 2)
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        ops.attention_qkvpacked(torch.randn(1, 8, 96), 0)
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.attention(q, k, v, backend="cuda_graphs")
+
+
+@pytest.mark.interpreter
+def test_explicit_triton_rejects_unsupported_head_dim():
+    q, k, v = (torch.randn(1, 2, 8, 20, device=DEVICE) for _ in range(3))
+    with pytest.raises(BackendNotSupported, match="head_dim 20 is not supported"):
+        ops.attention(q, k, v, backend="triton")
+    with pytest.raises(BackendNotSupported, match="no 'cuda' backend"):
+        ops.attention(q, k, v, backend="cuda")
+    # auto dispatch falls back instead of raising
+    assert ops.attention(q, k, v).shape == q.shape
+
+
+# ----------------------------------------------------------------------------------- GPU: full matrix
+
+GPU_TOKENS = [1, 50, 197, 257, 577, 784, 1025, 1376, 3136, 4096]
+GPU_HEAD_DIMS = [32, 64, 80, 96, 128]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("D", GPU_HEAD_DIMS)
+@pytest.mark.parametrize("N", GPU_TOKENS)
+def test_gpu_matrix(N, D, dtype):
+    B, H = (1, 2) if N >= 3136 else (3, 4)
+    q, k, v = _qkv(B, H, N, D, dtype)
+    dout = torch.randn_like(q)
+    out, grads = _run_triton(q, k, v, dout)
+    _check_three_way(q, k, v, dout, out, grads, name=f"N{N} D{D} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,H,D", [(197, 12, 64), (257, 16, 80), (577, 12, 64), (3136, 1, 64)])
+def test_gpu_qkvpacked_vit_shapes(N, H, D):
+    B = 5
+    qkv = torch.randn(B, N, 3 * H * D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(B, N, H * D, device=DEVICE, dtype=torch.bfloat16)
+    with poisoned_outputs():
+        out = ops.attention_qkvpacked(qkv, H, backend="triton")
+        (dqkv,) = torch.autograd.grad(out, qkv, dout)
+    q, k, v = (t.transpose(1, 2).reshape(B, N, H * D) for t in split_qkv(qkv.detach(), H))
+    ref_in = qkv.detach().double().requires_grad_()
+    ref = attention_ref(*split_qkv(ref_in, H)).transpose(1, 2).reshape(B, N, H * D)
+    (ref_grad,) = torch.autograd.grad(ref, ref_in, dout.double())
+    lowp_in = qkv.detach().clone().requires_grad_()
+    lowp = attention_ref(*split_qkv(lowp_in, H)).transpose(1, 2).reshape(B, N, H * D)
+    (lowp_grad,) = torch.autograd.grad(lowp, lowp_in, dout)
+    assert_three_way(out, ref, lowp, name="packed out")
+    assert_three_way(dqkv, ref_grad, lowp_grad, factor=3.0, name="packed dqkv")
+
+
+@pytest.mark.gpu
+def test_gpu_determinism_many_programs():
+    q, k, v = _qkv(60, 12, 197, 64, torch.bfloat16)
+    dout = torch.randn_like(q)
+    first = _run_triton(q, k, v, dout)
+    for _ in range(5):
+        again = _run_triton(q, k, v, dout)
+        for a, b in zip((first[0], *first[1]), (again[0], *again[1])):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_matches_eager():
+    qkv = torch.randn(8, 197, 3 * 12 * 64, device=DEVICE, dtype=torch.bfloat16)
+    eager = ops.attention_qkvpacked(qkv, 12, backend="triton")  # warm-up: autotunes outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.attention_qkvpacked(qkv, 12, backend="triton")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.attention_qkvpacked(qkv, 12, backend="triton")
+    qkv.copy_(torch.randn_like(qkv))
+    graph.replay()
+    torch.testing.assert_close(captured, ops.attention_qkvpacked(qkv, 12, backend="triton"), atol=0, rtol=0)
+    assert not torch.equal(captured, eager)
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_compile_fullgraph():
+    qkv = torch.randn(4, 197, 3 * 6 * 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    fn = torch.compile(lambda x: ops.attention_qkvpacked(x, 6, backend="triton"), fullgraph=True)
+    torch.testing.assert_close(fn(qkv), ops.attention_qkvpacked(qkv, 6, backend="triton"))
+    fn(qkv).sum().backward()
+    assert qkv.grad is not None
+
+
+@pytest.mark.gpu
+def test_gpu_auto_dispatch_prefers_triton():
+    q, k, v = _qkv(2, 2, 64, 64, torch.float16)
+    assert attn_mod._DISPATCH.select(None, q.device, q=q, k=k, v=v, scale=None, dropout_p=0.0) == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_large_batch_int64_offsets():
+    """A qkv of more than 2**31 elements (FlashAttention#2214's ViT-like shape): offsets must be int64."""
+    B, H, N, D = 1400, 16, 729, 72  # qkv: 3.5e9 elements (7 GB in bf16)
+    try:
+        qkv = torch.randn(B, N, 3 * H * D, device=DEVICE, dtype=torch.bfloat16)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a > 2**31-element qkv")
+    out = ops.attention_qkvpacked(qkv, H, backend="triton")
+    last = slice(B - 1, B)
+    q, k, v = split_qkv(qkv[last], H)
+    ref = attention_ref(q, k, v, upcast=True).transpose(1, 2).reshape(1, N, H * D)
+    torch.testing.assert_close(out[last].float(), ref, atol=2e-2, rtol=2e-2)
+
