@@ -1,0 +1,161 @@
+"""``fastvit.inference_model`` and ``python -m fastvit.predict`` on tiny random models and generated images."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+import fastvit
+from fastvit.checkpoints import load_checkpoint
+from fastvit.convert import export_state_dict, save_export
+from fastvit.inference import imagenet_classes, inference_model, preprocessing_config
+from fastvit.predict import main as predict_main
+from tests.checkpoints._tiny import tiny_vit
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def image() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, size=(45, 60, 3), dtype=np.uint8))
+
+
+def test_result_dict_like_mmpretrain(image):
+    model = tiny_vit("fastvit", num_classes=1000)
+    result = inference_model(model, image)
+    assert set(result) == {"pred_label", "pred_score", "pred_class", "pred_scores"}
+    scores = result["pred_scores"]
+    assert isinstance(scores, np.ndarray) and scores.shape == (1000,)
+    assert abs(float(scores.sum()) - 1.0) < 1e-4
+    assert isinstance(result["pred_label"], int) and result["pred_label"] == int(scores.argmax())
+    assert result["pred_score"] == pytest.approx(float(scores.max()))
+    assert result["pred_class"] == imagenet_classes()[result["pred_label"]]
+
+
+def test_shipped_imagenet_class_names():
+    names = imagenet_classes()
+    assert len(names) == 1000
+    assert names[0] == "tench, Tinca tinca" and names[281] == "tabby, tabby cat" and names[999].startswith("toilet tissue")
+
+
+def test_every_image_input_kind_gives_the_same_prediction(tmp_path, image):
+    model = tiny_vit("fastvit")
+    path = tmp_path / "image.png"
+    image.save(path)
+    by_pil = inference_model(model, image)
+    by_path = inference_model(model, str(path))
+    by_array = inference_model(model, np.asarray(image))
+    by_uint8 = inference_model(model, torch.from_numpy(np.array(image)).permute(2, 0, 1))
+    by_float = inference_model(model, torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255)
+    for other in (by_path, by_array):
+        np.testing.assert_array_equal(other["pred_scores"], by_pil["pred_scores"])
+    # Tensors skip PIL: torchvision's tensor resize is close to, not bit-equal with, PIL's.
+    for other in (by_uint8, by_float):
+        np.testing.assert_allclose(other["pred_scores"], by_pil["pred_scores"], atol=2e-2)
+    np.testing.assert_array_equal(by_uint8["pred_scores"], by_float["pred_scores"])
+    batch = inference_model(model, [image, str(path)])
+    assert isinstance(batch, list) and len(batch) == 2
+    np.testing.assert_allclose(batch[1]["pred_scores"], by_pil["pred_scores"], atol=1e-6)
+    assert by_pil["pred_class"] == str(by_pil["pred_label"])  # 10 classes: no names known
+
+
+def test_google_weights_use_google_preprocessing(tmp_path):
+    """After loading an .npz the image is resized to the input size (no crop) and scaled by mean = std = 0.5."""
+    src = tiny_vit("fastvit", seed=0)
+    npz = str(tmp_path / "ViT.npz")
+    save_export(export_state_dict(src.state_dict(), "npz", num_heads=2), "npz", npz)
+    model = tiny_vit("fastvit", seed=1)
+    load_checkpoint(model, npz)
+    cfg = preprocessing_config(model)
+    assert cfg["mean"] == cfg["std"] == (0.5, 0.5, 0.5) and cfg["crop_mode"] == "squash" and cfg["input_size"] == (3, 32, 32)
+
+    img = torch.rand(3, 40, 50)
+    expected_x = (TF.resize(img, [32, 32], interpolation=TF.InterpolationMode.BILINEAR, antialias=True) - 0.5) / 0.5
+    with torch.no_grad():
+        expected = model(expected_x[None]).softmax(-1)[0].numpy()
+    np.testing.assert_allclose(inference_model(model, img)["pred_scores"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_timm_config_preprocessing_center_crops():
+    model = tiny_vit("fastvit")
+    model.pretrained_cfg = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 0.875,
+                            "interpolation": "bicubic", "crop_mode": "center"}
+    img = torch.rand(3, 40, 50)
+    x = TF.resize(img, 36, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)  # 32 / 0.875 -> 36
+    x = TF.normalize(TF.center_crop(x, [32, 32]), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    with torch.no_grad():
+        expected = model(x[None]).softmax(-1)[0].numpy()
+    np.testing.assert_allclose(inference_model(model, img)["pred_scores"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_model_by_name_and_custom_classes(image):
+    result = inference_model("vit_tiny_patch16_224", image, pretrained=False)
+    assert result["pred_scores"].shape == (1000,)
+    model = tiny_vit("fastvit", num_classes=3)
+    assert inference_model(model, image, classes=["cat", "dog", "bird"])["pred_class"] in ("cat", "dog", "bird")
+    with pytest.raises(ValueError, match="2 class names"):
+        inference_model(model, image, classes=["cat", "dog"])
+
+
+def test_bad_images(tmp_path):
+    model = tiny_vit("fastvit")
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        inference_model(model, torch.rand(4, 32, 32))
+    with pytest.raises(TypeError, match="image must be"):
+        inference_model(model, 42)
+    with pytest.raises(FileNotFoundError, match="no_such.png"):
+        inference_model(model, str(tmp_path / "no_such.png"))
+
+
+@pytest.fixture(scope="module")
+def vit_tiny_checkpoint(tmp_path_factory) -> str:
+    model = fastvit.create_model("vit_tiny_patch16_224")
+    path = tmp_path_factory.mktemp("weights") / "vit_tiny_random.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def test_predict_prints_topk_table(tmp_path, image, vit_tiny_checkpoint, capsys):
+    path = tmp_path / "cat.jpg"
+    image.save(path)
+    assert predict_main([str(path), "--model", "vit_tiny_patch16_224", "--checkpoint", vit_tiny_checkpoint, "--topk", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "model=vit_tiny_patch16_224" in lines[0]
+    assert lines[1].split() == ["rank", "label", "score", "class"]
+    assert len(lines) == 2 + 3
+    ranks, labels, scores = zip(*[(int(r), int(lbl), float(s)) for r, lbl, s, *_ in (ln.split() for ln in lines[2:])])
+    assert ranks == (1, 2, 3) and list(scores) == sorted(scores, reverse=True)
+    assert lines[2].endswith(imagenet_classes()[labels[0]])
+
+
+def test_predict_errors(tmp_path, image, vit_tiny_checkpoint, monkeypatch, capsys):
+    path = tmp_path / "img.png"
+    image.save(path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch"))
+    assert predict_main([str(path), "--model", "vit_tiny_patch16_224"]) == 1
+    assert "never downloads" in capsys.readouterr().err
+    assert predict_main([str(path), "--model", "vit_tiny_patch16_224", "--checkpoint", vit_tiny_checkpoint,
+                         "--num-classes", "10"]) == 1
+    assert "num_classes=1000" in capsys.readouterr().err
+
+
+def test_predict_module_entry_point(tmp_path, image, vit_tiny_checkpoint):
+    """The real ``python -m fastvit.predict`` command line, once, in a fresh interpreter."""
+    path = tmp_path / "img.png"
+    image.save(path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastvit.predict", str(path), "--model", "vit_tiny_patch16_224",
+         "--checkpoint", vit_tiny_checkpoint],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 2 + 5
