@@ -41,12 +41,12 @@ from fastvit.checkpoints import timm as _timm
 from fastvit.checkpoints import vit_pytorch as _vit_pytorch
 from fastvit.checkpoints._common import CheckpointError, StateDict, shorten
 from fastvit.checkpoints._io import read_container
-from fastvit.layers.pos_embed import resample_abs_pos_embed
 from fastvit.checkpoints.pretrained import (
     PretrainedWeightsNotFound,
     pretrained_cfg_for,
     resolve_pretrained_file,
 )
+from fastvit.layers.pos_embed import resample_abs_pos_embed
 
 __all__ = [
     "FORMATS",

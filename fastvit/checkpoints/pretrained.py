@@ -58,16 +58,31 @@ class PretrainedWeightsNotFound(FileNotFoundError):
 
 
 def pretrained_cfg_for(name: str) -> Optional[dict[str, Any]]:
-    """The pretrained config of ``name`` (``arch`` or ``arch.tag``) as a dict, or ``None`` if no source has one."""
+    """The pretrained config of ``name`` (``arch`` or ``arch.tag``) as a dict, or ``None`` if no source has one.
+
+    timm's deprecated aliases resolve to their new name and tag (``vit_base_resnet50_384`` ->
+    ``vit_base_r50_s16_384.orig_in21k_ft_in1k``).
+
+    Raises:
+        PretrainedWeightsNotFound: the architecture is known but has no such tag (the message lists its tags).
+    """
     arch, _, tag = name.partition(".")
-    if arch in T2T_OFFICIAL_CFGS and tag in ("", "in1k"):
+    if arch in T2T_OFFICIAL_CFGS:
+        if tag not in ("", "in1k"):
+            raise PretrainedWeightsNotFound(f"{name!r}: T2T-ViT weights have the tag 'in1k' only (the official release)")
         return dict(T2T_OFFICIAL_CFGS[arch])
     try:
-        from timm.models import get_pretrained_cfg
-
-        cfg = get_pretrained_cfg(name)
-    except Exception:  # unknown to timm (a fastvit-only name) or an old timm without this name
+        import timm
+        from timm.models import get_deprecated_models, get_pretrained_cfg
+    except ImportError:  # timm is a dependency; without it only the T2T-ViT table is known
         return None
+    if not tag:
+        name = get_deprecated_models().get(arch, name)
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError as exc:  # a known architecture with an unknown tag
+        tags = timm.list_pretrained(f"{arch}.*")
+        raise PretrainedWeightsNotFound(f"{name!r}: {exc} Known: {shorten(tags, limit=12)}") from exc
     return cfg.to_dict() if cfg is not None else None
 
 

@@ -93,9 +93,18 @@ def test_offline_without_cached_file_names_every_path(caches):
     assert isinstance(err.value, FileNotFoundError)
 
 
-def test_unknown_name_has_no_pretrained_weights(caches):
+def test_unknown_name_or_tag(caches):
     with pytest.raises(PretrainedWeightsNotFound, match="no pretrained weights are known"):
         resolve_pretrained_file("not_a_model_at_all")
+    with pytest.raises(PretrainedWeightsNotFound, match="no_such_tag.*vit_base_patch16_224.augreg_in1k"):
+        resolve_pretrained_file("vit_base_patch16_224.no_such_tag")
+
+
+def test_deprecated_alias_resolves_to_new_name_and_tag(caches):
+    hub, _ = caches
+    path = _hf_snapshot(hub, "timm/vit_base_r50_s16_384.orig_in21k_ft_in1k", "model.safetensors")
+    path.write_bytes(b"x")
+    assert resolve_pretrained_file("vit_base_resnet50_384") == path
 
 
 def test_create_model_pretrained_true_and_path(caches, tmp_path):
