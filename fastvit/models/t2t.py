@@ -44,6 +44,7 @@ t2t_vit_t_19 39,084,686, t2t_vit_t_24 64,000,590; the performer variants add the
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from typing import Any, Optional, Union
@@ -103,6 +104,13 @@ def sinusoid_position_table(num_positions: int, dim: int) -> Tensor:
 
 def _split_grid(size: int, kernel_size: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel_size) // stride + 1
+
+
+def _fp32_region(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off for ``device`` (a no-op on devices autocast does not know, e.g. meta)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class SoftSplit(nn.Module):
@@ -274,6 +282,15 @@ class TokenPerformer(nn.Module):
         t = t.float()
         return torch.exp(t @ self.w.float().t() - 0.5 * (t * t).sum(dim=-1, keepdim=True)) / math.sqrt(self.m)
 
+    def _linear_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """phi(q) @ (phi(k).T @ v) / (phi(q) @ sum_n phi(k)_n + eps), in fp32 even under autocast (exp of
+        a half-precision logit overflows), returned in v's dtype."""
+        with _fp32_region(v.device):
+            kp, qp = self._features(k), self._features(q)  # (B, N, m)
+            normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, N, 1)
+            y = (qp @ (kp.transpose(1, 2) @ v.float())) / (normaliser + self.epsilon)
+        return y.to(v.dtype)
+
     def forward(self, x: Tensor, *, normed: bool = False) -> Tensor:
         """x: (B, N, dim) -> (B, N, in_dim).
 
@@ -282,10 +299,7 @@ class TokenPerformer(nn.Module):
             normed: whether ``norm1`` has been applied.
         """
         k, q, v = self.kqv(x if normed else self.norm1(x)).split(self.emb, dim=-1)
-        kp, qp = self._features(k), self._features(q)  # (B, N, m) fp32
-        normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, N, 1)
-        y = ((qp @ (kp.transpose(1, 2) @ v.float())) / (normaliser + self.epsilon)).to(v.dtype)
-        y = self._residual_linear(self.proj, y, v, self.dp)
+        y = self._residual_linear(self.proj, self._linear_attention(q, k, v), v, self.dp)
         h = self.mlp[0](self.norm2(y), activation="gelu")
         return self._residual_linear(self.mlp[2], h, y, self.mlp[3])
 

@@ -9,6 +9,7 @@ matmuls) conventions.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 
 import numpy as np
@@ -330,6 +331,62 @@ def test_gradients_match_official(name):
             continue
         err = max_relative_error(ours[key].grad, p.grad)
         assert err < 1e-4, f"gradient of {key}: relative error {err:.3g}"
+
+
+def test_performer_dropout_in_training_matches_official():
+    # Token_performer applies Dropout(0.1) after proj and at the end of its MLP in training; with the same
+    # generator state the masks are drawn in the same order on the same shapes.
+    official, model = build_pair("t2t_vit_7", 64, depth=1)
+    official.train()
+    model.train()
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    expected = official.tokens_to_token(x)
+    torch.manual_seed(1)
+    actual = model.tokens_to_token(x)
+    assert max_relative_error(actual, expected) < 1e-5
+    with torch.no_grad():
+        assert max_relative_error(model.eval().tokens_to_token(x), actual) > 1e-3  # dropout was active
+
+
+def test_autocast_keeps_performer_features_in_fp32():
+    official, model = build_pair("t2t_vit_7", 64, depth=1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = official(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            actual = model(x)
+    assert actual.dtype == torch.bfloat16 and torch.isfinite(actual).all()
+    assert max_relative_error(actual.float(), expected) < 3e-2  # bf16 rounding of the GEMMs only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["t2t_vit_t_14", "t2t_vit_14"])
+def test_matches_official_on_gpu(name):
+    official, model = build_pair(name, 224)
+    official, model = official.cuda(), model.cuda()
+    x = torch.randn(3, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        err = max_relative_error(model(x), official(x))
+    assert err < 1e-4, f"fp32 logits differ on the GPU kernels: relative error {err:.3g}"
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_on_gpu_three_way():
+    from fastvit.testing import assert_three_way
+
+    # fastvit under bf16 autocast against the fp32 official model, bounded by the official model run
+    # entirely in bf16 (the same PyTorch computation in the low-precision dtype).
+    official, model = build_pair("t2t_vit_t_14", 224)
+    official, model = official.cuda(), model.cuda()
+    official_bf16 = copy.deepcopy(official).to(torch.bfloat16)
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        reference = official(x)
+        theirs = official_bf16(x.to(torch.bfloat16))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ours = model(x)
+    assert_three_way(ours, reference, theirs, factor=2.0, name="t2t_vit_t_14 logits")
 
 
 def test_head_api():
