@@ -38,8 +38,8 @@ def tiny_vit(impl: str, distilled: bool = False, seed: int = 0, **overrides: Any
 
 
 def tiny_hybrid(impl: str, seed: int = 0, **overrides: Any) -> nn.Module:
-    """A 2-stage (1, 1) R50-style hybrid at 64x64 (stride 8 -> 8x8 tokens)."""
-    args = {**TINY, "img_size": 64, "patch_size": 1, **overrides}
+    """A 2-stage (1, 1) R50-style hybrid at 32x32 (stride 8 -> 4x4 tokens)."""
+    args = {**TINY, "img_size": 32, "patch_size": 1, **overrides}
     if impl == "fastvit":
         hybrid = pytest.importorskip("fastvit.models.hybrid", reason="fastvit.models.hybrid is not in this checkout")
         from fastvit.models.vit import VisionTransformer

@@ -110,20 +110,21 @@ def test_deprecated_alias_resolves_to_new_name_and_tag(caches):
 def test_create_model_pretrained_true_and_path(caches, tmp_path):
     """create_model resolves through load_pretrained; a different num_classes keeps a fresh head."""
     hub, _ = caches
-    src = fastvit.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10)
+    small = dict(img_size=32, depth=2)  # a 2-block vit_tiny keeps the test fast; names are what matter
+    src = fastvit.create_model("vit_tiny_patch16_224", num_classes=10, **small)
     path = _hf_snapshot(hub, "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", "model.safetensors")
     save_export(export_state_dict(src.state_dict(), "timm"), "timm", path)
 
-    same = fastvit.create_model("vit_tiny_patch16_224", pretrained=True, img_size=32, num_classes=10).eval()
+    same = fastvit.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=10, **small).eval()
     assert_same_outputs(src.eval(), same, image_batch())
-    other_head = fastvit.create_model("vit_tiny_patch16_224", pretrained=True, img_size=32, num_classes=3)
+    other_head = fastvit.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=3, **small)
     assert torch.equal(other_head.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     # A checkpoint path of any format, here Google npz at another resolution (resampled on load).
     npz = str(tmp_path / "ViT-Ti_16.npz")
     save_export(export_state_dict(src.state_dict(), "npz", num_heads=3), "npz", npz)
-    bigger = fastvit.create_model("vit_tiny_patch16_224", pretrained=npz, img_size=48, num_classes=10)
+    bigger = fastvit.create_model("vit_tiny_patch16_224", pretrained=npz, img_size=48, depth=2, num_classes=10)
     assert bigger.pos_embed.shape == (1, 10, 192) and bigger.pretrained_cfg["crop_mode"] == "squash"
 
     os.remove(path)
     with pytest.raises(PretrainedWeightsNotFound, match="model.safetensors"):
-        fastvit.create_model("vit_tiny_patch16_224", pretrained=True)
+        fastvit.create_model("vit_tiny_patch16_224", pretrained=True, depth=2)
