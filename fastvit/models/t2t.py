@@ -40,6 +40,10 @@ sinusoid), so it is loaded, not recomputed. The performer's ``w`` is likewise a 
 
 Parameter counts (trainable, 1000 classes; mission.md section 1.3): t2t_vit_t_14 21,465,422,
 t2t_vit_t_19 39,084,686, t2t_vit_t_24 64,000,590; the performer variants add the 2 x 192 ``kqv`` biases.
+MACs at 224 (``fastvit.utils.count_flops``; the fused ``norm1`` is reported by :meth:`T2TModule.extra_macs`,
+the attention products by the token layers): t2t_vit_t_14/19/24 4.3407 / 7.7960 / 12.6881 G Linear +
+LayerNorm (mmpretrain's 4.34 / 7.80 / 12.69) and 6.0954 / 9.7941 / 14.9791 G with the attention matmuls
+(official README 6.1 / 9.8 / 15.0); t2t_vit_14/19 4.79 / 8.49 G (README 4.8 / 8.5).
 """
 
 from __future__ import annotations

@@ -443,8 +443,6 @@ def test_official_checkpoint_round_trip(tmp_path):
 
 
 def test_official_checkpoint_through_load_checkpoint(tmp_path):
-    if not hasattr(fastvit, "load_checkpoint"):
-        pytest.skip("fastvit.load_checkpoint is not in this build yet (the checkpoint package's entry point)")
     official = randomize_(official_model("t2t_vit_7", 64, depth=2)).eval()
     path = tmp_path / "model_best.pth.tar"
     torch.save({"state_dict_ema": {"module." + k: v for k, v in official.state_dict().items()}}, path)
