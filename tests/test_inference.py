@@ -159,3 +159,18 @@ def test_predict_module_entry_point(tmp_path, image, vit_tiny_checkpoint):
     )
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip().splitlines()) == 2 + 5
+
+
+@pytest.mark.gpu
+def test_gpu_model_loads_and_predicts_like_cpu(tmp_path, image):
+    """A model on the GPU takes a CPU-read checkpoint and gives the CPU model's prediction."""
+    src = tiny_vit("fastvit", seed=0, num_classes=1000)
+    path = tmp_path / "vit.npz"
+    save_export(export_state_dict(src.state_dict(), "npz", num_heads=2), "npz", path)
+    cpu_model = tiny_vit("fastvit", seed=1, num_classes=1000)
+    gpu_model = tiny_vit("fastvit", seed=1, num_classes=1000).cuda()
+    load_checkpoint(cpu_model, path)
+    load_checkpoint(gpu_model, path)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(gpu_model.state_dict().values(), cpu_model.state_dict().values()))
+    cpu, gpu = inference_model(cpu_model, image), inference_model(gpu_model, image)
+    np.testing.assert_allclose(gpu["pred_scores"], cpu["pred_scores"], rtol=1e-2, atol=1e-5)
