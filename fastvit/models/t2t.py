@@ -470,9 +470,11 @@ class T2TViT(nn.Module):
             )  # fmt: skip
             for i in range(depth)
         )
-        if qk_scale is not None:
-            for block in self.blocks:
-                block.attn.scale = qk_scale
+        # The encoder's softmax scale, set explicitly (Block builds Attention with its head_dim default and
+        # takes no scale argument): head_dim ** -0.5 unless qk_scale overrides it.
+        self.qk_scale = qk_scale if qk_scale is not None else (embed_dim // num_heads) ** -0.5
+        for block in self.blocks:
+            block.attn.scale = self.qk_scale
         self.norm = norm_layer(embed_dim)
         self.head: nn.Module = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
