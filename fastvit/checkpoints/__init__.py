@@ -31,12 +31,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 
 from fastvit.checkpoints import mmpretrain as _mmpretrain
 from fastvit.checkpoints import mmseg as _mmseg
 from fastvit.checkpoints import npz as _npz
+from fastvit.checkpoints import t2t_official as _t2t_official
 from fastvit.checkpoints import timm as _timm
 from fastvit.checkpoints import vit_pytorch as _vit_pytorch
 from fastvit.checkpoints._common import CheckpointError, StateDict, shorten
@@ -145,15 +147,6 @@ class LoadResult:
     resampled_pos_embed: bool
 
 
-def _t2t_official() -> Any:
-    """The T2T-ViT helper's module (``is_t2t_official`` / ``convert_t2t_official``), or None before it exists."""
-    try:
-        from fastvit.checkpoints import t2t_official
-    except ImportError:
-        return None
-    return t2t_official
-
-
 def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -176,17 +169,19 @@ def _unwrap(obj: Any, use_ema: bool) -> tuple[StateDict, list[str]]:
 
 
 def detect_format(state_dict: Mapping[str, torch.Tensor], wrapper: Optional[list[str]] = None) -> Optional[str]:
-    """The format a (unwrapped) state dict's keys belong to, or ``None`` if no format recognises them."""
-    t2t = _t2t_official()
+    """The format a state dict's keys belong to, or ``None`` if no format recognises them.
+
+    Args:
+        state_dict: the tensors, wrappers and a ``module.`` prefix already removed.
+        wrapper: the wrapper keys that were removed; ``'model'`` marks a DeiT file.
+    """
     if _vit_pytorch.is_vit_pytorch(state_dict):
         return "vit_pytorch"
     if _mmseg.is_mmseg(state_dict):
         return "mmseg"
     if _mmpretrain.is_mmpretrain(state_dict):
         return "mmpretrain"
-    if t2t is not None and t2t.is_t2t_official(state_dict):
-        return "t2t_official"
-    if t2t is None and any(k.startswith("tokens_to_token.") for k in state_dict):
+    if _t2t_official.is_t2t_official(state_dict):
         return "t2t_official"
     if _timm.is_timm(state_dict):
         return "deit" if wrapper and wrapper[-1] == "model" else "timm"
@@ -206,8 +201,7 @@ def _to_native(fmt: str, sd: StateDict) -> tuple[StateDict, list[str]]:
     if fmt == "vit_pytorch":
         return _vit_pytorch.vit_pytorch_to_native(sd), []
     if fmt == "t2t_official":
-        t2t = _t2t_official()
-        return (t2t.convert_t2t_official(sd) if t2t is not None else dict(sd)), []
+        return _t2t_official.convert_t2t_official(sd), []
     raise CheckpointError(f"unknown format {fmt!r}; choose one of {sorted(FORMATS)} or 'auto'")
 
 
@@ -232,7 +226,8 @@ def read_checkpoint(
     if format != "auto" and format not in FORMATS:
         raise CheckpointError(f"unknown format {format!r}; choose one of {sorted(FORMATS)} or 'auto'")
     if isinstance(source, Mapping):
-        name, container, content = "<state dict>", "torch", source
+        arrays = len(source) > 0 and all(isinstance(v, np.ndarray) for v in source.values())
+        name, container, content = "<state dict>", "npz" if arrays else "torch", source
     else:
         name = os.fspath(source)
         container, content = read_container(source)
@@ -252,10 +247,10 @@ def read_checkpoint(
     detected = detect_format(sd, wrapper)
     if format == "auto":
         if detected is None:
-            top = list(content)[:12] if isinstance(content, Mapping) else []
+            top = [str(k) for k in content] if isinstance(content, Mapping) else []
             raise CheckpointError(
                 f"{name}: unknown checkpoint format: {len(sd)} tensors with keys {_describe_keys(list(sd))}"
-                f"{f' (top-level keys {top})' if wrapper else ''}. fastvit reads: "
+                f"{f' (top-level keys {shorten(top)})' if top != list(sd) else ''}. fastvit reads: "
                 + "; ".join(f"{k} ({v})" for k, v in FORMATS.items())
                 + ". Pass format=... if you know which it is."
             )

@@ -133,3 +133,8 @@ def test_incomplete_npz_names_missing_array(tmp_path):
 def test_npz_export_needs_num_heads():
     with pytest.raises(CheckpointError, match="num_heads"):
         export_state_dict(tiny_vit("fastvit").state_dict(), "npz")
+
+
+def test_no_tensors_at_all():
+    with pytest.raises(CheckpointError, match=r"0 tensors.*top-level keys \[epoch, meta\]"):
+        read_checkpoint({"epoch": 3, "meta": {"note": "no weights here"}})

@@ -291,3 +291,13 @@ def test_performer_t2t_cannot_be_written_as_mmpretrain():
     src = _tiny_t2t(0, tokens_type="performer")
     with pytest.raises(CheckpointError, match="performer"):
         export_state_dict(src.state_dict(), "mmpretrain")
+
+
+def test_already_loaded_dicts(tmp_path):
+    """load_checkpoint also takes what torch.load / np.load returned."""
+    src = tiny_vit("fastvit", seed=0)
+    npz = _write(src, "npz", str(tmp_path / "vit.npz"))
+    for loaded, fmt in [(dict(np.load(npz)), "npz"), ({"model": src.state_dict()}, "deit")]:
+        dst = tiny_vit("fastvit", seed=1)
+        assert load_checkpoint(dst, loaded).format == fmt
+        assert_same_outputs(src, dst, image_batch())
