@@ -75,7 +75,9 @@ def _infer_in_chans(model: nn.Module) -> int:
     return 3
 
 
-def count_macs(model: nn.Module, img_size: Union[int, tuple[int, int]] = 224, in_chans: Optional[int] = None) -> dict[str, int]:
+def count_macs(
+    model: nn.Module, img_size: Union[int, tuple[int, int]] = 224, in_chans: Optional[int] = None
+) -> dict[str, int]:
     """MACs of one forward pass of one image, by category (``linear``, ``norm``, ``attention``).
 
     Args:
@@ -103,7 +105,10 @@ def count_macs(model: nn.Module, img_size: Union[int, tuple[int, int]] = 224, in
         if callable(extra):
             for key, value in extra(tuple(x.shape)).items():
                 if key not in totals:
-                    raise ValueError(f"fastvit.utils.count_macs: {type(module).__name__}.extra_macs returned unknown category {key!r}; use {_CATEGORIES}")
+                    raise ValueError(
+                        f"fastvit.utils.count_macs: {type(module).__name__}.extra_macs returned unknown "
+                        f"category {key!r}; use {_CATEGORIES}"
+                    )
                 found[key] = found.get(key, 0) + int(value)
         for key, value in found.items():
             totals[key] += value
@@ -127,7 +132,9 @@ def count_macs(model: nn.Module, img_size: Union[int, tuple[int, int]] = 224, in
     return totals
 
 
-def count_flops(model: nn.Module, img_size: Union[int, tuple[int, int]] = 224, in_chans: Optional[int] = None) -> dict[str, float]:
+def count_flops(
+    model: nn.Module, img_size: Union[int, tuple[int, int]] = 224, in_chans: Optional[int] = None
+) -> dict[str, float]:
     """GMACs of one image's forward pass in two labelled conventions (see the module docstring).
 
     Args:

@@ -39,7 +39,10 @@ def test_vit_base_counts_by_hand():
     assert round(flops["full"], 2) == 17.57
 
 
-@pytest.mark.parametrize("name, dim, depth, patch, img", [("vit_large_patch32_384", 1024, 24, 32, 384), ("deit_small_patch16_224", 384, 12, 16, 224)])
+@pytest.mark.parametrize(
+    "name, dim, depth, patch, img",
+    [("vit_large_patch32_384", 1024, 24, 32, 384), ("deit_small_patch16_224", 384, 12, 16, 224)],
+)
 def test_other_vits_by_hand(name, dim, depth, patch, img):
     assert count_macs(_meta_model(name), img) == _vit_macs(dim, depth, patch, img)
 

@@ -14,6 +14,7 @@ from fastvit.layers.patch_embed import PatchEmbed, to_2tuple
 from fastvit.layers.pos_embed import POS_EMBED_INTERPOLATIONS, resample_abs_pos_embed
 
 __all__ = [
+    "POS_EMBED_INTERPOLATIONS",
     "Attention",
     "Block",
     "DropPath",
@@ -21,7 +22,6 @@ __all__ = [
     "LayerScale",
     "Linear",
     "Mlp",
-    "POS_EMBED_INTERPOLATIONS",
     "PatchEmbed",
     "QuickGELU",
     "drop_path",

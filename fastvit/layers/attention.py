@@ -58,7 +58,9 @@ class Attention(nn.Module):
     ):
         super().__init__()
         if attn_head_dim is None and dim % num_heads != 0:
-            raise ValueError(f"fastvit.layers.Attention: dim {dim} is not divisible by num_heads {num_heads}; pass attn_head_dim")
+            raise ValueError(
+                f"fastvit.layers.Attention: dim {dim} is not divisible by num_heads {num_heads}; pass attn_head_dim"
+            )
         norm_layer = norm_layer or LayerNorm
         self.num_heads = num_heads
         self.head_dim = attn_head_dim or dim // num_heads

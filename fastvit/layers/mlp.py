@@ -40,7 +40,10 @@ def fused_activation_name(act: nn.Module) -> Optional[str]:
 def _make_activation(act_layer: Union[str, Callable[[], nn.Module]]) -> nn.Module:
     if isinstance(act_layer, str):
         if act_layer not in _ACTIVATIONS:
-            raise ValueError(f"fastvit.layers.Mlp: unknown act_layer {act_layer!r}; expected one of {sorted(_ACTIVATIONS)} or a module class")
+            raise ValueError(
+                f"fastvit.layers.Mlp: unknown act_layer {act_layer!r}; "
+                f"expected one of {sorted(_ACTIVATIONS)} or a module class"
+            )
         return _ACTIVATIONS[act_layer]()
     return act_layer()
 
@@ -97,5 +100,7 @@ class Mlp(nn.Module):
         if residual is None:
             return self.drop2(self.fc2(h))
         if not self.residual_fusable():
-            raise RuntimeError("fastvit.layers.Mlp: residual fusion with active output dropout; add the residual after the call")
+            raise RuntimeError(
+                "fastvit.layers.Mlp: residual fusion with active output dropout; add the residual after the call"
+            )
         return self.fc2(h, residual=residual)

@@ -22,13 +22,16 @@ class LayerNorm(nn.LayerNorm):
         bias: keep the shift parameter.
     """
 
-    def __init__(self, normalized_shape: int, eps: float = 1e-6, elementwise_affine: bool = True, bias: bool = True, **kwargs):
+    def __init__(
+        self, normalized_shape: int, eps: float = 1e-6, elementwise_affine: bool = True, bias: bool = True, **kwargs
+    ):
         if not elementwise_affine:
             raise ValueError("fastvit.layers.LayerNorm needs elementwise_affine=True; use torch.nn.LayerNorm otherwise")
         super().__init__(normalized_shape, eps=eps, elementwise_affine=True, bias=bias, **kwargs)
         if len(self.normalized_shape) != 1:
             raise ValueError(
-                f"fastvit.layers.LayerNorm normalises the last dimension only; got normalized_shape={self.normalized_shape}"
+                "fastvit.layers.LayerNorm normalises the last dimension only; "
+                f"got normalized_shape={self.normalized_shape}"
             )
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from fastvit import ops
 
-__all__ = ["PatchEmbed", "to_2tuple"]
+__all__ = ["PatchEmbed", "check_image_batch", "to_2tuple"]
 
 
 def to_2tuple(v: Union[int, tuple[int, int], list[int]]) -> tuple[int, int]:
@@ -19,6 +19,34 @@ def to_2tuple(v: Union[int, tuple[int, int], list[int]]) -> tuple[int, int]:
             raise ValueError(f"fastvit: expected an int or an (h, w) pair, got {v!r}")
         return int(v[0]), int(v[1])
     return int(v), int(v)
+
+
+def check_image_batch(x: Tensor, in_chans: int, img_size: Optional[tuple[int, int]]) -> tuple[int, int]:
+    """Validates a (B, C, H, W) batch for an embedding layer and returns (H, W).
+
+    Args:
+        x: the images.
+        in_chans: channels the layer takes.
+        img_size: the only size accepted (strict models), or None for any size.
+
+    Raises:
+        ValueError: not 4-D, a wrong channel count or a wrong size, naming the fix.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"fastvit: expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"fastvit: the model takes {in_chans}-channel images, got {x.shape[1]} channels "
+            f"(input shape {tuple(x.shape)}); build the model with in_chans={x.shape[1]} or convert the images"
+        )
+    H, W = x.shape[-2:]
+    if img_size is not None and (H, W) != tuple(img_size):
+        raise ValueError(
+            f"fastvit: input size {H}x{W} does not match the model's img_size {img_size[0]}x{img_size[1]}; "
+            f"resize the images, build with img_size=({H}, {W}), call model.set_input_size(({H}, {W})) or "
+            f"build with dynamic_img_size=True"
+        )
+    return H, W
 
 
 class PatchEmbed(nn.Module):
@@ -77,20 +105,7 @@ class PatchEmbed(nn.Module):
         Raises:
             ValueError: not (B, C, H, W), wrong channel count, or a size the module cannot take.
         """
-        if x.dim() != 4:
-            raise ValueError(f"fastvit: expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"fastvit: the model takes {self.in_chans}-channel images, got {x.shape[1]} channels "
-                f"(input shape {tuple(x.shape)}); build the model with in_chans={x.shape[1]} or convert the images"
-            )
-        H, W = x.shape[-2:]
-        if self.strict_img_size and (H, W) != self.img_size:
-            raise ValueError(
-                f"fastvit: input size {H}x{W} does not match the model's img_size {self.img_size[0]}x{self.img_size[1]}; "
-                f"resize the images, build with img_size=({H}, {W}), call model.set_input_size(({H}, {W})) or "
-                f"build with dynamic_img_size=True"
-            )
+        H, W = check_image_batch(x, self.in_chans, self.img_size if self.strict_img_size else None)
         p = self.patch_size[0]
         if not self.dynamic_img_pad and (H % p or W % p):
             raise ValueError(

@@ -18,7 +18,8 @@ the outputs of a fine-tuned model, so fastvit names them:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,9 @@ def resample_abs_pos_embed(
         ValueError: unknown ``interp``, or a table whose row count does not fit ``old_size``.
     """
     if interp not in POS_EMBED_INTERPOLATIONS:
-        raise ValueError(f"fastvit: unknown pos-embed interpolation {interp!r}; expected one of {sorted(POS_EMBED_INTERPOLATIONS)}")
+        raise ValueError(
+            f"fastvit: unknown pos-embed interpolation {interp!r}; expected one of {sorted(POS_EMBED_INTERPOLATIONS)}"
+        )
     mode, antialias = POS_EMBED_INTERPOLATIONS[interp]
     new_size = (int(new_size[0]), int(new_size[1]))
     grid_rows = pos_embed.shape[1] - num_prefix_tokens

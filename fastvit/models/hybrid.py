@@ -12,15 +12,16 @@ State-dict keys: ``patch_embed.backbone.stem.{conv,norm}``, ``patch_embed.backbo
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastvit import ops
-from fastvit.layers import to_2tuple
-from fastvit.models.vit import VisionTransformer, _cfg, _create
+from fastvit.layers.patch_embed import check_image_batch, to_2tuple
 from fastvit.models.registry import register_model
+from fastvit.models.vit import VisionTransformer, _cfg, _create
 
 __all__ = ["HybridEmbed", "ResNetV2", "StdConv2dSame"]
 
@@ -48,9 +49,24 @@ class StdConv2dSame(nn.Conv2d):
         eps: added to the weight variance; timm's hybrid uses 1e-8.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = False, eps: float = 1e-8):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        bias: bool = False,
+        eps: float = 1e-8,
+    ):
         static = stride == 1 and (kernel_size - 1) % 2 == 0
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(kernel_size - 1) // 2 if static else 0, bias=bias)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=(kernel_size - 1) // 2 if static else 0,
+            bias=bias,
+        )
         self.same_pad = not static
         self.eps = eps
 
@@ -125,7 +141,9 @@ class Bottleneck(nn.Module):
 class ResNetStage(nn.Module):
     def __init__(self, in_chs: int, out_chs: int, stride: int, depth: int):
         super().__init__()
-        self.blocks = nn.Sequential(*[Bottleneck(in_chs if i == 0 else out_chs, out_chs, stride if i == 0 else 1) for i in range(depth)])
+        self.blocks = nn.Sequential(
+            *[Bottleneck(in_chs if i == 0 else out_chs, out_chs, stride if i == 0 else 1) for i in range(depth)]
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.blocks(x)
@@ -197,7 +215,9 @@ class HybridEmbed(nn.Module):
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.strict_img_size = strict_img_size
-        self.proj = nn.Conv2d(backbone.num_features, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+        self.proj = nn.Conv2d(
+            backbone.num_features, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias
+        )
         self.set_input_size(img_size)
 
     def set_input_size(self, img_size: Union[int, tuple[int, int]]) -> None:
@@ -211,20 +231,7 @@ class HybridEmbed(nn.Module):
 
     def check_input(self, x: Tensor) -> tuple[int, int]:
         """Validates an image batch and returns its token grid (ValueError naming the fix otherwise)."""
-        if x.dim() != 4:
-            raise ValueError(f"fastvit: expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"fastvit: the model takes {self.in_chans}-channel images, got {x.shape[1]} channels "
-                f"(input shape {tuple(x.shape)}); build the model with in_chans={x.shape[1]} or convert the images"
-            )
-        H, W = x.shape[-2:]
-        if self.strict_img_size and (H, W) != self.img_size:
-            raise ValueError(
-                f"fastvit: input size {H}x{W} does not match the model's img_size {self.img_size[0]}x{self.img_size[1]}; "
-                f"resize the images, build with img_size=({H}, {W}), call model.set_input_size(({H}, {W})) or "
-                f"build with dynamic_img_size=True"
-            )
+        H, W = check_image_batch(x, self.in_chans, self.img_size if self.strict_img_size else None)
         return self.feat_size((H, W))
 
     def forward(self, x: Tensor, pos_embed: Optional[Tensor] = None, prefix_tokens: Optional[Tensor] = None) -> Tensor:

@@ -28,7 +28,9 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """
     name = fn.__name__
     if name in _ENTRYPOINTS and _ENTRYPOINTS[name] is not fn:
-        raise ValueError(f"fastvit: model name {name!r} is registered twice ({_ENTRYPOINTS[name].__module__} and {fn.__module__})")
+        raise ValueError(
+            f"fastvit: model name {name!r} is registered twice ({_ENTRYPOINTS[name].__module__} and {fn.__module__})"
+        )
     _ENTRYPOINTS[name] = fn
     return fn
 
@@ -60,7 +62,9 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
 
         close = difflib.get_close_matches(arch, list(_ENTRYPOINTS), n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(f"fastvit: unknown model {name!r}.{hint} See fastvit.list_models() for all {len(_ENTRYPOINTS)} names.")
+        raise ValueError(
+            f"fastvit: unknown model {name!r}.{hint} See fastvit.list_models() for all {len(_ENTRYPOINTS)} names."
+        )
     return _ENTRYPOINTS[arch]
 
 
@@ -106,7 +110,9 @@ def create_model(
         if isinstance(pretrained, os.PathLike):
             pretrained = os.fspath(pretrained)
         if not isinstance(pretrained, (bool, str)):
-            raise TypeError(f"fastvit.create_model: pretrained must be a bool or a checkpoint path, got {type(pretrained).__name__}")
+            raise TypeError(
+                f"fastvit.create_model: pretrained must be a bool or a checkpoint path, got {type(pretrained).__name__}"
+            )
         try:
             from fastvit.checkpoints import load_pretrained
         except ImportError as err:

@@ -13,7 +13,8 @@ Registered names are timm's (``fastvit.list_models("vit_*")``, ``"deit_*"``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,9 @@ _INCEPTION = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 _IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
-def _cfg(tag: str, img: int = 224, num_classes: int = 1000, norm: Optional[dict] = None, **kwargs: Any) -> dict[str, Any]:
+def _cfg(
+    tag: str, img: int = 224, num_classes: int = 1000, norm: Optional[dict] = None, **kwargs: Any
+) -> dict[str, Any]:
     return dict(
         tag=tag, input_size=(3, img, img), crop_pct=0.9 if img == 224 else 1.0, interpolation="bicubic",
         num_classes=num_classes, first_conv="patch_embed.proj", classifier="head", **(norm or _INCEPTION), **kwargs,
@@ -146,13 +149,19 @@ class VisionTransformer(nn.Module):
         if global_pool not in _POOL_TYPES:
             raise ValueError(f"fastvit: global_pool {global_pool!r} is not supported; expected one of {_POOL_TYPES}")
         if global_pool == "token" and not class_token:
-            raise ValueError("fastvit: global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
+            raise ValueError(
+                "fastvit: global_pool='token' needs class_token=True; use global_pool='avg' without a class token"
+            )
         if pos_embed not in ("", "none", "learn"):
             raise ValueError(f"fastvit: pos_embed must be 'learn' or 'none', got {pos_embed!r}")
         if pos_embed_interp not in POS_EMBED_INTERPOLATIONS:
-            raise ValueError(f"fastvit: pos_embed_interp must be one of {sorted(POS_EMBED_INTERPOLATIONS)}, got {pos_embed_interp!r}")
+            raise ValueError(
+                f"fastvit: pos_embed_interp must be one of {sorted(POS_EMBED_INTERPOLATIONS)}, got {pos_embed_interp!r}"
+            )
         if weight_init not in ("", "skip"):
-            raise ValueError(f"fastvit: weight_init {weight_init!r} is not supported; use '' (timm's default) or 'skip'")
+            raise ValueError(
+                f"fastvit: weight_init {weight_init!r} is not supported; use '' (timm's default) or 'skip'"
+            )
         norm_layer = norm_layer or LayerNorm
         act_layer = act_layer or "gelu"
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
@@ -234,17 +243,23 @@ class VisionTransformer(nn.Module):
         """
         if global_pool is not None:
             if global_pool not in _POOL_TYPES:
-                raise ValueError(f"fastvit: global_pool {global_pool!r} is not supported; expected one of {_POOL_TYPES}")
+                raise ValueError(
+                    f"fastvit: global_pool {global_pool!r} is not supported; expected one of {_POOL_TYPES}"
+                )
             if global_pool == "token" and not self.has_class_token:
                 raise ValueError("fastvit: global_pool='token' needs a class token; this model has none")
             self.global_pool = global_pool
         self.num_classes = num_classes
         device = self.patch_embed.proj.weight.device
         dtype = self.patch_embed.proj.weight.dtype
-        self.head = Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+        self.head = (
+            Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+        )
         self.head.train(self.training)
 
-    def set_input_size(self, img_size: Optional[Union[int, tuple[int, int]]] = None, patch_size: Optional[int] = None) -> None:
+    def set_input_size(
+        self, img_size: Optional[Union[int, tuple[int, int]]] = None, patch_size: Optional[int] = None
+    ) -> None:
         """Rebuilds the model for a new input resolution, resampling the position table with
         ``self.pos_embed_interp`` (timm: bicubic + antialias).
 
@@ -257,8 +272,8 @@ class VisionTransformer(nn.Module):
         """
         if patch_size is not None and to_2tuple(patch_size) != to_2tuple(self.patch_embed.patch_size):
             raise ValueError(
-                f"fastvit: set_input_size cannot change the patch size ({self.patch_embed.patch_size} -> {patch_size}); "
-                f"only the image size can change"
+                "fastvit: set_input_size cannot change the patch size "
+                f"({self.patch_embed.patch_size} -> {patch_size}); only the image size can change"
             )
         if img_size is None:
             return
@@ -271,7 +286,9 @@ class VisionTransformer(nn.Module):
                 )
             self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)
         if "input_size" in self.pretrained_cfg:
-            self.pretrained_cfg = dict(self.pretrained_cfg, input_size=(self.patch_embed.in_chans, *self.patch_embed.img_size))
+            self.pretrained_cfg = dict(
+                self.pretrained_cfg, input_size=(self.patch_embed.in_chans, *self.patch_embed.img_size)
+            )
 
     # ---------------------------------------------------------------------------------- forward
 
@@ -418,7 +435,9 @@ class VisionTransformer(nn.Module):
             output_fmt="NCHW" if reshape else "NLC", intermediates_only=True,
         )  # fmt: skip
 
-    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+    def prune_intermediate_layers(
+        self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         """Drops the blocks after the last of ``indices`` (and optionally the final norm / head)."""
         take, last = feature_take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[: last + 1]
@@ -457,7 +476,9 @@ class VisionTransformerDistilled(VisionTransformer):
         weight_init = kwargs.pop("weight_init", "")
         super().__init__(*args, weight_init="skip", **kwargs)
         if self.global_pool != "token":
-            raise ValueError("fastvit: the distilled head reads the class and distillation tokens; use global_pool='token'")
+            raise ValueError(
+                "fastvit: the distilled head reads the class and distillation tokens; use global_pool='token'"
+            )
         if self.num_reg_tokens:
             raise ValueError("fastvit: register tokens are not supported with the distillation token")
         self.num_prefix_tokens = 2
@@ -486,10 +507,14 @@ class VisionTransformerDistilled(VisionTransformer):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool not in (None, "", "token"):
-            raise ValueError("fastvit: the distilled head reads the class and distillation tokens; global_pool must stay 'token'")
+            raise ValueError(
+                "fastvit: the distilled head reads the class and distillation tokens; global_pool must stay 'token'"
+            )
         super().reset_classifier(num_classes)
         device, dtype = self.dist_token.device, self.dist_token.dtype
-        self.head_dist = Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+        self.head_dist = (
+            Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+        )
         self.head_dist.train(self.training)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
@@ -523,7 +548,9 @@ def _create(cls: type, cfg: dict[str, Any], model_args: dict[str, Any], kwargs: 
     return model
 
 
-def _vit_entry(name: str, cfg: dict[str, Any], cls: type = VisionTransformer, **model_args: Any) -> Callable[..., nn.Module]:
+def _vit_entry(
+    name: str, cfg: dict[str, Any], cls: type = VisionTransformer, **model_args: Any
+) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         return _create(cls, cfg, dict(model_args), kwargs)
 
@@ -560,11 +587,15 @@ for _name, _shape, _patch, _img, _tag, _classes in (
 ):
     _vit_entry(_name, _cfg(_tag, _img, _classes), patch_size=_patch, img_size=_img, **_shape)
 
+_MIIL_CFG = _cfg("in21k", 224, 11221, norm=dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
 _vit_entry(
     "vit_base_patch16_224_miil",
-    _cfg("in21k", 224, 11221, norm=dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))) | dict(crop_pct=0.875, interpolation="bilinear"),
-    patch_size=16, img_size=224, qkv_bias=False, **_BASE,
-)  # fmt: skip
+    _MIIL_CFG | dict(crop_pct=0.875, interpolation="bilinear"),
+    patch_size=16,
+    img_size=224,
+    qkv_bias=False,
+    **_BASE,
+)
 
 # DeiT (facebookresearch/deit weights; ImageNet mean/std).
 for _name, _shape, _img, _cls in (
@@ -578,6 +609,8 @@ for _name, _shape, _img, _cls in (
     ("deit_base_distilled_patch16_384", _BASE, 384, VisionTransformerDistilled),
 ):
     _extra = dict(classifier=("head", "head_dist")) if _cls is VisionTransformerDistilled else {}
-    _vit_entry(_name, _cfg("fb_in1k", _img, 1000, norm=_IMAGENET) | _extra, cls=_cls, patch_size=16, img_size=_img, **_shape)
+    _vit_entry(
+        _name, _cfg("fb_in1k", _img, 1000, norm=_IMAGENET) | _extra, cls=_cls, patch_size=16, img_size=_img, **_shape
+    )
 
 del _name, _shape, _patch, _img, _tag, _classes, _cls, _extra

@@ -44,7 +44,10 @@ def test_resample_timm_convention_matches_timm(new_size):
         assert ours is pos
 
 
-@pytest.mark.parametrize("interp, mode, antialias", [("npz", "bilinear", False), ("mmseg", "bicubic", False), ("mmpretrain", "bicubic", False)])
+@pytest.mark.parametrize(
+    "interp, mode, antialias",
+    [("npz", "bilinear", False), ("mmseg", "bicubic", False), ("mmpretrain", "bicubic", False)],
+)
 def test_resample_source_conventions(interp, mode, antialias):
     pos = torch.randn(1, 2 + 36, 4)
     grid = pos[:, 2:].reshape(1, 6, 6, 4).permute(0, 3, 1, 2)

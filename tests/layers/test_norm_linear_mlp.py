@@ -30,7 +30,9 @@ def test_layer_norm_refuses_non_affine():
         LayerNorm(8, elementwise_affine=False)
 
 
-@pytest.mark.parametrize("activation, ref", [(None, lambda h: h), ("gelu", F.gelu), ("gelu_tanh", lambda h: F.gelu(h, approximate="tanh"))])
+@pytest.mark.parametrize(
+    "activation, ref", [(None, lambda h: h), ("gelu", F.gelu), ("gelu_tanh", lambda h: F.gelu(h, approximate="tanh"))]
+)
 def test_linear_activation_and_residual(activation, ref):
     lin = Linear(32, 24)
     x, r = torch.randn(3, 7, 32), torch.randn(3, 7, 24)

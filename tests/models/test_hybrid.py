@@ -34,7 +34,9 @@ def test_parameter_counts(name, num_classes, expected):
 def test_matches_timm():
     # the whole R50 body with two ViT blocks, at a small non-square size (the CNN dominates CPU time)
     theirs = timm.create_model("vit_base_r50_s16_384", depth=2, img_size=(48, 64), num_classes=10).eval()
-    ours = fastvit.create_model("vit_base_r50_s16_384", depth=2, img_size=(48, 64), num_classes=10, weight_init="skip").eval()
+    ours = fastvit.create_model(
+        "vit_base_r50_s16_384", depth=2, img_size=(48, 64), num_classes=10, weight_init="skip"
+    ).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(1, 3, 48, 64)
     with torch.no_grad():
@@ -48,7 +50,9 @@ def test_matches_timm():
 def test_dynamic_img_size_and_odd_sizes():
     # SAME padding rounds every stride-2 step up: 70 -> 35 -> 18 -> 9 -> 5 tokens per side
     theirs = timm.create_model("vit_base_r50_s16_224", depth=1, img_size=64, dynamic_img_size=True).eval()
-    ours = fastvit.create_model("vit_base_r50_s16_224", depth=1, img_size=64, dynamic_img_size=True, weight_init="skip").eval()
+    ours = fastvit.create_model(
+        "vit_base_r50_s16_224", depth=1, img_size=64, dynamic_img_size=True, weight_init="skip"
+    ).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(1, 3, 70, 50)
     assert ours.patch_embed.feat_size((70, 50)) == (5, 4)

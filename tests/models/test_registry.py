@@ -42,7 +42,9 @@ def test_list_models_patterns_and_tags():
 
 
 def test_overrides_reach_the_constructor():
-    model = create_model("vit_tiny_patch16_224", num_classes=3, img_size=64, depth=1, global_pool="avg", drop_path_rate=0.1)
+    model = create_model(
+        "vit_tiny_patch16_224", num_classes=3, img_size=64, depth=1, global_pool="avg", drop_path_rate=0.1
+    )
     assert model.num_classes == 3 and model.head.out_features == 3
     assert model.patch_embed.img_size == (64, 64) and model.pos_embed.shape == (1, 17, 192)
     assert len(model.blocks) == 1 and model.global_pool == "avg"

@@ -85,8 +85,14 @@ def test_headless_counts_and_timm_default_heads():
         ("vit_tiny_patch16_224", {}),
         ("deit_tiny_distilled_patch16_224", dict(depth=4)),
         ("vit_small_patch32_224", dict(depth=2, img_size=96, global_pool="avg", num_classes=10)),
-        ("vit_tiny_patch16_224", dict(depth=2, img_size=64, class_token=False, global_pool="avg", reg_tokens=2, no_embed_class=True)),
-        ("vit_tiny_patch16_224", dict(depth=2, img_size=64, init_values=1e-3, qk_norm=True, qkv_bias=False, fc_norm=True, global_pool="max")),
+        (
+            "vit_tiny_patch16_224",
+            dict(depth=2, img_size=64, class_token=False, global_pool="avg", reg_tokens=2, no_embed_class=True),
+        ),
+        (
+            "vit_tiny_patch16_224",
+            dict(depth=2, img_size=64, init_values=1e-3, qk_norm=True, qkv_bias=False, fc_norm=True, global_pool="max"),
+        ),
         ("vit_tiny_patch16_224", dict(depth=2, img_size=64, pre_norm=True, final_norm=False, global_pool="avgmax")),
     ],
     ids=["vit_tiny", "deit_tiny_distilled", "avg_fc_norm", "reg_no_embed_class", "layerscale_qknorm", "pre_norm"],
@@ -97,7 +103,10 @@ def test_matches_timm(name, kwargs):
     x = torch.randn(batch, 3, *ours.patch_embed.img_size)
     with torch.no_grad():
         assert_rel(ours(x), theirs(x))
-        assert_rel(ours.forward_head(ours.forward_features(x), pre_logits=True), theirs.forward_head(theirs.forward_features(x), pre_logits=True))
+        assert_rel(
+            ours.forward_head(ours.forward_features(x), pre_logits=True),
+            theirs.forward_head(theirs.forward_features(x), pre_logits=True),
+        )
 
 
 def test_state_dict_round_trips_into_timm():
@@ -196,7 +205,9 @@ def test_set_input_size_matches_timm():
 
 @pytest.mark.parametrize("interp", ["npz", "mmseg"])
 def test_pos_embed_interp_selects_the_resampling(interp):
-    model = fastvit.create_model("vit_tiny_patch16_224", depth=1, img_size=96, dynamic_img_size=True, pos_embed_interp=interp).eval()
+    model = fastvit.create_model(
+        "vit_tiny_patch16_224", depth=1, img_size=96, dynamic_img_size=True, pos_embed_interp=interp
+    ).eval()
     static = fastvit.create_model("vit_tiny_patch16_224", depth=1, img_size=(64, 128), weight_init="skip").eval()
     state = model.state_dict()
     state["pos_embed"] = resample_abs_pos_embed(model.pos_embed.detach(), (4, 8), (6, 6), 1, interp=interp)
