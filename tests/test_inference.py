@@ -46,6 +46,14 @@ def test_shipped_imagenet_class_names():
     assert names[0] == "tench, Tinca tinca" and names[281] == "tabby, tabby cat" and names[999].startswith("toilet tissue")
 
 
+def test_in21k_heads_get_timms_imagenet21k_names():
+    from fastvit.inference import class_names
+
+    names = class_names(tiny_vit("fastvit", num_classes=21843), 21843)
+    assert names is not None and len(names) == 21843 and names[0] == "organism, being"
+    assert class_names(tiny_vit("fastvit"), 10) is None
+
+
 def test_every_image_input_kind_gives_the_same_prediction(tmp_path, image):
     model = tiny_vit("fastvit")
     path = tmp_path / "image.png"
