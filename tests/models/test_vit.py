@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import fastvit
 from fastvit.layers import Attention, resample_abs_pos_embed
 from fastvit.models import VisionTransformer, VisionTransformerDistilled
+from fastvit.testing import assert_three_way
 
 
 def assert_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
@@ -297,3 +298,36 @@ def test_interpolate_reference_is_torch():
     want = F.interpolate(grid, size=(6, 8), mode="bicubic", antialias=True, align_corners=False)
     got = resample_abs_pos_embed(pos, (6, 8), (14, 14), 1, interp="timm")[:, 1:]
     torch.testing.assert_close(got, want.permute(0, 2, 3, 1).reshape(1, 48, 8))
+
+
+# ------------------------------------------------------------------------- GPU: the fused kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_model_matches_timm_on_gpu(dtype):
+    """The whole model on the auto backends (Triton / CUDA kernels) against timm: error vs an fp64 timm run
+    at most 2x timm's own error in the same precision (fp32 as is; bf16 under autocast)."""
+    ours, theirs = twin("vit_small_patch16_224", depth=4)
+    ours, theirs = ours.cuda(), theirs.cuda()
+    x = torch.randn(3, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        reference = theirs.double()(x.double())
+        theirs.float()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            got, timm_lowp = ours(x), theirs(x)
+    assert got.dtype == timm_lowp.dtype
+    assert_three_way(got, reference, timm_lowp, floor=1e-4 if dtype == torch.float32 else None)
+
+
+@pytest.mark.gpu
+def test_fused_model_gradients_on_gpu():
+    ours, theirs = twin("vit_tiny_patch16_224", depth=2, img_size=96)
+    ours, theirs = ours.cuda().train(), theirs.cuda().train()
+    x = torch.randn(2, 3, 96, 96, device="cuda")
+    ours(x).square().sum().backward()
+    theirs(x).square().sum().backward()
+    theirs_grads = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        want = theirs_grads[name].grad
+        assert_rel(p.grad, want, rtol=1e-3)
