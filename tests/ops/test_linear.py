@@ -57,7 +57,7 @@ def _float32_matmul_precision(precision):
         torch.set_float32_matmul_precision(previous)
 
 
-def _check(backend, x, w, b, r, activation, *, grad=True):
+def _check(backend, x, w, b, r, activation):
     """Three-way check of y and every gradient: kernel vs fp64 reference vs torch in x's dtype."""
     leaves = (x, w, b, r)
     names = [n for n, t in zip(GRAD_NAMES, (x, w, b, r)) if t is not None]
@@ -75,8 +75,6 @@ def _check(backend, x, w, b, r, activation, *, grad=True):
     y_lp, grads_lp = _run(reference, leaves, dy)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0])
     assert_three_way(y, y_ref, y_lp, factor=2.0, name=f"y ({activation})")
-    if not grad:
-        return
     for name, g, g_ref, g_lp, leaf in zip(names, grads, grads_ref, grads_lp, [t for t in leaves if t is not None]):
         assert g.dtype == leaf.dtype and g.shape == leaf.shape, f"{name}: {g.dtype}{list(g.shape)}"
         assert_three_way(g, g_ref, g_lp, factor=3.0, name=f"{name} ({activation})")
