@@ -29,7 +29,7 @@ import triton.language as tl
 from fastvit.kernels import INTERPRET
 from fastvit.kernels._common import device_guard
 
-__all__ = ["patch_embed_dweight", "patch_embed_dx", "patch_embed_fwd"]
+__all__ = ["int32_extent_ok", "patch_embed_dweight", "patch_embed_dx", "patch_embed_fwd"]
 
 
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -42,9 +42,12 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config
     ]
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Built offline for sm_90 (fp16/bf16/fp32; patch 14, 16):
+# none of these spills registers in fp16/bf16; the fp32 versions of the 64-wide-K ones exceed shared
+# memory and the autotuner skips them, the 32-wide-K and 64 x 64 ones serve fp32.
 _GEMM_SHAPES = [
     (128, 128, 64, 8, 3),
-    (128, 128, 32, 4, 4),
+    (128, 128, 32, 8, 3),
     (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4),
     (64, 64, 64, 4, 3),
@@ -53,23 +56,25 @@ _GEMM_SHAPES = [
 
 @triton.jit
 def _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH: tl.constexpr):
-    """Offsets (within one image) and in-image mask of A[m, k] for row vector m and column vector k."""
+    """Offsets (within one image, int32: the launcher checks one image spans < 2^31 elements) and
+    in-image mask of A[m, k] for row vector m and column vector k."""
     ph = m // Wp
     pw = m % Wp
     c = k // (PATCH * PATCH)
     r = k % (PATCH * PATCH)
     row = ph[:, None] * PATCH + (r // PATCH)[None, :]
     col = pw[:, None] * PATCH + (r % PATCH)[None, :]
-    offs = c[None, :].to(tl.int64) * sx_c + row.to(tl.int64) * sx_h + col.to(tl.int64) * sx_w
+    offs = c[None, :] * sx_c + row * sx_h + col * sx_w
     return offs, (row < H) & (col < W)
 
 
 @triton.jit
 def _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH: tl.constexpr):
-    """Offsets of W[n, k] (the (D, C, p, p) conv weight, any strides) for row vector n, column vector k."""
+    """Offsets of W[n, k] (the (D, C, p, p) conv weight, any strides, < 2^31 elements) for row vector n,
+    column vector k."""
     c = k // (PATCH * PATCH)
     r = k % (PATCH * PATCH)
-    return n[:, None].to(tl.int64) * sw_d + (c * sw_c + (r // PATCH) * sw_h + (r % PATCH) * sw_w)[None, :].to(tl.int64)
+    return n[:, None] * sw_d + (c * sw_c + (r // PATCH) * sw_h + (r % PATCH) * sw_w)[None, :]
 
 
 @triton.autotune(configs=_configs(_GEMM_SHAPES), key=["N", "D", "K", "PATCH"])
@@ -112,14 +117,15 @@ def _patch_embed_fwd_kernel(
         k_ok = k < K
         a_offs, a_in = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH)
         a = tl.load(x_img + a_offs, mask=a_in & m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(Wt + _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH), mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        w_offs = _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH)
+        w = tl.load(Wt + w_offs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_POS:
         pos_row = m + P if POS_COVERS_PREFIX else m
-        pos = tl.load(POS + pos_row.to(tl.int64)[:, None] * s_pos + n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += pos.to(tl.float32)
+        pos_offs = pos_row.to(tl.int64)[:, None] * s_pos + n[None, :]
+        acc += tl.load(POS + pos_offs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     out_img = OUT + b * (N + P) * D
     out_offs = (m + P).to(tl.int64)[:, None] * D + n[None, :]
     tl.store(out_img + out_offs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -131,7 +137,8 @@ def _patch_embed_fwd_kernel(
             tok = tl.load(PREFIX + p.to(tl.int64)[:, None] * s_pre + n[None, :], mask=p_mask, other=0.0).to(tl.float32)
             if HAS_POS:
                 if POS_COVERS_PREFIX:
-                    tok += tl.load(POS + p.to(tl.int64)[:, None] * s_pos + n[None, :], mask=p_mask, other=0.0).to(tl.float32)
+                    prefix_pos_offs = p.to(tl.int64)[:, None] * s_pos + n[None, :]
+                    tok += tl.load(POS + prefix_pos_offs, mask=p_mask, other=0.0).to(tl.float32)
             tl.store(out_img + p.to(tl.int64)[:, None] * D + n[None, :], tok.to(OUT.dtype.element_ty), mask=p_mask)
 
 
@@ -165,7 +172,8 @@ def _patch_embed_dx_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < D
         g = tl.load(dout_img + n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        w = tl.load(Wt + _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH), mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        w_offs = _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH)
+        w = tl.load(Wt + w_offs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
     offs, in_img = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH)
     tl.store(DX + b * sx_b + offs, acc.to(DX.dtype.element_ty), mask=in_img & m_ok[:, None] & k_ok[None, :])
@@ -209,12 +217,22 @@ def _patch_embed_dweight_kernel(
         a_offs, a_in = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH)
         a = tl.load(X + b[:, None] * sx_b + a_offs, mask=a_in & r_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(g, a, acc, input_precision=INPUT_PRECISION)
-    tl.store(DW_PART + split * D * K + n.to(tl.int64)[:, None] * K + k[None, :], acc, mask=n_ok[:, None] & k_ok[None, :])
+    part_offs = split * D * K + n.to(tl.int64)[:, None] * K + k[None, :]
+    tl.store(DW_PART + part_offs, acc, mask=n_ok[:, None] & k_ok[None, :])
 
 
-def _input_precision(x: torch.Tensor) -> str:
-    # fp32 follows torch's conv: TF32 tensor cores when cuDNN would use them (torch's default).
-    return "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRET else "ieee"
+def int32_extent_ok(t: torch.Tensor) -> bool:
+    """Whether offsets within one image (or within the weight) fit the kernels' int32 arithmetic."""
+    sizes, strides = t.shape[1:], t.stride()[1:]
+    return sum((n - 1) * abs(s) for n, s in zip(sizes, strides) if n > 0) < 2**31
+
+
+def _input_precision(x: torch.Tensor) -> Optional[str]:
+    """fp32 follows torch's conv: TF32 tensor cores when cuDNN would use them (torch's default), else
+    full fp32; fp16 / bf16 use the dot's native precision (None)."""
+    if x.dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cudnn.allow_tf32 and not INTERPRET else "ieee"
 
 
 def _grid_hw(x: torch.Tensor, patch: int) -> tuple[int, int]:
@@ -283,8 +301,12 @@ def patch_embed_dweight(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     part = torch.empty((splits, D, K), device=x.device, dtype=torch.float32)
     if rows == 0 or D == 0 or K == 0:
         return part.zero_().sum(0).view(D, C, patch, patch)
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(D, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), splits
+
     with device_guard(x):
-        _patch_embed_dweight_kernel[lambda meta: (triton.cdiv(D, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), splits)](
+        _patch_embed_dweight_kernel[grid](
             dout, x, part, rows, N, D, K, num_prefix, Wp, H, W, *x.stride(), rows_per_split,
             PATCH=patch, INPUT_PRECISION=_input_precision(x),
         )  # fmt: skip

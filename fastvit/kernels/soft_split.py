@@ -6,8 +6,9 @@ output grid Ho x Wo, L = Ho * Wo rows per image, F = C * kh * kw features per ro
 r = b * L + oh * Wo + ow, feature f = c * kh * kw + ki * kw + kj (nn.Unfold's order) reads pixel
 x[b, c, oh * sh - ph + ki, ow * sw - pw + kj], 0 outside the image.
 
-Forward: each program gathers BLOCK_R full rows (F <= MAX_FEATURES) and, with LayerNorm, normalises
-them in registers (fp32 statistics, kept for the backward). No unfolded copy is ever materialised.
+Forward: each program gathers BLOCK_R full rows as (rows, channels, window) tiles (padded to powers of
+two, at most MAX_TILE per row) and, with LayerNorm, normalises them in registers (fp32 statistics,
+kept for the backward). No unfolded copy is ever materialised.
 
 Backward (the fold), deterministic and without atomics: each program owns a tile of input pixels x
 channels and gathers the at most ceil(kh / sh) * ceil(kw / sw) output elements that read each pixel.
@@ -27,13 +28,18 @@ import triton.language as tl
 from fastvit.kernels import INTERPRET
 from fastvit.kernels._common import device_guard
 
-__all__ = ["MAX_FEATURES", "soft_split_bwd", "soft_split_fwd", "soft_split_ln_bwd_stats"]
+__all__ = ["MAX_TILE", "row_tile", "soft_split_bwd", "soft_split_fwd", "soft_split_ln_bwd_stats"]
 
-MAX_FEATURES = 16384  # one row per program lane group in registers
+MAX_TILE = 16384  # padded features per row, next_pow2(C) * next_pow2(kh * kw), held in registers
 
 
-def _rows_per_program(block_f: int) -> int:
-    return 1 if INTERPRET and block_f > 1024 else max(1, min(64, 4096 // block_f))
+def row_tile(channels: int, window: int) -> int:
+    """Padded elements of one output row in the kernels' (channels, window) tile."""
+    return triton.next_power_of_2(channels) * triton.next_power_of_2(window)
+
+
+def _rows_per_program(tile: int) -> int:
+    return max(1, min(64, 4096 // tile))
 
 
 def _num_warps(elements: int) -> int:
@@ -41,20 +47,22 @@ def _num_warps(elements: int) -> int:
 
 
 @triton.jit
-def _gather_offsets(r, f, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KH: tl.constexpr, KW: tl.constexpr,
-                    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):  # fmt: skip
-    """Offsets and in-image mask of U[r, f] for row vector r (int64) and feature vector f."""
+def _gather_tile(r, c, kk, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KW: tl.constexpr,
+                 SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):  # fmt: skip
+    """Offsets and in-image mask of the (rows, channels, window) tile U[r, c * kh * kw + kk].
+
+    The tile is 3-D so that each axis is an affine function of one index: loads can then be coalesced
+    along channels (token input, unit channel stride) or along the window (NCHW), whichever is
+    contiguous, and the compiler routes the tile through shared memory to the row-major output."""
     b = r // L
     l_ = r % L
     oh = l_ // Wo
     ow = l_ % Wo
-    c = f // (KH * KW)
-    ki = (f // KW) % KH
-    kj = f % KW
-    h = oh[:, None] * SH - PH + ki[None, :]
-    w = ow[:, None] * SW - PW + kj[None, :]
-    offs = b[:, None] * sx_b + c[None, :].to(tl.int64) * sx_c + h * sx_h + w * sx_w
-    return offs, (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    h = oh[:, None] * SH - PH + (kk // KW)[None, :]  # (rows, window)
+    w = ow[:, None] * SW - PW + (kk % KW)[None, :]
+    pix = b[:, None] * sx_b + h * sx_h + w * sx_w
+    offs = pix[:, None, :] + c.to(tl.int64)[None, :, None] * sx_c
+    return offs, ((h >= 0) & (h < H) & (w >= 0) & (w < W))[:, None, :]
 
 
 @triton.jit
@@ -65,33 +73,37 @@ def _soft_split_fwd_kernel(
     Y,  # (B * L, F) contiguous output
     MEAN,  # (B * L,) fp32, written with LayerNorm
     RSTD,  # (B * L,) fp32, written with LayerNorm
-    ROWS, L, Wo, H, W, F,
+    ROWS, L, Wo, H, W, C,
     sx_b, sx_c, sx_h, sx_w,
     eps,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     HAS_LN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_F: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_KK: tl.constexpr,
 ):  # fmt: skip
+    F = C * (KH * KW)
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    f = tl.arange(0, BLOCK_F)
+    c = tl.arange(0, BLOCK_C)
+    kk = tl.arange(0, BLOCK_KK)
     r_ok = r < ROWS
-    f_ok = f < F
-    mask = r_ok[:, None] & f_ok[None, :]
-    offs, in_img = _gather_offsets(r, f, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KH, KW, SH, SW, PH, PW)
+    feat_ok = (c < C)[:, None] & (kk < KH * KW)[None, :]  # (channels, window)
+    mask = r_ok[:, None, None] & feat_ok[None, :, :]
+    feat = c[:, None] * (KH * KW) + kk[None, :]  # feature index within the row
+    offs, in_img = _gather_tile(r, c, kk, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KW, SH, SW, PH, PW)
     u = tl.load(X + offs, mask=mask & in_img, other=0.0)
     if HAS_LN:
         u = u.to(tl.float32)
-        mean = tl.sum(u, axis=1) / F
-        diff = tl.where(mask, u - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / F + eps)
-        u = diff * rstd[:, None] * tl.load(NW + f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+        mean = tl.sum(tl.sum(u, axis=2), axis=1) / F
+        diff = tl.where(mask, u - mean[:, None, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(diff * diff, axis=2), axis=1) / F + eps)
+        u = diff * rstd[:, None, None] * tl.load(NW + feat, mask=feat_ok, other=0.0).to(tl.float32)[None, :, :]
         if HAS_BIAS:
-            u += tl.load(NB + f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+            u += tl.load(NB + feat, mask=feat_ok, other=0.0).to(tl.float32)[None, :, :]
         tl.store(MEAN + r, mean, mask=r_ok)
         tl.store(RSTD + r, rstd, mask=r_ok)
-    tl.store(Y + r[:, None] * F + f[None, :], u.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + r[:, None, None] * F + feat[None, :, :], u.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -105,40 +117,44 @@ def _soft_split_ln_bwd_stats_kernel(
     C2,  # (B * L,) fp32 output: mean(w * dy)
     DW_PART,  # (programs, F) fp32 partials of dweight
     DB_PART,  # (programs, F) fp32 partials of dbias, or unused
-    ROWS, L, Wo, H, W, F,
+    ROWS, L, Wo, H, W, C,
     sx_b, sx_c, sx_h, sx_w,
     rows_per_program,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_F: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_KK: tl.constexpr,
 ):  # fmt: skip
+    F = C * (KH * KW)
     pid = tl.program_id(0).to(tl.int64)
-    f = tl.arange(0, BLOCK_F)
-    f_ok = f < F
-    w = tl.load(NW + f, mask=f_ok, other=0.0).to(tl.float32)
-    acc_dw = tl.zeros((BLOCK_R, BLOCK_F), dtype=tl.float32)
-    acc_db = tl.zeros((BLOCK_R, BLOCK_F), dtype=tl.float32)
+    c = tl.arange(0, BLOCK_C)
+    kk = tl.arange(0, BLOCK_KK)
+    feat_ok = (c < C)[:, None] & (kk < KH * KW)[None, :]
+    feat = c[:, None] * (KH * KW) + kk[None, :]
+    w = tl.load(NW + feat, mask=feat_ok, other=0.0).to(tl.float32)[None, :, :]
+    acc_dw = tl.zeros((BLOCK_C, BLOCK_KK), dtype=tl.float32)
+    acc_db = tl.zeros((BLOCK_C, BLOCK_KK), dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, ROWS)
     for r0 in range(row_start, row_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         r_ok = r < row_end
-        mask = r_ok[:, None] & f_ok[None, :]
-        offs, in_img = _gather_offsets(r, f, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KH, KW, SH, SW, PH, PW)
+        mask = r_ok[:, None, None] & feat_ok[None, :, :]
+        offs, in_img = _gather_tile(r, c, kk, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KW, SH, SW, PH, PW)
         u = tl.load(X + offs, mask=mask & in_img, other=0.0).to(tl.float32)
-        dy = tl.load(DY + r[:, None] * F + f[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r[:, None, None] * F + feat[None, :, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + r, mask=r_ok, other=0.0)
         rstd = tl.load(RSTD + r, mask=r_ok, other=0.0)
-        xhat = tl.where(mask, (u - mean[:, None]) * rstd[:, None], 0.0)
-        wdy = w[None, :] * dy
-        tl.store(C1 + r, tl.sum(xhat * wdy, axis=1) / F, mask=r_ok)
-        tl.store(C2 + r, tl.sum(wdy, axis=1) / F, mask=r_ok)
-        acc_dw += dy * xhat
-        acc_db += dy
-    tl.store(DW_PART + pid * F + f, tl.sum(acc_dw, axis=0), mask=f_ok)
+        xhat = tl.where(mask, (u - mean[:, None, None]) * rstd[:, None, None], 0.0)
+        wdy = w * dy
+        tl.store(C1 + r, tl.sum(tl.sum(xhat * wdy, axis=2), axis=1) / F, mask=r_ok)
+        tl.store(C2 + r, tl.sum(tl.sum(wdy, axis=2), axis=1) / F, mask=r_ok)
+        acc_dw += tl.sum(dy * xhat, axis=0)
+        acc_db += tl.sum(dy, axis=0)
+    tl.store(DW_PART + pid * F + feat, acc_dw, mask=feat_ok)
     if HAS_BIAS:
-        tl.store(DB_PART + pid * F + f, tl.sum(acc_db, axis=0), mask=f_ok)
+        tl.store(DB_PART + pid * F + feat, acc_db, mask=feat_ok)
 
 
 @triton.jit
@@ -215,18 +231,18 @@ def soft_split_fwd(
     B, C, H, W = geometry
     kh, kw, sh, sw, ph, pw = kernel
     Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    rows, F = y.shape
+    rows = y.shape[0]
     if rows == 0:
         return
-    block_f = triton.next_power_of_2(F)
-    block_r = _rows_per_program(block_f)
+    block_c, block_kk = triton.next_power_of_2(C), triton.next_power_of_2(kh * kw)
+    block_r = _rows_per_program(block_c * block_kk)
     with device_guard(x):
         _soft_split_fwd_kernel[(triton.cdiv(rows, block_r),)](
             x, norm_weight if norm_weight is not None else y, norm_bias if norm_bias is not None else y, y,
             mean if mean is not None else y, rstd if rstd is not None else y,
-            rows, Ho * Wo, Wo, H, W, F, *image_strides, eps,
+            rows, Ho * Wo, Wo, H, W, C, *image_strides, eps,
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HAS_LN=norm_weight is not None, HAS_BIAS=norm_bias is not None,
-            BLOCK_R=block_r, BLOCK_F=block_f, num_warps=_num_warps(block_r * block_f),
+            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_KK=block_kk, num_warps=_num_warps(block_r * block_c * block_kk),
         )  # fmt: skip
 
 
@@ -260,14 +276,14 @@ def soft_split_ln_bwd_stats(
     db_part = torch.zeros((programs, F), device=dy.device, dtype=torch.float32) if has_bias else None
     if rows == 0:
         return c1, c2, dw_part, db_part
-    block_f = triton.next_power_of_2(F)
-    block_r = _rows_per_program(block_f)
+    block_c, block_kk = triton.next_power_of_2(C), triton.next_power_of_2(kh * kw)
+    block_r = _rows_per_program(block_c * block_kk)
     with device_guard(dy):
         _soft_split_ln_bwd_stats_kernel[(programs,)](
             dy, x, norm_weight, mean, rstd, c1, c2, dw_part, db_part if db_part is not None else dw_part,
-            rows, Ho * Wo, Wo, H, W, F, *image_strides, triton.cdiv(rows, programs),
+            rows, Ho * Wo, Wo, H, W, C, *image_strides, triton.cdiv(rows, programs),
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HAS_BIAS=has_bias,
-            BLOCK_R=block_r, BLOCK_F=block_f, num_warps=_num_warps(block_r * block_f),
+            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_KK=block_kk, num_warps=_num_warps(block_r * block_c * block_kk),
         )  # fmt: skip
     return c1, c2, dw_part, db_part
 
@@ -291,8 +307,11 @@ def soft_split_bwd(
     F = dy.shape[1]
     if B * C * H * W == 0:
         return
-    block_c = min(triton.next_power_of_2(C), 16 if INTERPRET else 64)
-    block_pix = 16 if INTERPRET else max(16, 4096 // block_c)
+    # 512-element tiles over 8 warps: each of the ceil(k/s)^2 unrolled window positions keeps its gathered
+    # gradient and row statistics live; sm_90 builds of 1024-4096-element tiles needed 150-255 registers
+    # or spilled, this one needs about 64.
+    block_c = min(triton.next_power_of_2(C), 16 if INTERPRET else 32)
+    block_pix = 16 if INTERPRET else 512 // block_c
     has_ln = norm_weight is not None
     mean, rstd, c1, c2 = stats if has_ln else (dy, dy, dy, dy)
     grid = (triton.cdiv(H * W, block_pix), triton.cdiv(C, block_c), B)
@@ -301,5 +320,5 @@ def soft_split_bwd(
             dy, x, norm_weight if has_ln else dy, mean, rstd, c1, c2, dx,
             C, H, W, Ho * Wo, Ho, Wo, F, *image_strides, *dx_strides,
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HAS_LN=has_ln,
-            BLOCK_PIX=block_pix, BLOCK_C=block_c, num_warps=_num_warps(block_pix * block_c),
+            BLOCK_PIX=block_pix, BLOCK_C=block_c, num_warps=1 if INTERPRET else 8,
         )  # fmt: skip

@@ -170,9 +170,19 @@ def _no_reasons(**_: object) -> list[str]:
     return []
 
 
+def _triton_reasons(x: Tensor, weight: Tensor, **_: object) -> list[str]:
+    if kernels.TRITON_IMPORT_ERROR is not None:
+        return []
+    return [
+        f"one {name} spans 2^31 elements or more; the Triton kernel addresses within it in int32"
+        for name, t in (("image of x", x), ("weight", weight))
+        if not _triton_kernels.int32_extent_ok(t if name != "weight" else t.unsqueeze(0))
+    ]
+
+
 _DISPATCH = OpDispatcher(
     name="patch_embed",
-    reasons={"torch": _no_reasons, "triton": _no_reasons},
+    reasons={"torch": _no_reasons, "triton": _triton_reasons},
     preference=("triton", "torch"),
 )
 

@@ -109,8 +109,8 @@ def _check_inputs(
     if hw is None:
         if x.dim() != 4:
             raise ValueError(
-                f"{_OP}: x must be a (B, C, H, W) image, or (B, L, C) tokens with hw=(H, W); got shape {tuple(x.shape)} "
-                "without hw"
+                f"{_OP}: x must be a (B, C, H, W) image, or (B, L, C) tokens with hw=(H, W); got shape "
+                f"{tuple(x.shape)} without hw"
             )
     else:
         if (
@@ -158,9 +158,12 @@ def _no_reasons(**_: object) -> list[str]:
     return []
 
 
-def _triton_reasons(features: int, **_: object) -> list[str]:
-    if kernels.TRITON_IMPORT_ERROR is None and features > _triton_kernels.MAX_FEATURES:
-        return [f"{features} features per row exceed the Triton kernel's {_triton_kernels.MAX_FEATURES}"]
+def _triton_reasons(channels: int, window: int, **_: object) -> list[str]:
+    if kernels.TRITON_IMPORT_ERROR is None and _triton_kernels.row_tile(channels, window) > _triton_kernels.MAX_TILE:
+        return [
+            f"a row of {channels} channels x {window} window positions pads to "
+            f"{_triton_kernels.row_tile(channels, window)} elements, over the Triton kernel's {_triton_kernels.MAX_TILE}"
+        ]
     return []
 
 
@@ -203,7 +206,10 @@ def _soft_split_fwd(
 def _(x, hw, kernel, norm_weight, norm_bias, eps, backend):
     rows, features = _out_shape(x, hw, kernel)
     stats = rows if norm_weight is not None else 0
-    return x.new_empty((rows, features)), x.new_empty((stats,), dtype=torch.float32), x.new_empty((stats,), dtype=torch.float32)
+    return (
+        x.new_empty((rows, features)), x.new_empty((stats,), dtype=torch.float32),
+        x.new_empty((stats,), dtype=torch.float32),
+    )  # fmt: skip
 
 
 @torch.library.custom_op("fastvit::soft_split_bwd", mutates_args=())
@@ -308,12 +314,14 @@ def soft_split(
         TypeError / ValueError: bad dtypes, shapes, geometry or mixed devices, naming the input.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
-    (kh, kw), (sh, sw), (ph, pw) = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    (kh, kw), (sh, sw) = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1)
+    ph, pw = _pair(padding, "padding", 0)
     kernel = [kh, kw, sh, sw, ph, pw]
     features = _check_inputs(x, hw, tuple(kernel), norm_weight, norm_bias, norm_eps)
     backend = _DISPATCH.select(
-        backend, x.device, x=x, norm_weight=norm_weight, norm_bias=norm_bias, features=features, hw=hw
-    )
+        backend, x.device, x=x, norm_weight=norm_weight, norm_bias=norm_bias, hw=hw, channels=features // (kh * kw),
+        window=kh * kw,
+    )  # fmt: skip
     if backend == "torch":
         return soft_split_ref(
             x, kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw), hw=hw, norm_weight=norm_weight,

@@ -146,7 +146,8 @@ def test_autocast_keeps_dtype(device):
 def test_reference_is_unfold_transpose():
     """The spec: nn.Unfold(k, s, p)(x).transpose(1, 2); tokens go through T2T's transpose + reshape."""
     x = torch.randn(2, 3, 20, 20)
-    torch.testing.assert_close(soft_split_ref(x, **STAGE0), nn.Unfold(kernel_size=7, stride=4, padding=2)(x).transpose(1, 2), rtol=0, atol=0)
+    want = nn.Unfold(kernel_size=7, stride=4, padding=2)(x).transpose(1, 2)
+    torch.testing.assert_close(soft_split_ref(x, **STAGE0), want, rtol=0, atol=0)
     tokens = torch.randn(2, 49, 8)
     image = tokens.transpose(1, 2).reshape(2, 8, 7, 7)
     want = nn.LayerNorm(72)(nn.Unfold(kernel_size=3, stride=2, padding=1)(image).transpose(1, 2))
@@ -169,7 +170,8 @@ def test_opcheck(device):
     nw, nb = (t.detach() for t in _norm(36, torch.float32, device))
     kernel = [3, 3, 2, 2, 1, 1]
     torch.library.opcheck(_soft_split_fwd, (x, [4, 4], kernel, nw, nb, 1e-5, "triton"))
-    torch.library.opcheck(_soft_split_fwd, (x.transpose(1, 2).reshape(2, 4, 4, 4), [], kernel, None, None, 1e-5, "triton"))
+    image = x.transpose(1, 2).reshape(2, 4, 4, 4)
+    torch.library.opcheck(_soft_split_fwd, (image, [], kernel, None, None, 1e-5, "triton"))
     _, mean, rstd = _soft_split_fwd(x, [4, 4], kernel, nw, nb, 1e-5, "triton")
     dy = torch.randn(8, 36, device=device)
     torch.library.opcheck(_soft_split_bwd, (dy, x, [4, 4], kernel, nw, mean, rstd, True, True, True, "triton"))
