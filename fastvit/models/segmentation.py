@@ -53,13 +53,13 @@ from fastvit.models.registry import register_model
 from fastvit.models.vit import VisionTransformer
 
 __all__ = [
+    "PPM",
     "ConvModule",
     "DPTHead",
     "EncoderDecoder",
     "FCNHead",
     "FeatureFusionBlock",
     "MultiLevelNeck",
-    "PPM",
     "PreActResidualConvUnit",
     "ReassembleBlocks",
     "UPerHead",
@@ -75,7 +75,9 @@ _POS_CACHE_SIZE = 64
 Features = tuple[Any, ...]  # per level: a (B, C, h, w) map, or (map, cls token (B, D)) for DPT
 
 
-def _resize(x: Tensor, size: Optional[Sequence[int]] = None, scale_factor: Optional[float] = None, align_corners: bool = False) -> Tensor:
+def _resize(
+    x: Tensor, size: Optional[Sequence[int]] = None, scale_factor: Optional[float] = None, align_corners: bool = False
+) -> Tensor:
     """Bilinear resize, mmseg's ``resize`` (``F.interpolate``; ``scale_factor`` maps coordinates by the
     factor itself, the output size is floored)."""
     if size is not None:
@@ -96,7 +98,7 @@ def _is_compiling() -> bool:
 def _to_mmseg_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
     """state_dict hook: this backbone's timm-named entries -> mmseg's names, in place, order kept."""
     items = list(state_dict.items())
-    ours = {k[len(prefix):]: v for k, v in items if k.startswith(prefix)}
+    ours = {k[len(prefix) :]: v for k, v in items if k.startswith(prefix)}
     renamed = iter(_mmseg_keys.timm_to_mmseg(ours).items())
     for k, _ in items:
         del state_dict[k]
@@ -114,7 +116,7 @@ def _from_mmseg_keys(module: nn.Module, state_dict: dict, prefix: str, *args: An
     """load_state_dict pre-hook: mmseg's backbone names -> timm's, in place. timm-named keys match no
     rule and pass unchanged, so both layouts load."""
     ours = [k for k in state_dict if k.startswith(prefix)]
-    sub = {k[len(prefix):]: state_dict.pop(k) for k in ours}
+    sub = {k[len(prefix) :]: state_dict.pop(k) for k in ours}
     for k, v in _mmseg_keys.mmseg_to_timm(sub).items():
         state_dict[prefix + k] = v
 
@@ -265,7 +267,9 @@ class ViTBackbone(VisionTransformer):
 
     # ------------------------------------------------------------------------------- weights
 
-    def load_pretrained(self, source: Union[str, "os.PathLike[str]", Mapping[str, Any]], format: str = "auto") -> list[str]:
+    def load_pretrained(
+        self, source: Union[str, os.PathLike[str], Mapping[str, Any]], format: str = "auto"
+    ) -> list[str]:
         """Loads classification weights (timm, DeiT, Google ``.npz``, mmpretrain, an mmseg backbone or
         segmentor file; anything :func:`fastvit.checkpoints.read_checkpoint` reads) into this backbone,
         as mmseg's ``init_weights`` does: the position table is resampled bicubically to the backbone's
@@ -301,7 +305,9 @@ class ViTBackbone(VisionTransformer):
             try:
                 sd["pos_embed"] = resample_abs_pos_embed(pos, self.patch_embed.grid_size, None, 1, "mmseg")
             except ValueError as err:
-                raise CheckpointError(f"{ckpt.source}: pos_embed {tuple(pos.shape)} cannot be resampled: {err}") from err
+                raise CheckpointError(
+                    f"{ckpt.source}: pos_embed {tuple(pos.shape)} cannot be resampled: {err}"
+                ) from err
         try:
             self.load_state_dict(sd, strict=True)
         except RuntimeError as err:
@@ -347,7 +353,14 @@ class ConvModule(nn.Module):
         if sorted(order) != ["act", "conv", "norm"]:
             raise ValueError(f"fastvit: ConvModule order must be a permutation of conv/norm/act, got {order}")
         self.order = order
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=(not norm) if bias == "auto" else bool(bias))
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            bias=(not norm) if bias == "auto" else bool(bias),
+        )
         self.bn = nn.BatchNorm2d(out_channels) if norm else None
         self.activate = nn.ReLU() if act else None
         # mmcv's init: Kaiming (fan_out, ReLU) conv weights, zero bias, unit/zero norm.
@@ -385,9 +398,13 @@ class MultiLevelNeck(nn.Module):
         self.out_channels = out_channels
         self.scales = list(scales)
         if len(self.in_channels) not in (1, len(self.scales)):
-            raise ValueError(f"fastvit: MultiLevelNeck takes 1 or {len(self.scales)} inputs, got in_channels={self.in_channels}")
+            raise ValueError(
+                f"fastvit: MultiLevelNeck takes 1 or {len(self.scales)} inputs, got in_channels={self.in_channels}"
+            )
         self.lateral_convs = nn.ModuleList([ConvModule(c, out_channels, 1, act=False) for c in self.in_channels])
-        self.convs = nn.ModuleList([ConvModule(out_channels, out_channels, 3, padding=1, act=False) for _ in self.scales])
+        self.convs = nn.ModuleList(
+            [ConvModule(out_channels, out_channels, 3, padding=1, act=False) for _ in self.scales]
+        )
         # mmseg's init: Xavier-uniform convs, zero bias.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -489,7 +506,12 @@ class PPM(nn.ModuleList):
     upsampled back to the input size (keys ``{i}.1.conv`` / ``{i}.1.bn``)."""
 
     def __init__(self, pool_scales: Sequence[int], in_channels: int, channels: int, align_corners: bool = False):
-        super().__init__([nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvModule(in_channels, channels, 1, norm=True)) for s in pool_scales])
+        super().__init__(
+            [
+                nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvModule(in_channels, channels, 1, norm=True))
+                for s in pool_scales
+            ]
+        )
         self.align_corners = align_corners
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -521,12 +543,16 @@ class UPerHead(_DecodeHead):
     ):
         in_channels = list(in_channels)
         if len(in_channels) != len(in_index):
-            raise ValueError(f"fastvit: UPerHead in_channels {in_channels} and in_index {list(in_index)} differ in length")
+            raise ValueError(
+                f"fastvit: UPerHead in_channels {in_channels} and in_index {list(in_index)} differ in length"
+            )
         super().__init__(in_channels, channels, num_classes, list(in_index), **kwargs)
         self.psp_modules = PPM(pool_scales, in_channels[-1], channels, self.align_corners)
         self.bottleneck = ConvModule(in_channels[-1] + len(pool_scales) * channels, channels, 3, padding=1, norm=True)
         self.lateral_convs = nn.ModuleList([ConvModule(c, channels, 1, norm=True) for c in in_channels[:-1]])
-        self.fpn_convs = nn.ModuleList([ConvModule(channels, channels, 3, padding=1, norm=True) for _ in in_channels[:-1]])
+        self.fpn_convs = nn.ModuleList(
+            [ConvModule(channels, channels, 3, padding=1, norm=True) for _ in in_channels[:-1]]
+        )
         self.fpn_bottleneck = ConvModule(len(in_channels) * channels, channels, 3, padding=1, norm=True)
 
     def forward(self, inputs: Features) -> Tensor:
@@ -535,7 +561,9 @@ class UPerHead(_DecodeHead):
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, feats)]
         laterals.append(self.bottleneck(torch.cat([last, *self.psp_modules(last)], dim=1)))
         for i in range(len(laterals) - 1, 0, -1):  # top-down
-            laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], size=laterals[i - 1].shape[-2:], align_corners=self.align_corners)
+            laterals[i - 1] = laterals[i - 1] + _resize(
+                laterals[i], size=laterals[i - 1].shape[-2:], align_corners=self.align_corners
+            )
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals)] + [laterals[-1]]
         size = outs[0].shape[-2:]
         outs = [outs[0]] + [_resize(x, size=size, align_corners=self.align_corners) for x in outs[1:]]
@@ -572,7 +600,10 @@ class FCNHead(_DecodeHead):
     ):
         super().__init__(in_channels, channels, num_classes, in_index, loss_weight=loss_weight, **kwargs)
         pad = kernel_size // 2
-        convs = [ConvModule(in_channels if i == 0 else channels, channels, kernel_size, padding=pad, norm=True) for i in range(num_convs)]
+        convs = [
+            ConvModule(in_channels if i == 0 else channels, channels, kernel_size, padding=pad, norm=True)
+            for i in range(num_convs)
+        ]
         self.convs = nn.Sequential(*convs) if convs else nn.Identity()
         self.concat_input = concat_input
         if concat_input:
@@ -597,7 +628,9 @@ class ReassembleBlocks(nn.Module):
         readout_type: "ignore", "add" or "project".
     """
 
-    def __init__(self, in_channels: int = 768, out_channels: Sequence[int] = (96, 192, 384, 768), readout_type: str = "project"):
+    def __init__(
+        self, in_channels: int = 768, out_channels: Sequence[int] = (96, 192, 384, 768), readout_type: str = "project"
+    ):
         super().__init__()
         if readout_type not in ("ignore", "add", "project"):
             raise ValueError(f"fastvit: readout_type must be 'ignore', 'add' or 'project', got {readout_type!r}")
@@ -613,13 +646,17 @@ class ReassembleBlocks(nn.Module):
             nn.Conv2d(c[3], c[3], kernel_size=3, stride=2, padding=1),
         ])  # fmt: skip
         if readout_type == "project":
-            self.readout_projects = nn.ModuleList([nn.Sequential(nn.Linear(2 * in_channels, in_channels), nn.GELU()) for _ in c])
+            self.readout_projects = nn.ModuleList(
+                [nn.Sequential(nn.Linear(2 * in_channels, in_channels), nn.GELU()) for _ in c]
+            )
 
     def forward(self, inputs: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
         out = []
         for i, level in enumerate(inputs):
             if not isinstance(level, (tuple, list)) or len(level) != 2:
-                raise ValueError("fastvit: DPT's reassemble stage takes (map, cls token) pairs; build the backbone with output_cls_token=True")
+                raise ValueError(
+                    "fastvit: DPT's reassemble stage takes (map, cls token) pairs; build the backbone with output_cls_token=True"
+                )
             x, cls = level
             B, C, h, w = x.shape
             if self.readout_type == "project":
@@ -693,8 +730,12 @@ class DPTHead(_DecodeHead):
     ):
         super().__init__(list(in_channels), channels, num_classes, list(in_index), **kwargs)
         self.reassemble_blocks = ReassembleBlocks(embed_dims, post_process_channels, readout_type)
-        self.convs = nn.ModuleList([ConvModule(c, channels, 3, padding=1, act=False, bias=False) for c in post_process_channels])
-        self.fusion_blocks = nn.ModuleList([FeatureFusionBlock(channels, with_skip=i > 0) for i in range(len(self.convs))])
+        self.convs = nn.ModuleList(
+            [ConvModule(c, channels, 3, padding=1, act=False, bias=False) for c in post_process_channels]
+        )
+        self.fusion_blocks = nn.ModuleList(
+            [FeatureFusionBlock(channels, with_skip=i > 0) for i in range(len(self.convs))]
+        )
         self.project = ConvModule(channels, channels, 3, padding=1, norm=True)
 
     def forward(self, inputs: Features) -> Tensor:
@@ -706,6 +747,21 @@ class DPTHead(_DecodeHead):
 
 
 # -------------------------------------------------------------------------------------- segmentor
+
+
+def _segmentor_state_dict(content: Any) -> Optional[dict[str, Tensor]]:
+    """The tensors of an mmseg segmentor checkpoint (``state_dict`` unwrapped, a DDP ``module.`` prefix
+    removed), or None when ``content`` has no ``backbone.`` keys."""
+    if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
+        content = content["state_dict"]
+    if not isinstance(content, Mapping):
+        return None
+    sd = {str(k).removeprefix("module."): v for k, v in content.items() if isinstance(v, Tensor)}
+    return sd if any(k.startswith("backbone.") for k in sd) else None
+
+
+def _source_name(source: Any) -> str:
+    return "<state dict>" if isinstance(source, Mapping) else os.fspath(source)
 
 
 def _check_num_classes(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -734,6 +790,12 @@ class EncoderDecoder(nn.Module):
     ``forward(x)`` gives the head's logits (1/4, 1/16 or 1/2 resolution), ``forward(x, seg_label)`` the
     training losses, ``predict(x)`` logits at the input size. Inputs are normalised images
     (``pretrained_cfg`` mean/std, RGB).
+
+    Attributes:
+        check_labels: the training forward checks that every label is a class index or the ignore
+            index (a readable error instead of a CUDA device-side assert). The check reads one flag
+            back from the device (a synchronisation per step); set False to skip it once the data is
+            trusted. It is skipped while ``torch.compile`` traces.
     """
 
     def __init__(
@@ -750,6 +812,7 @@ class EncoderDecoder(nn.Module):
         self.auxiliary_head = auxiliary_head
         self.num_classes = decode_head.num_classes
         self.pretrained_cfg: dict[str, Any] = {}
+        self.check_labels = True
         self._register_load_state_dict_pre_hook(_check_num_classes, with_module=True)
 
     def min_input_size(self) -> int:
@@ -794,6 +857,8 @@ class EncoderDecoder(nn.Module):
                 f"fastvit: seg_label must be (B, H, W) or (B, 1, H, W) with B={x.shape[0]}, got shape {tuple(seg_label.shape)}"
             )
         ignore = self.decode_head.ignore_index
+        if not self.check_labels or _is_compiling():
+            return seg_label.long()
         bad = (seg_label != ignore) & ((seg_label < 0) | (seg_label >= self.num_classes))
         if bool(bad.any()):
             values = torch.unique(seg_label[bad])[:8].tolist()
@@ -838,7 +903,9 @@ class EncoderDecoder(nn.Module):
             logits = _resize(logits, size=to_2tuple(size), align_corners=self.decode_head.align_corners)
         return logits
 
-    def load_mmseg_checkpoint(self, source: Union[str, "os.PathLike[str]", Mapping[str, Any]], strict: bool = True) -> list[str]:
+    def load_mmseg_checkpoint(
+        self, source: Union[str, os.PathLike[str], Mapping[str, Any]], strict: bool = True
+    ) -> list[str]:
         """Loads an mmseg segmentor checkpoint (``{'meta', 'state_dict', ...}`` from mmseg's model zoo, or
         a bare state dict with ``backbone.`` / ``neck.`` / ``decode_head.`` / ``auxiliary_head.`` keys).
 
@@ -857,25 +924,57 @@ class EncoderDecoder(nn.Module):
         from fastvit.checkpoints import CheckpointError
         from fastvit.checkpoints._io import read_container
 
-        name = "<state dict>" if isinstance(source, Mapping) else os.fspath(source)
-        content = source if isinstance(source, Mapping) else read_container(source)[1]
-        if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
-            content = content["state_dict"]
-        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in content.items() if isinstance(v, Tensor)}
-        if not any(k.startswith("backbone.") for k in sd):
+        name = _source_name(source)
+        sd = _segmentor_state_dict(source if isinstance(source, Mapping) else read_container(source)[1])
+        if sd is None:
             raise CheckpointError(
                 f"{name}: not an mmseg segmentor checkpoint (no 'backbone.' keys); for classification weights use "
-                f"model.backbone.load_pretrained(path)"
+                f"model.load_pretrained(path) or model.backbone.load_pretrained(path)"
             )
+        return self._load_segmentor(sd, name, strict)
+
+    def _load_segmentor(self, sd: dict[str, Tensor], name: str, strict: bool) -> list[str]:
+        from fastvit.checkpoints import CheckpointError
+
         drop = ("data_preprocessor.",) + (("auxiliary_head.",) if self.auxiliary_head is None else ())
         left_out = sorted(k for k in sd if k.startswith(drop))
-        for k in left_out:
-            del sd[k]
+        sd = {k: v for k, v in sd.items() if k not in left_out}
         try:
             self.load_state_dict(sd, strict=strict)
         except RuntimeError as err:
             raise CheckpointError(f"{name}: does not fit {type(self).__name__}: {err}") from err
         return left_out
+
+    def load_pretrained(
+        self, source: Union[str, os.PathLike[str], Mapping[str, Any]], format: str = "auto"
+    ) -> list[str]:
+        """Loads any checkpoint a user of these models holds: an mmseg segmentor checkpoint into the
+        whole model (:meth:`load_mmseg_checkpoint`, strict), classification weights (timm, DeiT, Google
+        ``.npz``, mmpretrain, an mmseg backbone) into the backbone alone (:meth:`ViTBackbone.load_pretrained`).
+
+        Args:
+            source: checkpoint path or loaded dict.
+            format: for classification weights, "auto" or a :data:`fastvit.checkpoints.FORMATS` name.
+
+        Returns:
+            The checkpoint keys left out on purpose.
+
+        Raises:
+            CheckpointError / ValueError: as the two loaders raise.
+        """
+        from fastvit.checkpoints._io import read_container
+
+        if isinstance(source, Mapping):
+            content = source
+        else:
+            container, content = read_container(source)
+            if container == "npz":
+                return self.backbone.load_pretrained(source, format)
+        sd = _segmentor_state_dict(content)
+        if sd is not None and any(k.startswith("decode_head.") for k in sd):
+            return self._load_segmentor(sd, _source_name(source), strict=True)
+        # Classification weights (or an mmseg backbone alone): fastvit.checkpoints reads every format.
+        return self.backbone.load_pretrained(content if isinstance(source, Mapping) else source, format)
 
 
 # --------------------------------------------------------------------------------------- registry
@@ -899,7 +998,7 @@ def _upernet(
     pool_scales: Sequence[int] = (1, 2, 3, 6),
     dropout_ratio: float = 0.1,
     out_indices: Sequence[int] = (2, 5, 8, 11),
-    backbone_pretrained: Optional[Union[str, "os.PathLike[str]"]] = None,
+    backbone_pretrained: Optional[Union[str, os.PathLike[str]]] = None,
     **backbone_kwargs: Any,
 ) -> EncoderDecoder:
     backbone = ViTBackbone(
@@ -908,8 +1007,18 @@ def _upernet(
     )  # fmt: skip
     levels = [embed_dim] * len(backbone.out_indices)
     neck = MultiLevelNeck(levels, embed_dim, scales=(4, 2, 1, 0.5)) if mln else None
-    decode = UPerHead(levels, channels, num_classes, pool_scales=pool_scales, in_index=range(len(levels)), dropout_ratio=dropout_ratio)
-    aux = FCNHead(embed_dim, aux_channels, num_classes, num_convs=1, concat_input=False, in_index=len(levels) - 1, dropout_ratio=dropout_ratio)
+    decode = UPerHead(
+        levels, channels, num_classes, pool_scales=pool_scales, in_index=range(len(levels)), dropout_ratio=dropout_ratio
+    )
+    aux = FCNHead(
+        embed_dim,
+        aux_channels,
+        num_classes,
+        num_convs=1,
+        concat_input=False,
+        in_index=len(levels) - 1,
+        dropout_ratio=dropout_ratio,
+    )
     model = EncoderDecoder(backbone, decode, neck=neck, auxiliary_head=aux)
     model.pretrained_cfg = dict(_UPERNET_CFG, num_classes=num_classes)
     if backbone_pretrained is not None:
@@ -931,7 +1040,7 @@ def _dpt(
     dropout_ratio: float = 0.1,
     drop_path_rate: float = 0.0,
     grad_checkpointing: bool = True,
-    backbone_pretrained: Optional[Union[str, "os.PathLike[str]"]] = None,
+    backbone_pretrained: Optional[Union[str, os.PathLike[str]]] = None,
     **backbone_kwargs: Any,
 ) -> EncoderDecoder:
     # The DPT config keeps mmseg's default img_size=224 (a 14x14 table, resampled to every crop's grid),
@@ -975,21 +1084,22 @@ def _entry(name: str, builder: Callable[..., EncoderDecoder], what: str, config:
 _VIT_B = dict(embed_dim=768, num_heads=12)
 _DEIT_S = dict(embed_dim=384, num_heads=6)
 
-# One entry per architecture of the MMSeg tables (the 80k and 160k schedules share it).
-_entry("upernet_vit_b16_mln_512", _upernet, "UPerNet, ViT-B/16 + MLN", "vit_vit-b16_mln_upernet_8xb2-80k_ade20k-512x512",
-       mln=True, final_norm=False, drop_path_rate=0.0, **_VIT_B)  # fmt: skip
-_entry("upernet_vit_b16_ln_mln_512", _upernet, "UPerNet, ViT-B/16 + LN + MLN", "vit_vit-b16-ln_mln_upernet_8xb2-160k_ade20k-512x512",
-       mln=True, final_norm=True, drop_path_rate=0.1, **_VIT_B)  # fmt: skip
-_entry("upernet_deit_s16_512", _upernet, "UPerNet, DeiT-S/16", "vit_deit-s16_upernet_8xb2-80k_ade20k-512x512",
-       mln=False, final_norm=False, drop_path_rate=0.1, **_DEIT_S)  # fmt: skip
-_entry("upernet_deit_s16_mln_512", _upernet, "UPerNet, DeiT-S/16 + MLN", "vit_deit-s16_mln_upernet_8xb2-160k_ade20k-512x512",
-       mln=True, final_norm=False, drop_path_rate=0.1, **_DEIT_S)  # fmt: skip
-_entry("upernet_deit_s16_ln_mln_512", _upernet, "UPerNet, DeiT-S/16 + LN + MLN", "vit_deit-s16-ln_mln_upernet_8xb2-160k_ade20k-512x512",
-       mln=True, final_norm=True, drop_path_rate=0.1, **_DEIT_S)  # fmt: skip
-_entry("upernet_deit_b16_512", _upernet, "UPerNet, DeiT-B/16", "vit_deit-b16_upernet_8xb2-80k_ade20k-512x512",
-       mln=False, final_norm=False, drop_path_rate=0.1, **_VIT_B)  # fmt: skip
-_entry("upernet_deit_b16_mln_512", _upernet, "UPerNet, DeiT-B/16 + MLN", "vit_deit-b16_mln_upernet_8xb2-160k_ade20k-512x512",
-       mln=True, final_norm=False, drop_path_rate=0.1, **_VIT_B)  # fmt: skip
-_entry("upernet_deit_b16_ln_mln_512", _upernet, "UPerNet, DeiT-B/16 + LN + MLN", "vit_deit-b16-ln_mln_upernet_8xb2-160k_ade20k-512x512",
-       mln=True, final_norm=True, drop_path_rate=0.1, **_VIT_B)  # fmt: skip
+# One entry per architecture of the MMSeg tables (the 80k and 160k schedules share it):
+# name, backbone shape, MLN neck, final norm ("+ LN"), drop-path rate, the mmseg 1.x config.
+for _name, _shape, _mln, _ln, _dpr, _config in (
+    ("upernet_vit_b16_mln_512", _VIT_B, True, False, 0.0, "vit_vit-b16_mln_upernet_8xb2-80k"),
+    ("upernet_vit_b16_ln_mln_512", _VIT_B, True, True, 0.1, "vit_vit-b16-ln_mln_upernet_8xb2-160k"),
+    ("upernet_deit_s16_512", _DEIT_S, False, False, 0.1, "vit_deit-s16_upernet_8xb2-80k"),
+    ("upernet_deit_s16_mln_512", _DEIT_S, True, False, 0.1, "vit_deit-s16_mln_upernet_8xb2-160k"),
+    ("upernet_deit_s16_ln_mln_512", _DEIT_S, True, True, 0.1, "vit_deit-s16-ln_mln_upernet_8xb2-160k"),
+    ("upernet_deit_b16_512", _VIT_B, False, False, 0.1, "vit_deit-b16_upernet_8xb2-80k"),
+    ("upernet_deit_b16_mln_512", _VIT_B, True, False, 0.1, "vit_deit-b16_mln_upernet_8xb2-160k"),
+    ("upernet_deit_b16_ln_mln_512", _VIT_B, True, True, 0.1, "vit_deit-b16-ln_mln_upernet_8xb2-160k"),
+):
+    _backbone = "ViT-B/16" if _name.startswith("upernet_vit") else "DeiT-B/16" if "deit_b" in _name else "DeiT-S/16"
+    _what = f"UPerNet, {_backbone}{' + LN' if _ln else ''}{' + MLN' if _mln else ''}"
+    _entry(_name, _upernet, _what, f"{_config}_ade20k-512x512", mln=_mln, final_norm=_ln, drop_path_rate=_dpr, **_shape)
+
 _entry("dpt_vit_b16_512", _dpt, "DPT, ViT-B/16", "dpt_vit-b16_8xb2-160k_ade20k-512x512")
+
+del _name, _shape, _mln, _ln, _dpr, _config, _backbone, _what

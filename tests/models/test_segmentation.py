@@ -20,6 +20,7 @@ from fastvit.checkpoints import CheckpointError
 from fastvit.checkpoints.mmseg import timm_to_mmseg
 from fastvit.checkpoints.npz import save_npz, timm_to_npz
 from fastvit.models.segmentation import EncoderDecoder, ViTBackbone
+from typing import Optional
 
 UPERNET = {
     # name: (D, heads, MLN neck, final norm), from configs/vit/*.py (mission.md 1.5 / 4.3)
@@ -56,7 +57,9 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for name, t in model.state_dict(keep_vars=True).items():
             if t.is_floating_point():
                 noise = torch.randn(t.shape, generator=gen) * 0.2
-                positive = name.endswith(("running_var", "ln1.weight", "ln2.weight", "norm1.weight", "norm2.weight", "bn.weight"))
+                positive = name.endswith(
+                    ("running_var", "ln1.weight", "ln2.weight", "norm1.weight", "norm2.weight", "bn.weight")
+                )
                 t.copy_(noise.abs() + 0.5 if positive else noise)
     return model.eval()
 
@@ -64,7 +67,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 # ----------------------------------------------------- mmseg layout, derived from the mmseg modules
 
 
-def _conv_module(prefix: str, cin: int, cout: int, k: int, norm: bool, bias: bool = None) -> dict:
+def _conv_module(prefix: str, cin: int, cout: int, k: int, norm: bool, bias: Optional[bool] = None) -> dict:
     """mmcv ConvModule: conv (bias only without a norm, unless forced) + bn (SyncBN/BN keys)."""
     spec = {f"{prefix}.conv.weight": (cout, cin, k, k)}
     if (not norm) if bias is None else bias:
@@ -154,47 +157,58 @@ def test_dpt_state_dict_is_mmseg_layout():
 
 
 def backbone_params(D: int, tokens: int, final_norm: bool) -> int:
-    patch = 3 * 16 * 16 * D + D                      # 16x16 conv, bias
-    embed = D + tokens * D                            # cls_token + pos_embed (grid + cls rows)
-    block = (2 * D                                    # ln1
-             + 3 * D * D + 3 * D                      # in_proj (q, k, v)
-             + D * D + D                              # out_proj
-             + 2 * D                                  # ln2
-             + 4 * D * D + 4 * D                      # ffn fc1 (mlp_ratio 4)
-             + 4 * D * D + D)                         # ffn fc2
+    patch = 3 * 16 * 16 * D + D  # 16x16 conv, bias
+    embed = D + tokens * D  # cls_token + pos_embed (grid + cls rows)
+    block = (
+        2 * D  # ln1
+        + 3 * D * D
+        + 3 * D  # in_proj (q, k, v)
+        + D * D
+        + D  # out_proj
+        + 2 * D  # ln2
+        + 4 * D * D
+        + 4 * D  # ffn fc1 (mlp_ratio 4)
+        + 4 * D * D
+        + D
+    )  # ffn fc2
     return patch + embed + 12 * block + (2 * D if final_norm else 0)  # fmt: skip
 
 
 def mln_params(D: int) -> int:
-    return 4 * (D * D + D) + 4 * (9 * D * D + D)      # 4 lateral 1x1 + 4 output 3x3, all with bias
+    return 4 * (D * D + D) + 4 * (9 * D * D + D)  # 4 lateral 1x1 + 4 output 3x3, all with bias
 
 
 def bn(c: int) -> int:
-    return 2 * c                                      # weight + bias (running stats are buffers)
+    return 2 * c  # weight + bias (running stats are buffers)
 
 
 def upernet_head_params(D: int, C: int = 512) -> int:
-    psp = 4 * (D * C + bn(C))                         # pool scales (1, 2, 3, 6): 1x1 conv + BN each
-    bottleneck = (D + 4 * C) * C * 9 + bn(C)          # 3x3 on [x, 4 pooled maps]
-    laterals = 3 * (D * C + bn(C))                    # 1x1 on levels 0-2
-    fpn = 3 * (C * C * 9 + bn(C))                     # 3x3 on levels 0-2
-    fuse = 4 * C * C * 9 + bn(C)                      # fpn_bottleneck 3x3 on the 4 levels
+    psp = 4 * (D * C + bn(C))  # pool scales (1, 2, 3, 6): 1x1 conv + BN each
+    bottleneck = (D + 4 * C) * C * 9 + bn(C)  # 3x3 on [x, 4 pooled maps]
+    laterals = 3 * (D * C + bn(C))  # 1x1 on levels 0-2
+    fpn = 3 * (C * C * 9 + bn(C))  # 3x3 on levels 0-2
+    fuse = 4 * C * C * 9 + bn(C)  # fpn_bottleneck 3x3 on the 4 levels
     return psp + bottleneck + laterals + fpn + fuse + C * K + K  # + conv_seg
 
 
 def fcn_aux_params(D: int, C: int = 256) -> int:
-    return D * C * 9 + bn(C) + C * K + K              # one 3x3 ConvModule + conv_seg
+    return D * C * 9 + bn(C) + C * K + K  # one 3x3 ConvModule + conv_seg
 
 
 def dpt_head_params(D: int = 768, C: int = 256, post=(96, 192, 384, 768)) -> int:
-    readout = 4 * (2 * D * D + D)                     # Linear(2D -> D) per level ('project')
-    projects = sum(D * c + c for c in post)           # 1x1 conv + bias per level
-    resize = (post[0] ** 2 * 16 + post[0]             # ConvTranspose k4 s4
-              + post[1] ** 2 * 4 + post[1]            # ConvTranspose k2 s2
-              + post[3] ** 2 * 9 + post[3])           # (Identity), Conv3x3 s2
-    convs = sum(c * C * 9 for c in post)              # 3x3, no bias, no norm
-    unit = 2 * (C * C * 9 + bn(C))                    # PreActResidualConvUnit: 2 x (conv no bias + BN)
-    fusion = 4 * (C * C + C) + 7 * unit               # 4 projects; 4 + 3 units (block 0 has no skip unit)
+    readout = 4 * (2 * D * D + D)  # Linear(2D -> D) per level ('project')
+    projects = sum(D * c + c for c in post)  # 1x1 conv + bias per level
+    resize = (
+        post[0] ** 2 * 16
+        + post[0]  # ConvTranspose k4 s4
+        + post[1] ** 2 * 4
+        + post[1]  # ConvTranspose k2 s2
+        + post[3] ** 2 * 9
+        + post[3]
+    )  # (Identity), Conv3x3 s2
+    convs = sum(c * C * 9 for c in post)  # 3x3, no bias, no norm
+    unit = 2 * (C * C * 9 + bn(C))  # PreActResidualConvUnit: 2 x (conv no bias + BN)
+    fusion = 4 * (C * C + C) + 7 * unit  # 4 projects; 4 + 3 units (block 0 has no skip unit)
     project = C * C * 9 + bn(C)
     return readout + projects + resize + convs + fusion + project + C * K + K  # fmt: skip
 
@@ -210,14 +224,22 @@ def test_upernet_parameter_counts(name):
         assert model.neck is None
     assert n_params(model.decode_head) == upernet_head_params(D)
     assert n_params(model.auxiliary_head) == fcn_aux_params(D)
-    expected = backbone_params(D, 1025, final_norm) + (mln_params(D) if mln else 0) + upernet_head_params(D) + fcn_aux_params(D)
+    expected = (
+        backbone_params(D, 1025, final_norm)
+        + (mln_params(D) if mln else 0)
+        + upernet_head_params(D)
+        + fcn_aux_params(D)
+    )
     assert n_params(model) == expected
 
 
 def test_parameter_counts_known_values():
     # The formulas above evaluated once by hand, so a shared mistake in formula and model is caught
     # for the headline rows: ViT-B + MLN 144.17M (UPerNet), DeiT-S 52.09M, DPT ViT-B 109.71M.
-    assert backbone_params(768, 1025, False) + mln_params(768) + upernet_head_params(768) + fcn_aux_params(768) == 144_173_612
+    assert (
+        backbone_params(768, 1025, False) + mln_params(768) + upernet_head_params(768) + fcn_aux_params(768)
+        == 144_173_612
+    )
     assert backbone_params(384, 1025, False) + upernet_head_params(384) + fcn_aux_params(384) == 52_093_868
     assert backbone_params(768, 197, False) + dpt_head_params() == 109_705_046
 
@@ -259,11 +281,11 @@ def test_full_size_upernet_deit_s16_shapes_512x683():
 @pytest.mark.parametrize(
     "name, kwargs, hw, logits_hw",
     [
-        ("upernet_vit_b16_mln_512", SMALL_UPERNET, (512, 512), (128, 128)),   # MLN: strides 4..32, logits at 1/4
-        ("upernet_vit_b16_mln_512", SMALL_UPERNET, (512, 683), (128, 172)),   # 32x43 grid x 4
-        ("upernet_deit_b16_512", SMALL_UPERNET, (512, 512), (32, 32)),        # no neck: 1/16
-        ("dpt_vit_b16_512", SMALL_DPT, (512, 512), (256, 256)),                # DPT: 1/2
-        ("dpt_vit_b16_512", SMALL_DPT, (512, 683), (256, 352)),                # 43 -> 22 (s2 conv) -> x2 four times
+        ("upernet_vit_b16_mln_512", SMALL_UPERNET, (512, 512), (128, 128)),  # MLN: strides 4..32, logits at 1/4
+        ("upernet_vit_b16_mln_512", SMALL_UPERNET, (512, 683), (128, 172)),  # 32x43 grid x 4
+        ("upernet_deit_b16_512", SMALL_UPERNET, (512, 512), (32, 32)),  # no neck: 1/16
+        ("dpt_vit_b16_512", SMALL_DPT, (512, 512), (256, 256)),  # DPT: 1/2
+        ("dpt_vit_b16_512", SMALL_DPT, (512, 683), (256, 352)),  # 43 -> 22 (s2 conv) -> x2 four times
     ],
 )
 def test_output_shapes(name, kwargs, hw, logits_hw):
@@ -306,7 +328,9 @@ def test_final_norm_applies_to_the_last_level_only():
         a, b = plain(x), normed(x)
     for i in range(3):
         torch.testing.assert_close(a[i], b[i], rtol=0, atol=0)
-    expected = F.layer_norm(a[3].permute(0, 2, 3, 1), (32,), sd["ln1.weight"], sd["ln1.bias"], eps=1e-6).permute(0, 3, 1, 2)
+    expected = F.layer_norm(a[3].permute(0, 2, 3, 1), (32,), sd["ln1.weight"], sd["ln1.bias"], eps=1e-6).permute(
+        0, 3, 1, 2
+    )
     torch.testing.assert_close(b[3], expected)
 
 
@@ -356,6 +380,9 @@ def test_mmseg_state_dict_round_trip(tmp_path):
     converted = {f"backbone.{k}": v for k, v in timm_to_mmseg(timm_named).items()}
     assert list(converted) == [k for k in sd if k.startswith("backbone.")]
     assert all(torch.equal(v, sd[k]) for k, v in converted.items())
+    # The backbone also takes its own timm-named tensors (the load hook renames mmseg keys only).
+    dst.backbone.load_state_dict({k: torch.zeros_like(v) for k, v in timm_named.items()}, strict=True)
+    assert dst.backbone.blocks[0].attn.qkv.weight.abs().sum() == 0
     missing_unexpected = dst.load_state_dict(sd, strict=True)
     assert not missing_unexpected.missing_keys and not missing_unexpected.unexpected_keys
     x = torch.randn(1, 3, 64, 96)
@@ -394,11 +421,15 @@ def test_backbone_from_timm_matches_timm_intermediates(final_norm):
     theirs = tiny_timm()
     ours = ViTBackbone(img_size=64, embed_dim=32, num_heads=2, final_norm=final_norm).eval()
     left_out = ours.load_pretrained(theirs.state_dict())
-    assert left_out == (["head.bias", "head.weight"] if final_norm else ["head.bias", "head.weight", "norm.bias", "norm.weight"])
+    assert left_out == (
+        ["head.bias", "head.weight"] if final_norm else ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    )
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         feats = ours(x)
-        expected = theirs.forward_intermediates(x, indices=[2, 5, 8, 11], norm=False, output_fmt="NCHW", intermediates_only=True)
+        expected = theirs.forward_intermediates(
+            x, indices=[2, 5, 8, 11], norm=False, output_fmt="NCHW", intermediates_only=True
+        )
         if final_norm:
             expected[3] = theirs.forward_features(x)[:, 1:].reshape(2, 4, 4, 32).permute(0, 3, 1, 2)
     for a, b in zip(feats, expected):
@@ -423,11 +454,26 @@ def test_backbone_from_npz(tmp_path):
     torch.testing.assert_close(model.backbone.pos_embed, theirs.pos_embed)
 
 
+def test_load_pretrained_dispatches_segmentor_and_classification_checkpoints(tmp_path):
+    src = randomize(fastvit.create_model("upernet_deit_s16_512", **SMALL_UPERNET), seed=5)
+    path = tmp_path / "seg.pth"
+    torch.save({"meta": {}, "state_dict": src.state_dict()}, path)
+    model = fastvit.create_model("upernet_deit_s16_512", **SMALL_UPERNET).eval()
+    assert model.load_pretrained(path) == []  # a segmentor checkpoint: the whole model, strict
+    torch.testing.assert_close(model.decode_head.conv_seg.weight, src.decode_head.conv_seg.weight)
+    theirs = tiny_timm(img_size=224)
+    model.load_pretrained(theirs.state_dict())  # classification weights: the backbone alone
+    torch.testing.assert_close(model.backbone.blocks[0].attn.proj.weight, theirs.blocks[0].attn.proj.weight)
+    torch.testing.assert_close(model.decode_head.conv_seg.weight, src.decode_head.conv_seg.weight)
+
+
 # -------------------------------------------------------------------------------- training losses
 
 
 def test_training_forward_losses_and_gradients():
-    model = fastvit.create_model("upernet_deit_s16_mln_512", **SMALL_UPERNET, dropout_ratio=0.0, drop_path_rate=0.0).train()
+    model = fastvit.create_model(
+        "upernet_deit_s16_mln_512", **SMALL_UPERNET, dropout_ratio=0.0, drop_path_rate=0.0
+    ).train()
     x = torch.randn(2, 3, 64, 64)
     labels = torch.randint(0, K, (2, 64, 64))
     labels[:, :10] = 255  # ignored rows
@@ -501,10 +547,14 @@ def test_checkpoint_with_other_layout():
 
 def test_backbone_rejects_distilled_and_other_widths():
     backbone = ViTBackbone(img_size=64, embed_dim=32, num_heads=2)
-    distilled = timm.models.deit.VisionTransformerDistilled(img_size=64, patch_size=16, embed_dim=32, depth=12, num_heads=2)
+    distilled = timm.models.deit.VisionTransformerDistilled(
+        img_size=64, patch_size=16, embed_dim=32, depth=12, num_heads=2
+    )
     with pytest.raises(CheckpointError, match="distilled DeiT"):
         backbone.load_pretrained(distilled.state_dict())
-    wider = timm.models.vision_transformer.VisionTransformer(img_size=64, patch_size=16, embed_dim=64, depth=12, num_heads=2)
+    wider = timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=16, embed_dim=64, depth=12, num_heads=2
+    )
     with pytest.raises(CheckpointError, match="does not fit this backbone"):
         backbone.load_pretrained(wider.state_dict())
 
@@ -519,6 +569,9 @@ def test_bad_labels(small_mln):
     bad = torch.zeros(2, 32, 32, dtype=torch.long)
     bad[0, 0, 0] = 150
     with pytest.raises(ValueError, match=r"values \[150\] outside 0..149"):
+        model(x, bad)
+    model.check_labels = False  # trusted data: no device read-back per step
+    with pytest.raises((IndexError, RuntimeError)):  # then torch's own error (a device assert on CUDA)
         model(x, bad)
 
 
