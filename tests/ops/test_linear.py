@@ -152,6 +152,28 @@ def test_non_contiguous_views(device):
 
 
 @pytest.mark.interpreter
+def test_backward_saves_no_pre_activation(device):
+    """The memory choice: autograd keeps x, weight and bias only; h is recomputed in the backward.
+    (torch's composition also keeps the (M, N) pre-activation for F.gelu's backward.)"""
+    x, w, b, _ = _inputs((64, 32), 128, torch.float32, device, residual=False)
+
+    def saved_bytes(backend):
+        seen = {}
+
+        def pack(t):
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ops.linear(x, w, b, activation="gelu", backend=backend)
+        return sum(seen.values())
+
+    x_bytes, w_bytes, b_bytes, h_bytes = 64 * 32 * 4, 128 * 32 * 4, 128 * 4, 64 * 128 * 4
+    assert saved_bytes("triton") == x_bytes + w_bytes + b_bytes
+    assert saved_bytes("torch") >= x_bytes + w_bytes + h_bytes
+
+
+@pytest.mark.interpreter
 def test_zero_rows(device):
     x, w, b, r = _inputs((0, 16), 24, torch.float32, device)
     y = ops.linear(x, w, b, activation="gelu", residual=r, backend="triton")
