@@ -60,8 +60,8 @@ class Block(nn.Module):
         init_values: LayerScale init; None disables LayerScale.
         drop_path: stochastic-depth probability of both residual branches (training only).
         act_layer: MLP activation (see :class:`fastvit.layers.Mlp`).
-        norm_layer: norm class (default :class:`fastvit.layers.LayerNorm`, eps 1e-6); it must accept
-            ``residual=`` like that class does (the fused add + norm).
+        norm_layer: norm class (default :class:`fastvit.layers.LayerNorm`, eps 1e-6); fastvit's LayerNorm
+            fuses the first residual add into norm2, any other norm class runs unfused.
         mlp_layer: MLP class.
         attn_head_dim: head dim when not ``dim // num_heads``.
     """
@@ -109,7 +109,11 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, N, C) -> (B, N, C): ``x + attn(norm1(x))`` then ``+ mlp(norm2(.))``, timm's math."""
         a = self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        y, x = self.norm2(a, residual=x)  # x <- x + a; y = norm2(x), one pass
+        if isinstance(self.norm2, LayerNorm):
+            y, x = self.norm2(a, residual=x)  # x <- x + a; y = norm2(x), one pass
+        else:  # a plain norm class (e.g. torch.nn.LayerNorm) has no fused residual
+            x = x + a
+            y = self.norm2(x)
         if self._mlp_residual_fusable():
             return self.mlp(y, residual=x)
         return x + self.drop_path2(self.ls2(self.mlp(y)))

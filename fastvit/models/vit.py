@@ -351,15 +351,16 @@ class VisionTransformer(nn.Module):
 
         Args:
             x: (B, C, H, W) images.
-            stage: "backbone" -> a 1-tuple with the backbone's pooled output (B, D) (the final-norm class
-                token for token-pool models, mmpretrain's ``out_type='cls_token'``); "pre_logits" -> the
-                (B, D) tensor the head reads (``forward_head(..., pre_logits=True)``).
+            stage: "backbone" (or "neck", mmpretrain's default, the same here: no neck) -> a 1-tuple with
+                the backbone's pooled output (B, D) (the final-norm class token for token-pool models,
+                mmpretrain's ``out_type='cls_token'``); "pre_logits" -> the (B, D) tensor the head reads
+                (``forward_head(..., pre_logits=True)``).
 
         Raises:
             ValueError: another stage.
         """
         if stage not in ("backbone", "neck", "pre_logits"):
-            raise ValueError(f"fastvit: extract_feat stage must be 'backbone' or 'pre_logits', got {stage!r}")
+            raise ValueError(f"fastvit: extract_feat stage must be 'backbone', 'neck' or 'pre_logits', got {stage!r}")
         feats = self.forward_features(x)
         if stage == "pre_logits":
             return self.forward_head(feats, pre_logits=True)

@@ -95,3 +95,12 @@ def test_block_regularisers_only_in_training():
         assert not block._mlp_residual_fusable()
         c = block(x)
     assert not torch.allclose(a, c)
+
+
+def test_block_with_a_plain_torch_norm_runs_unfused():
+    ours = Block(32, num_heads=2, qkv_bias=True, norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6)).eval()
+    theirs = TimmBlock(32, num_heads=2, qkv_bias=True).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert_close(ours(x), theirs(x))
