@@ -96,7 +96,7 @@ def _to_image(image: ImageInput) -> Any:
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or image.dtype != np.uint8:
-            raise ValueError(f"a numpy image must be uint8 (H, W, C) with C in 1, 3, 4; got {image.dtype} {image.shape}")
+            raise ValueError(f"a numpy image must be uint8 (H, W, C), C in 1, 3, 4; got {image.dtype} {image.shape}")
         return Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).convert("RGB")
     if isinstance(image, torch.Tensor):
         t = image.detach().cpu()

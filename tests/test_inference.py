@@ -43,7 +43,8 @@ def test_result_dict_like_mmpretrain(image):
 def test_shipped_imagenet_class_names():
     names = imagenet_classes()
     assert len(names) == 1000
-    assert names[0] == "tench, Tinca tinca" and names[281] == "tabby, tabby cat" and names[999].startswith("toilet tissue")
+    assert names[0] == "tench, Tinca tinca" and names[281] == "tabby, tabby cat"
+    assert names[999].startswith("toilet tissue")
 
 
 def test_in21k_heads_get_timms_imagenet21k_names():
@@ -83,7 +84,8 @@ def test_google_weights_use_google_preprocessing(tmp_path):
     model = tiny_vit("fastvit", seed=1)
     load_checkpoint(model, npz)
     cfg = preprocessing_config(model)
-    assert cfg["mean"] == cfg["std"] == (0.5, 0.5, 0.5) and cfg["crop_mode"] == "squash" and cfg["input_size"] == (3, 32, 32)
+    assert cfg["mean"] == cfg["std"] == (0.5, 0.5, 0.5)
+    assert cfg["crop_mode"] == "squash" and cfg["input_size"] == (3, 32, 32)
 
     img = torch.rand(3, 40, 50)
     expected_x = (TF.resize(img, [32, 32], interpolation=TF.InterpolationMode.BILINEAR, antialias=True) - 0.5) / 0.5
@@ -134,7 +136,8 @@ def vit_tiny_checkpoint(tmp_path_factory) -> str:
 def test_predict_prints_topk_table(tmp_path, image, vit_tiny_checkpoint, capsys):
     path = tmp_path / "cat.jpg"
     image.save(path)
-    assert predict_main([str(path), "--model", "vit_tiny_patch16_224", "--checkpoint", vit_tiny_checkpoint, "--topk", "3"]) == 0
+    args = [str(path), "--model", "vit_tiny_patch16_224", "--checkpoint", vit_tiny_checkpoint, "--topk", "3"]
+    assert predict_main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert "model=vit_tiny_patch16_224" in lines[0]
     assert lines[1].split() == ["rank", "label", "score", "class"]
@@ -179,6 +182,7 @@ def test_gpu_model_loads_and_predicts_like_cpu(tmp_path, image):
     gpu_model = tiny_vit("fastvit", seed=1, num_classes=1000).cuda()
     load_checkpoint(cpu_model, path)
     load_checkpoint(gpu_model, path)
-    assert all(torch.equal(a.cpu(), b) for a, b in zip(gpu_model.state_dict().values(), cpu_model.state_dict().values()))
+    for (key, on_gpu), on_cpu in zip(gpu_model.state_dict().items(), cpu_model.state_dict().values()):
+        assert torch.equal(on_gpu.cpu(), on_cpu), key
     cpu, gpu = inference_model(cpu_model, image), inference_model(gpu_model, image)
     np.testing.assert_allclose(gpu["pred_scores"], cpu["pred_scores"], rtol=1e-2, atol=1e-5)

@@ -95,7 +95,8 @@ _RESAMPLE: dict[str, str] = {
 # How Google's ViT weights (and jeonsworld fine-tunes of them) expect images: resized to the square
 # input without a crop, scaled to [-1, 1] (google-research/vision_transformer#39).
 GOOGLE_PREPROCESSING: dict[str, Any] = {
-    "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bilinear",
+    "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 1.0, "crop_mode": "squash",
+    "interpolation": "bilinear",
 }
 _PREPROCESSING = {"npz": GOOGLE_PREPROCESSING, "vit_pytorch": GOOGLE_PREPROCESSING}
 
@@ -129,7 +130,9 @@ class Checkpoint:
         wrapped = f" inside {'/'.join(repr(w) for w in self.wrapper)}" if self.wrapper else ""
         text = f"format {self.format!r} ({FORMATS[self.format]}{wrapped})"
         if self.detected != self.format:
-            text += f", forced by format=; its keys look like {self.detected!r}" if self.detected else ", forced by format="
+            text += ", forced by format="
+            if self.detected:
+                text += f"; its keys look like {self.detected!r}"
             return text
         return "detected " + text
 
@@ -233,7 +236,9 @@ def read_checkpoint(
         container, content = read_container(source)
     if container == "npz":
         if format not in ("auto", "npz"):
-            raise CheckpointError(f"{name} is a numpy .npz archive (Google layout), not format={format!r}; use format='npz'")
+            raise CheckpointError(
+                f"{name} is a numpy .npz archive (Google layout), not format={format!r}; use format='npz'"
+            )
         try:
             sd = _npz.npz_to_timm(content)
         except CheckpointError as exc:
@@ -335,8 +340,8 @@ def load_checkpoint(
     Returns:
         A :class:`LoadResult`. A position embedding of another grid is resampled the way its source
         does, and a fastvit model's ``pos_embed_interp`` is set to that convention for later
-        resampling (``dynamic_img_size``). Google ``.npz`` and jeonsworld weights also set the model's ``pretrained_cfg``
-        preprocessing to Google's (resize without crop, mean = std = 0.5), which
+        resampling (``dynamic_img_size``). Google ``.npz`` and jeonsworld weights also set the model's
+        ``pretrained_cfg`` preprocessing to Google's (resize without crop, mean = std = 0.5), which
         :func:`fastvit.inference_model` uses.
 
     Raises:
@@ -375,7 +380,9 @@ def load_checkpoint(
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys {_describe_keys(unexpected)}")
         if mismatched:
-            shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}" for k in sorted(mismatched)]
+            shapes = [
+                f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}" for k in sorted(mismatched)
+            ]
             parts.append(f"{len(mismatched)} shape mismatches {shorten(shapes, limit=6)}")
         hint = "Check that the model matches the checkpoint (name, img_size, num_classes)"
         head_sizes = [k for k in mismatched if in_classifier(k)]

@@ -42,7 +42,8 @@ __all__ = ["IGNORED_PARTS", "is_mmpretrain", "mmpretrain_to_native", "native_to_
 
 IGNORED_PARTS = ("data_preprocessor.", "head.layers.pre_logits.")
 _MARKERS = re.compile(
-    r"^(backbone\.layers\.\d+\.attn\.qkv\.weight|backbone\.tokens_to_token\.|backbone\.encoder\.\d+\.|head\.layers\.head\.)"
+    r"^(backbone\.layers\.\d+\.attn\.qkv\.weight|backbone\.tokens_to_token\.|backbone\.encoder\.\d+\."
+    r"|head\.layers\.head\.)"
 )
 
 # (mmpretrain sub-module, official/timm sub-module) inside one transformer layer.

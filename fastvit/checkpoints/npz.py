@@ -2,9 +2,9 @@
 
 Key map (``i`` = block; JAX kernels are HWIO / (in, out), torch weights OIHW / (out, in)):
 
-================================================================  ====================================
+================================================================  ==================================================
 npz key                                                           timm / fastvit key
-================================================================  ====================================
+================================================================  ==================================================
 ``embedding/kernel`` (P, P, C, D) / ``embedding/bias``            ``patch_embed.proj.weight`` / ``.bias``
 ``cls`` (1, 1, D)                                                 ``cls_token``
 ``Transformer/posembed_input/pos_embedding`` (1, N+1, D)          ``pos_embed``
@@ -17,9 +17,10 @@ npz key                                                           timm / fastvit
 ``…/MultiHeadDotProductAttention_1/out/kernel`` (H, hd, D)        ``blocks.i.attn.proj.weight``
 ``…/MlpBlock_3/Dense_0``, ``Dense_1``                             ``blocks.i.mlp.fc1``, ``blocks.i.mlp.fc2``
 hybrid ``conv_root``, ``gn_root``                                 ``patch_embed.backbone.stem.conv``, ``.stem.norm``
-hybrid ``block{s}/unit{u}/conv{r}``, ``gn{r}``                    ``…backbone.stages.{s-1}.blocks.{u-1}.conv{r}``, ``norm{r}``
-hybrid ``block{s}/unit{u}/conv_proj``, ``gn_proj``                ``…blocks.{u-1}.downsample.conv``, ``downsample.norm``
-================================================================  ====================================
+hybrid ``block{s}/unit{u}/conv{r}``, ``gn{r}``                    ``…stages.{s-1}.blocks.{u-1}.conv{r}``,
+                                                                  ``…norm{r}`` (under ``patch_embed.backbone.``)
+hybrid ``block{s}/unit{u}/conv_proj``, ``gn_proj``                ``…downsample.conv``, ``…downsample.norm``
+================================================================  ==================================================
 
 Key prefixes ``opt/target/`` (original release), ``params/`` and ``params/img/`` (big_vision) are
 recognised. big_vision names the sub-modules ``MultiHeadDotProductAttention_0``, ``MlpBlock_0``,
@@ -42,6 +43,8 @@ from fastvit.checkpoints._common import CheckpointError, StateDict, shorten
 __all__ = ["NPZ_PREFIXES", "is_npz", "npz_to_timm", "save_npz", "timm_to_npz"]
 
 NPZ_PREFIXES = ("opt/target/", "params/img/", "params/", "")
+_QKV = ("query", "key", "value")
+_UNIT_TO_TIMM = {"conv_proj": "downsample.conv", "gn_proj": "downsample.norm"}  # hybrid units; the rest: gn -> norm
 
 
 def _prefix(arrays: Mapping[str, np.ndarray]) -> Optional[str]:
@@ -87,7 +90,8 @@ def npz_to_timm(arrays: Mapping[str, np.ndarray]) -> StateDict:
             f"its arrays are {shorten(sorted(arrays))}"
         )
     w = {key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)}
-    big_vision = prefix.startswith("params/") or "pos_embedding" in w or "Transformer/encoderblock/LayerNorm_0/scale" in w
+    big_vision = (prefix.startswith("params/") or "pos_embedding" in w
+                  or "Transformer/encoderblock/LayerNorm_0/scale" in w)
     mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
     sd: StateDict = {}
     try:
@@ -125,7 +129,7 @@ def _hybrid_backbone(w: Mapping[str, np.ndarray]) -> StateDict:
         if not m:
             continue
         stage, block, layer, param = int(m[1]) - 1, int(m[2]) - 1, m[3], m[4]
-        target = {"conv_proj": "downsample.conv", "gn_proj": "downsample.norm"}.get(layer) or layer.replace("gn", "norm")
+        target = _UNIT_TO_TIMM.get(layer) or layer.replace("gn", "norm")
         name = {"kernel": "weight", "scale": "weight", "bias": "bias"}[param]
         sd[f"{bb}stages.{stage}.blocks.{block}.{target}.{name}"] = _to_torch(w[key])
     return sd
@@ -150,8 +154,8 @@ def _blocks(w: Mapping[str, np.ndarray], mha: int, mlp: int, ln2: int) -> StateD
         out = f"blocks.{i}."
         sd[out + "norm1.weight"], sd[out + "norm1.bias"] = get("LayerNorm_0/scale"), get("LayerNorm_0/bias")
         # (D, H, hd) kernels: flatten the heads to (D, D) and transpose to torch's (out, in); rows q; k; v.
-        sd[out + "attn.qkv.weight"] = torch.cat([get(f"{attn}{n}/kernel", False).flatten(1).T for n in ("query", "key", "value")])
-        sd[out + "attn.qkv.bias"] = torch.cat([get(f"{attn}{n}/bias", False).reshape(-1) for n in ("query", "key", "value")])
+        sd[out + "attn.qkv.weight"] = torch.cat([get(f"{attn}{n}/kernel", False).flatten(1).T for n in _QKV])
+        sd[out + "attn.qkv.bias"] = torch.cat([get(f"{attn}{n}/bias", False).reshape(-1) for n in _QKV])
         sd[out + "attn.proj.weight"] = get(f"{attn}out/kernel").flatten(1)
         sd[out + "attn.proj.bias"] = get(f"{attn}out/bias")
         sd[out + "norm2.weight"], sd[out + "norm2.bias"] = get(f"LayerNorm_{ln2}/scale"), get(f"LayerNorm_{ln2}/bias")
@@ -200,31 +204,37 @@ def timm_to_npz(state_dict: Mapping[str, torch.Tensor], num_heads: int) -> dict[
         out["conv_root/kernel"] = _np(take(bb + "stem.conv.weight")).transpose(2, 3, 1, 0)
         out["gn_root/scale"] = _np(take(bb + "stem.norm.weight"))
         out["gn_root/bias"] = _np(take(bb + "stem.norm.bias"))
-    unit = re.compile(r"^patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.(conv\d|norm\d|downsample\.conv|downsample\.norm)\.(weight|bias)$")
+    unit = re.compile(
+        r"^patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\."
+        r"(conv\d|norm\d|downsample\.conv|downsample\.norm)\.(weight|bias)$"
+    )
     for key in [k for k in sd if unit.match(k)]:
         m = unit.match(key)
-        layer = {"downsample.conv": "conv_proj", "downsample.norm": "gn_proj"}.get(m[3]) or m[3].replace("norm", "gn")
+        layer = {v: k for k, v in _UNIT_TO_TIMM.items()}.get(m[3]) or m[3].replace("norm", "gn")
         param = "kernel" if layer.startswith("conv") else ("scale" if m[4] == "weight" else "bias")
         value = _np(take(key))
-        out[f"block{int(m[1]) + 1}/unit{int(m[2]) + 1}/{layer}/{param}"] = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
+        name = f"block{int(m[1]) + 1}/unit{int(m[2]) + 1}/{layer}/{param}"
+        out[name] = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
 
     depth = len({m[1] for key in sd if (m := re.match(r"^blocks\.(\d+)\.", key))})
     for i in range(depth):
         src, dst = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
         attn = dst + "MultiHeadDotProductAttention_1/"
-        out[dst + "LayerNorm_0/scale"], out[dst + "LayerNorm_0/bias"] = _np(take(src + "norm1.weight")), _np(take(src + "norm1.bias"))
+        out[dst + "LayerNorm_0/scale"] = _np(take(src + "norm1.weight"))
+        out[dst + "LayerNorm_0/bias"] = _np(take(src + "norm1.bias"))
         qkv_w, qkv_b = _np(take(src + "attn.qkv.weight")), _np(take(src + "attn.qkv.bias"))
         dim = qkv_w.shape[1]
         if dim % num_heads:
             raise CheckpointError(f"num_heads={num_heads} does not divide the embedding dim {dim}")
         head_dim = qkv_w.shape[0] // 3 // num_heads
-        for j, name in enumerate(("query", "key", "value")):
+        for j, name in enumerate(_QKV):
             rows = slice(j * num_heads * head_dim, (j + 1) * num_heads * head_dim)
             out[attn + f"{name}/kernel"] = qkv_w[rows].T.reshape(dim, num_heads, head_dim)
             out[attn + f"{name}/bias"] = qkv_b[rows].reshape(num_heads, head_dim)
         out[attn + "out/kernel"] = _np(take(src + "attn.proj.weight")).T.reshape(num_heads, head_dim, -1)
         out[attn + "out/bias"] = _np(take(src + "attn.proj.bias"))
-        out[dst + "LayerNorm_2/scale"], out[dst + "LayerNorm_2/bias"] = _np(take(src + "norm2.weight")), _np(take(src + "norm2.bias"))
+        out[dst + "LayerNorm_2/scale"] = _np(take(src + "norm2.weight"))
+        out[dst + "LayerNorm_2/bias"] = _np(take(src + "norm2.bias"))
         for r in range(2):
             out[dst + f"MlpBlock_3/Dense_{r}/kernel"] = _np(take(src + f"mlp.fc{r + 1}.weight")).T
             out[dst + f"MlpBlock_3/Dense_{r}/bias"] = _np(take(src + f"mlp.fc{r + 1}.bias"))

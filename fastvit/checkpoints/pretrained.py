@@ -29,7 +29,13 @@ import torch
 
 from fastvit.checkpoints._common import shorten
 
-__all__ = ["PretrainedWeightsNotFound", "T2T_OFFICIAL_CFGS", "hf_hub_cache_dir", "pretrained_cfg_for", "resolve_pretrained_file"]
+__all__ = [
+    "PretrainedWeightsNotFound",
+    "T2T_OFFICIAL_CFGS",
+    "hf_hub_cache_dir",
+    "pretrained_cfg_for",
+    "resolve_pretrained_file",
+]
 
 _T2T_RELEASE = "https://github.com/yitu-opensource/T2T-ViT/releases/download/main/"
 _T2T_DATA = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.9, "crop_mode": "center",
@@ -69,7 +75,7 @@ def pretrained_cfg_for(name: str) -> Optional[dict[str, Any]]:
     arch, _, tag = name.partition(".")
     if arch in T2T_OFFICIAL_CFGS:
         if tag not in ("", "in1k"):
-            raise PretrainedWeightsNotFound(f"{name!r}: T2T-ViT weights have the tag 'in1k' only (the official release)")
+            raise PretrainedWeightsNotFound(f"{name!r}: T2T-ViT weights have the tag 'in1k' only (official release)")
         return dict(T2T_OFFICIAL_CFGS[arch])
     try:
         import timm

@@ -1,21 +1,21 @@
 """jeonsworld/ViT-pytorch ``.bin`` checkpoints (``models/modeling.py``, ``models/modeling_resnet.py``).
 
-======================================================================  ===========================================
-jeonsworld key                                                          timm / fastvit key
-======================================================================  ===========================================
-``transformer.embeddings.patch_embeddings.*``                           ``patch_embed.proj.*``
-``transformer.embeddings.cls_token``                                    ``cls_token``
-``transformer.embeddings.position_embeddings``                          ``pos_embed``
-``transformer.encoder.layer.i.attention_norm`` / ``ffn_norm``           ``blocks.i.norm1`` / ``norm2``
-``transformer.encoder.layer.i.attn.{query,key,value}``                  ``blocks.i.attn.qkv`` (rows q; k; v)
-``transformer.encoder.layer.i.attn.out``                                ``blocks.i.attn.proj``
-``transformer.encoder.layer.i.ffn.fc1`` / ``fc2``                       ``blocks.i.mlp.fc1`` / ``fc2``
-``transformer.encoder.encoder_norm``                                    ``norm``
-``head``                                                                ``head``
-``…hybrid_model.root.conv`` / ``root.gn``                               ``patch_embed.backbone.stem.conv`` / ``stem.norm``
-``…hybrid_model.body.block{s}.unit{u}.conv{r}`` / ``gn{r}``             ``…backbone.stages.{s-1}.blocks.{u-1}.conv{r}`` / ``norm{r}``
-``…hybrid_model.body.block{s}.unit{u}.downsample`` / ``gn_proj``        ``…blocks.{u-1}.downsample.conv`` / ``downsample.norm``
-======================================================================  ===========================================
+=================================================================  ============================================
+jeonsworld key                                                     timm / fastvit key
+=================================================================  ============================================
+``transformer.embeddings.patch_embeddings.*``                      ``patch_embed.proj.*``
+``transformer.embeddings.cls_token``                               ``cls_token``
+``transformer.embeddings.position_embeddings``                     ``pos_embed``
+``transformer.encoder.layer.i.attention_norm`` / ``ffn_norm``      ``blocks.i.norm1`` / ``norm2``
+``transformer.encoder.layer.i.attn.{query,key,value}``             ``blocks.i.attn.qkv`` (rows q; k; v)
+``transformer.encoder.layer.i.attn.out``                           ``blocks.i.attn.proj``
+``transformer.encoder.layer.i.ffn.fc1`` / ``fc2``                  ``blocks.i.mlp.fc1`` / ``fc2``
+``transformer.encoder.encoder_norm``                               ``norm``
+``head``                                                           ``head``
+``…hybrid_model.root.conv`` / ``root.gn``                          ``patch_embed.backbone.stem.conv`` / ``stem.norm``
+``…hybrid_model.body.block{s}.unit{u}.conv{r}`` / ``gn{r}``        ``…stages.{s-1}.blocks.{u-1}.conv{r}``, ``norm{r}``
+``…hybrid_model.body.block{s}.unit{u}.downsample`` / ``gn_proj``   ``…blocks.{u-1}.downsample.conv`` / ``.norm``
+=================================================================  ============================================
 
 jeonsworld's hybrid is not numerically identical to timm's even with the same weights (max-pool
 padding 0 instead of SAME, StdConv eps 1e-5 instead of 1e-8): the keys map, the outputs differ
@@ -94,7 +94,9 @@ def native_to_vit_pytorch(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
         i, param = qkv.match(key).groups()
         for name, part in zip(_QKV, sd.pop(key).chunk(3, dim=0)):
             sd[f"{_ENC}layer.{i}.attn.{name}.{param}"] = part.clone()
-    unit = re.compile(rf"^{re.escape(_BB)}stages\.(\d+)\.blocks\.(\d+)\.(downsample\.conv|downsample\.norm|\w+)\.(\w+)$")
+    unit = re.compile(
+        rf"^{re.escape(_BB)}stages\.(\d+)\.blocks\.(\d+)\.(downsample\.conv|downsample\.norm|\w+)\.(\w+)$"
+    )
     names = {b: a for a, b in _UNIT}
     for key in [k for k in sd if unit.match(k)]:
         s, u, layer, param = unit.match(key).groups()

@@ -51,7 +51,8 @@ def tiny_hybrid(impl: str, seed: int = 0, **overrides: Any) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
     from timm.models.vision_transformer_hybrid import HybridEmbed, _resnetv2
 
-    return randomize(VisionTransformer(embed_layer=partial(HybridEmbed, backbone=_resnetv2(layers=(1, 1))), **args), seed)
+    embed = partial(HybridEmbed, backbone=_resnetv2(layers=(1, 1)))
+    return randomize(VisionTransformer(embed_layer=embed, **args), seed)
 
 
 def image_batch(size: int = 32, batch: int = 2, seed: int = 1) -> torch.Tensor:

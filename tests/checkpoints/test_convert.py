@@ -1,4 +1,4 @@
-"""``python -m fastvit.convert``: its mmseg output is key-by-key what mmseg's vit2mmseg writes; other targets load back."""
+"""``python -m fastvit.convert``: mmseg output is key-by-key what mmseg's vit2mmseg writes; other targets load back."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ _BLOCK = [
 ]
 VIT2MMSEG = [
     ("cls_token", "cls_token"), ("pos_embed", "pos_embed"),
-    ("patch_embed.proj.weight", "patch_embed.projection.weight"), ("patch_embed.proj.bias", "patch_embed.projection.bias"),
+    ("patch_embed.proj.weight", "patch_embed.projection.weight"),
+    ("patch_embed.proj.bias", "patch_embed.projection.bias"),
     *[(f"blocks.{i}.{a}", f"layers.{i}.{b}") for i in range(2) for a, b in _BLOCK],
     ("norm.weight", "ln1.weight"), ("norm.bias", "ln1.bias"),
 ]

@@ -47,7 +47,7 @@ def test_deeper_checkpoint_lists_unexpected_keys(tmp_path):
 
 def test_t2t_checkpoint_into_vit_lists_missing_and_unexpected(tmp_path):
     t2t = pytest.importorskip("fastvit.models.t2t", reason="fastvit.models.t2t is not in this checkout")
-    model = t2t.T2TViT(img_size=32, tokens_type="transformer", embed_dim=32, depth=2, num_heads=2, num_classes=10, token_dim=16)
+    model = t2t.T2TViT(img_size=32, tokens_type="transformer", embed_dim=32, depth=2, num_heads=2, token_dim=16)
     path = str(tmp_path / "t2t.pth.tar")
     torch.save({"state_dict_ema": model.state_dict()}, path)
     with pytest.raises(CheckpointError) as err:

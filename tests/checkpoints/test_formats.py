@@ -147,7 +147,8 @@ def test_in21k_npz_with_pre_logits(tmp_path):
         load_checkpoint(headless, path)
     load_checkpoint(headless, path, adapt_classifier=True)
     with torch.no_grad():
-        torch.testing.assert_close(headless(image_batch()), src.forward_head(src.forward_features(image_batch()), pre_logits=True))
+        features = src.forward_head(src.forward_features(image_batch()), pre_logits=True)
+        torch.testing.assert_close(headless(image_batch()), features)
 
 
 def test_big_vision_scanned_npz(tmp_path):
@@ -256,7 +257,8 @@ def test_pickled_code_never_runs(tmp_path):
     assert_same_outputs(src, dst, image_batch())
 
 
-T2T_TINY = dict(img_size=32, tokens_type="transformer", embed_dim=32, depth=2, num_heads=2, num_classes=10, token_dim=16)
+T2T_TINY = dict(img_size=32, tokens_type="transformer", embed_dim=32, depth=2, num_heads=2, num_classes=10,
+                token_dim=16)
 
 
 def _tiny_t2t(seed: int, **overrides):
