@@ -137,15 +137,17 @@ def inference_model(
         from fastvit.models import create_model
 
         model = create_model(model, pretrained=pretrained)
-    model.eval()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     transform = build_transform(model)
     batch = torch.stack([transform(_to_image(img)) for img in images]).to(device)
-    logits = model(batch)
-    if isinstance(logits, (tuple, list)):  # distilled models in training mode return (cls, dist) logits
-        logits = sum(logits) / len(logits)
+    was_training = model.training
+    model.eval()  # predictions use eval-mode dropout / distilled-head averaging; the caller's mode is restored
+    try:
+        logits = model(batch)
+    finally:
+        model.train(was_training)
     scores = logits.float().softmax(dim=-1).cpu().numpy()
     names = list(classes) if classes is not None else class_names(model, scores.shape[-1])
     if names is not None and len(names) != scores.shape[-1]:

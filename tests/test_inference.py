@@ -115,6 +115,14 @@ def test_model_by_name_and_custom_classes(image):
         inference_model(model, image, classes=["cat", "dog"])
 
 
+def test_predicts_in_eval_mode_and_restores_training_mode(image):
+    model = tiny_vit("fastvit", drop_rate=0.5, attn_drop_rate=0.5)
+    expected = inference_model(model, image)["pred_scores"]
+    model.train()
+    np.testing.assert_array_equal(inference_model(model, image)["pred_scores"], expected)
+    assert model.training
+
+
 def test_bad_images(tmp_path):
     model = tiny_vit("fastvit")
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
