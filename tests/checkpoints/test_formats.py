@@ -303,3 +303,41 @@ def test_already_loaded_dicts(tmp_path):
         dst = tiny_vit("fastvit", seed=1)
         assert load_checkpoint(dst, loaded).format == fmt
         assert_same_outputs(src, dst, image_batch())
+
+
+VARIANTS = {
+    "layerscale": dict(init_values=0.1),  # DeiT-3 style ls1 / ls2
+    "avgpool": dict(global_pool="avg"),  # fc_norm instead of the final norm
+    "pre_norm": dict(pre_norm=True),  # CLIP style norm_pre, patch conv without bias
+}
+
+
+@pytest.mark.parametrize("to", ["timm", "mmpretrain", "mmseg"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_round_trip_variants(tmp_path, variant, to):
+    args = {**VARIANTS[variant], "num_classes": 0 if to == "mmseg" else 10}
+    src, dst = tiny_vit("fastvit", seed=0, **args), tiny_vit("fastvit", seed=1, **args)
+    path = _write(src, to, str(tmp_path / f"{variant}.pth"))
+    load_checkpoint(dst, path)
+    assert_same_outputs(src, dst, image_batch())
+
+
+def test_mmpretrain_names_of_variants():
+    ls = export_state_dict(tiny_vit("fastvit", init_values=0.1).state_dict(), "mmpretrain")["state_dict"]
+    assert {"backbone.layers.0.attn.gamma1.weight", "backbone.layers.0.ffn.gamma2.weight"} <= set(ls)
+    avg = export_state_dict(tiny_vit("fastvit", global_pool="avg").state_dict(), "mmpretrain")["state_dict"]
+    assert "backbone.ln2.weight" in avg and "backbone.ln1.weight" not in avg
+    pre = export_state_dict(tiny_vit("fastvit", pre_norm=True).state_dict(), "mmpretrain")["state_dict"]
+    assert "backbone.pre_norm.weight" in pre
+
+
+def test_deit3_gamma_names_are_renamed(tmp_path):
+    """DeiT-3's own checkpoints name LayerScale blocks.i.gamma_1 / gamma_2 (timm renames them to ls1/ls2.gamma)."""
+    src = tiny_vit("fastvit", seed=0, init_values=0.1)
+    sd = {k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2"): v for k, v in src.state_dict().items()}
+    assert "blocks.0.gamma_1" in sd
+    path = str(tmp_path / "deit_3_small_224_1k.pth")
+    torch.save({"model": sd}, path)
+    dst = tiny_vit("fastvit", seed=1, init_values=0.1)
+    assert load_checkpoint(dst, path).format == "deit"
+    assert_same_outputs(src, dst, image_batch())
