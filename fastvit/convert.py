@@ -95,7 +95,10 @@ def convert_checkpoint(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastvit.convert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fastvit.convert",
+        description="Rewrite a ViT checkpoint (any format fastvit reads) in another format's layout.",
+    )
     parser.add_argument("src", help="checkpoint to read (.npz, .pth, .pth.tar, .bin, .safetensors)")
     parser.add_argument("dst", help="file to write")
     parser.add_argument("--to", required=True, choices=TARGETS, help="format to write")

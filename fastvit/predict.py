@@ -28,7 +28,9 @@ def format_table(result: dict[str, Any], names: Optional[Sequence[str]], topk: i
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastvit.predict", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fastvit.predict", description="Classify an image and print the top-k ImageNet classes."
+    )
     parser.add_argument("image", help="image file")
     parser.add_argument("--model", required=True, help="model name, e.g. vit_base_patch16_224")
     parser.add_argument("--checkpoint", default=None,

@@ -119,7 +119,7 @@ def _hf_candidates(hub_id: str, filenames: tuple[str, ...]) -> list[Path]:
         else:
             # No ref recorded (a hand-made or copied cache): any snapshot holding the file, newest first.
             found = sorted(snapshots.glob(f"*/{filename}"), key=lambda p: p.stat().st_mtime, reverse=True)
-            candidates.extend(found or [snapshots / f"<revision {revision}>" / filename])
+            candidates.extend(found or [snapshots / f"<commit of refs/{revision}>" / filename])
     return candidates
 
 
