@@ -16,7 +16,8 @@ timm key                         mmseg key
 then ``blocks.`` -> ``layers.``; everything else (``cls_token``, ``pos_embed``) unchanged
 ===============================  ===========================================================
 
-Reading goes the other way and also accepts whole mmseg segmentor checkpoints: their
+Reading goes the other way (plus ``pre_ln`` -> ``norm_pre`` for mmseg-trained ``pre_norm=True``
+backbones) and also accepts whole mmseg segmentor checkpoints: their
 ``backbone.*`` part is taken and the neck / heads (``decode_head``, ``auxiliary_head``, ``neck``)
 are reported as ignored. mmseg resamples position embeddings bicubically without antialias.
 """
@@ -82,6 +83,7 @@ def timm_to_mmseg(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 
 _TO_TIMM = [
     (r"^ln1\.", "norm."),
+    (r"^pre_ln\.", "norm_pre."),  # mmseg ViT(pre_norm=True), e.g. CLIP-initialised backbones
     (r"^patch_embed\.projection\.", "patch_embed.proj."),
     (r"^layers\.(\d+)\.ln([12])\.", r"blocks.\1.norm\2."),
     (r"^layers\.(\d+)\.ffn\.layers\.0\.0\.", r"blocks.\1.mlp.fc1."),

@@ -341,3 +341,15 @@ def test_deit3_gamma_names_are_renamed(tmp_path):
     dst = tiny_vit("fastvit", seed=1, init_values=0.1)
     assert load_checkpoint(dst, path).format == "deit"
     assert_same_outputs(src, dst, image_batch())
+
+
+def test_mmseg_trained_pre_norm_backbone(tmp_path):
+    """mmseg's own ViT(pre_norm=True) names the pre-norm ``pre_ln`` (vit2mmseg output keeps ``norm_pre``)."""
+    src = tiny_vit("fastvit", seed=0, num_classes=0, pre_norm=True)
+    mmseg = export_state_dict(src.state_dict(), "mmseg")
+    mmseg = {k.replace("norm_pre.", "pre_ln."): v for k, v in mmseg.items()}
+    path = str(tmp_path / "mmseg_pre_norm.pth")
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in mmseg.items()}}, path)
+    dst = tiny_vit("fastvit", seed=1, num_classes=0, pre_norm=True)
+    load_checkpoint(dst, path)
+    assert_same_outputs(src, dst, image_batch())
