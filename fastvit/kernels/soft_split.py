@@ -28,22 +28,43 @@ import triton.language as tl
 from fastvit.kernels import INTERPRET
 from fastvit.kernels._common import device_guard
 
-__all__ = ["MAX_TILE", "row_tile", "soft_split_bwd", "soft_split_fwd", "soft_split_ln_bwd_stats"]
+__all__ = [
+    "MAX_TILE",
+    "fold_tiles",
+    "padded_row_elements",
+    "row_tiles",
+    "soft_split_bwd",
+    "soft_split_fwd",
+    "soft_split_ln_bwd_stats",
+]
 
 MAX_TILE = 16384  # padded features per row, next_pow2(C) * next_pow2(kh * kw), held in registers
 
 
-def row_tile(channels: int, window: int) -> int:
+def padded_row_elements(channels: int, window: int) -> int:
     """Padded elements of one output row in the kernels' (channels, window) tile."""
     return triton.next_power_of_2(channels) * triton.next_power_of_2(window)
 
 
-def _rows_per_program(tile: int) -> int:
-    return max(1, min(64, 4096 // tile))
+def row_tiles(channels: int, window: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_C, BLOCK_KK, num_warps) of the forward and LayerNorm-statistics kernels: about 4096
+    padded elements per program (up to 64 rows), one warp per 512."""
+    block_c, block_kk = triton.next_power_of_2(channels), triton.next_power_of_2(window)
+    block_r = max(1, min(64, 4096 // (block_c * block_kk)))
+    elements = block_r * block_c * block_kk
+    return block_r, block_c, block_kk, 1 if INTERPRET else min(max(elements // 512, 1), 8)
 
 
-def _num_warps(elements: int) -> int:
-    return 1 if INTERPRET else min(max(elements // 512, 1), 8)
+def fold_tiles(channels: int) -> tuple[int, int, int]:
+    """(BLOCK_PIX, BLOCK_C, num_warps) of the fold kernel.
+
+    512-element tiles over 8 warps: each of the ceil(k/s)^2 unrolled window positions keeps its gathered
+    gradient and row statistics live; sm_90 builds of 1024-4096-element tiles needed 150-255 registers
+    or spilled, this one needs about 64."""
+    if INTERPRET:
+        return 16, min(triton.next_power_of_2(channels), 16), 1
+    block_c = min(triton.next_power_of_2(channels), 32)
+    return 512 // block_c, block_c, 8
 
 
 @triton.jit
@@ -234,15 +255,14 @@ def soft_split_fwd(
     rows = y.shape[0]
     if rows == 0:
         return
-    block_c, block_kk = triton.next_power_of_2(C), triton.next_power_of_2(kh * kw)
-    block_r = _rows_per_program(block_c * block_kk)
+    block_r, block_c, block_kk, warps = row_tiles(C, kh * kw)
     with device_guard(x):
         _soft_split_fwd_kernel[(triton.cdiv(rows, block_r),)](
             x, norm_weight if norm_weight is not None else y, norm_bias if norm_bias is not None else y, y,
             mean if mean is not None else y, rstd if rstd is not None else y,
             rows, Ho * Wo, Wo, H, W, C, *image_strides, eps,
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HAS_LN=norm_weight is not None, HAS_BIAS=norm_bias is not None,
-            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_KK=block_kk, num_warps=_num_warps(block_r * block_c * block_kk),
+            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_KK=block_kk, num_warps=warps,
         )  # fmt: skip
 
 
@@ -276,14 +296,13 @@ def soft_split_ln_bwd_stats(
     db_part = torch.zeros((programs, F), device=dy.device, dtype=torch.float32) if has_bias else None
     if rows == 0:
         return c1, c2, dw_part, db_part
-    block_c, block_kk = triton.next_power_of_2(C), triton.next_power_of_2(kh * kw)
-    block_r = _rows_per_program(block_c * block_kk)
+    block_r, block_c, block_kk, warps = row_tiles(C, kh * kw)
     with device_guard(dy):
         _soft_split_ln_bwd_stats_kernel[(programs,)](
             dy, x, norm_weight, mean, rstd, c1, c2, dw_part, db_part if db_part is not None else dw_part,
             rows, Ho * Wo, Wo, H, W, C, *image_strides, triton.cdiv(rows, programs),
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HAS_BIAS=has_bias,
-            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_KK=block_kk, num_warps=_num_warps(block_r * block_c * block_kk),
+            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_KK=block_kk, num_warps=warps,
         )  # fmt: skip
     return c1, c2, dw_part, db_part
 
@@ -307,11 +326,7 @@ def soft_split_bwd(
     F = dy.shape[1]
     if B * C * H * W == 0:
         return
-    # 512-element tiles over 8 warps: each of the ceil(k/s)^2 unrolled window positions keeps its gathered
-    # gradient and row statistics live; sm_90 builds of 1024-4096-element tiles needed 150-255 registers
-    # or spilled, this one needs about 64.
-    block_c = min(triton.next_power_of_2(C), 16 if INTERPRET else 32)
-    block_pix = 16 if INTERPRET else 512 // block_c
+    block_pix, block_c, warps = fold_tiles(C)
     has_ln = norm_weight is not None
     mean, rstd, c1, c2 = stats if has_ln else (dy, dy, dy, dy)
     grid = (triton.cdiv(H * W, block_pix), triton.cdiv(C, block_c), B)
@@ -320,5 +335,5 @@ def soft_split_bwd(
             dy, x, norm_weight if has_ln else dy, mean, rstd, c1, c2, dx,
             C, H, W, Ho * Wo, Ho, Wo, F, *image_strides, *dx_strides,
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HAS_LN=has_ln,
-            BLOCK_PIX=block_pix, BLOCK_C=block_c, num_warps=1 if INTERPRET else 8,
+            BLOCK_PIX=block_pix, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip

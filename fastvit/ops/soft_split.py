@@ -159,11 +159,13 @@ def _no_reasons(**_: object) -> list[str]:
 
 
 def _triton_reasons(channels: int, window: int, **_: object) -> list[str]:
-    if kernels.TRITON_IMPORT_ERROR is None and _triton_kernels.row_tile(channels, window) > _triton_kernels.MAX_TILE:
-        return [
-            f"a row of {channels} channels x {window} window positions pads to "
-            f"{_triton_kernels.row_tile(channels, window)} elements, over the Triton kernel's {_triton_kernels.MAX_TILE}"
-        ]
+    if kernels.TRITON_IMPORT_ERROR is None:
+        padded = _triton_kernels.padded_row_elements(channels, window)
+        if padded > _triton_kernels.MAX_TILE:
+            return [
+                f"a row of {channels} channels x {window} window positions pads to {padded} elements, over the "
+                f"Triton kernel's {_triton_kernels.MAX_TILE}"
+            ]
     return []
 
 

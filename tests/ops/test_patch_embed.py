@@ -312,3 +312,55 @@ def test_gpu_deterministic():
         runs.append((y, *torch.autograd.grad(y, leaves, torch.ones_like(y))))
     for a, c in zip(*runs):
         assert torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------- offline sm_90 builds
+
+# Run in a subprocess with TRITON_INTERPRET=0: compiles kernels to sm_90 cubins with Triton's bundled
+# ptxas, no GPU needed. The interpreter does not type-check like the compiler (loop-carried shapes,
+# dot operand layouts, shared-memory limits), so this is the CPU-only machine's check that the GPU
+# build works. Shared with tests/ops/test_soft_split.py.
+OFFLINE_BUILD_PRELUDE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def build(kernel, types, constexprs, warps, stages=3):
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": warps, "num_stages": stages})
+"""
+
+
+def run_offline_build(body: str) -> None:
+    """Runs OFFLINE_BUILD_PRELUDE + body in a fresh interpreter-free Python; fails with its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton install has no NVIDIA backend to build sm_90 code with")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    script = OFFLINE_BUILD_PRELUDE + body
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_kernels_build_for_sm90():
+    """The three GEMMs: fp16 at patch 16 (vectorised, pipelined gathers) with the largest tile, bf16 at
+    patch 14 (scalar gathers) and fp32 (TF32) at patch 32 with the smallest."""
+    run_offline_build("""
+from fastvit.kernels import patch_embed as k
+for dt, patch, (bm, bn, bk, warps, stages) in (("fp16", 16, k._GEMM_SHAPES[0]), ("bf16", 14, k._GEMM_SHAPES[0]),
+                                               ("fp32", 32, k._GEMM_SHAPES[-1])):
+    blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PATCH=patch, INPUT_PRECISION="tf32" if dt == "fp32" else None)
+    p = "*" + dt
+    build(k._patch_embed_fwd_kernel, dict(X=p, Wt=p, BIAS=p, POS=p, PREFIX=p, OUT=p),
+          dict(HAS_BIAS=True, HAS_POS=True, POS_COVERS_PREFIX=True, HAS_PREFIX=True, BLOCK_P=2, **blocks), warps, stages)
+    build(k._patch_embed_dx_kernel, dict(DOUT=p, Wt=p, DX=p), blocks, warps, stages)
+    build(k._patch_embed_dweight_kernel, dict(DOUT=p, X=p, DW_PART="*fp32"), blocks, warps, stages)
+""")
