@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,11 +34,14 @@ def caches(tmp_path, monkeypatch):
 
 
 def _hf_snapshot(hub, repo: str, filename: str, revision: str = "main"):
+    """The path a file gets in huggingface_hub's cache: snapshots/<commit>/FILE -> ../../blobs/<etag>."""
     repo_dir = hub / ("models--" + repo.replace("/", "--"))
     (repo_dir / "refs").mkdir(parents=True)
     (repo_dir / "refs" / revision).write_text(COMMIT)
+    (repo_dir / "blobs").mkdir()
     snapshot = repo_dir / "snapshots" / COMMIT
     snapshot.mkdir(parents=True)
+    (snapshot / filename).symlink_to(Path("..") / ".." / "blobs" / f"etag-of-{filename}")
     return snapshot / filename
 
 
@@ -62,6 +66,14 @@ def test_hf_cache_pytorch_model_bin_and_tag(caches):
     path = _hf_snapshot(hub, "timm/deit_tiny_patch16_224.fb_in1k", "pytorch_model.bin")
     torch.save(tiny_vit("fastvit").state_dict(), path)
     assert resolve_pretrained_file("deit_tiny_patch16_224.fb_in1k") == path
+
+
+def test_dangling_hf_symlink_is_not_a_cached_file(caches):
+    """An interrupted hub download leaves the snapshot link without its blob: not a usable file."""
+    hub, _ = caches
+    _hf_snapshot(hub, "timm/vit_small_patch16_224.augreg_in21k_ft_in1k", "model.safetensors")
+    with pytest.raises(PretrainedWeightsNotFound, match="model.safetensors"):
+        resolve_pretrained_file("vit_small_patch16_224")
 
 
 def test_hf_cache_without_refs_uses_any_snapshot(caches):
