@@ -308,6 +308,21 @@ def _fit_pos_embed(model: nn.Module, sd: StateDict, target: Mapping[str, torch.T
     return True
 
 
+def _fit_input_channels(model: nn.Module, sd: StateDict, target: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """Adapt the first conv of another input-channel count (timm's ``adapt_input_conv``); return its key."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    key = f"{cfg.get('first_conv') or 'patch_embed.proj'}.weight"
+    have, want = sd.get(key), target.get(key)
+    if have is None or want is None or have.ndim != 4 or have.shape[1] == want.shape[1]:
+        return None
+    if (have.shape[0], *have.shape[2:]) != (want.shape[0], *want.shape[2:]):
+        return None  # another architecture: reported as a shape mismatch
+    from timm.models import adapt_input_conv
+
+    sd[key] = adapt_input_conv(want.shape[1], have)
+    return key
+
+
 def _set_preprocessing(model: nn.Module, values: Mapping[str, Any]) -> None:
     cfg = getattr(model, "pretrained_cfg", None)
     cfg = dict(cfg) if isinstance(cfg, Mapping) else {}
@@ -323,6 +338,7 @@ def load_checkpoint(
     *,
     use_ema: bool = True,
     adapt_classifier: bool = False,
+    adapt_input_channels: bool = False,
 ) -> LoadResult:
     """Load a checkpoint of any supported format into ``model``.
 
@@ -336,6 +352,9 @@ def load_checkpoint(
         adapt_classifier: a classifier (``head`` / ``head_dist``) whose shape differs from the model's is
             skipped and the model keeps its own (as ``create_model(..., pretrained=True, num_classes=K)``
             does); all other keys stay strict.
+        adapt_input_channels: a first conv (``pretrained_cfg['first_conv']``, default ``patch_embed.proj``)
+            trained for another number of input channels is adapted as timm does (summed for 1 channel,
+            tiled and rescaled otherwise), for models built with ``in_chans != 3``.
 
     Returns:
         A :class:`LoadResult`. A position embedding of another grid is resampled the way its source
@@ -352,6 +371,8 @@ def load_checkpoint(
     sd = dict(ckpt.state_dict)
     target = model.state_dict()
     resampled = _fit_pos_embed(model, sd, target, _RESAMPLE[ckpt.format])
+    if adapt_input_channels:
+        _fit_input_channels(model, sd, target)
 
     reset: list[str] = []
     classifiers = _classifier_names(model)
@@ -413,8 +434,9 @@ def load_pretrained(model: nn.Module, name: str, pretrained: Union[bool, PathLik
         pretrained: ``False`` / ``None`` (nothing to do), ``True`` (the published weights from the local
             timm / Hugging Face / torch-hub cache; never downloaded) or a checkpoint path of any format.
 
-    A classifier of another size than the checkpoint's (``num_classes=K``) keeps its fresh init and a
-    position embedding of another grid (``img_size=...``) is resampled; every other key is strict.
+    A classifier of another size than the checkpoint's (``num_classes=K``) keeps its fresh init, a
+    position embedding of another grid (``img_size=...``) is resampled and the first conv is adapted
+    to ``in_chans``; every other key is strict.
     ``model.pretrained_cfg`` records the weights' preprocessing.
 
     Raises:
@@ -431,5 +453,5 @@ def load_pretrained(model: nn.Module, name: str, pretrained: Union[bool, PathLik
         path = pretrained
     else:
         raise TypeError(f"pretrained must be True, False or a checkpoint path, got {type(pretrained).__name__}")
-    load_checkpoint(model, path, adapt_classifier=True)
+    load_checkpoint(model, path, adapt_classifier=True, adapt_input_channels=True)
     return model

@@ -138,3 +138,19 @@ def test_npz_export_needs_num_heads():
 def test_no_tensors_at_all():
     with pytest.raises(CheckpointError, match=r"0 tensors.*top-level keys \[epoch, meta\]"):
         read_checkpoint({"epoch": 3, "meta": {"note": "no weights here"}})
+
+
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_input_channels_adapted_only_when_asked(tmp_path, in_chans):
+    from timm.models import adapt_input_conv
+
+    src = tiny_vit("fastvit", seed=0)
+    path = str(tmp_path / "rgb.pth")
+    torch.save(src.state_dict(), path)
+    model = tiny_vit("fastvit", seed=1, in_chans=in_chans)
+    mismatch = rf"patch_embed.proj.weight: checkpoint \(32, 3, 8, 8\) vs model \(32, {in_chans}, 8, 8\)"
+    with pytest.raises(CheckpointError, match=mismatch):
+        load_checkpoint(model, path)
+    load_checkpoint(model, path, adapt_input_channels=True)
+    expected = adapt_input_conv(in_chans, src.patch_embed.proj.weight.detach())
+    assert torch.equal(model.patch_embed.proj.weight.detach(), expected)
