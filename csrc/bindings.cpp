@@ -2,13 +2,31 @@
 // in elements, dtype codes (see common.h) and the CUDA stream handle; none touches torch. Argument
 // errors raise ValueError, CUDA errors (including "no GPU") raise RuntimeError.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <array>
+
+#include "cublaslt.h"
+#include "gelu_linear.h"
 #include "layer_norm.h"
+#include "patch_embed.h"
 #include "runtime.h"
+#include "soft_split.h"
 
 namespace py = pybind11;
 using fastvit::LayerNormBwdArgs;
 using fastvit::LayerNormFwdArgs;
+using I64x4 = std::array<std::int64_t, 4>;
+using I64x6 = std::array<std::int64_t, 6>;
+
+namespace {
+
+fastvit::SoftSplitGeometry soft_split_geometry(const I64x4& shape, const I64x4& strides, const I64x6& kernel) {
+  return {shape[0],  shape[1],  shape[2],  shape[3],  strides[0], strides[1], strides[2],
+          strides[3], kernel[0], kernel[1], kernel[2], kernel[3], kernel[4],  kernel[5]};
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastvit CUDA kernels (torch-independent; called through fastvit.ops)";
@@ -51,4 +69,141 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dy_stride"), py::arg("dresidual_out_stride"), py::arg("z_stride"), py::arg("dz_stride"),
       py::arg("num_partials"), py::arg("x_dtype"), py::arg("w_dtype"), py::arg("stream"),
       "LayerNorm backward: dz (= dx = dresidual) and fp32 per-block partials of dweight and dbias.");
+  // ----------------------------------------------------------------------------------------- cuBLASLt
+  m.def("cublaslt_status", &fastvit::cublaslt_status,
+        "Where libcublasLt was loaded from, 'not loaded yet', or why loading failed (never raises).");
+  m.def("load_cublaslt", &fastvit::load_cublaslt,
+        "Loads libcublasLt now (no GPU needed) and returns where from; RuntimeError naming what was searched.");
+  m.def("set_cublaslt_search_dirs", &fastvit::set_cublaslt_search_dirs, py::arg("dirs"),
+        "Directories tried for libcublasLt.so.<major> after an already-loaded copy and before the loader path.");
+
+  // --------------------------------------------------------------------------------------- soft_split
+  m.def(
+      "soft_split_fwd",
+      [](std::uintptr_t x, std::uintptr_t norm_weight, std::uintptr_t norm_bias, std::uintptr_t y, std::uintptr_t mean,
+         std::uintptr_t rstd, const I64x4& shape, const I64x4& strides, const I64x6& kernel, double eps, int x_dtype,
+         int w_dtype, std::uintptr_t stream) {
+        fastvit::SoftSplitFwdArgs a{x,   norm_weight, norm_bias, y, mean, rstd, soft_split_geometry(shape, strides, kernel),
+                                    eps, x_dtype,     w_dtype,   stream};
+        py::gil_scoped_release release;
+        fastvit::soft_split_fwd(a);
+      },
+      py::arg("x"), py::arg("norm_weight"), py::arg("norm_bias"), py::arg("y"), py::arg("mean"), py::arg("rstd"),
+      py::arg("shape"), py::arg("strides"), py::arg("kernel"), py::arg("eps"), py::arg("x_dtype"), py::arg("w_dtype"),
+      py::arg("stream"),
+      "Soft split (unfold) of x read as an image: shape (B, C, H, W), its strides, kernel (kh, kw, sh, sw, ph, pw); "
+      "optional fused LayerNorm (norm_weight 0: none) writing fp32 mean/rstd.");
+
+  m.def(
+      "soft_split_bwd",
+      [](std::uintptr_t dy, std::uintptr_t x, std::uintptr_t norm_weight, std::uintptr_t mean, std::uintptr_t rstd,
+         std::uintptr_t row_coefs, std::uintptr_t dx, std::uintptr_t dweight_partial, std::uintptr_t dbias_partial,
+         const I64x4& shape, const I64x4& strides, const I64x6& kernel, const I64x4& dx_strides, int num_partials,
+         int x_dtype, int w_dtype, std::uintptr_t stream) {
+        fastvit::SoftSplitBwdArgs a{dy,
+                                    x,
+                                    norm_weight,
+                                    mean,
+                                    rstd,
+                                    row_coefs,
+                                    dx,
+                                    dweight_partial,
+                                    dbias_partial,
+                                    soft_split_geometry(shape, strides, kernel),
+                                    dx_strides[0],
+                                    dx_strides[1],
+                                    dx_strides[2],
+                                    dx_strides[3],
+                                    num_partials,
+                                    x_dtype,
+                                    w_dtype,
+                                    stream};
+        py::gil_scoped_release release;
+        fastvit::soft_split_bwd(a);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("norm_weight"), py::arg("mean"), py::arg("rstd"), py::arg("row_coefs"),
+      py::arg("dx"), py::arg("dweight_partial"), py::arg("dbias_partial"), py::arg("shape"), py::arg("strides"),
+      py::arg("kernel"), py::arg("dx_strides"), py::arg("num_partials"), py::arg("x_dtype"), py::arg("w_dtype"),
+      py::arg("stream"),
+      "Soft split backward: the fold as a deterministic gather (dx 0: skipped), with the LayerNorm backward folded "
+      "in and fp32 per-block partials of its dweight/dbias.");
+
+  // -------------------------------------------------------------------------------------- patch_embed
+  m.def(
+      "patch_embed_fwd",
+      [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t pos_embed, std::uintptr_t prefix,
+         std::uintptr_t cols, std::uintptr_t out, const I64x4& shape, const I64x4& strides, std::int64_t patch,
+         std::int64_t embed_dim, std::int64_t num_prefix, std::int64_t pos_rows, int dtype, bool allow_tf32,
+         std::uintptr_t workspace, std::int64_t workspace_bytes, std::uintptr_t stream) {
+        fastvit::PatchEmbedFwdArgs a{x,          weight,     bias,       pos_embed,  prefix,    cols,
+                                     out,        shape[0],   shape[1],   shape[2],   shape[3],  strides[0],
+                                     strides[1], strides[2], strides[3], patch,      embed_dim, num_prefix,
+                                     pos_rows,   dtype,      allow_tf32, workspace,  workspace_bytes, stream};
+        py::gil_scoped_release release;
+        fastvit::patch_embed_fwd(a);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("pos_embed"), py::arg("prefix"), py::arg("cols"),
+      py::arg("out"), py::arg("shape"), py::arg("strides"), py::arg("patch"), py::arg("embed_dim"),
+      py::arg("num_prefix"), py::arg("pos_rows"), py::arg("dtype"), py::arg("allow_tf32"), py::arg("workspace"),
+      py::arg("workspace_bytes"), py::arg("stream"),
+      "Patch embedding: gather into cols, cuBLASLt GEMM with bias + position-embedding epilogue, prefix rows.");
+
+  m.def(
+      "patch_embed_bwd",
+      [](std::uintptr_t dout, std::uintptr_t x, std::uintptr_t weight, std::uintptr_t cols, std::uintptr_t dx,
+         std::uintptr_t dweight, const I64x4& shape, const I64x4& strides, const I64x4& dx_strides, std::int64_t patch,
+         std::int64_t embed_dim, std::int64_t dout_stride, int dtype, bool allow_tf32, std::uintptr_t workspace,
+         std::int64_t workspace_bytes, std::uintptr_t stream) {
+        fastvit::PatchEmbedBwdArgs a{dout,          x,          weight,        cols,          dx,         dweight,
+                                     shape[0],      shape[1],   shape[2],      shape[3],      strides[0], strides[1],
+                                     strides[2],    strides[3], dx_strides[0], dx_strides[1], dx_strides[2],
+                                     dx_strides[3], patch,      embed_dim,     dout_stride,   dtype,      allow_tf32,
+                                     workspace,     workspace_bytes, stream};
+        py::gil_scoped_release release;
+        fastvit::patch_embed_bwd(a);
+      },
+      py::arg("dout"), py::arg("x"), py::arg("weight"), py::arg("cols"), py::arg("dx"), py::arg("dweight"),
+      py::arg("shape"), py::arg("strides"), py::arg("dx_strides"), py::arg("patch"), py::arg("embed_dim"),
+      py::arg("dout_stride"), py::arg("dtype"), py::arg("allow_tf32"), py::arg("workspace"),
+      py::arg("workspace_bytes"), py::arg("stream"),
+      "Patch embedding backward: dweight = dout^T @ cols and dx = scatter(dout @ weight) (either pointer 0: skipped).");
+
+  // -------------------------------------------------------------------------------------- gelu_linear
+  m.def(
+      "gelu_linear_fwd",
+      [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t residual, std::uintptr_t y,
+         std::int64_t m_rows, std::int64_t n, std::int64_t k, std::int64_t x_stride, std::int64_t weight_stride,
+         std::int64_t residual_stride, std::int64_t y_stride, int activation, int dtype, bool allow_tf32,
+         std::uintptr_t workspace, std::int64_t workspace_bytes, std::uintptr_t stream) {
+        fastvit::GeluLinearFwdArgs a{x,        weight,          bias,          residual,        y,
+                                     m_rows,   n,               k,             x_stride,        weight_stride,
+                                     residual_stride, y_stride, activation,    dtype,           allow_tf32,
+                                     workspace, workspace_bytes, stream};
+        py::gil_scoped_release release;
+        fastvit::gelu_linear_fwd(a);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("y"), py::arg("m"), py::arg("n"),
+      py::arg("k"), py::arg("x_stride"), py::arg("weight_stride"), py::arg("residual_stride"), py::arg("y_stride"),
+      py::arg("activation"), py::arg("dtype"), py::arg("allow_tf32"), py::arg("workspace"),
+      py::arg("workspace_bytes"), py::arg("stream"),
+      "y = act(x @ weight^T + bias) + residual through cuBLASLt (activation: 0 none, 1 gelu, 2 gelu_tanh, 3 quick_gelu).");
+
+  m.def(
+      "gelu_linear_act_grad",
+      [](std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t g,
+         std::uintptr_t dbias_partial, std::int64_t m_rows, std::int64_t n, std::int64_t k, std::int64_t dy_stride,
+         std::int64_t x_stride, std::int64_t weight_stride, std::int64_t g_stride, int num_partials, int activation,
+         int dtype, bool allow_tf32, std::uintptr_t workspace, std::int64_t workspace_bytes, std::uintptr_t stream) {
+        fastvit::GeluLinearActGradArgs a{dy,        x,          weight,        bias,          g,
+                                         dbias_partial, m_rows, n,             k,             dy_stride,
+                                         x_stride,  weight_stride, g_stride,   num_partials,  activation,
+                                         dtype,     allow_tf32, workspace,     workspace_bytes, stream};
+        py::gil_scoped_release release;
+        fastvit::gelu_linear_act_grad(a);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("g"), py::arg("dbias_partial"),
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("dy_stride"), py::arg("x_stride"), py::arg("weight_stride"),
+      py::arg("g_stride"), py::arg("num_partials"), py::arg("activation"), py::arg("dtype"), py::arg("allow_tf32"),
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+      "g = dy * act'(x @ weight^T + bias) (h recomputed by cuBLASLt) and fp32 per-block partial column sums of g.");
 }

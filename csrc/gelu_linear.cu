@@ -1,0 +1,198 @@
+// Linear with a fused epilogue: y = act(x @ weight^T + bias) + residual, and the activation's backward.
+//
+// The GEMM is cuBLASLt's (csrc/cublaslt.cu): on Hopper it runs wgmma/TMA kernels that a hand-written GEMM
+// would have to match first. Its epilogues decide what can be fused into it:
+//   * no activation:      BIAS epilogue, residual as the beta * C operand -> one kernel, one rounding.
+//   * "gelu_tanh":        GELU_BIAS epilogue (cuBLASLt's GELU is the tanh approximation, as in
+//                         nn.GELU(approximate="tanh")) -> one kernel, when there is no residual.
+//   * "gelu" (erf), "quick_gelu", or any activation with a residual: cuBLASLt has no such epilogue (its
+//     beta * C is added before the activation, not after), so the GEMM writes h = x W^T + b with the BIAS
+//     epilogue and bias_act_residual_kernel applies act(h) + residual in place: one extra read and write
+//     of the (M, N) output, and h rounded to the output dtype once before the activation.
+//
+// Backward of the activation: fastvit's linear op recomputes h instead of storing it (see
+// fastvit/ops/linear.py), so g = dy * act'(h) runs as a second pass over the recomputed h, fused with the
+// fp32 column sums that give dbias. cuBLASLt's DGELU / DGELU_BGRAD epilogues do not fit that contract:
+// they multiply a GEMM's *product* (dY2 @ W2 of the next layer) by gelu'(aux) with the stored
+// pre-activation as aux, and only for the tanh form.
+#include <cmath>
+
+#include "common.h"
+#include "cublaslt.h"
+#include "dtype_dispatch.h"
+#include "gelu_linear.h"
+
+namespace fastvit {
+namespace {
+
+constexpr float kInvSqrt2 = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+constexpr float kSqrt2OverPi = 0.79788456080286536f;
+constexpr float kTanhCoef = 0.044715f;
+constexpr float kQuickCoef = 1.702f;
+
+__device__ __forceinline__ float activate(float h, int act) {
+  switch (act) {
+    case kActGelu: return 0.5f * h * (1.f + erff(h * kInvSqrt2));
+    case kActGeluTanh: return 0.5f * h * (1.f + tanhf(kSqrt2OverPi * (h + kTanhCoef * h * h * h)));
+    case kActQuickGelu: return h / (1.f + __expf(-kQuickCoef * h));
+    default: return h;
+  }
+}
+
+__device__ __forceinline__ float activation_grad(float h, int act) {
+  switch (act) {
+    case kActGelu: return 0.5f * (1.f + erff(h * kInvSqrt2)) + h * kInvSqrt2Pi * __expf(-0.5f * h * h);
+    case kActGeluTanh: {
+      const float t = tanhf(kSqrt2OverPi * (h + kTanhCoef * h * h * h));
+      return 0.5f * (1.f + t) + 0.5f * h * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * kTanhCoef * h * h);
+    }
+    case kActQuickGelu: {
+      const float s = 1.f / (1.f + __expf(-kQuickCoef * h));
+      return s + kQuickCoef * h * s * (1.f - s);
+    }
+    default: return 1.f;
+  }
+}
+
+// y[r, c] = act(y[r, c]) + residual[r, c], in place on the GEMM's output. One thread per element.
+template <typename T>
+__global__ void bias_act_residual_kernel(T* y, const T* residual, std::int64_t rows, std::int64_t cols,
+                                         std::int64_t y_stride, std::int64_t residual_stride, int act) {
+  const std::int64_t total = rows * cols;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t r = i / cols, c = i - r * cols;
+    float v = activate(to_float(y[r * y_stride + c]), act);
+    if (residual) v += to_float(residual[r * residual_stride + c]);
+    y[r * y_stride + c] = from_float<T>(v);
+  }
+}
+
+constexpr int kGradThreads = 256;
+
+// g = dy * act'(h), in place over h in g. Block (x, y) walks rows x, x + gridDim.x, ... of the column tile
+// y; each thread owns one column and writes its fp32 partial sum of g (dbias) to row x of the partials.
+template <typename T>
+__global__ void act_grad_kernel(const T* dy, T* g, float* dbias_partial, std::int64_t rows, std::int64_t cols,
+                                std::int64_t dy_stride, std::int64_t g_stride, int act) {
+  const std::int64_t col = static_cast<std::int64_t>(blockIdx.y) * kGradThreads + threadIdx.x;
+  if (col >= cols) return;
+  float sum = 0.f;
+  for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float v = to_float(dy[r * dy_stride + col]) * activation_grad(to_float(g[r * g_stride + col]), act);
+    g[r * g_stride + col] = from_float<T>(v);
+    sum += v;
+  }
+  if (dbias_partial) dbias_partial[static_cast<std::int64_t>(blockIdx.x) * cols + col] = sum;
+}
+
+int grid_for(std::int64_t n, int threads) {
+  const std::int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<int>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
+}
+
+void check_gemm(const char* op, std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t x_stride,
+                std::int64_t weight_stride, int activation, int dtype, std::int64_t workspace_bytes) {
+  require(m >= 0 && n > 0 && k > 0, op,
+          "sizes must be M >= 0, N > 0, K > 0, got M=" + std::to_string(m) + ", N=" + std::to_string(n) +
+              ", K=" + std::to_string(k));
+  require(m < (std::int64_t{1} << 31) && n < (std::int64_t{1} << 31) && k < (std::int64_t{1} << 31), op,
+          "cuBLASLt takes 32-bit matrix sizes; got M=" + std::to_string(m) + ", N=" + std::to_string(n) +
+              ", K=" + std::to_string(k));
+  require(x_stride >= k && weight_stride >= k, op, "the row strides of x and weight must be >= K");
+  require(activation >= kActNone && activation <= kActQuickGelu, op,
+          "unknown activation code " + std::to_string(activation) +
+              " (0 none, 1 gelu, 2 gelu_tanh, 3 quick_gelu)");
+  check_float_dtype(op, "dtype", dtype);
+  require(workspace_bytes >= 0, op, "workspace_bytes must be >= 0");
+}
+
+}  // namespace
+
+void gelu_linear_fwd(const GeluLinearFwdArgs& a) {
+  const char* op = "gelu_linear_fwd";
+  check_gemm(op, a.m, a.n, a.k, a.x_stride, a.weight_stride, a.activation, a.dtype, a.workspace_bytes);
+  require(a.x && a.weight && a.y, op, "x, weight and y must be non-null device pointers");
+  require(a.y_stride >= a.n && (!a.residual || a.residual_stride >= a.n), op,
+          "the row strides of y and residual must be >= N");
+  require_cuda_device(op);
+  if (a.m == 0) return;
+
+  MatmulArgs mm;
+  mm.lhs = {a.x, a.m, a.k, a.x_stride, 0};
+  mm.rhs = {a.weight, a.n, a.k, a.weight_stride, 0};
+  mm.rhs_t = true;
+  mm.out = {a.y, a.m, a.n, a.y_stride, 0};
+  mm.dtype = a.dtype;
+  mm.allow_tf32 = a.allow_tf32;
+  mm.bias = a.bias;
+  mm.workspace = a.workspace;
+  mm.workspace_bytes = a.workspace_bytes;
+  mm.stream = a.stream;
+  const bool fused_tanh = a.activation == kActGeluTanh && !a.residual;
+  bool needs_pass = false;
+  if (a.activation == kActNone) {
+    mm.epilogue = a.bias ? Epilogue::kBias : Epilogue::kNone;
+    if (a.residual) mm.addend = {a.residual, a.m, a.n, a.residual_stride, 0};
+  } else if (fused_tanh) {
+    mm.epilogue = a.bias ? Epilogue::kGeluTanhBias : Epilogue::kGeluTanh;
+  } else {
+    mm.epilogue = a.bias ? Epilogue::kBias : Epilogue::kNone;
+    needs_pass = true;
+  }
+  matmul(op, mm);
+  if (needs_pass) {
+    dispatch_dtype(a.dtype, [&](auto t) {
+      using T = typename decltype(t)::type;
+      bias_act_residual_kernel<T><<<grid_for(a.m * a.n, 256), 256, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(
+          reinterpret_cast<T*>(a.y), reinterpret_cast<const T*>(a.residual), a.m, a.n, a.y_stride, a.residual_stride,
+          a.activation);
+    });
+    check_launch(op);
+  }
+}
+
+void gelu_linear_act_grad(const GeluLinearActGradArgs& a) {
+  const char* op = "gelu_linear_act_grad";
+  check_gemm(op, a.m, a.n, a.k, a.x_stride, a.weight_stride, a.activation, a.dtype, a.workspace_bytes);
+  require(a.activation != kActNone, op, "the activation gradient needs an activation (code 1, 2 or 3)");
+  require(a.dy && a.x && a.weight && a.g, op, "dy, x, weight and g must be non-null device pointers");
+  require(a.dy_stride >= a.n && a.g_stride >= a.n, op, "the row strides of dy and g must be >= N");
+  require(!a.dbias_partial || a.num_partials > 0, op, "num_partials must be > 0 with dbias_partial");
+  require(a.num_partials < 65536, op, "num_partials must be < 65536");
+  require((a.n + kGradThreads - 1) / kGradThreads < 65536, op, "N is too large for one launch: " + std::to_string(a.n));
+  require_cuda_device(op);
+  auto stream = reinterpret_cast<cudaStream_t>(a.stream);
+  if (a.m == 0) {
+    if (a.dbias_partial) {
+      cudaMemsetAsync(reinterpret_cast<void*>(a.dbias_partial), 0, sizeof(float) * a.num_partials * a.n, stream);
+      check_launch(op);
+    }
+    return;
+  }
+  MatmulArgs mm;
+  mm.lhs = {a.x, a.m, a.k, a.x_stride, 0};
+  mm.rhs = {a.weight, a.n, a.k, a.weight_stride, 0};
+  mm.rhs_t = true;
+  mm.out = {a.g, a.m, a.n, a.g_stride, 0};
+  mm.dtype = a.dtype;
+  mm.allow_tf32 = a.allow_tf32;
+  mm.epilogue = a.bias ? Epilogue::kBias : Epilogue::kNone;
+  mm.bias = a.bias;
+  mm.workspace = a.workspace;
+  mm.workspace_bytes = a.workspace_bytes;
+  mm.stream = a.stream;
+  matmul(op, mm);
+  const int partials = a.dbias_partial ? a.num_partials : static_cast<int>(a.m < 1024 ? a.m : 1024);
+  const dim3 grid(static_cast<unsigned>(partials), static_cast<unsigned>((a.n + kGradThreads - 1) / kGradThreads));
+  dispatch_dtype(a.dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    act_grad_kernel<T><<<grid, kGradThreads, 0, stream>>>(reinterpret_cast<const T*>(a.dy), reinterpret_cast<T*>(a.g),
+                                                          reinterpret_cast<float*>(a.dbias_partial), a.m, a.n,
+                                                          a.dy_stride, a.g_stride, a.activation);
+  });
+  check_launch(op);
+}
+
+}  // namespace fastvit

@@ -1,0 +1,42 @@
+// Host entry points of csrc/gelu_linear.cu: Linear with a fused bias + activation + residual epilogue.
+// Pointers are device addresses as integers (0: absent); strides in elements; every 2-D operand is
+// row-major with a unit last stride.
+#pragma once
+
+#include <cstdint>
+
+namespace fastvit {
+
+// Must match fastvit/ops/_cuda_backends.py::ACTIVATION_CODES.
+enum ActivationCode : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActQuickGelu = 3 };
+
+struct GeluLinearFwdArgs {
+  std::uintptr_t x, weight, bias, residual, y;  // (M, K), (N, K), (N,), (M, N), (M, N)
+  std::int64_t m, n, k;
+  std::int64_t x_stride, weight_stride, residual_stride, y_stride;
+  int activation;  // ActivationCode
+  int dtype;       // DTypeCode of every operand
+  bool allow_tf32;
+  std::uintptr_t workspace;  // cuBLASLt workspace
+  std::int64_t workspace_bytes;
+  std::uintptr_t stream;
+};
+
+struct GeluLinearActGradArgs {
+  std::uintptr_t dy, x, weight, bias, g, dbias_partial;  // dy, g (M, N); dbias_partial (num_partials, N) fp32
+  std::int64_t m, n, k;
+  std::int64_t dy_stride, x_stride, weight_stride, g_stride;
+  int num_partials;
+  int activation, dtype;
+  bool allow_tf32;
+  std::uintptr_t workspace;
+  std::int64_t workspace_bytes;
+  std::uintptr_t stream;
+};
+
+// y = act(x @ weight^T + bias) + residual.
+void gelu_linear_fwd(const GeluLinearFwdArgs& a);
+// g = dy * act'(h), h = x @ weight^T + bias recomputed; per-block fp32 partial column sums of g (dbias).
+void gelu_linear_act_grad(const GeluLinearActGradArgs& a);
+
+}  // namespace fastvit
