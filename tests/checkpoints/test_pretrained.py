@@ -131,6 +131,8 @@ def test_create_model_pretrained_true_and_path(caches, tmp_path):
     assert_same_outputs(src.eval(), same, image_batch())
     other_head = fastvit.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=3, **small)
     assert torch.equal(other_head.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    gray = fastvit.create_model("vit_tiny_patch16_224", pretrained=True, in_chans=1, num_classes=10, **small)
+    assert torch.allclose(gray.patch_embed.proj.weight, src.patch_embed.proj.weight.sum(1, keepdim=True))
     # A checkpoint path of any format, here Google npz at another resolution (resampled on load).
     npz = str(tmp_path / "ViT-Ti_16.npz")
     save_export(export_state_dict(src.state_dict(), "npz", num_heads=3), "npz", npz)
