@@ -143,6 +143,10 @@ class ViTBackbone(VisionTransformer):
         drop_rate: dropout after the position embedding and in attention/MLP outputs (training only).
         attn_drop_rate: dropout on attention probabilities (training only).
         drop_path_rate: stochastic depth, linear over the blocks (training only).
+        patch_bias: bias on the patch projection. True matches timm weights and mmseg's model-zoo
+            checkpoints (trained with mmseg 0.x); recent mmseg 1.x (1.2.2) builds its ViT with
+            ``patch_bias=False`` by default, and state dicts saved from such a model have no
+            ``patch_embed.projection.bias``.
     """
 
     def __init__(
@@ -163,6 +167,7 @@ class ViTBackbone(VisionTransformer):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        patch_bias: bool = True,
     ):
         if output_cls_token and not with_cls_token:
             raise ValueError("fastvit: output_cls_token=True needs with_cls_token=True (mmseg asserts the same)")
@@ -180,6 +185,8 @@ class ViTBackbone(VisionTransformer):
                 raise ValueError(f"fastvit: out_indices entry {i} is outside the backbone's {depth} blocks")
             indices.append(j)
         self.out_indices = tuple(indices)
+        if not patch_bias:
+            self.patch_embed.proj.register_parameter("bias", None)
         self.has_final_norm = final_norm
         self.with_cls_token = with_cls_token
         self.output_cls_token = output_cls_token
@@ -939,6 +946,14 @@ class EncoderDecoder(nn.Module):
         drop = ("data_preprocessor.",) + (("auxiliary_head.",) if self.auxiliary_head is None else ())
         left_out = sorted(k for k in sd if k.startswith(drop))
         sd = {k: v for k, v in sd.items() if k not in left_out}
+        bias_key = "backbone.patch_embed.projection.bias"
+        has_bias = self.backbone.patch_embed.proj.bias is not None
+        if strict and (bias_key in sd) != has_bias:
+            raise CheckpointError(
+                f"{name}: the checkpoint {'has' if bias_key in sd else 'has no'} {bias_key} and this model "
+                f"{'has one' if has_bias else 'has none'}; build the model with patch_bias={bias_key in sd} "
+                f"(mmseg 1.2's ViT default is patch_bias=False, its model-zoo checkpoints have the bias)"
+            )
         try:
             self.load_state_dict(sd, strict=strict)
         except RuntimeError as err:

@@ -9,6 +9,7 @@ from mmseg's module definitions (``reference/mission.md`` section 4), not agains
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import pytest
 import timm
@@ -20,7 +21,6 @@ from fastvit.checkpoints import CheckpointError
 from fastvit.checkpoints.mmseg import timm_to_mmseg
 from fastvit.checkpoints.npz import save_npz, timm_to_npz
 from fastvit.models.segmentation import EncoderDecoder, ViTBackbone
-from typing import Optional
 
 UPERNET = {
     # name: (D, heads, MLN neck, final norm), from configs/vit/*.py (mission.md 1.5 / 4.3)
@@ -43,6 +43,13 @@ SMALL_DPT = dict(embed_dim=32, num_heads=2, channels=16, post_process_channels=(
 
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    """max |actual - expected| <= rtol * max |expected| (fp32 reordering noise of a deep network)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    err, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
+    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol:g} x max |expected| {scale:.3g}"
 
 
 def on_meta(name: str, **kwargs) -> EncoderDecoder:
@@ -582,13 +589,94 @@ def test_invalid_configuration():
         ViTBackbone(embed_dim=32, num_heads=2, out_indices=(2, 5, 8, 12))
 
 
+def test_patch_bias_option_for_mmseg_1x_state_dicts():
+    with_bias = fastvit.create_model("upernet_deit_s16_512", **SMALL_UPERNET)
+    without = fastvit.create_model("upernet_deit_s16_512", **SMALL_UPERNET, patch_bias=False)
+    assert "backbone.patch_embed.projection.bias" not in without.state_dict()
+    assert n_params(with_bias) - n_params(without) == 32
+    with pytest.raises(CheckpointError, match="build the model with patch_bias=False"):
+        with_bias.load_mmseg_checkpoint(without.state_dict())
+    without.eval()(torch.randn(1, 3, 32, 32))  # the patch op runs without a bias
+
+
+# --------------------------------------------------------------------- against mmseg, where installed
+
+
+def _mmseg_configs() -> dict:
+    """Small-width mmseg configs with the structure of configs/_base_/models/upernet_vit-b16_ln_mln.py
+    and dpt_vit-b16.py (patch_bias=True: the model-zoo checkpoints' backbone)."""
+    bn = dict(type="BN", requires_grad=True)
+    ce = dict(type="CrossEntropyLoss", use_sigmoid=False)
+    vit = dict(
+        type="VisionTransformer", embed_dims=32, num_layers=12, num_heads=2, out_indices=(2, 5, 8, 11), patch_bias=True
+    )
+    upernet = dict(
+        backbone=dict(vit, img_size=(64, 64), qkv_bias=True, norm_cfg=dict(type="LN", eps=1e-6), final_norm=True),
+        neck=dict(type="MultiLevelNeck", in_channels=[32] * 4, out_channels=32, scales=[4, 2, 1, 0.5]),
+        decode_head=dict(type="UPerHead", in_channels=[32] * 4, in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
+                         channels=32, num_classes=K, norm_cfg=bn, align_corners=False, loss_decode=dict(ce, loss_weight=1.0)),
+        auxiliary_head=dict(type="FCNHead", in_channels=32, in_index=3, channels=16, num_convs=1, concat_input=False,
+                            num_classes=K, norm_cfg=bn, align_corners=False, loss_decode=dict(ce, loss_weight=0.4)),
+    )  # fmt: skip
+    dpt = dict(
+        backbone=dict(vit, img_size=224, final_norm=False, with_cls_token=True, output_cls_token=True),
+        decode_head=dict(type="DPTHead", in_channels=(32,) * 4, channels=16, embed_dims=32, post_process_channels=[8, 16, 24, 32],
+                         num_classes=K, readout_type="project", input_transform="multiple_select", in_index=(0, 1, 2, 3),
+                         norm_cfg=bn, loss_decode=dict(ce, loss_weight=1.0)),
+    )  # fmt: skip
+    return {
+        "upernet_vit_b16_ln_mln_512": (upernet, dict(SMALL_UPERNET, img_size=64, drop_path_rate=0.0)),
+        "dpt_vit_b16_512": (dpt, dict(SMALL_DPT)),
+    }
+
+
+@pytest.mark.parametrize("name", ["upernet_vit_b16_ln_mln_512", "dpt_vit_b16_512"])
+def test_matches_mmseg(name):
+    mmseg = pytest.importorskip("mmseg", reason="mmsegmentation 1.x (with mmcv 2.x) is not installed")
+    from mmengine.structures import PixelData
+    from mmseg.models.segmentors import EncoderDecoder as MMSegEncoderDecoder
+    from mmseg.structures import SegDataSample
+    from mmseg.utils import register_all_modules
+
+    del mmseg
+    register_all_modules()
+    cfg, ours_kwargs = _mmseg_configs()[name]
+    theirs = randomize(MMSegEncoderDecoder(**cfg, train_cfg=dict(), test_cfg=dict(mode="whole")), seed=6)
+    ours = fastvit.create_model(name, **ours_kwargs).eval()
+    sd = theirs.state_dict()
+    assert list(ours.state_dict()) == list(sd)  # the same keys, in the same order
+    ours.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 3, 70, 100)  # padded to 80x112: a 5x7 grid, resampled position table
+    with torch.no_grad():
+        expected = theirs._forward(x)
+        assert_rel(ours(x), expected)
+        metas = [dict(img_shape=(70, 100), ori_shape=(70, 100))] * 2
+        assert_rel(ours.predict(x), theirs.decode_head.predict_by_feat(expected, metas))
+    for model in (theirs, ours):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout2d):
+                m.p = 0.0
+    labels = torch.randint(0, K, (2, 70, 100))
+    labels[:, :9] = 255
+    samples = []
+    for i in range(2):
+        sample = SegDataSample(gt_sem_seg=PixelData(data=labels[i : i + 1]))
+        sample.set_metainfo(dict(img_shape=(70, 100), ori_shape=(70, 100)))
+        samples.append(sample)
+    theirs_losses, ours_losses = theirs.loss(x, samples), ours(x, labels)
+    for key, value in theirs_losses.items():
+        if "loss" in key:
+            torch.testing.assert_close(ours_losses[key], value, rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ GPU
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["upernet_vit_b16_mln_512", "dpt_vit_b16_512"])
 def test_gpu_full_size_fused_matches_torch_backend(name, monkeypatch):
-    model = randomize(fastvit.create_model(name), seed=4).cuda()
+    model = fastvit.create_model(name).cuda().eval()  # default init: realistic activation scales
     x = torch.randn(1, 3, 512, 683, device="cuda")
     fused = model.predict(x)
     monkeypatch.setenv("FASTVIT_BACKEND", "torch")
@@ -599,3 +687,18 @@ def test_gpu_full_size_fused_matches_torch_backend(name, monkeypatch):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         monkeypatch.delenv("FASTVIT_BACKEND")
         assert math.isfinite(model.predict(x).float().abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_training_step_at_the_mmseg_crop():
+    # mmseg's "Mem" protocol: 2 images of 512x512 per GPU (1025 tokens), decode + auxiliary losses.
+    model = fastvit.create_model("upernet_deit_s16_mln_512").cuda().train()
+    x = torch.randn(2, 3, 512, 512, device="cuda")
+    labels = torch.randint(0, K, (2, 512, 512), device="cuda")
+    labels[:, :64] = 255
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = model(x, labels)
+    losses["loss"].backward()
+    assert math.isfinite(losses["loss"].item())
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
