@@ -1,18 +1,19 @@
 """Patch embedding with the class token and position embedding: fastvit vs timm's eager composition.
 
-Per ViT shape (image 3 x S x S, patch p, width D, N = (S/p)^2 patches, one class token) and dtype:
+Per ViT shape (image C x S x S, patch p, width D, N = (S/p)^2 patches, one class token) and dtype, including
+the R50 hybrid's 1x1 projection of its 1024-channel feature map (patch 1):
 
 * torch: ``conv2d(x, W, b, stride=p).flatten(2).transpose(1, 2)`` -> ``cat([cls, x], 1)`` -> ``+ pos_embed``
   (timm's PatchEmbed + _pos_embed, cuDNN conv)
 * fastvit ``ops.patch_embed(x, W, b, patch_size=p, pos_embed=pos, prefix_tokens=cls)``: one GEMM launch
 
-Reports the median ms, TFLOP/s (2 B N K D, K = 3 p^2), GB/s against the bytes that must move (read the
+Reports the median ms, TFLOP/s (2 B N K D, K = C p^2), GB/s against the bytes that must move (read the
 image and the weight, write the (B, N + 1, D) tokens) and that as a fraction of the device copy
 bandwidth measured in the same run, and the speedup over torch (the issue's goal: >= 2x).
 ``--backward`` adds forward + backward with gradients for the weight, bias, pos_embed and class token
 (the image needs none, as in training).
 
-    python benchmarks/bench_patch_embed.py [--models S B B384 B32 L H] [--batches 1 256] [--dtypes bfloat16 float16]
+    python benchmarks/bench_patch_embed.py [--models S B B384 B32 L H R50] [--batches 1 256] [--dtypes bfloat16 float16]
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import copy_bandwidth_gbps, markdown_table, median_ms, require_gpu, write_results  # noqa: E402
 
-# name -> (label, image size, patch, width)
+# name -> (label, input channels, input size, patch, width)
 MODELS = {
-    "S": ("DeiT-S/16", 224, 16, 384),
-    "B": ("ViT-B/16", 224, 16, 768),
-    "B384": ("ViT-B/16@384", 384, 16, 768),
-    "B32": ("ViT-B/32", 224, 32, 768),
-    "L": ("ViT-L/16", 224, 16, 1024),
-    "H": ("ViT-H/14", 224, 14, 1280),
+    "S": ("DeiT-S/16", 3, 224, 16, 384),
+    "B": ("ViT-B/16", 3, 224, 16, 768),
+    "B384": ("ViT-B/16@384", 3, 384, 16, 768),
+    "B32": ("ViT-B/32", 3, 224, 32, 768),
+    "L": ("ViT-L/16", 3, 224, 16, 1024),
+    "H": ("ViT-H/14", 3, 224, 14, 1280),
+    "R50": ("R50+ViT-B/16@384 1x1 proj", 1024, 24, 1, 768),
 }
 
 
@@ -46,7 +48,7 @@ def _time(fn: Callable[[], object]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["S", "B", "B384", "B32", "L", "H"], choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 256])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
     parser.add_argument("--channels-last", action="store_true", help="feed a channels_last image")
@@ -63,14 +65,14 @@ def main() -> None:
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for key in args.models:
-            label, size, patch, width = MODELS[key]
+            label, chans, size, patch, width = MODELS[key]
             for batch in args.batches:
                 grid = size // patch
-                n, k = grid * grid, 3 * patch * patch
-                x = torch.randn(batch, 3, size, size, device="cuda", dtype=dtype)
+                n, k = grid * grid, chans * patch * patch
+                x = torch.randn(batch, chans, size, size, device="cuda", dtype=dtype)
                 if args.channels_last:
                     x = x.to(memory_format=torch.channels_last)
-                w = (torch.randn(width, 3, patch, patch, device="cuda") * k**-0.5).to(dtype).requires_grad_()
+                w = (torch.randn(width, chans, patch, patch, device="cuda") * k**-0.5).to(dtype).requires_grad_()
                 b = torch.randn(width, device="cuda", dtype=dtype).requires_grad_()
                 cls = torch.randn(1, 1, width, device="cuda", dtype=dtype).requires_grad_()
                 pos = torch.randn(1, n + 1, width, device="cuda", dtype=dtype).requires_grad_()

@@ -55,17 +55,26 @@ _GEMM_SHAPES = [
 
 
 @triton.jit
-def _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH: tl.constexpr):
+def _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH: tl.constexpr, FLAT_PIXELS: tl.constexpr):
     """Offsets (within one image, int32: the launcher checks one image spans < 2^31 elements) and
-    in-image mask of A[m, k] for row vector m and column vector k."""
-    ph = m // Wp
-    pw = m % Wp
-    c = k // (PATCH * PATCH)
-    r = k % (PATCH * PATCH)
-    row = ph[:, None] * PATCH + (r // PATCH)[None, :]
-    col = pw[:, None] * PATCH + (r % PATCH)[None, :]
-    offs = c[None, :] * sx_c + row * sx_h + col * sx_w
-    return offs, (row < H) & (col < W)
+    in-image mask of A[m, k] for row vector m and column vector k.
+
+    FLAT_PIXELS (patch 1 on an image whose rows and columns merge, e.g. the hybrid models' 1x1
+    projection of a CNN feature map): A is the plain strided matrix x[b].view(C, H * W).T, addressed
+    without the div/mod that would hide its contiguity from the compiler."""
+    if FLAT_PIXELS:
+        offs = k[None, :] * sx_c + m[:, None] * sx_w
+        inside = (m >= 0)[:, None] & (k >= 0)[None, :]  # every patch is one in-image pixel
+    else:
+        ph = m // Wp
+        pw = m % Wp
+        c = k // (PATCH * PATCH)
+        r = k % (PATCH * PATCH)
+        row = ph[:, None] * PATCH + (r // PATCH)[None, :]
+        col = pw[:, None] * PATCH + (r % PATCH)[None, :]
+        offs = c[None, :] * sx_c + row * sx_h + col * sx_w
+        inside = (row < H) & (col < W)
+    return offs, inside
 
 
 @triton.jit
@@ -91,6 +100,7 @@ def _patch_embed_fwd_kernel(
     sw_d, sw_c, sw_h, sw_w,
     s_pos, s_pre,
     PATCH: tl.constexpr,
+    FLAT_PIXELS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_POS: tl.constexpr,
     POS_COVERS_PREFIX: tl.constexpr,
@@ -115,7 +125,7 @@ def _patch_embed_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        a_offs, a_in = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH)
+        a_offs, a_in = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH, FLAT_PIXELS)
         a = tl.load(x_img + a_offs, mask=a_in & m_ok[:, None] & k_ok[None, :], other=0.0)
         w_offs = _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH)
         w = tl.load(Wt + w_offs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
@@ -152,6 +162,7 @@ def _patch_embed_dx_kernel(
     sx_b, sx_c, sx_h, sx_w,
     sw_d, sw_c, sw_h, sw_w,
     PATCH: tl.constexpr,
+    FLAT_PIXELS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # patches
     BLOCK_N: tl.constexpr,  # reduction over D
@@ -175,7 +186,7 @@ def _patch_embed_dx_kernel(
         w_offs = _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH)
         w = tl.load(Wt + w_offs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
-    offs, in_img = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH)
+    offs, in_img = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH, FLAT_PIXELS)
     tl.store(DX + b * sx_b + offs, acc.to(DX.dtype.element_ty), mask=in_img & m_ok[:, None] & k_ok[None, :])
 
 
@@ -189,6 +200,7 @@ def _patch_embed_dweight_kernel(
     sx_b, sx_c, sx_h, sx_w,
     rows_per_split,
     PATCH: tl.constexpr,
+    FLAT_PIXELS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # reduction over the B * N patch rows
     BLOCK_N: tl.constexpr,  # D
@@ -214,7 +226,7 @@ def _patch_embed_dweight_kernel(
         g = tl.load(
             DOUT + (b * (N + P) + P + m)[None, :] * D + n[:, None], mask=r_ok[None, :] & n_ok[:, None], other=0.0
         )  # (BLOCK_N, BLOCK_M): dout^T
-        a_offs, a_in = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH)
+        a_offs, a_in = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH, FLAT_PIXELS)
         a = tl.load(X + b[:, None] * sx_b + a_offs, mask=a_in & r_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(g, a, acc, input_precision=INPUT_PRECISION)
     part_offs = split * D * K + n.to(tl.int64)[:, None] * K + k[None, :]
@@ -233,6 +245,10 @@ def _input_precision(x: torch.Tensor) -> Optional[str]:
     if x.dtype != torch.float32:
         return None
     return "tf32" if torch.backends.cudnn.allow_tf32 and not INTERPRET else "ieee"
+
+
+def _flat_pixels(x: torch.Tensor, patch: int) -> bool:
+    return patch == 1 and (x.shape[2] == 1 or x.stride(2) == x.shape[3] * x.stride(3))
 
 
 def _grid_hw(x: torch.Tensor, patch: int) -> tuple[int, int]:
@@ -262,7 +278,7 @@ def patch_embed_fwd(
             prefix if prefix is not None else weight, out,
             N, D, K, P, Wp, H, W, *x.stride(), *weight.stride(),
             pos.stride(0) if pos is not None else 0, prefix.stride(0) if prefix is not None else 0,
-            PATCH=patch, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
+            PATCH=patch, FLAT_PIXELS=_flat_pixels(x, patch), HAS_BIAS=bias is not None, HAS_POS=pos is not None,
             POS_COVERS_PREFIX=pos is not None and pos.shape[0] == N + P, HAS_PREFIX=P > 0,
             BLOCK_P=triton.next_power_of_2(max(P, 1)), INPUT_PRECISION=_input_precision(x),
         )  # fmt: skip
@@ -279,7 +295,7 @@ def patch_embed_dx(dout: torch.Tensor, weight: torch.Tensor, num_prefix: int, dx
     with device_guard(dx):
         _patch_embed_dx_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]), B)](
             dout, weight, dx, N, D, K, num_prefix, Wp, H, W, *dx.stride(), *weight.stride(),
-            PATCH=patch, INPUT_PRECISION=_input_precision(dx),
+            PATCH=patch, FLAT_PIXELS=_flat_pixels(dx, patch), INPUT_PRECISION=_input_precision(dx),
         )  # fmt: skip
 
 
@@ -308,6 +324,6 @@ def patch_embed_dweight(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     with device_guard(x):
         _patch_embed_dweight_kernel[grid](
             dout, x, part, rows, N, D, K, num_prefix, Wp, H, W, *x.stride(), rows_per_split,
-            PATCH=patch, INPUT_PRECISION=_input_precision(x),
+            PATCH=patch, FLAT_PIXELS=_flat_pixels(x, patch), INPUT_PRECISION=_input_precision(x),
         )  # fmt: skip
     return (part[0] if splits == 1 else part.sum(0)).view(D, C, patch, patch)

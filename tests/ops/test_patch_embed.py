@@ -128,6 +128,17 @@ def test_channels_last_and_strided_weight(device):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "row_strided"])
+def test_patch_1_projection_of_feature_maps(layout, device):
+    """The hybrid models' 1x1 projection (patch 1 on a CNN feature map): NCHW and channels_last maps
+    take the flat-pixel path; a map cut from a wider one (rows not mergeable) takes the general one."""
+    x, w, b, p, pre = _inputs(2, 40, 4, 5, 24, 1, torch.float32, device, channels_last=layout == "channels_last")
+    if layout == "row_strided":
+        x = torch.randn(2, 40, 4, 8, device=device)[..., 1:6].requires_grad_()
+    _check("triton", [x, w, b, p, pre], 1)
+
+
+@pytest.mark.interpreter
 def test_image_grad_not_requested(device):
     """The usual case (the image needs no gradient): the parameters' gradients alone, no dx kernel."""
     x, w, b, p, pre = _inputs(2, 3, 16, 16, 16, 8, torch.float32, device)
@@ -282,9 +293,10 @@ def test_no_cuda_backend():
 
 # ------------------------------------------------------------------------------------ GPU matrix
 
-# (C, image, patch, D): ViT-B/16 @224 and @384, ViT-B/32, ViT-L/16, ViT-H/14, DeiT-S/16, a ragged padded case.
+# (C, image, patch, D): ViT-B/16 @224 and @384, ViT-B/32, ViT-L/16, ViT-H/14, DeiT-S/16, a ragged padded case,
+# and the R50+ViT-B/16 hybrid's 1x1 projection of the 1024-channel 1/16 feature map at 384 and 224.
 GPU_SHAPES = [(3, 224, 16, 768), (3, 384, 16, 768), (3, 224, 32, 768), (3, 224, 16, 1024), (3, 224, 14, 1280),
-              (3, 224, 16, 384), (3, 230, 16, 768)]  # fmt: skip
+              (3, 224, 16, 384), (3, 230, 16, 768), (1024, 24, 1, 768), (1024, 14, 1, 768)]  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -352,15 +364,17 @@ def run_offline_build(body: str) -> None:
 @pytest.mark.slow
 def test_kernels_build_for_sm90():
     """The three GEMMs: fp16 at patch 16 (vectorised, pipelined gathers) with the largest tile, bf16 at
-    patch 14 (scalar gathers) and fp32 (TF32) at patch 32 with the smallest."""
+    patch 14 (scalar gathers), fp32 (TF32) at patch 32 with the smallest, bf16 at patch 1 (flat pixels)."""
     run_offline_build("""
 from fastvit.kernels import patch_embed as k
 for dt, patch, (bm, bn, bk, warps, stages) in (("fp16", 16, k._GEMM_SHAPES[0]), ("bf16", 14, k._GEMM_SHAPES[0]),
-                                               ("fp32", 32, k._GEMM_SHAPES[-1])):
-    blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PATCH=patch, INPUT_PRECISION="tf32" if dt == "fp32" else None)
+                                               ("fp32", 32, k._GEMM_SHAPES[-1]), ("bf16", 1, k._GEMM_SHAPES[0])):
+    blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PATCH=patch, FLAT_PIXELS=patch == 1,
+                  INPUT_PRECISION="tf32" if dt == "fp32" else None)
     p = "*" + dt
-    build(k._patch_embed_fwd_kernel, dict(X=p, Wt=p, BIAS=p, POS=p, PREFIX=p, OUT=p),
-          dict(HAS_BIAS=True, HAS_POS=True, POS_COVERS_PREFIX=True, HAS_PREFIX=True, BLOCK_P=2, **blocks), warps, stages)
+    epilogue = dict(HAS_BIAS=True, HAS_POS=True, POS_COVERS_PREFIX=True, HAS_PREFIX=True, BLOCK_P=2)
+    tensors = dict(X=p, Wt=p, BIAS=p, POS=p, PREFIX=p, OUT=p)
+    build(k._patch_embed_fwd_kernel, tensors, {**epilogue, **blocks}, warps, stages)
     build(k._patch_embed_dx_kernel, dict(DOUT=p, Wt=p, DX=p), blocks, warps, stages)
     build(k._patch_embed_dweight_kernel, dict(DOUT=p, X=p, DW_PART="*fp32"), blocks, warps, stages)
 """)
