@@ -1,18 +1,18 @@
 """Checkpoint loaders, one file per foreign format; :func:`load_checkpoint` sniffs the format.
 
-==================  ==============================================================  ======================
-format              what it is                                                      module
-==================  ==============================================================  ======================
-``npz``             Google JAX ``.npz`` (original ViT release incl. R50 hybrid,     :mod:`.npz`
+==================  ==================================================================  ======================
+format              what it is                                                          module
+==================  ==================================================================  ======================
+``npz``             Google JAX ``.npz`` (original ViT release incl. R50 hybrid,         :mod:`.npz`
                     in21k files with ``pre_logits``; big_vision layouts)
-``timm``            timm state dicts (``.pth``, ``.bin``, ``.safetensors``, also    :mod:`.timm`
+``timm``            timm state dicts (``.pth``, ``.bin``, ``.safetensors``, also        :mod:`.timm`
                     timm train checkpoints ``{'state_dict', 'state_dict_ema'}``)
-``deit``            DeiT ``{'model': state_dict}`` files (timm names)               :mod:`.timm`
-``t2t_official``    official T2T-ViT ``.pth.tar`` (``state_dict_ema``, ``module.``)  :mod:`.t2t_official`
-``mmpretrain``      mmpretrain classifiers (``backbone.*`` / ``head.*``)             :mod:`.mmpretrain`
-``mmseg``           mmseg ViT backbones (``vit2mmseg`` output or segmentors)        :mod:`.mmseg`
-``vit_pytorch``     jeonsworld/ViT-pytorch ``.bin`` (``transformer.*``)              :mod:`.vit_pytorch`
-==================  ==============================================================  ======================
+``deit``            DeiT ``{'model': state_dict}`` files (timm names)                   :mod:`.timm`
+``t2t_official``    official T2T-ViT ``.pth.tar`` (``state_dict_ema``, ``module.``)     :mod:`.t2t_official`
+``mmpretrain``      mmpretrain classifiers (``backbone.*`` / ``head.*``)                :mod:`.mmpretrain`
+``mmseg``           mmseg ViT backbones (``vit2mmseg`` output or segmentors)            :mod:`.mmseg`
+``vit_pytorch``     jeonsworld/ViT-pytorch ``.bin`` (``transformer.*``)                 :mod:`.vit_pytorch`
+==================  ==================================================================  ======================
 
 Reading a file: the container (torch pickle, safetensors, npz) is told by content; wrappers
 (``state_dict_ema`` > ``state_dict`` > ``model`` > ``module``) and a DDP ``module.`` prefix are removed;
