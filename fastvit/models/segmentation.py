@@ -280,8 +280,8 @@ class ViTBackbone(VisionTransformer):
         """Loads classification weights (timm, DeiT, Google ``.npz``, mmpretrain, an mmseg backbone or
         segmentor file; anything :func:`fastvit.checkpoints.read_checkpoint` reads) into this backbone,
         as mmseg's ``init_weights`` does: the position table is resampled bicubically to the backbone's
-        grid, the classifier (and the final norm when this backbone has none) is left out; every other
-        key must fit.
+        grid, the classifier (and the final norm, or the patch bias, when this backbone has none) is left
+        out; every other key must fit.
 
         Args:
             source: checkpoint path or an already loaded state dict.
@@ -305,6 +305,8 @@ class ViTBackbone(VisionTransformer):
             )
         skip_roots = ("head", "head_dist", "fc_norm", "pre_logits") + (() if self.has_final_norm else ("norm",))
         left_out = sorted(k for k in sd if k.split(".", 1)[0] in skip_roots)
+        if self.patch_embed.proj.bias is None and "patch_embed.proj.bias" in sd:
+            left_out.append("patch_embed.proj.bias")  # a patch_bias=False backbone, as mmseg 1.2 drops it
         for k in left_out:
             del sd[k]
         pos = sd.get("pos_embed")

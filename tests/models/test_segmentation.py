@@ -597,6 +597,7 @@ def test_patch_bias_option_for_mmseg_1x_state_dicts():
     with pytest.raises(CheckpointError, match="build the model with patch_bias=False"):
         with_bias.load_mmseg_checkpoint(without.state_dict())
     without.eval()(torch.randn(1, 3, 32, 32))  # the patch op runs without a bias
+    assert "patch_embed.proj.bias" in without.backbone.load_pretrained(tiny_timm().state_dict())
 
 
 # --------------------------------------------------------------------- against mmseg, where installed
