@@ -2,9 +2,14 @@
 
 Shapes: image x (B, C, H, W) with any strides (NCHW or channels_last), patch p, grid Hp x Wp
 (``ceil`` when padding), N = Hp * Wp patches, K = C * p * p, D = embedding width, P prefix tokens.
-Patch m = ph * Wp + pw and feature k = c * p * p + ki * p + kj (the conv weight's (D, C, p, p) order)
-read pixel x[b, c, ph * p + ki, pw * p + kj]; pixels past the bottom/right edge read as 0, which is
-exactly timm's ``dynamic_img_pad`` (zero padding right/bottom) without materialising a padded copy.
+Patch m = ph * Wp + pw and feature (c, ki, kj) (the conv weight's (D, C, p, p) order) read pixel
+x[b, c, ph * p + ki, pw * p + kj]; pixels past the bottom/right edge read as 0, which is exactly
+timm's ``dynamic_img_pad`` (zero padding right/bottom) without materialising a padded copy.
+
+The reduction runs over a padded feature index k = (c * p + ki) * ROW_PAD + kj, ROW_PAD =
+next_pow2(p), kj >= p masked off: kj is then ``k % power of two``, which the compiler can see is
+contiguous, so patch rows load as vectors (patch 16/32: ROW_PAD = p, no padding at all; patch 14:
+16-wide rows, 12.5% masked MMA work for 4-byte vector loads instead of scalar gathers).
 
 Kernels (fp32 accumulation in every one):
     forward   out[b, P + m, :] = A[b, m, :] @ W^T + bias + pos[P' + m]     (P' = P if pos covers the
@@ -55,9 +60,18 @@ _GEMM_SHAPES = [
 
 
 @triton.jit
-def _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH: tl.constexpr, FLAT_PIXELS: tl.constexpr):
+def _feature_coords(k, PATCH: tl.constexpr, ROW_PAD: tl.constexpr):
+    """(c, ki, kj, valid) of the padded feature index k = (c * PATCH + ki) * ROW_PAD + kj."""
+    row_index = k // ROW_PAD
+    kj = k % ROW_PAD
+    return row_index // PATCH, row_index % PATCH, kj, kj < PATCH
+
+
+@triton.jit
+def _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH: tl.constexpr, ROW_PAD: tl.constexpr,
+                   FLAT_PIXELS: tl.constexpr):  # fmt: skip
     """Offsets (within one image, int32: the launcher checks one image spans < 2^31 elements) and
-    in-image mask of A[m, k] for row vector m and column vector k.
+    in-image mask of A[m, k] for row vector m and padded-feature vector k.
 
     FLAT_PIXELS (patch 1 on an image whose rows and columns merge, e.g. the hybrid models' 1x1
     projection of a CNN feature map): A is the plain strided matrix x[b].view(C, H * W).T, addressed
@@ -66,24 +80,20 @@ def _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH: tl.constexpr, FLAT_P
         offs = k[None, :] * sx_c + m[:, None] * sx_w
         inside = (m >= 0)[:, None] & (k >= 0)[None, :]  # every patch is one in-image pixel
     else:
-        ph = m // Wp
-        pw = m % Wp
-        c = k // (PATCH * PATCH)
-        r = k % (PATCH * PATCH)
-        row = ph[:, None] * PATCH + (r // PATCH)[None, :]
-        col = pw[:, None] * PATCH + (r % PATCH)[None, :]
+        c, ki, kj, valid = _feature_coords(k, PATCH, ROW_PAD)
+        row = (m // Wp)[:, None] * PATCH + ki[None, :]
+        col = (m % Wp)[:, None] * PATCH + kj[None, :]
         offs = c[None, :] * sx_c + row * sx_h + col * sx_w
-        inside = (row < H) & (col < W)
+        inside = (row < H) & (col < W) & valid[None, :]
     return offs, inside
 
 
 @triton.jit
-def _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH: tl.constexpr):
-    """Offsets of W[n, k] (the (D, C, p, p) conv weight, any strides, < 2^31 elements) for row vector n,
-    column vector k."""
-    c = k // (PATCH * PATCH)
-    r = k % (PATCH * PATCH)
-    return n[:, None] * sw_d + (c * sw_c + (r // PATCH) * sw_h + (r % PATCH) * sw_w)[None, :]
+def _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH: tl.constexpr, ROW_PAD: tl.constexpr):
+    """Offsets of W[n, k] (the (D, C, p, p) conv weight, any strides, < 2^31 elements) for row vector n and
+    padded-feature vector k, and the mask of real features."""
+    c, ki, kj, valid = _feature_coords(k, PATCH, ROW_PAD)
+    return n[:, None] * sw_d + (c * sw_c + ki * sw_h + kj * sw_w)[None, :], valid
 
 
 @triton.autotune(configs=_configs(_GEMM_SHAPES), key=["N", "D", "K", "PATCH"])
@@ -100,6 +110,7 @@ def _patch_embed_fwd_kernel(
     sw_d, sw_c, sw_h, sw_w,
     s_pos, s_pre,
     PATCH: tl.constexpr,
+    ROW_PAD: tl.constexpr,
     FLAT_PIXELS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_POS: tl.constexpr,
@@ -125,10 +136,10 @@ def _patch_embed_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        a_offs, a_in = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH, FLAT_PIXELS)
+        a_offs, a_in = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH, ROW_PAD, FLAT_PIXELS)
         a = tl.load(x_img + a_offs, mask=a_in & m_ok[:, None] & k_ok[None, :], other=0.0)
-        w_offs = _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH)
-        w = tl.load(Wt + w_offs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        w_offs, w_real = _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH, ROW_PAD)
+        w = tl.load(Wt + w_offs, mask=n_ok[:, None] & (k_ok & w_real)[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -162,6 +173,7 @@ def _patch_embed_dx_kernel(
     sx_b, sx_c, sx_h, sx_w,
     sw_d, sw_c, sw_h, sw_w,
     PATCH: tl.constexpr,
+    ROW_PAD: tl.constexpr,
     FLAT_PIXELS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # patches
@@ -183,10 +195,10 @@ def _patch_embed_dx_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < D
         g = tl.load(dout_img + n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        w_offs = _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH)
-        w = tl.load(Wt + w_offs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        w_offs, w_real = _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH, ROW_PAD)
+        w = tl.load(Wt + w_offs, mask=n_ok[:, None] & (k_ok & w_real)[None, :], other=0.0)
         acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
-    offs, in_img = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH, FLAT_PIXELS)
+    offs, in_img = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH, ROW_PAD, FLAT_PIXELS)
     tl.store(DX + b * sx_b + offs, acc.to(DX.dtype.element_ty), mask=in_img & m_ok[:, None] & k_ok[None, :])
 
 
@@ -195,11 +207,12 @@ def _patch_embed_dx_kernel(
 def _patch_embed_dweight_kernel(
     DOUT,  # (B, P + N, D) contiguous upstream gradient
     X,  # (B, C, H, W) image, strides sx_*
-    DW_PART,  # (splits, D, K) fp32 partial sums
-    ROWS, N, D, K, P, Wp, H, W,
+    DW_PART,  # (splits, D, C * p * p) fp32 partial sums
+    ROWS, N, D, K, K_REAL, P, Wp, H, W,
     sx_b, sx_c, sx_h, sx_w,
     rows_per_split,
     PATCH: tl.constexpr,
+    ROW_PAD: tl.constexpr,
     FLAT_PIXELS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # reduction over the B * N patch rows
@@ -226,11 +239,13 @@ def _patch_embed_dweight_kernel(
         g = tl.load(
             DOUT + (b * (N + P) + P + m)[None, :] * D + n[:, None], mask=r_ok[None, :] & n_ok[:, None], other=0.0
         )  # (BLOCK_N, BLOCK_M): dout^T
-        a_offs, a_in = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH, FLAT_PIXELS)
+        a_offs, a_in = _pixel_offsets(m, k, Wp, H, W, sx_c, sx_h, sx_w, PATCH, ROW_PAD, FLAT_PIXELS)
         a = tl.load(X + b[:, None] * sx_b + a_offs, mask=a_in & r_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(g, a, acc, input_precision=INPUT_PRECISION)
-    part_offs = split * D * K + n.to(tl.int64)[:, None] * K + k[None, :]
-    tl.store(DW_PART + part_offs, acc, mask=n_ok[:, None] & k_ok[None, :])
+    _, _, kj, real = _feature_coords(k, PATCH, ROW_PAD)
+    k_real = (k // ROW_PAD) * PATCH + kj  # the weight's own (c, ki, kj) order, padding dropped
+    part_offs = split * D * K_REAL + n.to(tl.int64)[:, None] * K_REAL + k_real[None, :]
+    tl.store(DW_PART + part_offs, acc, mask=n_ok[:, None] & (k_ok & real)[None, :])
 
 
 def int32_extent_ok(t: torch.Tensor) -> bool:
@@ -251,8 +266,11 @@ def _flat_pixels(x: torch.Tensor, patch: int) -> bool:
     return patch == 1 and (x.shape[2] == 1 or x.stride(2) == x.shape[3] * x.stride(3))
 
 
-def _grid_hw(x: torch.Tensor, patch: int) -> tuple[int, int]:
-    return triton.cdiv(x.shape[2], patch), triton.cdiv(x.shape[3], patch)
+def _gemm_geometry(x: torch.Tensor, patch: int) -> tuple[int, int, int, int]:
+    """(N patches, Wp grid columns, padded reduction length C * p * ROW_PAD, ROW_PAD) for image x."""
+    row_pad = triton.next_power_of_2(patch)
+    Wp = triton.cdiv(x.shape[3], patch)
+    return triton.cdiv(x.shape[2], patch) * Wp, Wp, x.shape[1] * patch * row_pad, row_pad
 
 
 def patch_embed_fwd(
@@ -267,8 +285,7 @@ def patch_embed_fwd(
     last stride; the grid is ``ceil(H / p) x ceil(W / p)`` (the caller checked divisibility or padding)."""
     B, C, H, W = x.shape
     D, patch = weight.shape[0], weight.shape[2]
-    Hp, Wp = _grid_hw(x, patch)
-    N, K = Hp * Wp, C * patch * patch
+    N, Wp, K, row_pad = _gemm_geometry(x, patch)
     P = prefix.shape[0] if prefix is not None else 0
     if B == 0 or D == 0:
         return
@@ -278,7 +295,8 @@ def patch_embed_fwd(
             prefix if prefix is not None else weight, out,
             N, D, K, P, Wp, H, W, *x.stride(), *weight.stride(),
             pos.stride(0) if pos is not None else 0, prefix.stride(0) if prefix is not None else 0,
-            PATCH=patch, FLAT_PIXELS=_flat_pixels(x, patch), HAS_BIAS=bias is not None, HAS_POS=pos is not None,
+            PATCH=patch, ROW_PAD=row_pad, FLAT_PIXELS=_flat_pixels(x, patch), HAS_BIAS=bias is not None,
+            HAS_POS=pos is not None,
             POS_COVERS_PREFIX=pos is not None and pos.shape[0] == N + P, HAS_PREFIX=P > 0,
             BLOCK_P=triton.next_power_of_2(max(P, 1)), INPUT_PRECISION=_input_precision(x),
         )  # fmt: skip
@@ -288,14 +306,13 @@ def patch_embed_dx(dout: torch.Tensor, weight: torch.Tensor, num_prefix: int, dx
     """Writes every pixel of ``dx`` (B, C, H, W, any strides): dout (B, P + N, D) contiguous."""
     B, C, H, W = dx.shape
     D, patch = weight.shape[0], weight.shape[2]
-    Hp, Wp = _grid_hw(dx, patch)
-    N, K = Hp * Wp, C * patch * patch
+    N, Wp, K, row_pad = _gemm_geometry(dx, patch)
     if dx.numel() == 0:
         return
     with device_guard(dx):
         _patch_embed_dx_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]), B)](
             dout, weight, dx, N, D, K, num_prefix, Wp, H, W, *dx.stride(), *weight.stride(),
-            PATCH=patch, FLAT_PIXELS=_flat_pixels(dx, patch), INPUT_PRECISION=_input_precision(dx),
+            PATCH=patch, ROW_PAD=row_pad, FLAT_PIXELS=_flat_pixels(dx, patch), INPUT_PRECISION=_input_precision(dx),
         )  # fmt: skip
 
 
@@ -309,12 +326,12 @@ def patch_embed_dweight(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     """Returns the fp32 (D, C, p, p) weight gradient: dout (B, P + N, D) contiguous, x as in the forward."""
     B, C, H, W = x.shape
     D, patch = weight.shape[0], weight.shape[2]
-    Hp, Wp = _grid_hw(x, patch)
-    N, K = Hp * Wp, C * patch * patch
+    N, Wp, K, row_pad = _gemm_geometry(x, patch)
+    k_real = C * patch * patch
     rows = B * N
     splits = _num_splits(x, rows, triton.cdiv(D, 128) * triton.cdiv(K, 128))
     rows_per_split = triton.cdiv(max(rows, 1), splits)
-    part = torch.empty((splits, D, K), device=x.device, dtype=torch.float32)
+    part = torch.empty((splits, D, k_real), device=x.device, dtype=torch.float32)
     if rows == 0 or D == 0 or K == 0:
         return part.zero_().sum(0).view(D, C, patch, patch)
 
@@ -323,7 +340,7 @@ def patch_embed_dweight(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
     with device_guard(x):
         _patch_embed_dweight_kernel[grid](
-            dout, x, part, rows, N, D, K, num_prefix, Wp, H, W, *x.stride(), rows_per_split,
-            PATCH=patch, FLAT_PIXELS=_flat_pixels(x, patch), INPUT_PRECISION=_input_precision(x),
+            dout, x, part, rows, N, D, K, k_real, num_prefix, Wp, H, W, *x.stride(), rows_per_split,
+            PATCH=patch, ROW_PAD=row_pad, FLAT_PIXELS=_flat_pixels(x, patch), INPUT_PRECISION=_input_precision(x),
         )  # fmt: skip
     return (part[0] if splits == 1 else part.sum(0)).view(D, C, patch, patch)

@@ -369,8 +369,8 @@ def test_kernels_build_for_sm90():
 from fastvit.kernels import patch_embed as k
 for dt, patch, (bm, bn, bk, warps, stages) in (("fp16", 16, k._GEMM_SHAPES[0]), ("bf16", 14, k._GEMM_SHAPES[0]),
                                                ("fp32", 32, k._GEMM_SHAPES[-1]), ("bf16", 1, k._GEMM_SHAPES[0])):
-    blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PATCH=patch, FLAT_PIXELS=patch == 1,
-                  INPUT_PRECISION="tf32" if dt == "fp32" else None)
+    blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PATCH=patch, ROW_PAD=triton.next_power_of_2(patch),
+                  FLAT_PIXELS=patch == 1, INPUT_PRECISION="tf32" if dt == "fp32" else None)
     p = "*" + dt
     epilogue = dict(HAS_BIAS=True, HAS_POS=True, POS_COVERS_PREFIX=True, HAS_PREFIX=True, BLOCK_P=2)
     tensors = dict(X=p, Wt=p, BIAS=p, POS=p, PREFIX=p, OUT=p)
