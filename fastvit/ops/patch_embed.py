@@ -25,8 +25,8 @@ of dout to fp32, a memory-bound pass that torch already does at bandwidth).
 Dtypes: fp32, fp16, bf16; every input in x's dtype. fp32 on a GPU goes through TF32 tensor cores when
 ``torch.backends.cudnn.allow_tf32`` is set (torch's default for convolutions), exactly like the conv
 it replaces. Under autocast the op lowers all its floating inputs to the autocast dtype, as a conv
-does, and returns that dtype (timm's eager composition under autocast returns fp32 here, because
-``torch.cat`` promotes the fp16 conv output with the fp32 class token).
+does, on every backend, and returns that dtype (timm's eager composition under autocast returns fp32
+here, because ``torch.cat`` promotes the fp16 conv output with the fp32 class token).
 
 Backends and auto order on CUDA tensors: ``triton`` > ``torch``. Provisional: the kernel has not been
 timed on an H100/H200 yet (benchmarks/bench_patch_embed.py will set this order).
@@ -89,6 +89,15 @@ def patch_embed_ref(
 
 
 # ---------------------------------------------------------------------------------------- checks
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast lowers to on ``device``'s type, or None when autocast is off there."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4 has no device_type argument
+        enabled = torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
+    return torch.get_autocast_dtype(device.type) if enabled else None
 
 
 def _patch_size(patch_size: object) -> int:
@@ -312,6 +321,14 @@ def patch_embed(
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
     patch = _patch_size(patch_size)
+    lowered = _autocast_dtype(x.device) if isinstance(x, Tensor) else None
+    if lowered is not None:
+        # Like a conv under autocast, on every backend: all floating inputs in the autocast dtype (timm's
+        # eager composition would instead promote the result back to fp32 in cat / + pos_embed).
+        x, weight, bias, pos_embed, prefix_tokens = (
+            t.to(lowered) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in (x, weight, bias, pos_embed, prefix_tokens)
+        )
     _check_inputs(x, weight, bias, patch, pos_embed, prefix_tokens, pad)
     backend = _DISPATCH.select(
         backend, x.device, x=x, weight=weight, bias=bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens

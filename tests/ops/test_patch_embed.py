@@ -161,14 +161,20 @@ def test_zero_batch(device):
 
 
 @pytest.mark.interpreter
-def test_autocast_lowers_like_conv(device):
-    """fp32 inputs under autocast(float16) run in fp16 and return fp16, as the conv does."""
-    x, w, b, p, pre = (t.detach() for t in _inputs(2, 3, 16, 16, 16, 8, torch.float32, device))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("image_dtype", [torch.float32, torch.float16])
+def test_autocast_lowers_like_conv(backend, image_dtype, device):
+    """fp32 parameters (and an fp32 or fp16 image) under autocast(float16) run in fp16 and return fp16 on
+    both backends, as the conv does; the parameters' gradients come back in fp32."""
+    x, w, b, p, pre = _inputs(2, 3, 16, 16, 16, 8, torch.float32, device)
+    x = x.detach().to(image_dtype)
     with torch.autocast(device.type, dtype=torch.float16):
-        y = ops.patch_embed(x, w, b, patch_size=8, pos_embed=p, prefix_tokens=pre, backend="triton")
+        y = ops.patch_embed(x, w, b, patch_size=8, pos_embed=p, prefix_tokens=pre, backend=backend)
         assert F.conv2d(x, w, b, stride=8).dtype == torch.float16
     assert y.dtype == torch.float16
-    lowered = [t.half() for t in (x, w, b, p, pre)]
+    grads = torch.autograd.grad(y.float().sum(), (w, b, p, pre))
+    assert all(g.dtype == torch.float32 for g in grads)
+    lowered = [t.detach().half() for t in (x, w, b, p, pre)]
 
     def ref(x, w, b, p, pre):
         return patch_embed_ref(x, w, b, patch_size=8, pos_embed=p, prefix_tokens=pre)
