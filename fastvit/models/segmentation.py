@@ -69,8 +69,9 @@ __all__ = [
 IGNORE_INDEX = 255
 # SegDataPreProcessor of the ADE20K configs: mean/std on 0-255 RGB, i.e. ImageNet's on 0-1 images.
 _ADE_PREPROCESSING = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear")
-# Position tables kept per token grid (whole-image inference sees a few dozen distinct sizes).
-_POS_CACHE_SIZE = 64
+# Position tables kept per token grid, least recently used dropped first (ADE20K's whole-image test sees
+# dozens of widths; a ViT-B table for a 32x43 grid is 4 MiB in fp32).
+_POS_CACHE_SIZE = 16
 
 Features = tuple[Any, ...]  # per level: a (B, C, h, w) map, or (map, cls token (B, D)) for DPT
 
@@ -201,7 +202,8 @@ class ViTBackbone(VisionTransformer):
         """The (1, 1 + h*w, D) position table for a token grid: the stored one, or its bicubic
         (no antialias) resampling. Resamplings are cached per grid unless autograd needs them (training)
         or the model is being compiled; the cache empties itself when the table changes (an optimizer
-        step, a load, ``.to()``)."""
+        step, a load, ``.to()``). Entries are ordinary tensors even when made under ``inference_mode``,
+        so a later autograd pass over a frozen backbone can use them."""
         base = self.patch_embed.grid_size
         pos = self.pos_embed
         if tuple(grid) == tuple(base):
@@ -213,13 +215,18 @@ class ViTBackbone(VisionTransformer):
             self._pos_cache.clear()
             self._pos_cache_stamp = stamp
         grid = (int(grid[0]), int(grid[1]))
-        cached = self._pos_cache.get(grid)
+        cached = self._pos_cache.pop(grid, None)  # re-inserted below: the dict's order is recency
         if cached is None:
             if len(self._pos_cache) >= _POS_CACHE_SIZE:
-                self._pos_cache.pop(next(iter(self._pos_cache)))  # oldest first
-            cached = resample_abs_pos_embed(pos.detach(), grid, base, 1, self.pos_embed_interp)
-            self._pos_cache[grid] = cached
+                self._pos_cache.pop(next(iter(self._pos_cache)))
+            with torch.inference_mode(False):
+                cached = resample_abs_pos_embed(pos.detach(), grid, base, 1, self.pos_embed_interp)
+        self._pos_cache[grid] = cached
         return cached
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> ViTBackbone:
+        self._pos_cache.clear()  # .to() / .half() / .cuda(): entries of the old table would only hold memory
+        return super()._apply(fn, *args, **kwargs)
 
     def check_image(self, x: Tensor) -> tuple[int, int]:
         """Validates an image batch and returns its token grid (padded up to whole patches).

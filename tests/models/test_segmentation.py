@@ -364,6 +364,15 @@ def test_pos_embed_resampled_bicubic_and_cached_per_grid():
         backbone(torch.randn(1, 3, 64, 80))
         torch.testing.assert_close(backbone._pos_cache[(4, 5)], first + 1.0)
         assert set(backbone._pos_cache) == {(4, 5)}
+    with torch.inference_mode():  # cached as an ordinary tensor: usable by a later autograd pass
+        backbone(torch.randn(1, 3, 80, 64))
+    assert not backbone._pos_cache[(5, 4)].is_inference()
+    backbone.pos_embed.requires_grad_(False)  # a frozen backbone under a trained head
+    image = torch.randn(1, 3, 80, 64, requires_grad=True)
+    sum(f.sum() for f in backbone(image)).backward()
+    assert image.grad is not None
+    backbone.float()  # moving / casting the model empties the cache
+    assert backbone._pos_cache == {}
 
 
 def test_pos_embed_resampling_is_differentiable_in_training():
