@@ -46,25 +46,32 @@ def _run(fn, leaves, dy, cast=None):
     return y, grads
 
 
-def _lowp_context(dtype, device):
-    """On the GPU the kernel uses TF32 for fp32 exactly when cuDNN's conv would (allow_tf32); pin it on."""
-    if device.type == "cuda" and dtype == torch.float32:
-        previous = torch.backends.cudnn.allow_tf32
+def _tf32(t):
+    """t rounded to TF32's 10 mantissa bits (round to nearest even), as the tensor cores read fp32 operands."""
+    if t is None:
+        return None
+    bits = t.detach().float().contiguous().view(torch.int32)
+    bits = (bits + 0x0FFF + ((bits >> 13) & 1)) & -0x2000
+    return bits.view(torch.float32)
 
-        @contextlib.contextmanager
-        def tf32():
-            torch.backends.cudnn.allow_tf32 = True
-            try:
-                yield
-            finally:
-                torch.backends.cudnn.allow_tf32 = previous
 
-        return tf32()
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def _tf32_convs(enabled):
+    """The kernel runs fp32 through TF32 exactly when cuDNN's conv may (allow_tf32); pin that on for it."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = enabled or previous
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
 
 
 def _check(backend, leaves, patch, *, pad=False):
-    """Three-way check of the tokens and every gradient: kernel vs fp64 reference vs torch in x's dtype."""
+    """Three-way check of the tokens and every gradient: kernel vs fp64 reference vs torch in x's dtype.
+
+    fp32 on the GPU runs on TF32 tensor cores, and whether cuDNN's own fp32 conv does is its choice, so
+    the low-precision side there is the fp64 computation on TF32-rounded GEMM operands (image, weight and
+    the upstream gradient): the rounding TF32 products make, exactly."""
     x, w, b, p, pre = leaves
     names = [n for n, t in zip(GRAD_NAMES, leaves) if t is not None]
 
@@ -77,9 +84,12 @@ def _check(backend, leaves, patch, *, pad=False):
     Hp, Wp = -(-x.shape[2] // patch), -(-x.shape[3] // patch)
     P = pre.shape[1] if pre is not None else 0
     dy = torch.randn(x.shape[0], P + Hp * Wp, w.shape[0], device=x.device)
-    with _lowp_context(x.dtype, x.device):
-        with poisoned_outputs():
-            y, grads = _run(kernel, leaves, dy)
+    tf32 = x.device.type == "cuda" and x.dtype == torch.float32
+    with _tf32_convs(tf32), poisoned_outputs():
+        y, grads = _run(kernel, leaves, dy)
+    if tf32:
+        y_lp, grads_lp = _run(reference, [_tf32(x), _tf32(w), b, p, pre], _tf32(dy), cast=torch.float64)
+    else:
         y_lp, grads_lp = _run(reference, leaves, dy)
     y_ref, grads_ref = _run(reference, leaves, dy, cast=torch.float64)
     assert y.dtype == x.dtype and y.shape == (x.shape[0], P + Hp * Wp, w.shape[0])
