@@ -273,15 +273,19 @@ def test_num_classes_override_and_defaults():
 # ------------------------------------------------------------------------------- output shapes
 
 
-def test_full_size_upernet_deit_s16_shapes_512x683():
+def test_full_size_upernet_deit_s16_shapes():
+    # The one full-width model run on CPU (DeiT-S has the cheapest full-size head); the others run
+    # at reduced widths with the same geometry below.
     model = fastvit.create_model("upernet_deit_s16_512").eval()
-    x = torch.randn(1, 3, 512, 683)
     seen = {}
     model.decode_head.register_forward_hook(lambda m, i, o: seen.update(logits=o.shape))
-    out = model.predict(x)
+    out = model.predict(torch.randn(1, 3, 512, 683))
     # 683 is padded to 688: a 32x43 grid; no neck, so UPerHead works on four 1/16 maps.
     assert seen["logits"] == (1, K, 32, 43)
     assert out.shape == (1, K, 512, 683) and torch.isfinite(out).all()
+    assert set(model.backbone._pos_cache) == {(32, 43)}
+    with torch.no_grad():  # the training crop: 1025 tokens, the stored 32x32 table as is
+        assert model(torch.randn(1, 3, 512, 512)).shape == (1, K, 32, 32)
     assert set(model.backbone._pos_cache) == {(32, 43)}
 
 
