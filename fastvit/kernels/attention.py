@@ -108,6 +108,37 @@ def _dropout_keep(SEED, bh, counters, dropout_p):
 
 
 @triton.jit
+def _fwd_key_block(
+    acc0, acc1, m_i, l_i,  # running output (two head-dim parts), max and sum for BLOCK_M queries
+    q0, q1, k_base, v_base, start_n, offs_m, cols0, cols1, stride_kn, stride_vn,
+    N_K, qk_scale, SEED, bh, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D1: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step over keys [start_n, start_n + BLOCK_N), bounds-checked against N_K."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k0 = _load_tile(k_base, offs_n, cols0, stride_kn, N_K, HEAD_DIM, False)
+    qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+    if BLOCK_D1 > 0:
+        k1 = _load_tile(k_base, offs_n, cols1, stride_kn, N_K, HEAD_DIM, True)
+        qk = tl.dot(q1, tl.trans(k1), qk, input_precision=PRECISION)
+    qk = tl.where(offs_n[None, :] < N_K, qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = _dropout_keep(SEED, bh, offs_m[:, None] * N_K + offs_n[None, :], dropout_p)
+        p = tl.where(keep, p, 0.0)
+    v0 = _load_tile(v_base, offs_n, cols0, stride_vn, N_K, HEAD_DIM, False)
+    acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=PRECISION)
+    if BLOCK_D1 > 0:
+        v1 = _load_tile(v_base, offs_n, cols1, stride_vn, N_K, HEAD_DIM, True)
+        acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=PRECISION)
+    return acc0, acc1, m_new, l_i
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q,  # (B, H, Nq, D) strides (stride_qb, stride_qh, stride_qn, 1)
     K,  # (B, H, Nk, D)
@@ -140,30 +171,21 @@ def _attn_fwd_kernel(
         cols1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
         q1 = _load_tile(q_base, offs_m, cols1, stride_qn, N_Q, HEAD_DIM, True)
         acc1 = tl.zeros((BLOCK_M, BLOCK_D1), dtype=tl.float32)
+    else:  # placeholders so the helper's signature holds; it never reads them when BLOCK_D1 == 0
+        cols1, q1, acc1 = cols0, q0, acc0
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+    bh = b * H + h
+    # Every key block is bounds-checked: peeling the ragged last block into its own copy of the loop body
+    # raised register use past the spill point at D >= 80 on sm_90 (ptxas report), for a saving of one
+    # select per score.
     for start_n in range(0, N_K, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k0 = _load_tile(k_base, offs_n, cols0, stride_kn, N_K, HEAD_DIM, False)
-        qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
-        if BLOCK_D1 > 0:
-            k1 = _load_tile(k_base, offs_n, cols1, stride_kn, N_K, HEAD_DIM, True)
-            qk += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-        qk = tl.where(offs_n[None, :] < N_K, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = _dropout_keep(SEED, b * H + h, offs_m[:, None] * N_K + offs_n[None, :], dropout_p)
-            p = tl.where(keep, p, 0.0)
-        v0 = _load_tile(v_base, offs_n, cols0, stride_vn, N_K, HEAD_DIM, False)
-        acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PRECISION)
-        if BLOCK_D1 > 0:
-            v1 = _load_tile(v_base, offs_n, cols1, stride_vn, N_K, HEAD_DIM, True)
-            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PRECISION)
-        m_i = m_new
+        acc0, acc1, m_i, l_i = _fwd_key_block(
+            acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, start_n, offs_m, cols0, cols1, stride_kn, stride_vn,
+            N_K, qk_scale, SEED, bh, dropout_p,
+            HEAD_DIM, BLOCK_D1, DROPOUT, PRECISION, BLOCK_N,
+        )  # fmt: skip
     inv_l = 1.0 / l_i
     if DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
@@ -351,35 +373,56 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
 
 # One small config under the interpreter: 32 x 32 tiles so even the tiny test shapes cross block edges.
 _INTERPRET_CONFIGS = [_config(32, 32, 1, 1)]
-# Hopper/Ampere candidates (FlashAttention-2-like tiles). Provisional until benchmarks/bench_attention.py
-# has been run on an H100/H200.
+# Candidates for Ampere/Hopper. Static facts behind the pruning (sm_90 cubins, ptxas resource report, bf16):
+# the forward at 128 x 64 with 4 warps spills for D > 64 (8 warps does not); the backward holds k, v, dk, dv
+# for its key block plus q, dout for the query block, so at D = 128 only tiles of <= 32 x 64 avoid spills,
+# at D = 96 only 64 x 64 with 8 warps; below 64 rows per warpgroup wgmma cannot be used, which made the
+# 32-row tiles spill at D = 80/96.
+# Timings on an H100/H200 (benchmarks/bench_attention.py) are still to decide between the survivors.
 _FWD_CONFIGS = [
     _config(128, 64, 4, 3),
     _config(128, 64, 8, 3),
     _config(128, 128, 8, 3),
+    _config(128, 64, 8, 2),
     _config(64, 64, 4, 3),
     _config(64, 32, 4, 2),
-    _config(32, 32, 4, 2),
 ]
 _BWD_CONFIGS = [
     _config(64, 64, 4, 2),
     _config(64, 64, 8, 3),
-    _config(32, 64, 4, 2),
     _config(64, 128, 8, 2),
+    _config(32, 64, 8, 2),
+    _config(64, 32, 8, 2),
     _config(32, 32, 4, 2),
 ]
 
 
+def _fits(config: triton.Config, head_dim: int, backward: bool) -> bool:
+    """False for the (tile, warps) choices that spill registers at this head dim (see the table's comment)."""
+    m, n, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
+    if backward:
+        if head_dim > 96:
+            return m * n <= 32 * 64
+        if head_dim > 80:
+            return m == n == 64 and warps == 8
+        return m >= 64 and n >= 64
+    if head_dim > 64 and m == 128 and warps == 4:
+        return False
+    return not (head_dim > 96 and m * n > 128 * 64)
+
+
 def _prune(configs: list, named_args: dict, **_: Any) -> list:
-    """Drop tiles far larger than the sequence (N=50 does not need 128-row tiles) and 128x128 tiles at D > 64."""
-    n_pow2 = max(16, triton.next_power_of_2(max(named_args["N_Q"], named_args["N_K"])))
-    wide = named_args["BLOCK_D0"] + named_args["BLOCK_D1"] > 64
+    """Keep the configs that fit the head dim, with tiles no larger than the sequence needs (N=50 does not
+    need 128-row tiles; 64 is the smallest row count Hopper's wgmma takes per warpgroup)."""
+    n_pow2 = triton.next_power_of_2(max(named_args["N_Q"], named_args["N_K"], 1))
+    head_dim = named_args["HEAD_DIM"]
+    backward = "DQ" in named_args
+    cap = max(64, n_pow2)
     kept = [
         c for c in configs
-        if c.kwargs["BLOCK_M"] <= max(32, n_pow2) and c.kwargs["BLOCK_N"] <= max(32, n_pow2)
-        and not (wide and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)
+        if _fits(c, head_dim, backward) and c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap
     ]  # fmt: skip
-    return kept or configs[-1:]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 def _autotuned(kernel: Any, configs: list) -> Any:

@@ -113,6 +113,24 @@ def test_triton_noncontiguous_upstream_grad(layout):
 
 
 @pytest.mark.interpreter
+def test_triton_never_reads_outside_the_views():
+    """q, k, v are views into NaN-filled buffers with extra tokens and head-dim columns (D=72: the 8-wide
+    tail sits in a 16-wide masked block): any read past N or D turns the result NaN."""
+    B, H, N, D = 2, 1, 45, 72
+
+    def nan_padded() -> torch.Tensor:
+        buf = torch.full((B, H, N + 19, D + 24), float("nan"), device=DEVICE)
+        view = buf[:, :, :N, :D]
+        view.copy_(torch.randn(B, H, N, D, device=DEVICE))
+        return view.requires_grad_()
+
+    q, k, v = nan_padded(), nan_padded(), nan_padded()
+    dout = torch.randn(B, H, N, D, device=DEVICE)
+    out, grads = _run_triton(q, k, v, dout)
+    _check_three_way(q, k, v, dout, out, grads, name="nan-padded views")
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("row_padding", [0, 8], ids=["dense", "strided_rows"])
 def test_qkvpacked_matches_split_reference(dtype, row_padding):
@@ -235,7 +253,11 @@ def test_opcheck_forward_and_backward_ops():
     bwd_args = (dout, q.detach(), k.detach(), v.detach(), out, lse, 0.25, 0.0, None, True, "triton")
     torch.library.opcheck(torch.ops.fastvit.attention_bwd.default, bwd_args)
     qkv = torch.randn(2, 5, 3 * 2 * 16, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastvit.attention_qkvpacked_fwd.default, (qkv, 2, 0.25, 0.0, None, "triton"))
+    packed_fwd = torch.ops.fastvit.attention_qkvpacked_fwd.default
+    torch.library.opcheck(packed_fwd, (qkv, 2, 0.25, 0.0, None, "triton"))
+    out, lse = (t.detach() for t in packed_fwd(qkv, 2, 0.25, 0.0, None, "triton"))
+    packed_bwd_args = (torch.randn_like(out), qkv.detach(), out, lse, 2, 0.25, 0.0, None, True, "triton")
+    torch.library.opcheck(torch.ops.fastvit.attention_qkvpacked_bwd.default, packed_bwd_args)
 
 
 @pytest.mark.interpreter
