@@ -248,9 +248,8 @@ def _patch_embed_dweight_kernel(
     tl.store(DW_PART + part_offs, acc, mask=n_ok[:, None] & (k_ok & real)[None, :])
 
 
-def int32_extent_ok(t: torch.Tensor) -> bool:
-    """Whether offsets within one image (or within the weight) fit the kernels' int32 arithmetic."""
-    sizes, strides = t.shape[1:], t.stride()[1:]
+def int32_extent_ok(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether every offset of a tensor region (one image, or the weight) fits the kernels' int32 arithmetic."""
     return sum((n - 1) * abs(s) for n, s in zip(sizes, strides) if n > 0) < 2**31
 
 

@@ -182,10 +182,11 @@ def _no_reasons(**_: object) -> list[str]:
 def _triton_reasons(x: Tensor, weight: Tensor, **_: object) -> list[str]:
     if kernels.TRITON_IMPORT_ERROR is not None:
         return []
+    regions = {"image of x": (x.shape[1:], x.stride()[1:]), "weight": (weight.shape, weight.stride())}
     return [
         f"one {name} spans 2^31 elements or more; the Triton kernel addresses within it in int32"
-        for name, t in (("image of x", x), ("weight", weight))
-        if not _triton_kernels.int32_extent_ok(t if name != "weight" else t.unsqueeze(0))
+        for name, (sizes, strides) in regions.items()
+        if not _triton_kernels.int32_extent_ok(tuple(sizes), tuple(strides))
     ]
 
 

@@ -260,6 +260,15 @@ def test_compile_fullgraph(device):
         torch.testing.assert_close(g, e)
 
 
+def test_triton_refuses_images_past_int32_offsets():
+    from fastvit.ops.patch_embed import _triton_reasons
+
+    big = torch.empty(1, 3, 30000, 30000, device="meta")  # 2.7e9 elements in one image
+    reasons = _triton_reasons(x=big, weight=torch.empty(8, 3, 16, 16, device="meta"))
+    assert reasons == ["one image of x spans 2^31 elements or more; the Triton kernel addresses within it in int32"]
+    assert _triton_reasons(x=torch.empty(64, 3, 224, 224, device="meta"), weight=torch.empty(8, 3, 16, 16)) == []
+
+
 # ------------------------------------------------------------------------------------ bad inputs
 
 
