@@ -44,37 +44,41 @@ struct Strides4 {
   std::int64_t b, c, h, w;
 };
 
+// One block per patch (grid-stride), its threads over the K = C * p * p features: the per-patch
+// coordinates are computed once, the per-feature ones in 32 bits (K < 2^31, checked).
 template <typename T>
 __global__ void gather_patches_kernel(const T* __restrict__ x, T* __restrict__ cols, Geometry g, Strides4 s) {
-  const std::int64_t total = g.batch * g.num_patches * g.features;
-  const std::int64_t pp = g.patch * g.patch;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const std::int64_t row = i / g.features, f = i - row * g.features;
+  const int patch = static_cast<int>(g.patch), pp = patch * patch, features = static_cast<int>(g.features);
+  const std::int64_t rows = g.batch * g.num_patches;
+  for (std::int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const std::int64_t b = row / g.num_patches, n = row - b * g.num_patches;
-    const std::int64_t c = f / pp, r = f - c * pp;
-    const std::int64_t h = (n / g.grid_w) * g.patch + r / g.patch;
-    const std::int64_t w = (n % g.grid_w) * g.patch + r % g.patch;
-    cols[i] = h < g.height && w < g.width ? x[b * s.b + c * s.c + h * s.h + w * s.w] : from_float<T>(0.f);
+    const std::int64_t h0 = (n / g.grid_w) * g.patch, w0 = (n % g.grid_w) * g.patch;
+    const T* xb = x + b * s.b;
+    T* out = cols + row * features;
+    for (int f = threadIdx.x; f < features; f += blockDim.x) {
+      const int c = f / pp, r = f - c * pp, ki = r / patch, kj = r - ki * patch;
+      const std::int64_t h = h0 + ki, w = w0 + kj;
+      out[f] = h < g.height && w < g.width ? xb[c * s.c + h * s.h + w * s.w] : from_float<T>(0.f);
+    }
   }
 }
 
-// One thread per image element, in (b, c, h, w) order.
+// One block per image row (b, c, h) (grid-stride), its threads over w: each pixel reads the one dcols
+// element that holds it.
 template <typename T>
 __global__ void scatter_patches_kernel(const T* __restrict__ dcols, T* __restrict__ dx, Geometry g, Strides4 s) {
-  const std::int64_t total = g.batch * g.channels * g.height * g.width;
-  const std::int64_t pp = g.patch * g.patch;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    std::int64_t rest = i;
-    const std::int64_t w = rest % g.width;
-    rest /= g.width;
-    const std::int64_t h = rest % g.height;
-    rest /= g.height;
-    const std::int64_t c = rest % g.channels, b = rest / g.channels;
-    const std::int64_t n = (h / g.patch) * g.grid_w + w / g.patch;
-    const std::int64_t f = c * pp + (h % g.patch) * g.patch + w % g.patch;
-    dx[b * s.b + c * s.c + h * s.h + w * s.w] = dcols[(b * g.num_patches + n) * g.features + f];
+  const int patch = static_cast<int>(g.patch), width = static_cast<int>(g.width);
+  const std::int64_t image_rows = g.batch * g.channels * g.height;
+  for (std::int64_t r = blockIdx.x; r < image_rows; r += gridDim.x) {
+    const std::int64_t h = r % g.height, bc = r / g.height;
+    const std::int64_t c = bc % g.channels, b = bc / g.channels;
+    const T* src = dcols + (b * g.num_patches + (h / g.patch) * g.grid_w) * g.features +
+                   c * g.patch * g.patch + (h % g.patch) * g.patch;
+    T* dst = dx + b * s.b + c * s.c + h * s.h;
+    for (int w = threadIdx.x; w < width; w += blockDim.x) {
+      const int wp = w / patch;
+      dst[w * s.w] = src[static_cast<std::int64_t>(wp) * g.features + (w - wp * patch)];
+    }
   }
 }
 
@@ -102,6 +106,11 @@ __global__ void prefix_pos_kernel(T* __restrict__ out, const T* __restrict__ pre
     }
   }
 }
+
+int grid_rows(std::int64_t rows) { return static_cast<int>(rows < (1 << 20) ? (rows > 0 ? rows : 1) : (1 << 20)); }
+
+// Threads for one image row: a multiple of 32 up to kThreads.
+int row_block(std::int64_t width) { return static_cast<int>(width >= kThreads ? kThreads : (width + 31) / 32 * 32); }
 
 int grid_for(std::int64_t n) {
   const std::int64_t blocks = (n + kThreads - 1) / kThreads;
@@ -145,7 +154,7 @@ void patch_embed_fwd(const PatchEmbedFwdArgs& a) {
   const std::int64_t tokens = a.num_prefix + g.num_patches, D = a.embed_dim, K = g.features;
   dispatch_dtype(a.dtype, [&](auto t) {
     using T = typename decltype(t)::type;
-    gather_patches_kernel<T><<<grid_for(g.batch * g.num_patches * K), kThreads, 0, stream>>>(
+    gather_patches_kernel<T><<<grid_rows(g.batch * g.num_patches), kThreads, 0, stream>>>(
         reinterpret_cast<const T*>(a.x), reinterpret_cast<T*>(a.cols), g, xs);
   });
   check_launch(op);
@@ -218,8 +227,8 @@ void patch_embed_bwd(const PatchEmbedBwdArgs& a) {
     const Strides4 xs{a.x_stride_b, a.x_stride_c, a.x_stride_h, a.x_stride_w};
     dispatch_dtype(a.dtype, [&](auto t) {
       using T = typename decltype(t)::type;
-      gather_patches_kernel<T><<<grid_for(rows * K), kThreads, 0, stream>>>(reinterpret_cast<const T*>(a.x),
-                                                                           reinterpret_cast<T*>(a.cols), g, xs);
+      gather_patches_kernel<T><<<grid_rows(rows), kThreads, 0, stream>>>(reinterpret_cast<const T*>(a.x),
+                                                                        reinterpret_cast<T*>(a.cols), g, xs);
     });
     check_launch(op);
     MatmulArgs dw = mm;
@@ -236,7 +245,7 @@ void patch_embed_bwd(const PatchEmbedBwdArgs& a) {
     const Strides4 ds{a.dx_stride_b, a.dx_stride_c, a.dx_stride_h, a.dx_stride_w};
     dispatch_dtype(a.dtype, [&](auto t) {
       using T = typename decltype(t)::type;
-      scatter_patches_kernel<T><<<grid_for(a.batch * a.channels * a.height * a.width), kThreads, 0, stream>>>(
+      scatter_patches_kernel<T><<<grid_rows(a.batch * a.channels * a.height), row_block(a.width), 0, stream>>>(
           reinterpret_cast<const T*>(a.cols), reinterpret_cast<T*>(a.dx), g, ds);
     });
     check_launch(op);

@@ -25,8 +25,9 @@
 namespace fastvit {
 namespace {
 
-// Rows are staged in 48 KB of static-limit shared memory (no opt-in needed on any sm_80+ GPU).
-constexpr std::int64_t kMaxFeatures = 12288;
+// Rows are staged in shared memory under the 48 KB a block gets without opting in (with block_sum's
+// 132 static bytes): no cudaFuncSetAttribute, on any sm_80+ GPU.
+constexpr std::int64_t kMaxFeatures = 12000;
 constexpr int kFoldThreads = 256;
 
 struct Derived {
@@ -59,19 +60,24 @@ __device__ void gather_row(const T* __restrict__ x, const SoftSplitGeometry& g, 
   const std::int64_t b = row / d.tokens, l = row - b * d.tokens;
   const std::int64_t oh = l / d.wo, ow = l - oh * d.wo;
   const T* xb = x + b * g.stride_b;
-  for (std::int64_t i = threadIdx.x; i < d.features; i += blockDim.x) {
-    std::int64_t c, win;
+  // Within a row every index fits 32 bits (F <= kMaxFeatures): no 64-bit divisions per element.
+  const int channels = static_cast<int>(g.channels), window = static_cast<int>(d.window), kw = static_cast<int>(g.kw);
+  const int h0 = static_cast<int>(oh * g.sh - g.ph), w0 = static_cast<int>(ow * g.sw - g.pw);
+  for (int i = threadIdx.x; i < static_cast<int>(d.features); i += blockDim.x) {
+    int c, win;
     if (d.channels_inner) {
-      win = i / g.channels;
-      c = i - win * g.channels;
+      win = i / channels;
+      c = i - win * channels;
     } else {
-      c = i / d.window;
-      win = i - c * d.window;
+      c = i / window;
+      win = i - c * window;
     }
-    const std::int64_t ki = win / g.kw, kj = win - ki * g.kw;
-    const std::int64_t ih = oh * g.sh - g.ph + ki, iw = ow * g.sw - g.pw + kj;
+    const int ki = win / kw, kj = win - ki * kw;
+    const int ih = h0 + ki, iw = w0 + kj;
     float v = 0.f;
-    if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) v = to_float(xb[c * g.stride_c + ih * g.stride_h + iw * g.stride_w]);
+    if (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width) {
+      v = to_float(xb[c * g.stride_c + ih * g.stride_h + iw * g.stride_w]);
+    }
     u_row[c * d.window + win] = v;
   }
   __syncthreads();
@@ -152,48 +158,54 @@ __global__ void ln_bwd_stats_kernel(const T* __restrict__ dy, const T* __restric
   }
 }
 
-// One thread per input pixel, in dx's memory order (channels innermost when dx is channels-inner).
+// One thread per input pixel, in dx's memory order (channels innermost when dx is channels-inner). The
+// image index is split once in 64 bits; everything inside an image (< 2^31 elements, checked) is 32-bit,
+// and the window loops start at the first offset congruent to the pixel, so no modulo runs per step.
 template <typename T, typename W, bool kNorm>
 __global__ void fold_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ weight,
                             const float* __restrict__ mean, const float* __restrict__ rstd,
                             const float* __restrict__ coefs, T* __restrict__ dx, SoftSplitGeometry g, Derived d,
                             PixelStrides ds) {
-  const std::int64_t total = g.batch * g.channels * g.height * g.width;
+  const int C = static_cast<int>(g.channels), H = static_cast<int>(g.height), W_ = static_cast<int>(g.width);
+  const int kh = static_cast<int>(g.kh), kw = static_cast<int>(g.kw), sh = static_cast<int>(g.sh);
+  const int sw = static_cast<int>(g.sw), ph = static_cast<int>(g.ph), pw = static_cast<int>(g.pw);
+  const int ho = static_cast<int>(d.ho), wo = static_cast<int>(d.wo), window = static_cast<int>(d.window);
+  const std::int64_t per_image = static_cast<std::int64_t>(C) * H * W_;
+  const std::int64_t total = g.batch * per_image;
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    std::int64_t b, c, h, w, rest = i;
+    const std::int64_t b = i / per_image;
+    int rest = static_cast<int>(i - b * per_image), c, h, w;
     if (ds.channels_inner) {
-      c = rest % g.channels;
-      rest /= g.channels;
-      w = rest % g.width;
-      rest /= g.width;
-      h = rest % g.height;
-      b = rest / g.height;
+      c = rest % C;
+      rest /= C;
+      w = rest % W_;
+      h = rest / W_;
     } else {
-      w = rest % g.width;
-      rest /= g.width;
-      h = rest % g.height;
-      rest /= g.height;
-      c = rest % g.channels;
-      b = rest / g.channels;
+      w = rest % W_;
+      rest /= W_;
+      h = rest % H;
+      c = rest / H;
     }
     float xv = 0.f;
     if constexpr (kNorm) xv = to_float(x[b * g.stride_b + c * g.stride_c + h * g.stride_h + w * g.stride_w]);
+    const T* dy_b = dy + b * d.tokens * d.features;
+    const std::int64_t row_b = b * d.tokens;
     float acc = 0.f;
-    for (std::int64_t ki = 0; ki < g.kh; ++ki) {
-      const std::int64_t th = h + g.ph - ki;
-      if (th < 0 || th % g.sh) continue;
-      const std::int64_t oh = th / g.sh;
-      if (oh >= d.ho) continue;
-      for (std::int64_t kj = 0; kj < g.kw; ++kj) {
-        const std::int64_t tw = w + g.pw - kj;
-        if (tw < 0 || tw % g.sw) continue;
-        const std::int64_t ow = tw / g.sw;
-        if (ow >= d.wo) continue;
-        const std::int64_t row = b * d.tokens + oh * d.wo + ow;
-        const std::int64_t f = c * d.window + ki * g.kw + kj;
-        float grad = to_float(dy[row * d.features + f]);
+    // Output row oh reads pixel h at window offset ki = h + ph - oh * sh: offsets congruent to h + ph mod sh.
+    for (int ki = (h + ph) % sh; ki < kh; ki += sh) {
+      const int oh = (h + ph - ki) / sh;
+      if (oh < 0) break;  // larger ki only lowers oh
+      if (oh >= ho) continue;
+      for (int kj = (w + pw) % sw; kj < kw; kj += sw) {
+        const int ow = (w + pw - kj) / sw;
+        if (ow < 0) break;
+        if (ow >= wo) continue;
+        const int l = oh * wo + ow;
+        const int f = c * window + ki * kw + kj;
+        float grad = to_float(dy_b[static_cast<std::int64_t>(l) * d.features + f]);
         if constexpr (kNorm) {
+          const std::int64_t row = row_b + l;
           const float r = rstd[row];
           grad = r * (to_float(weight[f]) * grad - (xv - mean[row]) * r * coefs[2 * row] - coefs[2 * row + 1]);
         }
@@ -221,7 +233,9 @@ void check_geometry(const char* op, const SoftSplitGeometry& g, int x_dtype, int
   require(d.features <= kMaxFeatures, op,
           "a row of C * kh * kw = " + std::to_string(d.features) + " features exceeds the kernel's " +
               std::to_string(kMaxFeatures) + " (one row is staged in 48 KB of shared memory)");
-  require(g.batch * d.tokens < (std::int64_t{1} << 40), op, "too many output rows");
+  require(g.channels * g.height * g.width < (std::int64_t{1} << 31) && d.tokens < (std::int64_t{1} << 31), op,
+          "one image of C * H * W = " + std::to_string(g.channels * g.height * g.width) +
+              " elements (or its output rows) reaches 2^31; the kernels index within an image in 32 bits");
   check_float_dtype(op, "x dtype", x_dtype);
   require(w_dtype == x_dtype || w_dtype == kFloat32, op,
           std::string("norm weight dtype ") + dtype_name(w_dtype) + " must be the input dtype (" +

@@ -47,7 +47,7 @@ __all__ = [
 # Must match csrc/gelu_linear.h::ActivationCode.
 ACTIVATION_CODES = {None: 0, "": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
 # csrc/soft_split.cu stages one output row (C * kh * kw fp32 values) in 48 KB of shared memory.
-MAX_SOFT_SPLIT_FEATURES = 12288
+MAX_SOFT_SPLIT_FEATURES = 12000
 # cuBLASLt's workspace; NVIDIA recommends 32 MiB on Hopper. Taken from torch's caching allocator per call.
 _WORKSPACE_BYTES = 32 << 20
 _INT32_LIMIT = 2**31
@@ -65,7 +65,8 @@ def _wheel_dirs() -> list[str]:
     """lib directories of the nvidia wheels torch installs (nvidia/cu13/lib, nvidia/cublas/lib, ...)."""
     spec = importlib.util.find_spec("nvidia")
     roots = list(spec.submodule_search_locations or []) if spec is not None else []
-    return sorted({os.path.dirname(p) for root in roots for p in glob.glob(os.path.join(root, "*", "lib", "libcublasLt.so*"))})
+    libs = [p for root in roots for p in glob.glob(os.path.join(root, "*", "lib", "libcublasLt.so*"))]
+    return sorted({os.path.dirname(p) for p in libs})
 
 
 def cublaslt_search_dirs() -> list[str]:
@@ -271,8 +272,8 @@ def patch_embed_bwd(
     with device_guard(x):
         C.patch_embed_bwd(
             _ext.ptr(dpatch), _ext.ptr(x), _ext.ptr(w2), _ext.ptr(cols), _ext.ptr(dx),
-            _ext.ptr(dweight), tuple(x.shape), tuple(x.stride()), tuple(dx.stride()) if dx is not None else (0, 0, 0, 0),
-            patch, D, dpatch.stride(0), _ext.dtype_code(x), bool(torch.backends.cudnn.allow_tf32), _ext.ptr(workspace),
+            _ext.ptr(dweight), tuple(x.shape), tuple(x.stride()),
+            tuple(dx.stride()) if dx is not None else (0, 0, 0, 0), patch, D, dpatch.stride(0), _ext.dtype_code(x), bool(torch.backends.cudnn.allow_tf32), _ext.ptr(workspace),
             _WORKSPACE_BYTES, _ext.stream_handle(x.device),
         )  # fmt: skip
     return (
