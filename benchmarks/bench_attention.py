@@ -2,9 +2,9 @@
 
     python benchmarks/bench_attention.py [--dtype bf16] [--modes fwd fwd_bwd] [--batch auto 1] [--quick]
 
-For each ViT attention shape (below), at a batch that fills the GPU and at batch 1, forward and
-forward+backward, it times with ``triton.testing.do_bench`` (median and 20/80% quantiles, warm-up first;
-the first fastvit call, which includes autotuning, is reported separately as ``cold_ms``):
+For each ViT attention shape (SHAPES), at a batch that fills the GPU and at batch 1, forward and
+forward+backward, it reports the median time (``triton.testing.do_bench`` through bench_utils) and, apart,
+the first call (``cold_ms``: for fastvit that includes autotuning and compilation):
 
 * ``fastvit``        ops.attention on contiguous (B, H, N, D) q, k, v (SDPA's own layout)
 * ``fastvit_packed`` ops.attention_qkvpacked on (B, N, 3*H*D) -> (B, N, H*D) (the no-copy model path)
@@ -12,29 +12,27 @@ the first fastvit call, which includes autotuning, is reported separately as ``c
   (flash, efficient, cudnn, math)
 * ``flash_attn``     flash_attn_qkvpacked_func on (B, N, 3, H, D), when the package is installed
 
-FLOPs: forward 4*B*H*N^2*D; forward+backward 3.5x that (the backward's five matmuls vs two). TFLOP/s are
-reported beside the bf16 matmul ceiling measured in the same run (8192^3 torch.matmul). Results go to
-benchmarks/results/attention_<gpu>_<timestamp>.{json,csv} with GPU, driver, versions and git sha.
-Without a GPU it says so and exits 0.
+FLOPs: forward 4*B*H*N^2*D; forward+backward 3.5x that (the backward's five matmuls vs the forward's two).
+TFLOP/s are reported with their fraction of the matmul ceiling measured in the same run (8192^3
+torch.matmul in the benchmark's dtype), and fastvit's speedup over the fastest non-math SDPA backend.
+Results: benchmarks/results/attention_<gpu>_<date>.json (with fastvit.info's environment and git sha) and
+a .csv beside it. Without a GPU it says so and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime
-import json
-import platform
+import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import markdown_table, median_ms, require_gpu, write_results  # noqa: E402
 
 # (name, heads, tokens, head_dim, batch that fills an 80 GB GPU with work)
 SHAPES = [
@@ -49,51 +47,19 @@ SHAPES = [
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _git_sha() -> str:
+def _driver() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True).strip()
-    except Exception:
+        out = subprocess.check_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], text=True)
+        return out.splitlines()[0].strip()
+    except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def _environment() -> dict[str, Any]:
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
-    try:
-        driver = subprocess.check_output(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], text=True
-        ).splitlines()[0]
-    except Exception:
-        driver = "unknown"
-    return {
-        "gpu": props.name,
-        "sm_count": props.multi_processor_count,
-        "capability": f"{props.major}.{props.minor}",
-        "driver": driver,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "git_sha": _git_sha(),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def _bench(fn: Callable[[], Any], grad_to_none: Optional[list] = None) -> tuple[float, float, float]:
-    import triton.testing
-
-    p50, p20, p80 = triton.testing.do_bench(fn, warmup=50, rep=200, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
-    return p50, p20, p80
 
 
 def matmul_ceiling_tflops(dtype: torch.dtype) -> float:
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
-    ms, _, _ = _bench(lambda: a @ b)
-    return 2 * n**3 / (ms * 1e-3) / 1e12
+    return 2 * n**3 / (median_ms(lambda: a @ b) * 1e-3) / 1e12
 
 
 def _sdpa_backends() -> dict[str, Any]:
@@ -109,18 +75,18 @@ def _providers(B: int, H: int, N: int, D: int, dtype: torch.dtype, backward: boo
     """name -> zero-argument callable running one step (forward, or forward + backward)."""
     from fastvit import ops
 
-    def step(run: Callable[[], torch.Tensor], dout: Optional[torch.Tensor]) -> Callable[[], None]:
+    def step(run: Callable[[], torch.Tensor], inputs: list[torch.Tensor], dout: torch.Tensor) -> Callable[[], Any]:
         if not backward:
-            return lambda: run()
-        return lambda: run().backward(dout)
+            return run
+        return lambda: torch.autograd.grad(run(), inputs, dout)  # no .grad accumulation in the timing
 
     providers: dict[str, Callable] = {}
-    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype, requires_grad=backward) for _ in range(3))
+    q, k, v = [torch.randn(B, H, N, D, device="cuda", dtype=dtype, requires_grad=backward) for _ in range(3)]
     dout_bhnd = torch.randn(B, H, N, D, device="cuda", dtype=dtype)
-    providers["fastvit"] = step(lambda: ops.attention(q, k, v, backend="triton"), dout_bhnd)
+    providers["fastvit"] = step(lambda: ops.attention(q, k, v, backend="triton"), [q, k, v], dout_bhnd)
     qkv = torch.randn(B, N, 3 * H * D, device="cuda", dtype=dtype, requires_grad=backward)
     dout_packed = torch.randn(B, N, H * D, device="cuda", dtype=dtype)
-    providers["fastvit_packed"] = step(lambda: ops.attention_qkvpacked(qkv, H, backend="triton"), dout_packed)
+    providers["fastvit_packed"] = step(lambda: ops.attention_qkvpacked(qkv, H, backend="triton"), [qkv], dout_packed)
     from torch.nn.attention import sdpa_kernel
 
     for name, sdp_backend in _sdpa_backends().items():
@@ -135,7 +101,7 @@ def _providers(B: int, H: int, N: int, D: int, dtype: torch.dtype, backward: boo
             run()  # raises when this backend cannot take the input (dtype, head dim, GPU)
         except RuntimeError:
             continue
-        providers[f"sdpa_{name}"] = step(run, dout_bhnd)
+        providers[f"sdpa_{name}"] = step(run, [q, k, v], dout_bhnd)
     try:
         from flash_attn import flash_attn_qkvpacked_func
     except ImportError:
@@ -144,88 +110,84 @@ def _providers(B: int, H: int, N: int, D: int, dtype: torch.dtype, backward: boo
         packed5 = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype, requires_grad=backward)
         if dtype != torch.float32:
             dout_fa = torch.randn(B, N, H, D, device="cuda", dtype=dtype)
-            providers["flash_attn"] = step(lambda: flash_attn_qkvpacked_func(packed5), dout_fa)
+            providers["flash_attn"] = step(lambda: flash_attn_qkvpacked_func(packed5), [packed5], dout_fa)
     return providers
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], float]:
     dtype = DTYPES[args.dtype]
-    env = _environment()
-    ceiling = matmul_ceiling_tflops(torch.bfloat16 if dtype == torch.float32 else dtype)
-    print(f"# {env['gpu']}  torch {env['torch']}  triton {env['triton']}  CUDA {env['cuda']}  sha {env['git_sha'][:10]}")
-    print(f"# {args.dtype} matmul ceiling (8192^3): {ceiling:.0f} TFLOP/s")
-    rows = []
-    shapes = SHAPES[:2] if args.quick else SHAPES
-    for name, H, N, D, full_batch in shapes:
+    ceiling = matmul_ceiling_tflops(dtype)
+    print(f"{torch.cuda.get_device_name()}: {args.dtype} matmul ceiling (8192^3 torch.matmul) {ceiling:.0f} TFLOP/s")
+    rows: list[dict[str, Any]] = []
+    for name, H, N, D, full_batch in SHAPES[:2] if args.quick else SHAPES:
         for batch in args.batch:
             B = full_batch if batch == "auto" else int(batch)
             for mode in args.modes:
-                backward = mode == "fwd_bwd"
-                flops = 4 * B * H * N * N * D * (3.5 if backward else 1.0)
+                flops = 4 * B * H * N * N * D * (3.5 if mode == "fwd_bwd" else 1.0)
+                case = {"shape": name, "B": B, "H": H, "N": N, "D": D, "dtype": args.dtype, "mode": mode}
                 try:
-                    providers = _providers(B, H, N, D, dtype, backward)
+                    providers = _providers(B, H, N, D, dtype, mode == "fwd_bwd")
                 except torch.cuda.OutOfMemoryError:
-                    print(f"{name} B={B} {mode}: out of memory, skipped")
+                    rows.append({**case, "provider": "all", "note": "out of memory"})
                     continue
-                results = {}
+                case_rows = []
                 for provider, fn in providers.items():
                     try:
-                        cold = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        cold[0].record()
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
                         fn()
-                        cold[1].record()
+                        end.record()
                         torch.cuda.synchronize()
-                        p50, p20, p80 = _bench(fn)
-                    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-                        print(f"{name} B={B} {mode} {provider}: skipped ({type(exc).__name__}: {str(exc)[:80]})")
+                        ms = median_ms(fn)
+                    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:  # reported, not hidden
+                        rows.append({**case, "provider": provider, "note": f"not run: {str(exc).splitlines()[0][:80]}"})
                         continue
-                    tflops = flops / (p50 * 1e-3) / 1e12
-                    results[provider] = p50
-                    rows.append({
-                        "shape": name, "B": B, "H": H, "N": N, "D": D, "dtype": args.dtype, "mode": mode,
-                        "provider": provider, "ms_p50": p50, "ms_p20": p20, "ms_p80": p80,
-                        "cold_ms": cold[0].elapsed_time(cold[1]), "tflops": tflops,
-                        "fraction_of_matmul_ceiling": tflops / ceiling, **env,
-                    })  # fmt: skip
-                    print(f"{name:12s} B={B:<4d} {mode:7s} {provider:15s} {p50:8.3f} ms  {tflops:6.1f} TFLOP/s")
-                sdpa = {p: ms for p, ms in results.items() if p.startswith("sdpa_") and p != "sdpa_math"}
-                if sdpa and "fastvit" in results:
-                    best = min(sdpa, key=sdpa.get)
-                    for ours in ("fastvit", "fastvit_packed"):
-                        if ours in results:
-                            print(f"{'':12s} {ours} speedup vs fastest SDPA ({best}): {sdpa[best] / results[ours]:.2f}x")
+                    tflops = flops / (ms * 1e-3) / 1e12
+                    case_rows.append({**case, "provider": provider, "ms": ms, "cold_ms": start.elapsed_time(end),
+                                      "TFLOP/s": tflops, "of_matmul": tflops / ceiling})  # fmt: skip
+                sdpa = [r for r in case_rows if r["provider"].startswith("sdpa_") and r["provider"] != "sdpa_math"]
+                if sdpa:
+                    fastest = min(sdpa, key=lambda r: r["ms"])
+                    for r in case_rows:
+                        if r["provider"].startswith("fastvit"):
+                            r["vs_fastest_sdpa"] = fastest["ms"] / r["ms"]
+                            r["fastest_sdpa"] = fastest["provider"]
+                rows.extend(case_rows)
                 del providers
                 torch.cuda.empty_cache()
-    return rows
+    return rows, ceiling
 
 
-def write_results(rows: list[dict[str, Any]], out_dir: Path) -> None:
-    if not rows:
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gpu = rows[0]["gpu"].replace(" ", "_")
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    stem = out_dir / f"attention_{gpu}_{stamp}"
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    with stem.with_suffix(".csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+def _write_csv(json_path: str, rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
+    path = json_path[: -len(".json")] + ".csv"
+    fields = sorted({k for r in rows for k in r}) + sorted(env)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
-    print(f"# wrote {stem}.json and .csv")
+        writer.writerows({**r, **env} for r in rows)
+    return path
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])
     parser.add_argument("--batch", nargs="+", default=["auto", "1"], help="'auto' (fills the GPU) and/or integers")
     parser.add_argument("--quick", action="store_true", help="only the ViT-B/L 224 shapes")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/*.json/.csv")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_attention.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to measure.")
-        return 0
-    write_results(run(args), args.out)
+    require_gpu("bench_attention.py")
+    import triton
+
+    rows, ceiling = run(args)
+    columns = ["shape", "B", "H", "N", "D", "mode", "provider", "ms", "cold_ms", "TFLOP/s", "of_matmul",
+               "vs_fastest_sdpa", "note"]  # fmt: skip
+    print(markdown_table(rows, columns))
+    if not args.no_save:
+        env = {"gpu": torch.cuda.get_device_name(), "driver": _driver(), "torch": torch.__version__,
+               "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "triton": triton.__version__}
+        path = write_results("attention", rows, {"matmul_ceiling_tflops": ceiling, **env})
+        print("wrote", path, "and", _write_csv(path, rows, env))
     return 0
 
 
