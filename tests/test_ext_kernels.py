@@ -230,6 +230,45 @@ def test_launcher_reasons():
     assert cuda.ACTIVATION_CODES == {None: 0, "": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
 
 
+def _marshalling_calls():
+    """Every launcher on CPU tensors shaped like the GPU cases below."""
+    h = torch.float16
+    tokens = torch.randn(2, 49, 8, dtype=h)
+    geometry, strides = _geometry(tokens, [7, 7])
+    kernel = (3, 3, 2, 2, 1, 1)
+    nw, nb = torch.ones(72), torch.zeros(72)  # fp32 LayerNorm parameters beside fp16 activations
+    y, mean, rstd = torch.empty(32, 72, dtype=h), torch.empty(32), torch.empty(32)
+    dx = torch.empty_like(tokens)
+    img = torch.randn(2, 3, 30, 27, dtype=h).to(memory_format=torch.channels_last)
+    w, b = torch.randn(64, 3, 8, 8, dtype=h), torch.randn(64, dtype=h)
+    cls, pos = torch.randn(1, 64, dtype=h), torch.randn(17, 64, dtype=h)  # 4 x 4 padded grid + 1 prefix
+    x = torch.randn(33, 72, dtype=h)[:, 4:68]  # a row stride the launcher passes through
+    lw, lb, res = torch.randn(96, 64, dtype=h), torch.randn(96, dtype=h), torch.randn(33, 96, dtype=h)
+    return {
+        "soft_split_fwd": lambda: cuda.soft_split_fwd(tokens, strides, geometry, kernel, nw, nb, 1e-5, y, mean, rstd),
+        "soft_split_bwd": lambda: cuda.soft_split_bwd(
+            y, tokens, strides, geometry, kernel, nw, mean, rstd, True, True, dx, _geometry(dx, [7, 7])[1]
+        ),
+        "patch_embed_fwd": lambda: cuda.patch_embed_fwd(img, w, b, pos, cls, torch.empty(2, 17, 64, dtype=h)),
+        "patch_embed_bwd": lambda: cuda.patch_embed_bwd(torch.randn(2, 17, 64, dtype=h), img, w, 1, True, True),
+        "gelu_linear_fwd": lambda: cuda.linear_fwd(x, lw, lb, res, "gelu", torch.empty(33, 96, dtype=h)),
+        "gelu_linear_act_grad": lambda: cuda.linear_act_grad(res, x, lw, lb, "quick_gelu", torch.empty_like(res), True),
+    }
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU error path; this machine has a GPU")
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_launchers_pass_the_extension_checks(name, monkeypatch):
+    """The launchers' keyword arguments match the bindings and their values pass every C++ check: each
+    call gets as far as the device check (the stream handle is the only thing a CPU cannot give)."""
+    _extension()
+    if name.startswith(("patch_embed", "gelu_linear")) and cuda.cublaslt_reasons():
+        pytest.skip(f"cuBLASLt cannot be loaded here: {cuda.cublaslt_reasons()}")
+    monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
+    with pytest.raises(RuntimeError, match=rf"fastvit\._C\.{name}: no usable CUDA device"):
+        _marshalling_calls()[name]()
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 # The launchers are called directly (the ops files wire them in as backend="cuda"); references are the
 # ops' own <op>_ref functions.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+from types import ModuleType
 from typing import Optional, Sequence
 
 import torch
@@ -109,6 +110,15 @@ def cublaslt_reasons(**_: object) -> list[str]:
     return [f"cuBLASLt is not usable: {error}"] if error else []
 
 
+def _require_cublaslt(op: str) -> ModuleType:
+    """The extension with cuBLASLt loaded (with the search directories above), or a RuntimeError saying why."""
+    C = _ext.require(op)
+    error = _load_cublaslt()
+    if error:
+        raise RuntimeError(f"fastvit.ops.{op}: the 'cuda' backend needs cuBLASLt: {error}")
+    return C
+
+
 def _workspace(like: Tensor) -> Tensor:
     return torch.empty((_WORKSPACE_BYTES,), device=like.device, dtype=torch.uint8)
 
@@ -156,9 +166,10 @@ def soft_split_fwd(
     C = _ext.require("soft_split")
     with device_guard(x):
         C.soft_split_fwd(
-            _ext.ptr(x), _ext.ptr(norm_weight), _ext.ptr(norm_bias), _ext.ptr(y), _ext.ptr(mean), _ext.ptr(rstd),
-            tuple(geometry), tuple(image_strides), tuple(kernel), float(eps), _ext.dtype_code(x),
-            _ext.dtype_code(norm_weight if norm_weight is not None else x), _ext.stream_handle(x.device),
+            x=_ext.ptr(x), norm_weight=_ext.ptr(norm_weight), norm_bias=_ext.ptr(norm_bias), y=_ext.ptr(y),
+            mean=_ext.ptr(mean), rstd=_ext.ptr(rstd), shape=tuple(geometry), strides=tuple(image_strides),
+            kernel=tuple(kernel), eps=float(eps), x_dtype=_ext.dtype_code(x),
+            w_dtype=_ext.dtype_code(norm_weight if norm_weight is not None else x), stream=_ext.stream_handle(x.device),
         )  # fmt: skip
 
 
@@ -191,10 +202,13 @@ def soft_split_bwd(
     coefs = torch.empty((rows, 2), device=x.device, dtype=torch.float32) if has_ln else None
     with device_guard(x):
         C.soft_split_bwd(
-            _ext.ptr(dy), _ext.ptr(x), _ext.ptr(norm_weight), _ext.ptr(mean if has_ln else None),
-            _ext.ptr(rstd if has_ln else None), _ext.ptr(coefs), _ext.ptr(dx), _ext.ptr(dw_part), _ext.ptr(db_part),
-            tuple(geometry), tuple(image_strides), tuple(kernel), tuple(dx_strides) if dx is not None else (0, 0, 0, 0),
-            programs, _ext.dtype_code(x), _ext.dtype_code(norm_weight if has_ln else x), _ext.stream_handle(x.device),
+            dy=_ext.ptr(dy), x=_ext.ptr(x), norm_weight=_ext.ptr(norm_weight), mean=_ext.ptr(mean if has_ln else None),
+            rstd=_ext.ptr(rstd if has_ln else None), row_coefs=_ext.ptr(coefs), dx=_ext.ptr(dx),
+            dweight_partial=_ext.ptr(dw_part), dbias_partial=_ext.ptr(db_part), shape=tuple(geometry),
+            strides=tuple(image_strides), kernel=tuple(kernel),
+            dx_strides=tuple(dx_strides) if dx is not None else (0, 0, 0, 0), num_partials=programs,
+            x_dtype=_ext.dtype_code(x), w_dtype=_ext.dtype_code(norm_weight if has_ln else x),
+            stream=_ext.stream_handle(x.device),
         )  # fmt: skip
     empty = x.new_empty((0,))
     dweight = dw_part.sum(0).to(norm_weight.dtype) if dw_part is not None else empty
@@ -233,7 +247,7 @@ def patch_embed_fwd(
     """Writes ``out`` (B, P + N, D), contiguous: the signature of fastvit.kernels.patch_embed.patch_embed_fwd.
     x (B, C, H, W) any strides; weight (D, C, p, p); pos (R, D) and prefix (P, D) with unit last strides,
     R = N or P + N. fp32 uses TF32 when ``torch.backends.cudnn.allow_tf32`` (the conv it replaces would)."""
-    C = _ext.require("patch_embed")
+    C = _require_cublaslt("patch_embed")
     B = x.shape[0]
     D, patch = weight.shape[0], weight.shape[2]
     N, K = _patch_geometry(x, patch)
@@ -246,10 +260,11 @@ def patch_embed_fwd(
     workspace = _workspace(x)
     with device_guard(x):
         C.patch_embed_fwd(
-            _ext.ptr(x), _ext.ptr(w2), _ext.ptr(bias), _ext.ptr(pos),
-            _ext.ptr(prefix), _ext.ptr(cols), _ext.ptr(out), tuple(x.shape), tuple(x.stride()), patch, D, P,
-            pos.shape[0] if pos is not None else 0, _ext.dtype_code(x), bool(torch.backends.cudnn.allow_tf32),
-            _ext.ptr(workspace), _WORKSPACE_BYTES, _ext.stream_handle(x.device),
+            x=_ext.ptr(x), weight=_ext.ptr(w2), bias=_ext.ptr(bias), pos_embed=_ext.ptr(pos), prefix=_ext.ptr(prefix),
+            cols=_ext.ptr(cols), out=_ext.ptr(out), shape=tuple(x.shape), strides=tuple(x.stride()), patch=patch,
+            embed_dim=D, num_prefix=P, pos_rows=pos.shape[0] if pos is not None else 0, dtype=_ext.dtype_code(x),
+            allow_tf32=bool(torch.backends.cudnn.allow_tf32), workspace=_ext.ptr(workspace),
+            workspace_bytes=_WORKSPACE_BYTES, stream=_ext.stream_handle(x.device),
         )  # fmt: skip
 
 
@@ -258,7 +273,7 @@ def patch_embed_bwd(
 ) -> tuple[Tensor, Tensor]:
     """Returns dx (x's shape, contiguous NCHW; empty unless ``need_dx``) and dweight (weight's shape;
     empty unless ``need_dweight``). dout: (B, P + N, D) contiguous."""
-    C = _ext.require("patch_embed")
+    C = _require_cublaslt("patch_embed")
     B = x.shape[0]
     D, patch = weight.shape[0], weight.shape[2]
     N, K = _patch_geometry(x, patch)
@@ -271,10 +286,11 @@ def patch_embed_bwd(
     workspace = _workspace(x)
     with device_guard(x):
         C.patch_embed_bwd(
-            _ext.ptr(dpatch), _ext.ptr(x), _ext.ptr(w2), _ext.ptr(cols), _ext.ptr(dx),
-            _ext.ptr(dweight), tuple(x.shape), tuple(x.stride()),
-            tuple(dx.stride()) if dx is not None else (0, 0, 0, 0), patch, D, dpatch.stride(0), _ext.dtype_code(x), bool(torch.backends.cudnn.allow_tf32), _ext.ptr(workspace),
-            _WORKSPACE_BYTES, _ext.stream_handle(x.device),
+            dout=_ext.ptr(dpatch), x=_ext.ptr(x), weight=_ext.ptr(w2), cols=_ext.ptr(cols), dx=_ext.ptr(dx),
+            dweight=_ext.ptr(dweight), shape=tuple(x.shape), strides=tuple(x.stride()),
+            dx_strides=tuple(dx.stride()) if dx is not None else (0, 0, 0, 0), patch=patch, embed_dim=D,
+            dout_stride=dpatch.stride(0), dtype=_ext.dtype_code(x), allow_tf32=bool(torch.backends.cudnn.allow_tf32),
+            workspace=_ext.ptr(workspace), workspace_bytes=_WORKSPACE_BYTES, stream=_ext.stream_handle(x.device),
         )  # fmt: skip
     return (
         dx if dx is not None else x.new_empty((0,)),
@@ -307,7 +323,7 @@ def linear_fwd(
     x (M, K), weight (N, K), residual (M, N) any strides (copied only when cuBLASLt cannot read them);
     y (M, N) with a unit column stride. fp32 uses TF32 unless ``torch.get_float32_matmul_precision()`` is
     "highest", as F.linear does."""
-    C = _ext.require("linear")
+    C = _require_cublaslt("linear")
     M, K = x.shape
     N = weight.shape[0]
     x, weight = _gemm_operand(x), _gemm_operand(weight)
@@ -316,10 +332,11 @@ def linear_fwd(
     workspace = _workspace(x)
     with device_guard(x):
         C.gelu_linear_fwd(
-            _ext.ptr(x), _ext.ptr(weight), _ext.ptr(bias),
-            _ext.ptr(residual), _ext.ptr(y), M, N, K, x.stride(0), weight.stride(0),
-            residual.stride(0) if residual is not None else 0, y.stride(0), ACTIVATION_CODES[activation],
-            _ext.dtype_code(x), _allow_tf32(), _ext.ptr(workspace), _WORKSPACE_BYTES, _ext.stream_handle(x.device),
+            x=_ext.ptr(x), weight=_ext.ptr(weight), bias=_ext.ptr(bias), residual=_ext.ptr(residual), y=_ext.ptr(y),
+            m=M, n=N, k=K, x_stride=x.stride(0), weight_stride=weight.stride(0),
+            residual_stride=residual.stride(0) if residual is not None else 0, y_stride=y.stride(0),
+            activation=ACTIVATION_CODES[activation], dtype=_ext.dtype_code(x), allow_tf32=_allow_tf32(),
+            workspace=_ext.ptr(workspace), workspace_bytes=_WORKSPACE_BYTES, stream=_ext.stream_handle(x.device),
         )  # fmt: skip
 
 
@@ -328,7 +345,7 @@ def linear_act_grad(
 ) -> Optional[Tensor]:
     """Writes ``g = dy * act'(x @ weight.T + bias)`` (the pre-activation recomputed by cuBLASLt); returns
     sum_rows(g) in fp32 when ``need_dbias``, else None: the signature of fastvit.kernels.linear.linear_act_grad."""
-    C = _ext.require("linear")
+    C = _require_cublaslt("linear")
     M, K = x.shape
     N = weight.shape[0]
     x, weight, dy = _gemm_operand(x), _gemm_operand(weight), _gemm_operand(dy)
@@ -339,9 +356,10 @@ def linear_act_grad(
     workspace = _workspace(x)
     with device_guard(x):
         C.gelu_linear_act_grad(
-            _ext.ptr(dy), _ext.ptr(x), _ext.ptr(weight), _ext.ptr(bias),
-            _ext.ptr(g), _ext.ptr(part), M, N, K, dy.stride(0), x.stride(0), weight.stride(0), g.stride(0), programs,
-            ACTIVATION_CODES[activation], _ext.dtype_code(x), _allow_tf32(), _ext.ptr(workspace), _WORKSPACE_BYTES,
-            _ext.stream_handle(x.device),
+            dy=_ext.ptr(dy), x=_ext.ptr(x), weight=_ext.ptr(weight), bias=_ext.ptr(bias), g=_ext.ptr(g),
+            dbias_partial=_ext.ptr(part), m=M, n=N, k=K, dy_stride=dy.stride(0), x_stride=x.stride(0),
+            weight_stride=weight.stride(0), g_stride=g.stride(0), num_partials=programs,
+            activation=ACTIVATION_CODES[activation], dtype=_ext.dtype_code(x), allow_tf32=_allow_tf32(),
+            workspace=_ext.ptr(workspace), workspace_bytes=_WORKSPACE_BYTES, stream=_ext.stream_handle(x.device),
         )  # fmt: skip
     return part.sum(0) if part is not None else None
