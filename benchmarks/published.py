@@ -78,7 +78,8 @@ def _classification(
     same_shape = f" ({csv_row}, same shape)" if csv_row else ""
     out = [Published("params", params, None, "num_classes=1000", _MISSION)]
     if gmacs is not None:
-        out.append(Published("gmacs_full", gmacs, None, "timm infer_gmacs (attention matmuls included)" + same_shape, _TIMM_4090))
+        setting = "timm infer_gmacs (attention matmuls included)" + same_shape
+        out.append(Published("gmacs_full", gmacs, None, setting, _TIMM_4090))
     if img_s is not None:
         out.append(Published("infer_img_s", img_s, "RTX 4090", _TIMM_4090_SETTING + same_shape, _TIMM_4090))
     return out + list(extra)
@@ -94,7 +95,9 @@ def _t2t(params: int, linear_norm: float, full: float) -> list[Published]:
     ]
 
 
-def _segmentation(source: str, mem: tuple[float, ...], fps: tuple[float, ...], schedules: tuple[str, ...]) -> list[Published]:
+def _segmentation(
+    source: str, mem: tuple[float, ...], fps: tuple[float, ...], schedules: tuple[str, ...]
+) -> list[Published]:
     out = []
     for m, f, sched in zip(mem, fps, schedules):
         out.append(Published("paper_mem_gib", m, "V100", f"{_MMSEG_MEM}, {sched} checkpoint", source))

@@ -46,9 +46,10 @@ driver, torch / triton / CUDA versions, fastvit git sha, date, command line, fas
 one line per number, the markdown table, and a PNG chart of img/s and memory (when matplotlib is
 installed). ``--compare FILE`` prints the ratios of this run to an earlier results file.
 
-Without a GPU, ``python benchmarks/run.py`` runs a small CPU table (DeiT-Ti, DeiT-S and T2T-ViT-t-14
-at batch 8 and batch 1; timm eager and fastvit's torch backend; three warm-up calls, as eager CPU code
-has nothing to compile) in under 3 minutes on an idle 2-core machine, and says which columns need a GPU.
+Without a GPU, ``python benchmarks/run.py`` runs a small CPU table (DeiT-Ti and T2T-ViT-t-14 at batch 8
+and batch 1; timm eager and fastvit's torch backend; three warm-up calls, as eager CPU code has nothing
+to compile; one thread when the machine is already busier than its cores) in under 3 minutes on a
+2-core machine, and says which columns need a GPU.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def _csv_list(text: str) -> list[str]:
 def _iters(text: str) -> int:
     n = int(text)
     if n < MIN_TIMED_ITERS:
-        raise argparse.ArgumentTypeError(f"{n} < {MIN_TIMED_ITERS}: the method takes the median of >= {MIN_TIMED_ITERS} timed calls")
+        raise argparse.ArgumentTypeError(
+            f"{n} < {MIN_TIMED_ITERS}: the method takes the median of >= {MIN_TIMED_ITERS} timed calls"
+        )
     return n
 
 
@@ -119,14 +122,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help=f"comma-separated providers (default: all on a GPU; {','.join(CPU_PROVIDERS)} on a CPU); "
                         f"known: {', '.join(x.key for x in PROVIDERS)}")
     p.add_argument("--metrics", type=_csv_list, action="extend",
-                   help=f"comma-separated metrics (default: all that apply on a GPU; infer,latency on a CPU); known: {', '.join(METRICS)}")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="inference / autocast dtype (default bf16 on a GPU, fp32 on a CPU)")
-    p.add_argument("--batch", type=_positive, help=f"inference batch for every row (default: per row on a GPU, {CPU_QUICK_BATCH} on a CPU)")
+                   help="comma-separated metrics (default: all that apply on a GPU; infer,latency on a CPU); "
+                        f"known: {', '.join(METRICS)}")
+    p.add_argument("--dtype", choices=tuple(DTYPES),
+                   help="inference / autocast dtype (default bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--batch", type=_positive,
+                   help=f"inference batch for every row (default: per row on a GPU, {CPU_QUICK_BATCH} on a CPU)")
     p.add_argument("--train-batch", type=_positive, help="training-step batch for every row (default: per row)")
     p.add_argument("--iters", type=_iters, help="timed calls per measurement, >= 20 (default 30 on a GPU, 20 on a CPU)")
-    p.add_argument("--max-warmup-s", type=float, help="cap on the automatic warm-up after the first call (default 120 s)")
+    p.add_argument("--max-warmup-s", type=float,
+                   help="cap on the automatic warm-up after the first call (default 120 s)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default benchmarks/results)")
-    p.add_argument("--compare", type=Path, metavar="FILE", help="an earlier results JSON: print this run's ratios to it")
+    p.add_argument("--compare", type=Path, metavar="FILE",
+                   help="an earlier results JSON: print this run's ratios to it")
     args = p.parse_args(argv)
     if args.providers:
         for key in args.providers:
@@ -237,7 +245,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     results: dict[str, Any] = {
         "schema": report.SCHEMA,
         "meta": meta,
-        "settings": {"dtype": dtype_name, "iters": settings.iters, "infer_batch": args.batch, "train_batch": args.train_batch,
+        "settings": {"dtype": dtype_name, "iters": settings.iters, "infer_batch": args.batch,
+                     "train_batch": args.train_batch,
                      "max_warmup_s": settings.max_warmup_s, "warmup": settings.warmup, "buffers": settings.buffers,
                      "providers": [p.key for p in providers], "metrics": args.metrics or "default"},
         "providers": [{"key": p.key, "label": p.label} for p in providers],
@@ -256,7 +265,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         report.write_json(results, stem.with_suffix(".json"))  # a crash or kill keeps what was measured
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    bar = tqdm(total=sum(len(m) for _, _, m in plan), unit="cell", desc="benchmarks", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=sum(len(m) for _, _, m in plan), unit="cell", desc="benchmarks", dynamic_ncols=True,
+               file=sys.stderr)
     try:
         for row in args.rows:
             bar.set_postfix_str(f"{row.key}: params/GMACs")
@@ -294,14 +304,17 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if old is not None:
         print(report.compare(results, old))
     written = ", ".join(str(stem.with_suffix(s).relative_to(args.out)) for s in (".json", ".csv", ".md"))
-    print(f"results: {args.out}/ {written}" + (f", {stem.with_suffix('.png').name}" if results["chart"].startswith("written") else ""))
+    if results["chart"].startswith("written"):
+        written += f", {stem.with_suffix('.png').name}"
+    print(f"results: {args.out}/ {written}")
     return 130 if results["interrupted"] else 0
 
 
 def _row_record_stub(row: ModelRow, s: Settings) -> dict[str, Any]:
     """A row reached by no cell before an interruption: its static facts were not computed."""
     reason = {"reason": "interrupted: the run was stopped before this row"}
-    return {"key": row.key, "label": row.label, "suite": row.suite, "img_size": row.img_size, "timm_name": row.timm_name,
+    return {"key": row.key, "label": row.label, "suite": row.suite, "img_size": row.img_size,
+            "timm_name": row.timm_name,
             "batch": {"infer": s.batch(row, "infer"), "train": s.batch(row, "train")},
             "params": reason, "gmacs": reason, "published": [p.as_dict() for p in published_for(row.key)]}
 

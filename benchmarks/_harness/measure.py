@@ -116,14 +116,27 @@ def _compiled(model: torch.nn.Module, provider: Provider) -> Callable[..., Any]:
     if provider.compile_mode is None:
         return model
     mode = None if provider.compile_mode == "default" else provider.compile_mode
-    return torch.compile(model, mode=mode, dynamic=False)
+    compiled = torch.compile(model, mode=mode, dynamic=False)
+    mark_step = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+    if provider.compile_mode != "max-autotune" or mark_step is None:
+        return compiled
+
+    def call(*args: Any) -> Any:
+        # max-autotune replays CUDA graphs: say where an iteration starts, so a training step's
+        # backward and the next forward do not overwrite each other's graph memory.
+        mark_step()
+        return compiled(*args)
+    return call
 
 
 def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _loss_fn(model: torch.nn.Module, run: Callable[..., Any], row: ModelRow) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str]:
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _loss_fn(model: torch.nn.Module, run: Callable[..., Any], row: ModelRow) -> tuple[LossFn, str]:
     """The training loss for ``row`` and a note saying which loss it is."""
     if row.suite == "classification":
         return (lambda x, y: F.cross_entropy(_first(run(x)).float(), y)), "cross-entropy on the logits"
@@ -131,7 +144,9 @@ def _loss_fn(model: torch.nn.Module, run: Callable[..., Any], row: ModelRow) -> 
         def seg_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             losses = run(x, y)
             if isinstance(losses, dict):
-                return losses["loss"] if "loss" in losses else sum(v for k, v in losses.items() if k.endswith("loss_ce"))
+                if "loss" in losses:
+                    return losses["loss"]
+                return sum(v for k, v in losses.items() if k.endswith("loss_ce"))
             return losses
         return seg_loss, "the segmentor's own training loss (forward(x, seg_label): decode + auxiliary heads)"
 
@@ -178,7 +193,9 @@ def _train_step(model: torch.nn.Module, provider: Provider, row: ModelRow, optim
     return step, note
 
 
-def _train_batches(row: ModelRow, model: torch.nn.Module, batch: int, s: Settings) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _train_batches(
+    row: ModelRow, model: torch.nn.Module, batch: int, s: Settings
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     xs = random_inputs((batch, 3, row.img_size, row.img_size), count=s.buffers, device=s.device, dtype=torch.float32)
     n = _num_outputs(model, row)
     return [(x, _targets(row, batch, s.device, n)) for x in xs]
@@ -199,7 +216,8 @@ def measure_train(model: torch.nn.Module, provider: Provider, row: ModelRow, s: 
     values = {"img_s": batch / (t.median_ms / 1e3), "ms": t.median_ms}
     if peak is not None:
         values["peak_mem_gib"] = peak
-    return {"status": "ok", "batch": batch, "values": values, "timing": t.as_dict(), "notes": [f"SGD momentum 0.9; {note}"]}
+    return {"status": "ok", "batch": batch, "values": values, "timing": t.as_dict(),
+            "notes": [f"SGD momentum 0.9; {note}"]}
 
 
 def measure_paper_mem(model: torch.nn.Module, provider: Provider, row: ModelRow, s: Settings) -> dict[str, Any]:
@@ -269,7 +287,9 @@ def measure_infer(model: torch.nn.Module, provider: Provider, row: ModelRow, s: 
     return {"status": "ok", "batch": batch, "values": values, "timing": t.as_dict()}
 
 
-def _graph_replay(model: torch.nn.Module, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> tuple[Callable[[torch.Tensor], None], float]:
+def _graph_replay(
+    model: torch.nn.Module, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device
+) -> tuple[Callable[[torch.Tensor], None], float]:
     """Capture a no-grad forward at ``shape`` in a CUDA graph; return (copy-in + replay, capture seconds).
 
     Warm-up runs on a side stream first so autotuning and lazy initialisation stay out of the capture.
@@ -306,7 +326,8 @@ def measure_latency(model: torch.nn.Module, provider: Provider, row: ModelRow, s
     else:
         fn = _eval_forward(model, provider, s.dtype)
     t = time_calls(fn, xs, iters=s.iters, warmup=s.warmup, max_warmup_s=s.max_warmup_s, device=s.device)
-    return {"status": "ok", "batch": 1, "values": {"ms": t.median_ms, "p90_ms": t.p90_ms}, "timing": t.as_dict(), "notes": notes}
+    return {"status": "ok", "batch": 1, "values": {"ms": t.median_ms, "p90_ms": t.p90_ms}, "timing": t.as_dict(),
+            "notes": notes}
 
 
 MEASURE: dict[str, Callable[[torch.nn.Module, Provider, ModelRow, Settings], dict[str, Any]]] = {

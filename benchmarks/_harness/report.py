@@ -80,10 +80,20 @@ def environment(argv: Sequence[str], device: torch.device) -> dict[str, Any]:
         "fastvit_git_sha": sha,
         "git_dirty": bool(dirty) if sha else None,
         "cpu_threads": torch.get_num_threads(),
+        "timm_fused_attn": _timm_fused_attn(),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "fastvit_info": collected,
     }
+
+
+def _timm_fused_attn() -> Optional[bool]:
+    """Whether timm's Attention calls F.scaled_dot_product_attention (the "SDPA" of timm eager)."""
+    try:
+        from timm.layers import use_fused_attn
+    except ImportError:
+        return None
+    return bool(use_fused_attn())
 
 
 def with_ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -126,7 +136,8 @@ def load_results(path: Path) -> dict[str, Any]:
 
 def _published_text(row: dict[str, Any], metric: str) -> str:
     items = [p for p in row.get("published", []) if p["metric"] == metric]
-    return "; ".join(f"{_fmt(p['value'])} ({p['gpu'] or 'no GPU'}{', verify' if p.get('verify') else ''})" for p in items)
+    return "; ".join(f"{_fmt(p['value'])} ({p['gpu'] or 'no GPU'}{', verify' if p.get('verify') else ''})"
+                     for p in items)
 
 
 def write_csv(results: dict[str, Any], path: Path) -> Path:
@@ -188,12 +199,14 @@ class _Notes:
 # (metric, quantity, header, with ratio) per suite; columns only appear when their metric was planned.
 _COLUMNS = {
     "classification": (
-        ("infer", "img_s", "img/s", True), ("latency", "ms", "bs1 ms", True), ("infer", "peak_mem_gib", "infer GiB", False),
+        ("infer", "img_s", "img/s", True), ("latency", "ms", "bs1 ms", True),
+        ("infer", "peak_mem_gib", "infer GiB", False),
         ("train", "img_s", "train img/s", True), ("train", "peak_mem_gib", "train GiB", False),
     ),
     "segmentation": (
         ("paper_mem", "mem_gib", "Mem GiB (paper)", False), ("paper_fps", "fps", "fps (paper)", True),
-        ("infer", "img_s", "img/s", True), ("latency", "ms", "bs1 ms", True), ("infer", "peak_mem_gib", "infer GiB", False),
+        ("infer", "img_s", "img/s", True), ("latency", "ms", "bs1 ms", True),
+        ("infer", "peak_mem_gib", "infer GiB", False),
         ("train", "img_s", "train img/s", True), ("train", "peak_mem_gib", "train GiB", False),
     ),
 }
@@ -206,7 +219,8 @@ def _gmacs_text(row: dict[str, Any], notes: _Notes) -> str:
     if "reason" in g:
         status, _, reason = g["reason"].partition(": ")
         return notes.mark(status, reason)
-    parts = [f"{_fmt(g[k])} {label}" for k, label in (("full", "full"), ("linear_norm", "lin+LN"), ("unlabelled", "?")) if k in g]
+    conventions = (("full", "full"), ("linear_norm", "lin+LN"), ("unlabelled", "?"))
+    parts = [f"{_fmt(g[k])} {label}" for k, label in conventions if k in g]
     return " / ".join(parts) or "-"
 
 
@@ -355,13 +369,14 @@ def chart(results: dict[str, Any], path: Path) -> str:
     if not data:
         return "skipped: no measured numbers to draw"
     labels = {r["key"]: r["label"] for r in results["rows"]}
+    provider_labels = {p["key"]: p["label"] for p in results["providers"]}
     fig, axes = plt.subplots(len(data), 1, figsize=(14, 4.5 * len(data)), squeeze=False)
     for ax, (title, series) in zip(axes[:, 0], data):
         models = [r["key"] for r in results["rows"] if any(r["key"] in s for s in series.values())]
         width = 0.8 / len(series)
         for k, (prov, values) in enumerate(series.items()):
             xs = [i + k * width for i, m in enumerate(models) if m in values]
-            ax.bar(xs, [values[m] for m in models if m in values], width, label=prov)
+            ax.bar(xs, [values[m] for m in models if m in values], width, label=provider_labels.get(prov, prov))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))])
         ax.set_xticklabels([labels[m] for m in models], rotation=30, ha="right", fontsize=8)
         ax.set_title(title)

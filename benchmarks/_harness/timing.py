@@ -199,6 +199,8 @@ def peak_memory_gib(fn: Callable[[Any], Any], x: Any, device: torch.device) -> O
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def random_inputs(shape: Sequence[int], *, count: int = 3, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+def random_inputs(
+    shape: Sequence[int], *, count: int = 3, device: torch.device, dtype: torch.dtype
+) -> list[torch.Tensor]:
     """``count`` independent standard-normal buffers (real-valued, never zeros) to rotate through."""
     return [torch.randn(*shape, device=device, dtype=dtype) for _ in range(count)]
