@@ -54,6 +54,7 @@ __all__ = [
 MAX_HEAD_DIM = 128  # q, k, v, acc tiles of BLOCK x 128 already fill the register file
 _LOG2E = 1.4426950408889634
 _INT32_MAX = 2**31 - 1
+_MAX_GRID_YZ = 65535  # grid = (token blocks, H, B)
 
 
 def head_dim_blocks(head_dim: int) -> tuple[int, int]:
@@ -63,9 +64,16 @@ def head_dim_blocks(head_dim: int) -> tuple[int, int]:
     return d0, (max(16, triton.next_power_of_2(tail)) if tail else 0)
 
 
-def unsupported_reasons(head_dim: int, q_tokens: int, k_tokens: int, dropout_p: float = 0.0) -> list[str]:
+def unsupported_reasons(
+    head_dim: int, q_tokens: int, k_tokens: int, dropout_p: float = 0.0, batch: int = 1, heads: int = 1
+) -> list[str]:
     """Why the Triton kernels cannot serve these sizes (empty list: they can)."""
     reasons = []
+    if batch > _MAX_GRID_YZ or heads > _MAX_GRID_YZ:
+        reasons.append(
+            f"batch {batch} or heads {heads} exceeds {_MAX_GRID_YZ}, the CUDA grid's y/z limit the kernels launch "
+            "heads and batch on; split the batch"
+        )
     if head_dim % 8 != 0 or not 16 <= head_dim <= MAX_HEAD_DIM:
         reasons.append(
             f"head_dim {head_dim} is not supported by the Triton attention kernels (needs a multiple of 8 "
@@ -439,13 +447,18 @@ _attn_bwd = _autotuned(_attn_bwd_kernel, _BWD_CONFIGS)
 _CHOSEN: dict[tuple, triton.Config] = {}
 
 
-def _launch(tuned: Any, grid: Any, tune_key: tuple, *args: Any, **kwargs: Any) -> None:
-    """Runs an autotuned kernel; during CUDA-graph capture, replays the config chosen earlier without tuning
-    (benchmarking inside a capture would record the trial launches into the graph)."""
-    key = (tuned.base_fn.__name__, *tune_key)
-    capturing = args[0].is_cuda and torch.cuda.is_current_stream_capturing()
-    if capturing:
-        config = _CHOSEN.get(key, tuned.configs[0])
+def _launch(tuned: Any, grid: Any, n_q: int, n_k: int, *args: Any, **kwargs: Any) -> None:
+    """Runs an autotuned kernel. During CUDA-graph capture it never tunes (the trial launches would be
+    recorded into the graph): it launches the config chosen earlier for this key, or, when the shape was
+    not seen before the capture, the first config that survives pruning for it."""
+    key = (tuned.base_fn.__name__, _n_bucket(n_q, n_k), kwargs["HEAD_DIM"], args[0].dtype)
+    if args[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        config = _CHOSEN.get(key)
+        if config is None:
+            named = {"N_Q": n_q, "N_K": n_k, "HEAD_DIM": kwargs["HEAD_DIM"]}
+            if tuned is _attn_bwd:
+                named["DQ"] = None
+            config = _prune(tuned.configs, named)[0]
         tuned.fn[grid](*args, **kwargs, **config.all_kwargs())
         return
     tuned[grid](*args, **kwargs)
@@ -498,7 +511,7 @@ def attention_fwd(
     grid = lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
     with device_guard(q):
         _launch(
-            _attn_fwd, grid, (n_bucket, D, q.dtype),
+            _attn_fwd, grid, N_Q, N_K,
             q, k, v, out, lse, seed if seed is not None else lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
             H, N_Q, N_K, n_bucket, float(scale), float(dropout_p),
@@ -544,7 +557,7 @@ def attention_bwd(
             HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=delta_block, num_warps=1 if INTERPRET else 4,
         )  # fmt: skip
         _launch(
-            _attn_bwd, grid, (n_bucket, D, q.dtype),
+            _attn_bwd, grid, N_Q, N_K,
             q, k, v, dout, lse, delta, dq, dk, dv, seed if seed is not None else lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
             *_strides3(dq), *_strides3(dk), *_strides3(dv),

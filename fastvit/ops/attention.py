@@ -176,7 +176,8 @@ def _no_reasons(**_: object) -> list[str]:
 def _triton_reasons(q: Tensor, k: Tensor, dropout_p: float = 0.0, **_: object) -> list[str]:
     if kernels.TRITON_IMPORT_ERROR is not None:
         return []  # the environment reason already says Triton is missing
-    return _triton_kernels.unsupported_reasons(q.shape[-1], q.shape[-2], k.shape[-2], dropout_p)
+    B, H, N_Q, D = q.shape
+    return _triton_kernels.unsupported_reasons(D, N_Q, k.shape[-2], dropout_p, batch=B, heads=H)
 
 
 _DISPATCH = OpDispatcher(

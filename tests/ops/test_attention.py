@@ -280,6 +280,18 @@ def test_torch_compile_fullgraph_no_graph_break():
 
 
 @pytest.mark.interpreter
+def test_torch_compile_dynamic_tokens_no_recompile():
+    """One graph serves two token counts (variable image size): no recompilation, no graph break."""
+    fn = torch.compile(lambda x: ops.attention_qkvpacked(x, 2, backend="triton"), fullgraph=True, dynamic=True,
+                       backend="aot_eager")  # fmt: skip
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (9, 13):
+            x = torch.randn(2, n, 3 * 2 * 16, device=DEVICE)
+            torch.testing.assert_close(fn(x), ops.attention_qkvpacked(x, 2, backend="torch"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.interpreter
 def test_autocast_runs_in_autocast_dtype():
     q, k, v = _qkv(1, 2, 20, 32, torch.float32)
     with torch.autocast(DEVICE.type, dtype=torch.float16):
@@ -348,6 +360,9 @@ def test_explicit_triton_rejects_unsupported_head_dim():
         ops.attention(q, k, v, backend="triton")
     with pytest.raises(BackendNotSupported, match="no 'cuda' backend"):
         ops.attention(q, k, v, backend="cuda")
+    big_batch = torch.randn(1, 1, 1, 16, device=DEVICE).expand(70000, 1, 1, 16)
+    with pytest.raises(BackendNotSupported, match="exceeds 65535"):
+        ops.attention(big_batch, big_batch, big_batch, backend="triton")
     # auto dispatch falls back instead of raising
     assert ops.attention(q, k, v).shape == q.shape
 
