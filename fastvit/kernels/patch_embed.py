@@ -47,9 +47,9 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config
     ]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Built offline for sm_90 (fp16/bf16/fp32; patch 14, 16):
-# none of these spills registers in fp16/bf16; the fp32 versions of the 64-wide-K ones exceed shared
-# memory and the autotuner skips them, the 32-wide-K and 64 x 64 ones serve fp32.
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Built offline for sm_90 (fp16/bf16/fp32; patch 1, 14, 16):
+# none spills registers in fp16/bf16. fp32 doubles the staged tiles, so _fits_shared_memory drops the
+# configs a GPU cannot hold for the dtype at hand before autotuning.
 _GEMM_SHAPES = [
     (128, 128, 64, 8, 3),
     (128, 128, 32, 8, 3),
@@ -57,6 +57,29 @@ _GEMM_SHAPES = [
     (128, 64, 64, 4, 4),
     (64, 64, 64, 4, 3),
 ]
+
+
+def _fits_shared_memory(operands: str):
+    """An autotune ``early_config_prune`` keeping the configs whose pipelined operand tiles fit the GPU's
+    shared memory per block in the launch's dtype. ``operands`` names the two staged tiles' shapes:
+    "MK,NK" (forward), "MN,NK" (dx) or "NM,MK" (dweight)."""
+    dims = {"M": "BLOCK_M", "N": "BLOCK_N", "K": "BLOCK_K"}
+
+    def prune(configs: list, named_args: dict, **_: object) -> list:
+        if len(configs) <= 1:
+            return configs
+        first = next(a for a in named_args.values() if isinstance(a, torch.Tensor))
+        props = torch.cuda.get_device_properties(first.device) if first.is_cuda else None
+        limit = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024  # sm_86's opt-in limit
+        elem = first.element_size()
+
+        def staged_bytes(cfg: triton.Config) -> int:
+            tiles = sum(cfg.kwargs[dims[a]] * cfg.kwargs[dims[b]] for a, b in operands.split(","))
+            return cfg.num_stages * tiles * elem
+
+        return [cfg for cfg in configs if staged_bytes(cfg) <= limit] or [min(configs, key=staged_bytes)]
+
+    return prune
 
 
 @triton.jit
@@ -96,7 +119,10 @@ def _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH: tl.constexpr, ROW_PAD: 
     return n[:, None] * sw_d + (c * sw_c + ki * sw_h + kj * sw_w)[None, :], valid
 
 
-@triton.autotune(configs=_configs(_GEMM_SHAPES), key=["N", "D", "K", "PATCH"])
+@triton.autotune(
+    configs=_configs(_GEMM_SHAPES), key=["N", "D", "K", "PATCH"],
+    prune_configs_by={"early_config_prune": _fits_shared_memory("MK,NK")},
+)  # fmt: skip
 @triton.jit
 def _patch_embed_fwd_kernel(
     X,  # (B, C, H, W) image, strides sx_*
@@ -163,7 +189,10 @@ def _patch_embed_fwd_kernel(
             tl.store(out_img + p.to(tl.int64)[:, None] * D + n[None, :], tok.to(OUT.dtype.element_ty), mask=p_mask)
 
 
-@triton.autotune(configs=_configs(_GEMM_SHAPES), key=["N", "D", "K", "PATCH"])
+@triton.autotune(
+    configs=_configs(_GEMM_SHAPES), key=["N", "D", "K", "PATCH"],
+    prune_configs_by={"early_config_prune": _fits_shared_memory("MN,NK")},
+)  # fmt: skip
 @triton.jit
 def _patch_embed_dx_kernel(
     DOUT,  # (B, P + N, D) contiguous upstream gradient
@@ -202,7 +231,10 @@ def _patch_embed_dx_kernel(
     tl.store(DX + b * sx_b + offs, acc.to(DX.dtype.element_ty), mask=in_img & m_ok[:, None] & k_ok[None, :])
 
 
-@triton.autotune(configs=_configs(_GEMM_SHAPES), key=["N", "D", "K", "PATCH", "rows_per_split"])
+@triton.autotune(
+    configs=_configs(_GEMM_SHAPES), key=["N", "D", "K", "PATCH", "rows_per_split"],
+    prune_configs_by={"early_config_prune": _fits_shared_memory("NM,MK")},
+)  # fmt: skip
 @triton.jit
 def _patch_embed_dweight_kernel(
     DOUT,  # (B, P + N, D) contiguous upstream gradient
