@@ -318,7 +318,7 @@ def _packed_setup_context(ctx, inputs, output) -> None:
 
 def _packed_backward(ctx, dout, _dlse):
     qkv, out, lse, seed = ctx.saved_tensors
-    dout = dout if dout.stride(-1) == 1 and dout.stride(1) == dout.shape[-1] else dout.contiguous()
+    dout = _unit_last_stride(dout)  # e.g. the stride-0 gradient of a sum
     dqkv = _attention_qkvpacked_bwd(
         dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p, seed, ctx.deterministic, ctx.backend
     )

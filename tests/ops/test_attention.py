@@ -160,12 +160,21 @@ def test_qkvpacked_matches_split_reference(dtype, row_padding):
 
 
 @pytest.mark.interpreter
-def test_qkvpacked_torch_backend_matches_triton():
+@pytest.mark.parametrize("grad_layout", ["sum", "transposed"])
+def test_qkvpacked_torch_backend_matches_triton(grad_layout):
+    """Forward and dqkv against SDPA, with the stride-0 gradient of a sum or a column-strided gradient."""
     B, N, H, D = 2, 20, 3, 32
-    qkv = torch.randn(B, N, 3 * H * D, device=DEVICE)
-    torch_out = ops.attention_qkvpacked(qkv, H, backend="torch")
-    triton_out = ops.attention_qkvpacked(qkv, H, backend="triton")
+    qkv = torch.randn(B, N, 3 * H * D, device=DEVICE, requires_grad=True)
+    dout = torch.randn(B, H * D, N, device=DEVICE).transpose(1, 2)
+
+    def run(backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        out = ops.attention_qkvpacked(qkv, H, backend=backend)
+        loss = out.sum() if grad_layout == "sum" else (out * dout).sum()
+        return out, torch.autograd.grad(loss, qkv)[0]
+
+    (torch_out, torch_grad), (triton_out, triton_grad) = run("torch"), run("triton")
     torch.testing.assert_close(triton_out, torch_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(triton_grad, torch_grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.interpreter
@@ -394,7 +403,6 @@ def test_gpu_qkvpacked_vit_shapes(N, H, D):
     with poisoned_outputs():
         out = ops.attention_qkvpacked(qkv, H, backend="triton")
         (dqkv,) = torch.autograd.grad(out, qkv, dout)
-    q, k, v = (t.transpose(1, 2).reshape(B, N, H * D) for t in split_qkv(qkv.detach(), H))
     ref_in = qkv.detach().double().requires_grad_()
     ref = attention_ref(*split_qkv(ref_in, H)).transpose(1, 2).reshape(B, N, H * D)
     (ref_grad,) = torch.autograd.grad(ref, ref_in, dout.double())
