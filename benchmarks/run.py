@@ -59,6 +59,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -132,6 +133,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--iters", type=_iters, help="timed calls per measurement, >= 20 (default 30 on a GPU, 20 on a CPU)")
     p.add_argument("--max-warmup-s", type=float,
                    help="cap on the automatic warm-up after the first call (default 120 s)")
+    p.add_argument("--budget-min", type=float, metavar="MINUTES",
+                   help="start no new measurement after this many minutes; the rest is marked, the files written")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default benchmarks/results)")
     p.add_argument("--compare", type=Path, metavar="FILE",
                    help="an earlier results JSON: print this run's ratios to it")
@@ -202,11 +205,16 @@ def _row_record(row: ModelRow, providers: Sequence[Provider], s: Settings) -> di
 
 
 class _Interrupted(KeyboardInterrupt):
-    """SIGTERM (a timeout, a scheduler) handled like Ctrl-C: stop and write what was measured."""
+    """SIGTERM (a timeout, a scheduler) or the --budget-min deadline, handled like Ctrl-C: stop and
+    write what was measured."""
+
+    def __init__(self, why: str = "the run was stopped before this cell") -> None:
+        super().__init__(why)
+        self.why = why
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Interrupted()
+    raise _Interrupted("the run was stopped (SIGTERM) before this cell")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -259,10 +267,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     plan = [(row, p, plan_for(row, device, args.metrics)) for row in args.rows for p in providers]
     done: set[tuple[str, str, str]] = set()
 
+    deadline = time.monotonic() + 60 * args.budget_min if args.budget_min else None
+
     def record(row: ModelRow, prov: Provider, metric: str, result: dict[str, Any]) -> None:
         results["cells"].append({"row": row.key, "provider": prov.key, "metric": metric, **result})
         done.add((row.key, prov.key, metric))
         report.write_json(results, stem.with_suffix(".json"))  # a crash or kill keeps what was measured
+        if deadline is not None and time.monotonic() > deadline:
+            raise _Interrupted(f"the --budget-min {args.budget_min:g} deadline passed before this cell")
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     bar = tqdm(total=sum(len(m) for _, _, m in plan), unit="cell", desc="benchmarks", dynamic_ncols=True,
@@ -279,7 +291,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                     record(row, prov, metric, result)
                     bar.update(1)
                 run_cell(row, prov, metrics, settings, on_result)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        why = exc.why if isinstance(exc, _Interrupted) else "the run was stopped (Ctrl-C) before this cell"
         results["interrupted"] = True
         recorded = {r["key"] for r in results["rows"]}
         for row, prov, metrics in plan:
@@ -289,7 +302,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             for metric in metrics:
                 if (row.key, prov.key, metric) not in done:
                     results["cells"].append({"row": row.key, "provider": prov.key, "metric": metric,
-                                             **status_result("interrupted: the run was stopped before this cell")})
+                                             **status_result(f"interrupted: {why}")})
     finally:
         bar.close()
         signal.signal(signal.SIGTERM, previous)

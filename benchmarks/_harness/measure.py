@@ -250,8 +250,6 @@ def _predict_fn(model: torch.nn.Module, row: ModelRow) -> tuple[Callable[[torch.
 
 
 def measure_paper_fps(model: torch.nn.Module, provider: Provider, row: ModelRow, s: Settings) -> dict[str, Any]:
-    if provider.compile_mode is not None:
-        return status_result("n/a: the paper protocol is eager fp32, as mmseg measured it; see the img/s columns")
     model.eval().float()
     predict, note = _predict_fn(model, row)
     xs = random_inputs((1, 3, row.img_size, row.img_size), count=s.buffers, device=s.device, dtype=torch.float32)

@@ -62,6 +62,8 @@ class Provider:
         """None if this provider measures ``metric``, else the reason it does not."""
         if self.graph and metric not in GRAPH_METRICS:
             return "n/a: a captured CUDA graph has one input shape; measured for batch-1 latency only"
+        if self.compile_mode is not None and metric.startswith("paper_"):
+            return "n/a: the paper protocol is eager fp32, as mmseg measured it; see the kernel-protocol columns"
         return None
 
 

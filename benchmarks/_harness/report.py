@@ -273,7 +273,7 @@ def markdown(results: dict[str, Any]) -> str:
             header.append(title)
             if ratio:
                 header.append("vs timm")
-        header.append("first call s")
+        header.append("first call s (infer)")
         header += [title for _m, title in _PUBLISHED_COLUMNS[suite]]
         out += ["", f"### {suite}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in rows:
@@ -301,8 +301,9 @@ def markdown(results: dict[str, Any]) -> str:
                     line.append(text)
                     if ratio:
                         line.append(rtext)
-                first = next((c.get("timing", {}).get("first_call_s") for c in row_cells
-                              if c and c["status"] == "ok" and c.get("timing")), None)
+                timed = {m: c["timing"]["first_call_s"] for (m, *_), c in zip(cols, row_cells)
+                         if c and c["status"] == "ok" and c.get("timing")}
+                first = next((timed[m] for m in ("infer", "latency", "train", "paper_fps") if m in timed), None)
                 line.append(_fmt(first) if first is not None else "")
                 for pub_metric, _title in _PUBLISHED_COLUMNS[suite]:
                     line.append(_published_text(row, pub_metric) if i == 0 else "")

@@ -420,6 +420,8 @@ def test_segmentation_cell_runs_the_paper_protocol(tiny_segmentor: rows.ModelRow
     assert results["infer"]["status"] == "ok" and results["latency"]["status"] == "ok"
     timm = run_cell(SEG, _provider("timm_eager"), ("paper_fps",), _settings())
     assert timm["paper_fps"]["status"] == "n/a"
+    compiled = run_cell(SEG, _provider("fastvit_compile"), ("paper_mem", "paper_fps"), _settings())
+    assert {r["status"] for r in compiled.values()} == {"n/a"}  # the paper protocol is eager
 
 
 def test_segmentation_loss_is_the_models_total() -> None:
@@ -469,3 +471,15 @@ def test_paper_memory_on_the_gpu(tiny_segmentor: rows.ModelRow) -> None:
     assert r["paper_mem"]["status"] == "ok" and r["paper_mem"]["dtype"] == "fp32" and r["paper_mem"]["batch"] == 2
     assert 0 < r["paper_mem"]["values"]["mem_gib"] < 1
     assert r["paper_fps"]["status"] == "ok" and r["paper_fps"]["timing"]["clock"] == "cuda events"
+
+
+def test_time_budget_stops_cleanly(tiny_registry: rows.ModelRow, tmp_path: Path) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        code = run.main(["--models", tiny_registry.key, "--batch", "2", "--budget-min", "0.0001",
+                         "--out", str(tmp_path)])
+    assert code == 130
+    data = json.loads(_only(tmp_path, ".json").read_text())
+    first, *rest = data["cells"]
+    assert first["status"] == "ok" and rest
+    assert all(c["status"] == "interrupted" and "--budget-min 0.0001 deadline" in c["reason"] for c in rest)
