@@ -269,10 +269,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     deadline = time.monotonic() + 60 * args.budget_min if args.budget_min else None
 
+    log = _open_log(stem.with_suffix(".log"), meta)
+
     def record(row: ModelRow, prov: Provider, metric: str, result: dict[str, Any]) -> None:
         results["cells"].append({"row": row.key, "provider": prov.key, "metric": metric, **result})
         done.add((row.key, prov.key, metric))
         report.write_json(results, stem.with_suffix(".json"))  # a crash or kill keeps what was measured
+        log.write(report.log_line(results["cells"][-1]) + "\n")
+        log.flush()
         if deadline is not None and time.monotonic() > deadline:
             raise _Interrupted(f"the --budget-min {args.budget_min:g} deadline passed before this cell")
 
@@ -305,6 +309,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                                              **status_result(f"interrupted: {why}")})
     finally:
         bar.close()
+        log.close()
         signal.signal(signal.SIGTERM, previous)
 
     report.with_ratios(results["cells"])
@@ -316,11 +321,20 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     print(table)
     if old is not None:
         print(report.compare(results, old))
-    written = ", ".join(str(stem.with_suffix(s).relative_to(args.out)) for s in (".json", ".csv", ".md"))
+    written = ", ".join(str(stem.with_suffix(s).relative_to(args.out)) for s in (".json", ".csv", ".md", ".log"))
     if results["chart"].startswith("written"):
         written += f", {stem.with_suffix('.png').name}"
     print(f"results: {args.out}/ {written}")
     return 130 if results["interrupted"] else 0
+
+
+def _open_log(path: Path, meta: dict[str, Any]) -> Any:
+    """The run's log: one line per measurement as it lands (the JSON holds the details)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(path, "w")
+    log.write(f"# {meta['command']}\n# {meta['date']} {meta['gpu'] or 'CPU'} torch {meta['torch']} "
+              f"fastvit @ {meta['fastvit_git_sha']}\n")
+    return log
 
 
 def _row_record_stub(row: ModelRow, s: Settings) -> dict[str, Any]:

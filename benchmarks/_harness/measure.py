@@ -396,6 +396,10 @@ def run_cell(
                 except BackendNotSupported as exc:
                     done(metric, status_result(f"not available: {str(exc).splitlines()[0]}", detail=str(exc)))
                 except Exception as exc:  # recorded in the results, never turned into a number
+                    if "out of memory" in str(exc).lower():  # an OOM wrapped by the compiler or a kernel launcher
+                        _cleanup(s.device)
+                        done(metric, status_result(_oom_text(row, metric, s), detail=str(exc)[:2000]))
+                        continue
                     done(metric, status_result(f"error: {type(exc).__name__}: {exc}".splitlines()[0],
                                                traceback=traceback.format_exc(limit=8)))
         finally:

@@ -25,6 +25,7 @@ __all__ = [
     "compare",
     "environment",
     "load_results",
+    "log_line",
     "markdown",
     "with_ratios",
     "write_csv",
@@ -110,6 +111,18 @@ def with_ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 ratios[q] = _RATIO[q](v, bv)
         c["vs_timm_eager"] = ratios
     return cells
+
+
+def log_line(cell: dict[str, Any]) -> str:
+    """One measurement as a log line: time, cell, status, and its numbers or its reason."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S")
+    head = f"{stamp} {cell['row']} {cell['provider']} {cell['metric']} {cell['status']}"
+    if cell["status"] != "ok":
+        return f"{head}: {cell.get('reason', '')}"
+    numbers = " ".join(f"{q}={v:.4g}" for q, v in cell.get("values", {}).items())
+    first = cell.get("timing", {}).get("first_call_s")
+    tail = f" first_call_s={first:.3g}" if first else ""
+    return f"{head} batch={cell.get('batch')} {cell.get('dtype')} {numbers}{tail}"
 
 
 def write_json(results: dict[str, Any], path: Path) -> Path:

@@ -140,6 +140,15 @@ def test_out_of_memory_skips_that_metric_and_keeps_going(monkeypatch: pytest.Mon
     assert results["latency"]["status"] == "ok" and results["latency"]["values"]["ms"] > 0
 
 
+def test_an_out_of_memory_wrapped_by_the_compiler_is_still_oom(monkeypatch: pytest.MonkeyPatch) -> None:
+    def wrapped(*args: Any) -> dict[str, Any]:
+        raise RuntimeError("backend='inductor' raised:\nOutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB")
+
+    monkeypatch.setitem(measure.MEASURE, "infer", wrapped)
+    results = run_cell(TINY, _provider("timm_eager"), ("infer",), _settings())
+    assert results["infer"]["status"] == "oom" and "Tried to allocate" in results["infer"]["detail"]
+
+
 def test_an_exception_becomes_an_error_cell(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: Any) -> dict[str, Any]:
         raise RuntimeError("kernel exploded")
@@ -343,6 +352,9 @@ def test_tiny_cpu_run_end_to_end(tiny_registry: rows.ModelRow, tmp_path: Path, c
         assert fastvit_infer["status"] == "not available", fastvit_infer
     assert _only(tmp_path / "out", ".csv").read_text().startswith(",".join(report.CSV_FIELDS))
     assert "tiny ViT (test)" in _only(tmp_path / "out", ".md").read_text()
+    log = _only(tmp_path / "out", ".log").read_text().splitlines()
+    assert log[0].startswith("# python benchmarks/run.py --models") and len(log) == 2 + 4
+    assert " vit_tiny_patch16_224 timm_eager infer ok batch=2 fp32 img_s=" in log[2]
 
 
 def test_interrupt_still_writes_what_was_measured(
