@@ -289,6 +289,18 @@ def test_torch_compile_fullgraph_no_graph_break():
 
 
 @pytest.mark.interpreter
+def test_torch_export_round_trip():
+    class PackedAttention(torch.nn.Module):
+        def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+            return ops.attention_qkvpacked(qkv, 2, scale=T2T_SCALE, backend="triton")
+
+    qkv = torch.randn(2, 9, 3 * 2 * 16, device=DEVICE)
+    exported = torch.export.export(PackedAttention(), (qkv,))
+    assert "fastvit.attention_qkvpacked_fwd" in str(exported.graph)
+    torch.testing.assert_close(exported.module()(qkv), PackedAttention()(qkv), atol=0, rtol=0)
+
+
+@pytest.mark.interpreter
 def test_torch_compile_dynamic_tokens_no_recompile():
     """One graph serves two token counts (variable image size): no recompilation, no graph break."""
     fn = torch.compile(lambda x: ops.attention_qkvpacked(x, 2, backend="triton"), fullgraph=True, dynamic=True,
