@@ -75,6 +75,8 @@ def unsupported_reasons(
             f"batch {batch} or heads {heads} exceeds {_MAX_GRID_YZ}, the CUDA grid's y/z limit the kernels launch "
             "heads and batch on; split the batch"
         )
+    if k_tokens == 0:
+        reasons.append("k and v have no tokens: the kernels' softmax needs at least one key")
     if head_dim % 8 != 0 or not 16 <= head_dim <= MAX_HEAD_DIM:
         reasons.append(
             f"head_dim {head_dim} is not supported by the Triton attention kernels (needs a multiple of 8 "
@@ -504,8 +506,6 @@ def attention_fwd(
     N_K = k.shape[2]
     if out.numel() == 0:
         return
-    if N_K == 0:
-        raise ValueError("fastvit attention kernels: k and v have no tokens; softmax over zero keys is undefined")
     _check_views(q=q, k=k, v=v, out=out)
     d0, d1 = head_dim_blocks(D)
     n_bucket = _n_bucket(N_Q, N_K)
@@ -553,7 +553,7 @@ def attention_bwd(
     delta_block = 32 if INTERPRET else 64
     grid = lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]) + triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
     with device_guard(q):
-        _attn_bwd_delta_kernel[(triton.cdiv(N_Q, delta_block), H, B)](
+        _attn_bwd_delta_kernel[(max(1, triton.cdiv(N_Q, delta_block)), H, B)](
             out, dout, delta, *_strides3(out), *_strides3(dout), H, N_Q,
             HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=delta_block, num_warps=1 if INTERPRET else 4,
         )  # fmt: skip

@@ -388,6 +388,19 @@ def test_explicit_triton_rejects_unsupported_head_dim():
     assert ops.attention(q, k, v).shape == q.shape
 
 
+@pytest.mark.interpreter
+def test_triton_empty_queries_and_keys():
+    q = torch.randn(1, 2, 0, 16, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(1, 2, 5, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    with poisoned_outputs():
+        out = ops.attention(q, k, v, backend="triton")
+        _, dk, dv = _grads(out, [q, k, v], torch.randn_like(out))
+    assert out.shape == (1, 2, 0, 16)
+    assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
+    with pytest.raises(BackendNotSupported, match="k and v have no tokens"):
+        ops.attention(k, q, q, backend="triton")
+
+
 # ----------------------------------------------------------------------------------- GPU: full matrix
 
 GPU_TOKENS = [1, 50, 197, 257, 577, 784, 1025, 1376, 3136, 4096]
