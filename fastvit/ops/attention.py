@@ -246,7 +246,8 @@ def _setup_context(ctx, inputs, output) -> None:
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, seed)
     ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
-    # The kernels' backward is deterministic either way; the flag selects the atomic-free dq pass.
+    # Passed down so a backend with a faster non-deterministic backward (a later CUDA one) can honour
+    # torch.use_deterministic_algorithms; the Triton backward has no atomics and is always deterministic.
     ctx.deterministic = torch.are_deterministic_algorithms_enabled()
 
 
