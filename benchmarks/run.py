@@ -27,8 +27,9 @@ Method
 * Inputs: random normal images (never zeros), three buffers rotated so repeated calls do not time a
   warm cache; random labels for training steps.
 * Warm-up until compilation and autotuning are done: the first call is timed alone and reported as
-  "first call s"; further calls run in windows until two consecutive windows agree within 10% (capped
-  by ``--max-warmup-s``). Only then are calls timed.
+  "first call s" (the table shows the inference measurement's, the JSON every measurement's); further
+  calls run in windows until two consecutive windows agree within 10% (capped by ``--max-warmup-s``).
+  Only then are calls timed.
 * Timing: CUDA events around each call, median of ``--iters`` (>= 20, default 30) timed calls; on a
   CPU the host clock. GPU clocks are left as they are.
 * Memory: ``torch.cuda.max_memory_allocated`` over one call after resetting the peak: weights,

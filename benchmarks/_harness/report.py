@@ -148,9 +148,16 @@ def load_results(path: Path) -> dict[str, Any]:
 
 
 def _published_text(row: dict[str, Any], metric: str) -> str:
-    items = [p for p in row.get("published", []) if p["metric"] == metric]
-    return "; ".join(f"{_fmt(p['value'])} ({p['gpu'] or 'no GPU'}{', verify' if p.get('verify') else ''})"
-                     for p in items)
+    """Published values as printed, grouped by where they were measured: "29.85 / 29.19 (V100, verify)"."""
+    groups: dict[str, list[str]] = {}
+    for p in row.get("published", []):
+        if p["metric"] != metric:
+            continue
+        where = f"{p['gpu'] or 'no GPU'}{', verify' if p.get('verify') else ''}"
+        text = f"{p['value']:,.0f}" if p["value"] >= 1000 else f"{p['value']:g}"
+        if text not in groups.setdefault(where, []):
+            groups[where].append(text)
+    return "; ".join(f"{' / '.join(values)} ({where})" for where, values in groups.items())
 
 
 def write_csv(results: dict[str, Any], path: Path) -> Path:
@@ -280,13 +287,16 @@ def markdown(results: dict[str, Any]) -> str:
         measured_metrics = {m for m, _q in measured}
         # A column whose metric was measured but never yields the quantity (memory on a CPU) is dropped.
         cols = [c for c in _COLUMNS[suite] if c[0] in planned and (c[0] not in measured_metrics or c[:2] in measured)]
+        # Ratio columns only where timm eager has numbers (no timm segmentors: none in that table).
+        has_baseline = any(c["provider"] == BASELINE and c["status"] == "ok" for c in suite_cells)
+        cols = [(m, q, title, ratio and has_baseline) for m, q, title, ratio in cols]
         batch_title = "batch inf/train" if "train" in planned else "batch"
         header = ["Model", "Provider", "Params M", "GMACs", batch_title]
         for metric, _q, title, ratio in cols:
             header.append(title)
             if ratio:
                 header.append("vs timm")
-        header.append("first call s (infer)")
+        header.append("first call s")
         header += [title for _m, title in _PUBLISHED_COLUMNS[suite]]
         out += ["", f"### {suite}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in rows:

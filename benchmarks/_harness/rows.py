@@ -13,7 +13,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-__all__ = ["CPU_QUICK_MODELS", "ROWS", "SUITES", "ModelRow", "select_rows"]
+__all__ = ["CPU_QUICK_BATCH", "CPU_QUICK_MODELS", "ROWS", "SUITES", "ModelRow", "select_rows"]
 
 SUITES = ("classification", "segmentation", "all")
 # The no-argument run on a machine without a GPU: the smallest ViT, and T2T-ViT (which timm lacks, so

@@ -274,6 +274,16 @@ def test_ratios_table_json_and_csv(tmp_path: Path) -> None:
     assert "2,787 (RTX 4090)" in table
     assert "n/a [" in table and "timm has no T2T-ViT" in table and "oom [" in table
     assert "need a GPU" not in table  # a GPU run
+    seg_row = {**results["rows"][0], "key": "upernet_deit_s16_512", "label": "UPerNet DeiT-S", "suite": "segmentation",
+               "published": [p.as_dict() for p in published_for("upernet_deit_s16_512")]}
+    seg = {**results, "rows": [seg_row], "cells": [
+        {"row": "upernet_deit_s16_512", "provider": "timm_eager", "metric": "latency", "status": "n/a",
+         "reason": "no timm"},
+        {"row": "upernet_deit_s16_512", "provider": "fastvit_auto", "metric": "latency", "status": "ok",
+         "values": {"ms": 12.5}, "timing": {"first_call_s": 2.0}}]}
+    seg_table = report.markdown(seg).split("### segmentation")[1]
+    assert "vs timm" not in seg_table  # no timm segmentor: no ratio column
+    assert "| 4.68 (V100) | 29.85 / 29.19 (V100, verify) |" in seg_table  # as published, both schedules
 
     path = report.write_json(results, tmp_path / "r.json")
     assert report.load_results(path) == json.loads(path.read_text())
