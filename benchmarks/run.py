@@ -39,13 +39,14 @@ Method
   benchmark.py). The paper-protocol columns are always fp32.
 * torch.compile runs with ``dynamic=False`` and fresh dynamo caches per cell; CUDA-graph replay copies
   each input into the captured buffer before replaying.
-* An out-of-memory cell is skipped with a note; Ctrl-C (or SIGTERM) stops the run and still writes
-  what was measured.
+* An out-of-memory cell is skipped with a note; Ctrl-C, SIGTERM or the ``--budget-min`` deadline
+  stops the run and still writes what was measured (the JSON is also rewritten after every cell).
 
 Output: a markdown table on stdout; under benchmarks/results/ (``--out``) a JSON record (GPU,
 driver, torch / triton / CUDA versions, fastvit git sha, date, command line, fastvit.info), a CSV with
-one line per number, the markdown table, and a PNG chart of img/s and memory (when matplotlib is
-installed). ``--compare FILE`` prints the ratios of this run to an earlier results file.
+one line per number, the markdown table, a log with one line per measurement, and a PNG chart of
+img/s and memory (when matplotlib is installed). ``--compare FILE`` prints the ratios of this run to
+an earlier results file.
 
 Without a GPU, ``python benchmarks/run.py`` runs a small CPU table (DeiT-Ti and T2T-ViT-t-14 at batch 8
 and batch 1; timm eager and fastvit's torch backend; three warm-up calls, as eager CPU code has nothing
