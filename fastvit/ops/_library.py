@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["new_output", "register_autocast_keep_dtype", "register_autocast_lower"]
+__all__ = ["autocast_dtype", "new_output", "register_autocast_keep_dtype", "register_autocast_lower"]
 
 _AUTOCAST_KEYS = ("AutocastCPU", "AutocastCUDA")
 _LIBS: list = []  # keep the Library fragments alive for the life of the process
@@ -26,6 +26,18 @@ def new_output(shape: Sequence[int], like: torch.Tensor, dtype: Optional[torch.d
     if POISON_OUTPUTS:
         out.fill_(float("nan"))
     return out
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast lowers to on ``device``, or None when autocast is off there. Devices autocast
+    does not cover (meta, used by fastvit.utils.count_flops) answer None instead of raising."""
+    if device.type not in ("cpu", "cuda"):
+        return None
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4 has no device_type argument
+        enabled = torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
+    return torch.get_autocast_dtype(device.type) if enabled else None
 
 
 def _autocast_excluded() -> Any:

@@ -28,8 +28,15 @@ default, keeps exact fp32 products (no tensor cores, so slow). Under the Triton 
 exact. float64 is served by the "torch" backend only. Under autocast the op lowers its floating-point
 inputs to the autocast dtype, as ``F.linear`` does (a fp32 residual stream is lowered too).
 
-Backends and auto order on CUDA tensors: ``triton`` > ``torch``. Provisional: the Triton GEMM has not
-been timed against cuBLAS on an H100/H200 yet (benchmarks/bench_linear.py will set this order).
+The ``cuda`` backend (csrc/gelu_linear.cu) runs the GEMMs in cuBLASLt: bias (and a residual without
+activation) in its epilogue, fp16/bf16 "gelu_tanh" without a residual as its GELU_BIAS epilogue; "gelu"
+(erf), "quick_gelu", fp32 and activations followed by a residual take one extra elementwise pass over
+the output, and the backward's act'(h) is an elementwise pass over the recomputed h fused with dbias's
+column sums.
+
+Backends and auto order on CUDA tensors: ``triton`` > ``cuda`` > ``torch``. Provisional: neither the
+Triton GEMM nor the cuBLASLt one has been timed on an H100/H200 yet (benchmarks/bench_linear.py will set
+this order).
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit import kernels
-from fastvit.ops._library import new_output, register_autocast_lower
+from fastvit.ops import _cuda_backends as _cuda
+from fastvit.ops._library import autocast_dtype, new_output, register_autocast_lower
 from fastvit.ops.dispatch import OpDispatcher
 
 if kernels.TRITON_IMPORT_ERROR is None:
@@ -99,13 +107,6 @@ def _unknown_activation(activation: object) -> str:
     )
 
 
-def _autocast_enabled(device: torch.device) -> bool:
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except TypeError:  # torch < 2.4 has no device_type argument
-        return torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
-
-
 def _check_inputs(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], residual: Optional[Tensor]
 ) -> None:
@@ -124,7 +125,7 @@ def _check_inputs(
             raise TypeError(f"fastvit.ops.linear: {name} must be float32, float16 or bfloat16, got {t.dtype}")
     for name, t in named.items():
         # Under autocast the op lowers every input to the autocast dtype first (see the autocast rule).
-        if t is not None and t.dtype != x.dtype and not _autocast_enabled(x.device):
+        if t is not None and t.dtype != x.dtype and autocast_dtype(x.device) is None:
             raise TypeError(
                 f"fastvit.ops.linear: {name} dtype {t.dtype} must equal x's dtype {x.dtype} (cast the parameters, "
                 f"or run under torch.autocast, which lowers them like F.linear)"
@@ -165,8 +166,8 @@ def _triton_reasons(x: Tensor, **_: object) -> list[str]:
 
 _DISPATCH = OpDispatcher(
     name="linear",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons},
-    preference=("triton", "torch"),
+    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _cuda.linear_reasons},
+    preference=("triton", "cuda", "torch"),
 )
 
 
@@ -180,7 +181,8 @@ def _linear_fwd(
     """x: (M, K), weight: (N, K), residual: (M, N), any strides; activation "" means none.
     Returns act(x @ weight.T + bias) + residual as a contiguous (M, N) tensor."""
     y = new_output((x.shape[0], weight.shape[0]), x)
-    _triton_kernels.linear_fwd(x, weight, bias, residual, activation or None, y)
+    launch = _cuda.linear_fwd if backend == "cuda" else _triton_kernels.linear_fwd
+    launch(x, weight, bias, residual, activation or None, y)
     return y
 
 
@@ -196,7 +198,8 @@ def _linear_act_grad(
     """dy: (M, N). Recomputes h = x @ weight.T + bias and returns g = dy * act'(h), contiguous (M, N), and
     sum_rows(g) in bias's dtype (empty unless need_dbias)."""
     g = new_output(dy.shape, dy)
-    dbias = _triton_kernels.linear_act_grad(dy, x, weight, bias, activation, g, need_dbias)
+    launch = _cuda.linear_act_grad if backend == "cuda" else _triton_kernels.linear_act_grad
+    dbias = launch(dy, x, weight, bias, activation, g, need_dbias)
     return g, dbias.to(dy.dtype) if dbias is not None else dy.new_empty((0,))
 
 
@@ -252,7 +255,7 @@ def linear(
         activation: None, "gelu" (exact erf, ``nn.GELU()``), "gelu_tanh" (``nn.GELU(approximate="tanh")``)
             or "quick_gelu" (``h * sigmoid(1.702 h)``).
         residual: (..., out_features) added after the activation (the transformer's residual stream), or None.
-        backend: None (``FASTVIT_BACKEND`` or auto), "torch" or "triton".
+        backend: None (``FASTVIT_BACKEND`` or auto), "torch", "triton" or "cuda".
 
     Returns:
         (..., out_features) in x's dtype; fp32 accumulation (fp32 inputs: TF32 products on the GPU when

@@ -28,7 +28,7 @@ it replaces. Under autocast the op lowers all its floating inputs to the autocas
 does, on every backend, and returns that dtype (timm's eager composition under autocast returns fp32
 here, because ``torch.cat`` promotes the fp16 conv output with the fp32 class token).
 
-Backends and auto order on CUDA tensors: ``triton`` > ``torch``. Provisional: the kernel has not been
+Backends and auto order on CUDA tensors: ``triton`` > ``cuda`` > ``torch``. Provisional: neither kernel has been
 timed on an H100/H200 yet (benchmarks/bench_patch_embed.py will set this order).
 """
 
@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit import kernels
-from fastvit.ops._library import new_output, register_autocast_lower
+from fastvit.ops import _cuda_backends as _cuda
+from fastvit.ops._library import autocast_dtype, new_output, register_autocast_lower
 from fastvit.ops.dispatch import OpDispatcher
 
 if kernels.TRITON_IMPORT_ERROR is None:
@@ -89,15 +90,6 @@ def patch_embed_ref(
 
 
 # ---------------------------------------------------------------------------------------- checks
-
-
-def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """The dtype autocast lowers to on ``device``'s type, or None when autocast is off there."""
-    try:
-        enabled = torch.is_autocast_enabled(device.type)
-    except TypeError:  # torch < 2.4 has no device_type argument
-        enabled = torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
-    return torch.get_autocast_dtype(device.type) if enabled else None
 
 
 def _patch_size(patch_size: object) -> int:
@@ -192,8 +184,8 @@ def _triton_reasons(x: Tensor, weight: Tensor, **_: object) -> list[str]:
 
 _DISPATCH = OpDispatcher(
     name="patch_embed",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons},
-    preference=("triton", "torch"),
+    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _cuda.patch_embed_reasons},
+    preference=("triton", "cuda", "torch"),
 )
 
 
@@ -221,7 +213,8 @@ def _patch_embed_fwd(
     """x (B, C, H, W) any strides; weight (D, C, p, p); pos_embed (R, D) and prefix_tokens (P, D) with unit
     last strides. The grid is ceil(H / p) x ceil(W / p): the caller refused non-multiples unless padding."""
     out = new_output(_out_shape(x, weight, prefix_tokens), x)
-    _triton_kernels.patch_embed_fwd(x, weight, bias, pos_embed, prefix_tokens, out)
+    launch = _cuda.patch_embed_fwd if backend == "cuda" else _triton_kernels.patch_embed_fwd
+    launch(x, weight, bias, pos_embed, prefix_tokens, out)
     return out
 
 
@@ -235,6 +228,8 @@ def _patch_embed_bwd(
     dout: Tensor, x: Tensor, weight: Tensor, num_prefix: int, need_dx: bool, need_dweight: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
     """Returns dx (x's shape, contiguous; empty unless need_dx) and dweight (empty unless need_dweight)."""
+    if backend == "cuda":
+        return _cuda.patch_embed_bwd(dout, x, weight, num_prefix, need_dx, need_dweight)
     dx = x.new_empty((0,))
     if need_dx:
         dx = new_output(x.shape, x)  # contiguous NCHW whatever x's layout; the kernel writes through strides
@@ -311,7 +306,7 @@ def patch_embed(
             ``torch.cat([cls_token, dist_token], 1)`` for distilled DeiT; None for no prefix.
         pad: zero-pad the image right/bottom to a multiple of p (timm's ``dynamic_img_pad``); when False,
             an image that is not a multiple of p raises ValueError.
-        backend: None (``FASTVIT_BACKEND`` or auto), "torch" or "triton".
+        backend: None (``FASTVIT_BACKEND`` or auto), "torch", "triton" or "cuda".
 
     Returns:
         (B, P + N, D) tokens in x's dtype (under autocast: the autocast dtype), N = ceil(H/p) * ceil(W/p)
@@ -322,7 +317,7 @@ def patch_embed(
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
     patch = _patch_size(patch_size)
-    lowered = _autocast_dtype(x.device) if isinstance(x, Tensor) else None
+    lowered = autocast_dtype(x.device) if isinstance(x, Tensor) else None
     if lowered is not None:
         # Like a conv under autocast, on every backend: all floating inputs in the autocast dtype (timm's
         # eager composition would instead promote the result back to fp32 in cat / + pos_embed).

@@ -21,7 +21,7 @@ Dtypes: fp32, fp16, bf16; the output keeps x's dtype (also under autocast: an un
 LayerNorm do no arithmetic worth lowering). LayerNorm statistics in fp32; norm_weight / norm_bias are
 x's dtype or fp32.
 
-Backends and auto order on CUDA tensors: ``triton`` > ``torch``. Provisional: the kernel has not been
+Backends and auto order on CUDA tensors: ``triton`` > ``cuda`` > ``torch``. Provisional: neither kernel has been
 timed on an H100/H200 yet (benchmarks/bench_soft_split.py will set this order).
 """
 
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit import kernels
+from fastvit.ops import _cuda_backends as _cuda
 from fastvit.ops._library import new_output, register_autocast_keep_dtype
 from fastvit.ops.dispatch import OpDispatcher
 from fastvit.ops.layer_norm import layer_norm_ref
@@ -171,8 +172,8 @@ def _triton_reasons(channels: int, window: int, **_: object) -> list[str]:
 
 _DISPATCH = OpDispatcher(
     name="soft_split",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons},
-    preference=("triton", "torch"),
+    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _cuda.soft_split_reasons},
+    preference=("triton", "cuda", "torch"),
 )
 
 
@@ -197,7 +198,8 @@ def _soft_split_fwd(
     has_ln = norm_weight is not None
     mean = new_output((y.shape[0] if has_ln else 0,), x, torch.float32)
     rstd = new_output((y.shape[0] if has_ln else 0,), x, torch.float32)
-    _triton_kernels.soft_split_fwd(
+    launch = _cuda.soft_split_fwd if backend == "cuda" else _triton_kernels.soft_split_fwd
+    launch(
         x, strides, geometry, tuple(kernel), norm_weight, norm_bias, eps, y, mean if has_ln else None,
         rstd if has_ln else None,
     )  # fmt: skip
@@ -223,6 +225,15 @@ def _soft_split_bwd(
     gradients of norm_weight and norm_bias (else empty)."""
     geometry, strides = _geometry(x, hw)
     kernel_t = tuple(kernel)
+    if backend == "cuda":
+        dx, dx_strides = None, None
+        if need_dx:
+            dx = new_output(x.shape, x)
+            _, dx_strides = _geometry(dx, hw)
+        dweight, dbias = _cuda.soft_split_bwd(
+            dy, x, strides, geometry, kernel_t, norm_weight, mean, rstd, has_bias, need_dnorm, dx, dx_strides
+        )
+        return dx if dx is not None else x.new_empty((0,)), dweight, dbias
     stats = None
     dweight, dbias = x.new_empty((0,)), x.new_empty((0,))
     if norm_weight is not None:
@@ -307,7 +318,7 @@ def soft_split(
         norm_weight: (C * kh * kw,) LayerNorm weight (x's dtype or fp32) to fuse, or None.
         norm_bias: LayerNorm bias like norm_weight, or None (only with norm_weight).
         norm_eps: LayerNorm epsilon; T2T-ViT's ``nn.LayerNorm`` default is 1e-5.
-        backend: None (``FASTVIT_BACKEND`` or auto), "torch" or "triton".
+        backend: None (``FASTVIT_BACKEND`` or auto), "torch", "triton" or "cuda".
 
     Returns:
         (B, L_out, C * kh * kw) in x's dtype, L_out = Ho * Wo in row-major order.

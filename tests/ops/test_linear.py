@@ -342,8 +342,9 @@ def test_triton_refuses_float64_with_reasons():
     assert "Hint: use backend='torch'" in msg
 
 
-def test_no_cuda_backend():
-    with pytest.raises(ops.BackendNotSupported, match="op linear has no 'cuda' backend"):
+def test_cuda_backend_refuses_cpu_tensors():
+    """The kernels (csrc/, launched by fastvit/ops/_cuda_backends.py) are tested in tests/test_ext_kernels.py."""
+    with pytest.raises(ops.BackendNotSupported, match="the 'cuda' backend needs CUDA tensors"):
         ops.linear(torch.randn(2, 8), torch.randn(4, 8), backend="cuda")
 
 
@@ -365,9 +366,10 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("in_features, out_features, activation, residual", GPU_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("tokens", [(1, 197), (3, 197), (2, 577)])
-def test_gpu_matrix(in_features, out_features, activation, residual, dtype, tokens):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_matrix(in_features, out_features, activation, residual, dtype, tokens, backend):
     x, w, b, r = _inputs((*tokens, in_features), out_features, dtype, torch.device("cuda"), residual=residual)
-    _check("triton", x, w, b, r, activation)
+    _check(backend, x, w, b, r, activation)
 
 
 @pytest.mark.gpu

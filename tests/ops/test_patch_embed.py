@@ -311,8 +311,9 @@ def test_bad_inputs(args, kwargs, error, match):
         ops.patch_embed(*args, **kwargs)
 
 
-def test_no_cuda_backend():
-    with pytest.raises(ops.BackendNotSupported, match="op patch_embed has no 'cuda' backend"):
+def test_cuda_backend_refuses_cpu_tensors():
+    """The kernels (csrc/, launched by fastvit/ops/_cuda_backends.py) are tested in tests/test_ext_kernels.py."""
+    with pytest.raises(ops.BackendNotSupported, match="the 'cuda' backend needs CUDA tensors"):
         ops.patch_embed(torch.randn(1, 3, 16, 16), torch.randn(8, 3, 16, 16), None, patch_size=16, backend="cuda")
 
 
@@ -328,9 +329,10 @@ GPU_SHAPES = [(3, 224, 16, 768), (3, 384, 16, 768), (3, 224, 32, 768), (3, 224, 
 @pytest.mark.parametrize("C, size, patch, D", GPU_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_gpu_matrix(C, size, patch, D, dtype, batch):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_matrix(C, size, patch, D, dtype, batch, backend):
     leaves = _inputs(batch, C, size, size, D, patch, dtype, torch.device("cuda"), prefix=1 if D != 384 else 2)
-    _check("triton", leaves, patch, pad=size % patch != 0)
+    _check(backend, leaves, patch, pad=size % patch != 0)
 
 
 @pytest.mark.gpu

@@ -228,8 +228,9 @@ def test_bad_inputs(x, kwargs, error, match):
         ops.soft_split(x, **kwargs)
 
 
-def test_no_cuda_backend():
-    with pytest.raises(ops.BackendNotSupported, match="op soft_split has no 'cuda' backend"):
+def test_cuda_backend_refuses_cpu_tensors():
+    """The kernels (csrc/, launched by fastvit/ops/_cuda_backends.py) are tested in tests/test_ext_kernels.py."""
+    with pytest.raises(ops.BackendNotSupported, match="the 'cuda' backend needs CUDA tensors"):
         ops.soft_split(torch.randn(1, 3, 8, 8), backend="cuda", **STAGE12)
 
 
@@ -246,11 +247,12 @@ GPU_CASES = [((3, 224, 224), None, STAGE0), ((3136, 64), (56, 56), STAGE12), ((7
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("fused_norm", [False, True])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_gpu_t2t_shapes(shape, hw, geometry, dtype, fused_norm, batch):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_t2t_shapes(shape, hw, geometry, dtype, fused_norm, batch, backend):
     cuda = torch.device("cuda")
     x = torch.randn(batch, *shape, device=cuda).to(dtype).requires_grad_()
     features = _features(x, hw, geometry["kernel_size"])
-    _check(x, hw=hw, norm=_norm(features, dtype, cuda) if fused_norm else None, **geometry)
+    _check(x, hw=hw, norm=_norm(features, dtype, cuda) if fused_norm else None, backend=backend, **geometry)
 
 
 @pytest.mark.gpu
