@@ -8,6 +8,18 @@ from fastvit import ops
 from fastvit.models import create_model, list_models
 from fastvit.checkpoints import load_checkpoint
 from fastvit.inference import inference_model
+from fastvit.patch import PatchReport, patch_model, return_attention, unpatch_model
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "create_model", "inference_model", "list_models", "load_checkpoint", "ops"]
+__all__ = [
+    "PatchReport",
+    "__version__",
+    "create_model",
+    "inference_model",
+    "list_models",
+    "load_checkpoint",
+    "ops",
+    "patch_model",
+    "return_attention",
+    "unpatch_model",
+]

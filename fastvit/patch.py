@@ -54,8 +54,15 @@ from fastvit.layers.mlp import fused_activation_name
 from fastvit.ops.attention import split_qkv
 from fastvit.ops.dispatch import BACKENDS
 
-__all__ = ["PatchError", "PatchReport", "PatchedModule", "SkippedModule", "patch_model", "return_attention",
-           "unpatch_model"]
+__all__ = [
+    "PatchError",
+    "PatchReport",
+    "PatchedModule",
+    "SkippedModule",
+    "patch_model",
+    "return_attention",
+    "unpatch_model",
+]
 
 # Where timm defines the classes the patch understands (old and new layouts).
 _TIMM_ATTENTION = {"timm.layers.attention", "timm.models.vision_transformer"}
@@ -209,8 +216,10 @@ def _plain_layer_norm(module: nn.Module) -> bool:
 
 def _norm_reason(module: nn.Module) -> Optional[str]:
     if not _plain_layer_norm(module):
-        return (f"{type(module).__name__} is not nn.LayerNorm / timm.layers.LayerNorm (other math, dtype or "
-                "channels-first layout)")
+        return (
+            f"{type(module).__name__} is not nn.LayerNorm / timm.layers.LayerNorm (other math, dtype or "
+            "channels-first layout)"
+        )
     if len(module.normalized_shape) != 1:
         return f"normalises over {tuple(module.normalized_shape)}; the op normalises the last dimension only"
     if module.weight is None:
@@ -243,8 +252,9 @@ def _mlp_reason(module: nn.Module) -> Optional[str]:
     if not _is_plain(module.fc1, nn.Linear) or not _is_plain(module.fc2, nn.Linear):
         return "fc1 / fc2 are not plain nn.Linear (use_conv=True or a wrapper)"
     if fused_activation_name(module.act) is None:
-        return (f"activation {type(module.act).__name__} has no fused epilogue "
-                "(supported: nn.GELU erf / tanh, QuickGELU)")
+        return (
+            f"activation {type(module.act).__name__} has no fused epilogue (supported: nn.GELU erf / tanh, QuickGELU)"
+        )
     return None
 
 
@@ -447,16 +457,22 @@ def _classify(module: nn.Module) -> Optional[_Candidate]:
         reason = _patch_embed_reason(module)
         return _Candidate("patch_embed", None if reason else _hybrid_embed_forward, reason)
     if isinstance(module, nn.LayerNorm) or "LayerNorm" in name:
-        reason = _norm_reason(module) if isinstance(module, nn.LayerNorm) else (
-            f"{name} is not nn.LayerNorm / timm.layers.LayerNorm")
+        reason = (
+            _norm_reason(module)
+            if isinstance(module, nn.LayerNorm)
+            else (f"{name} is not nn.LayerNorm / timm.layers.LayerNorm")
+        )
         return _Candidate("norm", None if reason else _layer_norm_forward, reason)
     # Look-alikes with other math: named in the report so nobody assumes they run the kernels.
     if "Attention" in name or name.endswith("Attn"):
-        return _Candidate("attention", None, f"{name} is not timm's ViT Attention (other math: rotary, pooling, "
-                                             "relative position, ...)")
+        return _Candidate(
+            "attention",
+            None,
+            f"{name} is not timm's ViT Attention (other math: rotary, pooling, relative position, ...)",
+        )
     if ("Mlp" in name or "GLU" in name) and hasattr(module, "fc1"):
         return _Candidate("mlp", None, f"{name} is not timm's Mlp (gated / packed MLP)")
-    if name.endswith("Block") and (hasattr(module, "attn") or hasattr(module, "mlp")):
+    if name.endswith("Block") and (cls.__module__.startswith("timm.") or hasattr(module, "attn")):
         return _Candidate("block", None, f"{name} is not timm's pre-norm ViT Block (other residual structure)")
     if "PatchEmbed" in name or (name.endswith("Embed") and hasattr(module, "proj")):
         return _Candidate("patch_embed", None, f"{name} is not timm's PatchEmbed / HybridEmbed")
@@ -522,9 +538,7 @@ def patch_model(
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"fastvit.patch_model: backend must be None or one of {BACKENDS}, got {backend!r}")
     if on_unsupported not in ("fallback", "raise"):
-        raise ValueError(
-            f"fastvit.patch_model: on_unsupported must be 'fallback' or 'raise', got {on_unsupported!r}"
-        )
+        raise ValueError(f"fastvit.patch_model: on_unsupported must be 'fallback' or 'raise', got {on_unsupported!r}")
     wanted = {"attention": attention, "mlp": mlp, "block": norm or mlp, "norm": norm, "patch_embed": patch_embed}
     report = PatchReport(backend=backend)
     plan: list[tuple[str, nn.Module, _Candidate]] = []
@@ -545,7 +559,9 @@ def patch_model(
     for path, module, cand in plan:
         _restore(module)  # idempotence: a second call re-binds from the original state
         state = _PatchState(
-            kind=cand.kind, backend=backend, saved_forward=module.__dict__.get("forward", _NO_INSTANCE_FORWARD),
+            kind=cand.kind,
+            backend=backend,
+            saved_forward=module.__dict__.get("forward", _NO_INSTANCE_FORWARD),
             original=module.forward,
         )
         if cand.kind == "mlp":
@@ -574,8 +590,9 @@ def unpatch_model(model: nn.Module) -> int:
 def _records_attention(module: nn.Module) -> bool:
     if isinstance(module, FastvitAttention):
         return True
-    return _defined_in(module, "Attention", _TIMM_ATTENTION) and isinstance(getattr(module, "attn_drop", None),
-                                                                             nn.Module)
+    return _defined_in(module, "Attention", _TIMM_ATTENTION) and isinstance(
+        getattr(module, "attn_drop", None), nn.Module
+    )
 
 
 @contextlib.contextmanager
