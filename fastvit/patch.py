@@ -74,6 +74,9 @@ _TIMM_HYBRID_EMBED = {"timm.layers.hybrid_embed", "timm.models.vision_transforme
 # Optional call-time arguments of timm's Attention / Block forwards (both fall back when they are used).
 _MASK_ARGS = ("attn_mask", "is_causal")
 _STATE = "_fastvit_patch"
+# timm's own activation modules (timm.layers.create_act) that equal an ops.linear epilogue.
+_TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}
+_TIMM_ACTIVATION_MODULES = {"timm.layers.activations", "timm.models.layers.activations"}
 
 
 class PatchError(RuntimeError):
@@ -245,13 +248,21 @@ def _attention_reason(module: nn.Module) -> Optional[str]:
     return _signature_reason(module)
 
 
+def _activation_name(act: nn.Module) -> Optional[str]:
+    """The ``ops.linear`` epilogue equal to ``act``: torch's GELU modules (via the layers' helper) and timm's."""
+    name = fused_activation_name(act)
+    if name is None and type(act).__module__ in _TIMM_ACTIVATION_MODULES:
+        name = _TIMM_ACTIVATIONS.get(type(act).__name__)
+    return name
+
+
 def _mlp_reason(module: nn.Module) -> Optional[str]:
     for name in ("fc1", "act", "drop1", "fc2", "drop2"):
         if not isinstance(getattr(module, name, None), nn.Module):
             return f"no {name} submodule (not timm's Mlp layout)"
     if not _is_plain(module.fc1, nn.Linear) or not _is_plain(module.fc2, nn.Linear):
         return "fc1 / fc2 are not plain nn.Linear (use_conv=True or a wrapper)"
-    if fused_activation_name(module.act) is None:
+    if _activation_name(module.act) is None:
         return (
             f"activation {type(module.act).__name__} has no fused epilogue (supported: nn.GELU erf / tanh, QuickGELU)"
         )
@@ -565,7 +576,7 @@ def patch_model(
             original=module.forward,
         )
         if cand.kind == "mlp":
-            state.activation = fused_activation_name(module.act)
+            state.activation = _activation_name(module.act)
         if cand.kind == "block":
             state.fuse_norm2 = norm and _norm_reason(module.norm2) is None
             if not state.fuse_norm2 and not mlp:

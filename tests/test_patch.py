@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import types
 
 import pytest
@@ -50,9 +51,9 @@ ZOO = [
         set(),
     ),
     (
-        "siglip_tanh_gelu_map_pool",
+        "siglip_gelu_tanh_map_pool",
         "vit_base_patch16_siglip_224",
-        dict(depth=2, img_size=32, embed_dim=64, num_heads=2),
+        dict(depth=2, img_size=32, embed_dim=64, num_heads=2, act_layer="gelu_tanh"),
         (32, 32),
         {"AttentionPoolLatent"},
     ),
@@ -161,9 +162,12 @@ def test_zoo_patched_matches_stock(case, op_calls):
         op_calls.clear()
         out = _logits(patched(x))
     torch.testing.assert_close(out, ref, **FP32)
-    if timm_attn:
-        assert op_calls["attention_qkvpacked"] + op_calls["attention"] == len(timm_attn)
-    assert op_calls["layer_norm"] >= report.counts().get("norm", 0) - 2  # norm2 runs fused inside its block
+    # every patched module ran its ops once (a block's norm2 runs fused: one layer_norm call either way)
+    counts = report.counts()
+    assert op_calls["attention_qkvpacked"] + op_calls["attention"] == counts.get("attention", 0) == len(timm_attn)
+    assert op_calls["linear"] == 2 * counts.get("attention", 0) + 2 * counts.get("mlp", 0)
+    assert op_calls["layer_norm"] == counts.get("norm", 0)
+    assert op_calls["patch_embed"] == counts.get("patch_embed", 0)
 
     # a training step: every parameter gradient (dropout rates are 0 in these builds)
     stock.train()
@@ -180,6 +184,40 @@ def test_zoo_patched_matches_stock(case, op_calls):
     assert _instance_forwards(patched) == []
     with torch.no_grad():
         assert torch.equal(_logits(patched(x)), ref)
+
+
+@pytest.mark.parametrize(
+    "act_layer, expected",
+    [
+        (nn.GELU, "gelu"),
+        ("gelu", "gelu"),  # timm.layers.GELU
+        (functools.partial(nn.GELU, approximate="tanh"), "gelu_tanh"),
+        ("gelu_tanh", "gelu_tanh"),  # timm.layers.GELUTanh (SigLIP)
+        ("quick_gelu", "quick_gelu"),  # timm.layers.QuickGELU (CLIP)
+        (nn.SiLU, None),
+    ],
+)
+def test_mlp_activation_dispatch(act_layer, expected):
+    """Each GELU variant maps to its own epilogue (erf vs tanh differ by ~5e-4: a swap would show at 1e-5)."""
+    model = _tiny(depth=1, act_layer=act_layer).eval()
+    with torch.no_grad():  # pre-activations of order 1, where the variants differ, and a visible output
+        model.blocks[0].mlp.fc1.weight.mul_(40.0)
+        model.blocks[0].mlp.fc2.weight.mul_(40.0)
+    stock, patched, report = _pair(model)
+    mlp = patched.blocks[0].mlp
+    x, h = torch.randn(2, 3, 32, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), stock(x), **FP32)
+        ref = stock.blocks[0].mlp(h)
+        torch.testing.assert_close(mlp(h), ref, **FP32)
+        if expected is None:
+            assert "_fastvit_patch" not in mlp.__dict__
+            assert [s.path for s in report.skipped] == ["blocks.0.mlp"]
+            assert "SiLU has no fused epilogue" in report.skipped[0].reason
+            return
+        assert mlp._fastvit_patch.activation == expected
+        mlp._fastvit_patch.activation = "gelu" if expected != "gelu" else "gelu_tanh"  # the wrong variant
+        assert (mlp(h) - ref).abs().max() > 1e-3  # ... would be caught
 
 
 def test_report_counts_and_table():
