@@ -12,7 +12,16 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["autocast_dtype", "new_output", "register_autocast_keep_dtype", "register_autocast_lower"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "autocast_dtype",
+    "check_tensors",
+    "new_output",
+    "register_autocast_keep_dtype",
+    "register_autocast_lower",
+]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _AUTOCAST_KEYS = ("AutocastCPU", "AutocastCUDA")
 _LIBS: list = []  # keep the Library fragments alive for the life of the process
@@ -26,6 +35,17 @@ def new_output(shape: Sequence[int], like: torch.Tensor, dtype: Optional[torch.d
     if POISON_OUTPUTS:
         out.fill_(float("nan"))
     return out
+
+
+def check_tensors(op: str, named: dict[str, Optional[torch.Tensor]]) -> None:
+    """Every non-None entry is a tensor and all of them share one device; errors name the op and input."""
+    for name, t in named.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"{op}: inputs are on different devices ({where}); move them to one device")
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:

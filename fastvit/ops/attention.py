@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit import kernels
-from fastvit.ops._library import new_output, register_autocast_lower
+from fastvit.ops._library import FLOAT_DTYPES, check_tensors, new_output, register_autocast_lower
 from fastvit.ops.dispatch import OpDispatcher
 
 if kernels.TRITON_IMPORT_ERROR is None:
@@ -65,7 +65,6 @@ __all__ = [
     "split_qkv",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Philox keys are drawn in [0, 2**62) so key + batch*heads never overflows int64.
 _SEED_HIGH = 2**62
 
@@ -122,16 +121,13 @@ def _check_scale_dropout(op: str, scale: Optional[float], dropout_p: float) -> N
 
 def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
     named = {"q": q, "k": k, "v": v}
-    for name, t in named.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"fastvit.ops.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if len({t.device for t in named.values()}) > 1:
-        where = ", ".join(f"{n} on {t.device}" for n, t in named.items())
-        raise ValueError(f"fastvit.ops.{op}: inputs are on different devices ({where}); move them to one device")
+    if any(t is None for t in named.values()):
+        raise TypeError(f"fastvit.ops.{op}: q, k and v must be tensors, got None")
+    check_tensors(f"fastvit.ops.{op}", named)
     if len({t.dtype for t in named.values()}) > 1:
         kinds = ", ".join(f"{n} {t.dtype}" for n, t in named.items())
         raise TypeError(f"fastvit.ops.{op}: q, k and v must share one dtype, got {kinds}; cast them to one")
-    if q.dtype not in _FLOAT_DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"fastvit.ops.{op}: q, k, v must be float32, float16 or bfloat16, got {q.dtype}")
     for name, t in named.items():
         if t.dim() != 4:
@@ -155,7 +151,7 @@ def _check_packed(qkv: Tensor, num_heads: int) -> None:
         raise TypeError(f"fastvit.ops.{op}: qkv must be a torch.Tensor, got {type(qkv).__name__}")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
         raise ValueError(f"fastvit.ops.{op}: num_heads must be a positive int, got {num_heads!r}")
-    if qkv.dtype not in _FLOAT_DTYPES:
+    if qkv.dtype not in FLOAT_DTYPES:
         raise TypeError(f"fastvit.ops.{op}: qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
     if qkv.dim() != 3:
         raise ValueError(f"fastvit.ops.{op}: qkv must be 3-D (batch, tokens, 3*heads*head_dim), got {tuple(qkv.shape)}")

@@ -28,15 +28,14 @@ from torch import Tensor
 
 from fastvit import _ext, kernels
 from fastvit.kernels._common import device_guard, rows_view
-from fastvit.ops._library import new_output, register_autocast_keep_dtype
+from fastvit.ops._library import FLOAT_DTYPES, check_tensors, new_output, register_autocast_keep_dtype
 from fastvit.ops.dispatch import OpDispatcher
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import layer_norm as _triton_kernels
 
-__all__ = ["layer_norm", "layer_norm_ref"]
+__all__ = ["check_affine", "layer_norm", "layer_norm_ref"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def layer_norm_ref(
@@ -66,31 +65,31 @@ def layer_norm_ref(
 # ---------------------------------------------------------------------------------------- checks
 
 
+def check_affine(
+    op: str, weight: Tensor, bias: Optional[Tensor], width: int, x_dtype: torch.dtype, why: str,
+    names: tuple[str, str] = ("weight", "bias"),
+) -> None:  # fmt: skip
+    """A LayerNorm's (width,) weight and bias: x's dtype or fp32, the bias matching the weight.
+    Shared by every op that normalises (``why`` explains the expected width in the error)."""
+    w_name, b_name = names
+    if weight.dim() != 1 or weight.shape[0] != width:
+        raise ValueError(f"{op}: {w_name} must have shape ({width},) {why}, got {tuple(weight.shape)}")
+    if weight.dtype not in (x_dtype, torch.float32):
+        raise TypeError(f"{op}: {w_name} dtype {weight.dtype} must be x's dtype ({x_dtype}) or float32")
+    if bias is not None and (bias.shape != weight.shape or bias.dtype != weight.dtype):
+        raise ValueError(
+            f"{op}: {b_name} must match {w_name} (shape {tuple(weight.shape)}, {weight.dtype}), "
+            f"got shape {tuple(bias.shape)}, {bias.dtype}"
+        )
+
+
 def _check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float) -> None:
-    named = {"x": x, "weight": weight, "bias": bias, "residual": residual}
-    for name, t in named.items():
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"fastvit.ops.layer_norm: {name} must be a torch.Tensor, got {type(t).__name__}")
-    devices = {name: t.device for name, t in named.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"fastvit.ops.layer_norm: inputs are on different devices ({where}); move them to one device")
-    if x.dtype not in _FLOAT_DTYPES:
+    check_tensors("fastvit.ops.layer_norm", {"x": x, "weight": weight, "bias": bias, "residual": residual})
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"fastvit.ops.layer_norm: x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"fastvit.ops.layer_norm: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
-    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(
-            f"fastvit.ops.layer_norm: weight must have shape ({x.shape[-1]},) to match x's last dimension, "
-            f"got {tuple(weight.shape)}"
-        )
-    if weight.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"fastvit.ops.layer_norm: weight dtype {weight.dtype} must be x's dtype ({x.dtype}) or float32")
-    if bias is not None and (bias.shape != weight.shape or bias.dtype != weight.dtype):
-        raise ValueError(
-            f"fastvit.ops.layer_norm: bias must match weight (shape {tuple(weight.shape)}, {weight.dtype}), "
-            f"got shape {tuple(bias.shape)}, {bias.dtype}"
-        )
+    check_affine("fastvit.ops.layer_norm", weight, bias, x.shape[-1], x.dtype, "to match x's last dimension")
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(

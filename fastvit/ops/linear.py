@@ -49,7 +49,7 @@ from torch import Tensor
 
 from fastvit import kernels
 from fastvit.ops import _cuda_backends as _cuda
-from fastvit.ops._library import autocast_dtype, new_output, register_autocast_lower
+from fastvit.ops._library import FLOAT_DTYPES, autocast_dtype, check_tensors, new_output, register_autocast_lower
 from fastvit.ops.dispatch import OpDispatcher
 
 if kernels.TRITON_IMPORT_ERROR is None:
@@ -58,8 +58,7 @@ if kernels.TRITON_IMPORT_ERROR is None:
 __all__ = ["ACTIVATIONS", "linear", "linear_ref"]
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LINEAR_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64 on the "torch" backend only
 
 
 def _activate(h: Tensor, activation: Optional[str]) -> Tensor:
@@ -111,17 +110,11 @@ def _check_inputs(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], residual: Optional[Tensor]
 ) -> None:
     named = {"x": x, "weight": weight, "bias": bias, "residual": residual}
-    for name, t in named.items():
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"fastvit.ops.linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors("fastvit.ops.linear", named)
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(_unknown_activation(activation))
-    devices = {name: t.device for name, t in named.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"fastvit.ops.linear: inputs are on different devices ({where}); move them to one device")
     for name, t in named.items():
-        if t is not None and t.dtype not in _FLOAT_DTYPES:
+        if t is not None and t.dtype not in _LINEAR_DTYPES:
             raise TypeError(f"fastvit.ops.linear: {name} must be float32, float16 or bfloat16, got {t.dtype}")
     for name, t in named.items():
         # Under autocast the op lowers every input to the autocast dtype first (see the autocast rule).
@@ -159,7 +152,7 @@ def _no_reasons(**_: object) -> list[str]:
 
 
 def _triton_reasons(x: Tensor, **_: object) -> list[str]:
-    if x.dtype not in _KERNEL_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         return [f"dtype {x.dtype} is not supported by the Triton GEMM (float32 via TF32, float16, bfloat16)"]
     return []
 

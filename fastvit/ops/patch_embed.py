@@ -42,7 +42,7 @@ from torch import Tensor
 
 from fastvit import kernels
 from fastvit.ops import _cuda_backends as _cuda
-from fastvit.ops._library import autocast_dtype, new_output, register_autocast_lower
+from fastvit.ops._library import FLOAT_DTYPES, autocast_dtype, check_tensors, new_output, register_autocast_lower
 from fastvit.ops.dispatch import OpDispatcher
 
 if kernels.TRITON_IMPORT_ERROR is None:
@@ -50,7 +50,6 @@ if kernels.TRITON_IMPORT_ERROR is None:
 
 __all__ = ["patch_embed", "patch_embed_ref"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = "fastvit.ops.patch_embed"
 
 
@@ -107,14 +106,8 @@ def _check_inputs(
     prefix_tokens: Optional[Tensor], pad: bool,
 ) -> None:  # fmt: skip
     named = {"x": x, "weight": weight, "bias": bias, "pos_embed": pos_embed, "prefix_tokens": prefix_tokens}
-    for name, t in named.items():
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    devices = {name: t.device for name, t in named.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"{_OP}: inputs are on different devices ({where}); move them to one device")
-    if x.dtype not in _FLOAT_DTYPES:
+    check_tensors(_OP, named)
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{_OP}: x must be float32, float16 or bfloat16, got {x.dtype}")
     for name, t in named.items():
         if t is not None and t.dtype != x.dtype:

@@ -35,16 +35,15 @@ from torch import Tensor
 
 from fastvit import kernels
 from fastvit.ops import _cuda_backends as _cuda
-from fastvit.ops._library import new_output, register_autocast_keep_dtype
+from fastvit.ops._library import FLOAT_DTYPES, check_tensors, new_output, register_autocast_keep_dtype
 from fastvit.ops.dispatch import OpDispatcher
-from fastvit.ops.layer_norm import layer_norm_ref
+from fastvit.ops.layer_norm import check_affine, layer_norm_ref
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import soft_split as _triton_kernels
 
 __all__ = ["soft_split", "soft_split_ref"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = "fastvit.ops.soft_split"
 IntPair = Union[int, tuple[int, int]]
 
@@ -97,15 +96,8 @@ def _check_inputs(
     norm_bias: Optional[Tensor], norm_eps: float,
 ) -> int:  # fmt: skip
     """Validates everything; returns F, the features per output row."""
-    named = {"x": x, "norm_weight": norm_weight, "norm_bias": norm_bias}
-    for name, t in named.items():
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    devices = {name: t.device for name, t in named.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"{_OP}: inputs are on different devices ({where}); move them to one device")
-    if x.dtype not in _FLOAT_DTYPES:
+    check_tensors(_OP, {"x": x, "norm_weight": norm_weight, "norm_bias": norm_bias})
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{_OP}: x must be float32, float16 or bfloat16, got {x.dtype}")
     if hw is None:
         if x.dim() != 4:
@@ -135,18 +127,8 @@ def _check_inputs(
     if norm_bias is not None and norm_weight is None:
         raise ValueError(f"{_OP}: norm_bias was given without norm_weight; pass both to fuse the LayerNorm")
     if norm_weight is not None:
-        if norm_weight.dim() != 1 or norm_weight.shape[0] != features:
-            raise ValueError(
-                f"{_OP}: norm_weight must have shape ({features},) = C * kh * kw for C={C} and kernel ({kh}, {kw}), "
-                f"got {tuple(norm_weight.shape)}"
-            )
-        if norm_weight.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"{_OP}: norm_weight dtype {norm_weight.dtype} must be x's dtype ({x.dtype}) or float32")
-        if norm_bias is not None and (norm_bias.shape != norm_weight.shape or norm_bias.dtype != norm_weight.dtype):
-            raise ValueError(
-                f"{_OP}: norm_bias must match norm_weight (shape {tuple(norm_weight.shape)}, {norm_weight.dtype}), "
-                f"got shape {tuple(norm_bias.shape)}, {norm_bias.dtype}"
-            )
+        why = f"= C * kh * kw for C={C} and kernel ({kh}, {kw})"
+        check_affine(_OP, norm_weight, norm_bias, features, x.dtype, why, names=("norm_weight", "norm_bias"))
         if not norm_eps > 0:
             raise ValueError(f"{_OP}: norm_eps must be > 0, got {norm_eps}")
     return features

@@ -15,7 +15,6 @@ from torch import nn
 from fastvit import ops
 from fastvit.ops.soft_split import _soft_split_bwd, _soft_split_fwd, soft_split_ref
 from fastvit.testing import GRAD_TOLERANCE_SCALE, assert_close, poisoned_outputs
-from tests.ops.test_patch_embed import run_offline_build
 
 STAGE0 = dict(kernel_size=7, stride=4, padding=2)  # on the image
 STAGE12 = dict(kernel_size=3, stride=2, padding=1)  # on the tokens of the previous stage
@@ -273,27 +272,3 @@ def test_gpu_deterministic():
         runs.append((y, *torch.autograd.grad(y, (x, nw, nb), torch.ones_like(y))))
     for a, c in zip(*runs):
         assert torch.equal(a, c)
-
-
-# ------------------------------------------------------------------------- offline sm_90 builds
-
-
-@pytest.mark.slow
-def test_kernels_build_for_sm90():
-    """Forward, LayerNorm-statistics and fold kernels, with the launchers' tiles: fp16 stage 0 (NCHW image,
-    7/4/2) and bf16 stage 1 (token input, 3/2/1), LayerNorm fused (its code paths include the plain ones')."""
-    run_offline_build("""
-from fastvit.kernels import soft_split as k
-for dt, C, geometry in (("fp16", 3, dict(KH=7, KW=7, SH=4, SW=4, PH=2, PW=2)),
-                        ("bf16", 64, dict(KH=3, KW=3, SH=2, SW=2, PH=1, PW=1))):
-    p, f = "*" + dt, "*fp32"
-    br, bc, bkk, warps = k.row_tiles(C, geometry["KH"] * geometry["KW"])
-    tile = dict(BLOCK_R=br, BLOCK_C=bc, BLOCK_KK=bkk, **geometry)
-    fold_pix, fold_c, fold_warps = k.fold_tiles(C)
-    build(k._soft_split_fwd_kernel, dict(X=p, NW=f, NB=f, Y=p, MEAN=f, RSTD=f, eps="fp32"),
-          dict(HAS_LN=True, HAS_BIAS=True, **tile), warps)
-    build(k._soft_split_ln_bwd_stats_kernel, dict(DY=p, X=p, NW=f, MEAN=f, RSTD=f, C1=f, C2=f, DW_PART=f, DB_PART=f),
-          dict(HAS_BIAS=True, **tile), warps)
-    build(k._soft_split_fold_kernel, dict(DY=p, X=p, NW=f, MEAN=f, RSTD=f, C1=f, C2=f, DX=p),
-          dict(HAS_LN=True, BLOCK_PIX=fold_pix, BLOCK_C=fold_c, **geometry), fold_warps)
-""")

@@ -1,0 +1,201 @@
+"""Every Triton kernel compiles for sm_80 and sm_90, with its GPU autotune configurations, on a machine
+without a GPU.
+
+The interpreter runs kernels but never compiles them, so a kernel can pass every interpreter test and
+still fail to build for a GPU (a ``tl.dot`` on a block under 16, a dtype the hardware path rejects,
+shared memory over the SM's limit). This test runs each op family's Triton backend forward and
+backward under the interpreter while recording every launch (kernel, argument dtypes, constexprs),
+then compiles each recorded launch in a subprocess without ``TRITON_INTERPRET`` (so autotuned kernels
+carry their GPU configuration lists) for sm_80 and sm_90 through ptxas, fp16 launches also as bf16,
+and checks shared memory against each target's per-block limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastvit import kernels, ops
+from fastvit.ops.attention import attention_dropout_mask
+
+pytestmark = [
+    pytest.mark.interpreter,
+    pytest.mark.slow,
+    pytest.mark.skipif(not kernels.INTERPRET, reason="records launches through the Triton interpreter (no-GPU runs)"),
+]
+
+
+def _describe(value) -> dict:
+    if isinstance(value, torch.Tensor):
+        return {"kind": "tensor", "dtype": str(value.dtype).replace("torch.", "")}
+    if isinstance(value, bool):
+        return {"kind": "bool", "value": value}
+    if isinstance(value, int):
+        return {"kind": "int", "value": value}
+    if isinstance(value, float):
+        return {"kind": "float", "value": value}
+    if value is None:
+        return {"kind": "none", "value": None}
+    return {"kind": "constexpr", "value": value if isinstance(value, (str, int, float)) else str(value)}
+
+
+def _record_launches(exercise) -> list[dict]:
+    import inspect
+    import sys as _sys
+
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.interpreter import InterpretedFunction
+
+    records: dict[str, dict] = {}
+    wrappers: list = []  # the autotune / heuristics objects a launch is passing through, outermost first
+    originals = {cls: cls.run for cls in (InterpretedFunction, Autotuner, Heuristics)}
+
+    def wrapper_run(cls):
+        def run(self, *args, **kwargs):
+            wrappers.append(self)
+            try:
+                return originals[cls](self, *args, **kwargs)
+            finally:
+                wrappers.pop()
+
+        return run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        names = list(inspect.signature(self.fn).parameters)
+        described = {name: _describe(v) for name, v in zip(names, args)}
+        described.update({k: _describe(v) for k, v in kwargs.items()})
+        module = _sys.modules[self.fn.__module__]
+        wrapper = next((a for a, o in vars(module).items() if wrappers and o is wrappers[0]), None)
+        record = {"module": self.fn.__module__, "name": self.fn.__name__, "wrapper": wrapper, "args": described}
+        records[json.dumps(record, sort_keys=True)] = record
+        return originals[InterpretedFunction](self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording_run
+    Autotuner.run = wrapper_run(Autotuner)
+    Heuristics.run = wrapper_run(Heuristics)
+    try:
+        exercise()
+    finally:
+        for cls, run in originals.items():
+            cls.run = run
+    out = list(records.values())
+    # fp16 launches are compiled a second time as bf16 (the interpreter cannot run bf16 arithmetic).
+    out += [dict(r, dtype_swap=True) for r in records.values() if any(a.get("dtype") == "float16" for a in r["args"].values())]
+    return out
+
+
+def _backward(out, *inputs):
+    outs = out if isinstance(out, tuple) else (out,)
+    torch.autograd.grad(outs, [t for t in inputs if t is not None and t.requires_grad], [torch.ones_like(o) for o in outs])
+
+
+def _exercise_layer_norm():
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(3, 768, dtype=dtype, requires_grad=True)
+        r = torch.randn_like(x, requires_grad=True)
+        w = torch.randn(768, requires_grad=True)
+        b = torch.randn(768, requires_grad=True)
+        _backward(ops.layer_norm(x, w, b, residual=r, backend="triton"), x, r, w, b)
+        _backward(ops.layer_norm(x, w.to(dtype), None, backend="triton"), x)
+
+
+def _exercise_linear():
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # fp32 through TF32, as F.linear would
+    try:
+        x, w = torch.randn(3, 32, requires_grad=True), torch.randn(48, 32, requires_grad=True)
+        _backward(ops.linear(x, w, None, activation="gelu", backend="triton"), x, w)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    for dtype in (torch.float32, torch.float16):
+        for activation in (None, "gelu", "gelu_tanh", "quick_gelu"):
+            x = torch.randn(2, 5, 32, dtype=dtype, requires_grad=True)
+            w = torch.randn(48, 32, dtype=dtype, requires_grad=True)
+            b = torch.randn(48, dtype=dtype, requires_grad=True)
+            res = torch.randn(2, 5, 48, dtype=dtype, requires_grad=True)
+            _backward(ops.linear(x, w, b, activation=activation, residual=res, backend="triton"), x, w, b, res)
+
+
+def _exercise_attention():
+    for dtype in (torch.float32, torch.float16):
+        for head_dim in (32, 64, 80):
+            qkv = torch.randn(1, 9, 3 * 2 * head_dim, dtype=dtype, requires_grad=True)
+            _backward(ops.attention_qkvpacked(qkv, 2, backend="triton"), qkv)
+        q, k, v = (torch.randn(1, 1, 5, 64, dtype=dtype, requires_grad=True) for _ in range(3))
+        _backward(ops.attention(q, k, v, dropout_p=0.1, backend="triton"), q, k, v)
+    attention_dropout_mask(torch.tensor([7], dtype=torch.int64), 1, 2, 5, 5, 0.1)  # the debugging helper
+
+
+def _exercise_patch_embed():
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(1, 3, 32, 32, dtype=dtype, requires_grad=True)
+        w = torch.randn(16, 3, 16, 16, dtype=dtype, requires_grad=True)
+        b = torch.randn(16, dtype=dtype, requires_grad=True)
+        cls = torch.randn(1, 1, 16, dtype=dtype, requires_grad=True)
+        pos = torch.randn(1, 5, 16, dtype=dtype, requires_grad=True)
+        out = ops.patch_embed(x, w, b, patch_size=16, pos_embed=pos, prefix_tokens=cls, backend="triton")
+        _backward(out, x, w, b, cls, pos)
+
+
+def _exercise_soft_split():
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(1, 3, 12, 12, dtype=dtype, requires_grad=True)
+        _backward(ops.soft_split(x, kernel_size=7, stride=4, padding=2, backend="triton"), x)
+        t = torch.randn(1, 36, 4, dtype=dtype, requires_grad=True)
+        nw, nb = torch.randn(36, dtype=dtype, requires_grad=True), torch.randn(36, dtype=dtype, requires_grad=True)
+        out = ops.soft_split(t, kernel_size=3, stride=2, padding=1, hw=(6, 6), norm_weight=nw, norm_bias=nb, backend="triton")
+        _backward(out, t, nw, nb)
+
+
+EXERCISES = {
+    "layer_norm": _exercise_layer_norm,
+    "linear": _exercise_linear,
+    "attention": _exercise_attention,
+    "patch_embed": _exercise_patch_embed,
+    "soft_split": _exercise_soft_split,
+}
+
+
+def test_every_op_family_is_exercised():
+    """A new op family with Triton kernels must be added to EXERCISES, or its kernels go unchecked."""
+    with_triton = {name for name, op in ops.dispatch.registered_ops().items() if "triton" in op.reasons}
+    missing = with_triton - set(EXERCISES)
+    assert not missing, f"add an exercise for {sorted(missing)} to tests/test_gpu_compile.py"
+
+
+@pytest.mark.parametrize("family", sorted(EXERCISES))
+def test_triton_kernels_compile_for_sm80_and_sm90(family, tmp_path):
+    records = _record_launches(EXERCISES[family])
+    assert records, f"{family}: the exercise launched no Triton kernel"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_compile_child.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # private: no races with other Triton processes
+    proc = subprocess.run([sys.executable, child], input=json.dumps(records), capture_output=True, text=True,
+                          env=env, timeout=1500)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    failures = [r for r in results if r.get("ok") is False]
+    unexercised = [r["kernel"] for r in results if r.get("unexercised")]
+    over_shared = [r for r in results if r.get("ok") and not r["shared_ok"]]
+    compiled = [r for r in results if r.get("ok")]
+    assert not failures, "kernels that do not compile for a GPU target:\n" + "\n".join(
+        f"  {r['kernel']} sm_{r['sm']} bf16={r['bf16']} config={r['config']}: {r['error'][:600]}" for r in failures
+    )
+    assert not unexercised, f"kernels never launched by the {family} exercise (extend it): {unexercised}"
+    assert not over_shared, "configs over the shared-memory limit (prune them):\n" + "\n".join(
+        f"  {r['kernel']} sm_{r['sm']} {r['config']}: {r['shared']} bytes" for r in over_shared
+    )
+    assert {r["sm"] for r in compiled} == {80, 90}
+    # Hopper: every kernel with a 16-bit matmul must reach wgmma in at least one of its configurations.
+    no_wgmma = sorted(
+        {r["fn"] for r in compiled if r["sm"] == 90 and r["has_dot"] and r["half"]}
+        - {r["fn"] for r in compiled if r["sm"] == 90 and r["wgmma"]}
+    )
+    assert not no_wgmma, f"16-bit matmul kernels that never use wgmma on sm_90: {no_wgmma}"
