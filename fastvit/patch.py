@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from fastvit import ops
 from fastvit.layers.attention import Attention as FastvitAttention
 from fastvit.layers.mlp import fused_activation_name
+from fastvit.ops._library import autocast_dtype
 from fastvit.ops.attention import split_qkv
 from fastvit.ops.dispatch import BACKENDS
 
@@ -359,10 +360,12 @@ def _mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     return _mlp_run(self, x)
 
 
-def _mlp_residual_fusable(block: nn.Module) -> bool:
+def _mlp_residual_fusable(block: nn.Module, residual: Tensor) -> bool:
     mlp = block.mlp
     state = getattr(mlp, _STATE, None)
+    # Under autocast the epilogue would lower an fp32 residual stream to the autocast dtype; timm keeps it fp32.
     return (
+        autocast_dtype(residual.device) in (None, residual.dtype) and
         state is not None and state.kind == "mlp" and mlp.__dict__.get("forward") is not None
         and not _hooked(mlp, block.ls2, block.drop_path2) and _mlp_unhooked(mlp)
         and isinstance(block.ls2, nn.Identity) and not _dropout_active(block.drop_path2)
@@ -376,12 +379,12 @@ def _block_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Ten
         return state.original(x, *args, **kwargs)
     a = self.drop_path1(self.ls1(self.attn(self.norm1(x))))
     norm2 = self.norm2
-    if state.fuse_norm2 and not _hooked(norm2):
+    if state.fuse_norm2 and a.dtype == x.dtype and not _hooked(norm2):  # autocast: bf16 branch, fp32 stream
         y, x = ops.layer_norm(a, norm2.weight, norm2.bias, norm2.eps, residual=x, backend=state.backend)
     else:
         x = x + a
         y = norm2(x)
-    if _mlp_residual_fusable(self):
+    if _mlp_residual_fusable(self, x):
         return _mlp_run(self.mlp, y, residual=x)
     return x + self.drop_path2(self.ls2(self.mlp(y)))
 

@@ -363,6 +363,22 @@ def test_attn_drop_hooks_see_probabilities():
     torch.testing.assert_close(seen[0].sum(-1), torch.ones(1, 2, 5))
 
 
+def test_autocast_bf16_cpu_keeps_the_fp32_residual_stream():
+    """Under autocast timm's residual stream stays fp32 (pos_embed is fp32) while branches are bf16: the
+    fused adds must not mix them (the ops require equal dtypes) nor lower the stream. No LayerScale here:
+    its fp32 gamma would promote the branch back to fp32."""
+    stock, patched, _ = _pair(_tiny())
+    x = torch.randn(2, 3, 32, 32)
+    grad_out = torch.randn(2, 1000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = stock(x), patched(x)
+        g_ref, g_out = _grads(stock, x, grad_out), _grads(patched, x, grad_out)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    for n in g_ref:
+        torch.testing.assert_close(g_out[n], g_ref[n], atol=2e-2, rtol=5e-2, msg=lambda m, n=n: f"grad {n}: {m}")
+
+
 def test_gradient_checkpointing():
     stock, patched, _ = _pair(_tiny(init_values=0.5))
     stock.set_grad_checkpointing(True)
