@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
@@ -75,6 +76,7 @@ _TIMM_HYBRID_EMBED = {"timm.layers.hybrid_embed", "timm.models.vision_transforme
 # Optional call-time arguments of timm's Attention / Block forwards (both fall back when they are used).
 _MASK_ARGS = ("attn_mask", "is_causal")
 _STATE = "_fastvit_patch"
+_log = logging.getLogger("fastvit.patch")
 # timm's own activation modules (timm.layers.create_act) that equal an ops.linear epilogue.
 _TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}
 _TIMM_ACTIVATION_MODULES = {"timm.layers.activations", "timm.models.layers.activations"}
@@ -509,6 +511,20 @@ def _restore(module: nn.Module) -> bool:
     return True
 
 
+def _scripting_reason() -> Optional[str]:
+    """Why the whole model must stay stock: TorchScript cannot compile instance-bound forwards."""
+    try:
+        from timm.layers import is_scriptable
+    except ImportError:  # timm absent or too old for layer config: nothing asked for scripting
+        return None
+    if is_scriptable():
+        return (
+            "timm's scriptable mode is on (timm.layers.set_layer_config(scriptable=True)); TorchScript cannot "
+            "compile the patched forwards: script the stock model, or use torch.compile / torch.export"
+        )
+    return None
+
+
 # ------------------------------------------------------------------------------------ public API
 
 
@@ -556,7 +572,10 @@ def patch_model(
     wanted = {"attention": attention, "mlp": mlp, "block": norm or mlp, "norm": norm, "patch_embed": patch_embed}
     report = PatchReport(backend=backend)
     plan: list[tuple[str, nn.Module, _Candidate]] = []
-    for path, module in model.named_modules():
+    scripting = _scripting_reason()
+    if scripting is not None:
+        report.skipped.append(SkippedModule("", "model", type(model).__name__, scripting))
+    for path, module in model.named_modules() if scripting is None else ():
         cand = _classify(module)
         if cand is None or not wanted[cand.kind]:
             continue
@@ -570,6 +589,8 @@ def patch_model(
             f"fastvit.patch_model: {len(report.skipped)} modules cannot be patched exactly:\n{listing}\n"
             "Pass on_unsupported='fallback' to patch the rest and run these unchanged."
         )
+    if report.skipped:
+        _log.info("%s", report)
     for path, module, cand in plan:
         _restore(module)  # idempotence: a second call re-binds from the original state
         state = _PatchState(

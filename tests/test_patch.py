@@ -448,6 +448,19 @@ def test_on_unsupported_raise_patches_nothing():
     assert patch_model(_tiny(), on_unsupported="raise").num_patched == 12  # nothing unsupported: no error
 
 
+def test_timm_scriptable_mode_leaves_the_model_stock():
+    from timm.layers import set_layer_config
+
+    model = _tiny(depth=1)
+    with set_layer_config(scriptable=True):
+        report = patch_model(model)
+        assert report.num_patched == 0 and _instance_forwards(model) == []
+        assert report.skipped[0].kind == "model" and "scriptable mode" in report.skipped[0].reason
+        with pytest.raises(PatchError, match="TorchScript"):
+            patch_model(model, on_unsupported="raise")
+    assert patch_model(model).num_patched == 7  # once the mode is off again
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         patch_model(object())
