@@ -64,6 +64,7 @@ class Block(nn.Module):
             fuses the first residual add into norm2, any other norm class runs unfused.
         mlp_layer: MLP class.
         attn_head_dim: head dim when not ``dim // num_heads``.
+        scale: attention softmax scale (multiplies q @ k.T); None means ``head_dim ** -0.5``.
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class Block(nn.Module):
         norm_layer: Optional[Callable[[int], nn.Module]] = None,
         mlp_layer: Callable[..., nn.Module] = Mlp,
         attn_head_dim: Optional[int] = None,
+        scale: Optional[float] = None,
     ):
         super().__init__()
         norm_layer = norm_layer or LayerNorm
@@ -89,6 +91,7 @@ class Block(nn.Module):
         self.attn = Attention(
             dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
             attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, attn_head_dim=attn_head_dim,
+            scale=scale,
         )  # fmt: skip
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()

@@ -463,18 +463,15 @@ class T2TViT(nn.Module):
         # Stochastic depth rising linearly over the blocks (plain floats: works under a meta device too).
         drop_path = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         norm_layer = partial(LayerNorm, eps=_NORM_EPS)
+        # The encoder's softmax scale: head_dim ** -0.5 unless qk_scale overrides it.
+        self.qk_scale = qk_scale if qk_scale is not None else (embed_dim // num_heads) ** -0.5
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
-                attn_drop=attn_drop_rate, drop_path=drop_path[i], norm_layer=norm_layer,
+                attn_drop=attn_drop_rate, drop_path=drop_path[i], norm_layer=norm_layer, scale=self.qk_scale,
             )  # fmt: skip
             for i in range(depth)
         )
-        # The encoder's softmax scale, set explicitly (Block builds Attention with its head_dim default and
-        # takes no scale argument): head_dim ** -0.5 unless qk_scale overrides it.
-        self.qk_scale = qk_scale if qk_scale is not None else (embed_dim // num_heads) ** -0.5
-        for block in self.blocks:
-            block.attn.scale = self.qk_scale
         self.norm = norm_layer(embed_dim)
         self.head: nn.Module = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()

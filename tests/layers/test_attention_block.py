@@ -70,6 +70,20 @@ def test_block_matches_timm(init_values):
         assert_close(ours(x), theirs(x))
 
 
+def test_block_scale_argument_reaches_attention():
+    """Block(scale=s) scales q @ k.T by s (T2T-ViT's qk_scale); the default stays head_dim ** -0.5."""
+    assert Block(48, num_heads=3).attn.scale == 16**-0.5
+    ours = Block(48, num_heads=3, qkv_bias=True, scale=0.05).eval()
+    theirs = TimmBlock(48, num_heads=3, qkv_bias=True).eval()
+    # timm's Block has no scale argument; its explicit attention path reads the attribute (SDPA ignores it).
+    theirs.attn.scale, theirs.attn.fused_attn = 0.05, False
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert ours.attn.scale == 0.05
+    x = torch.randn(2, 13, 48)
+    with torch.no_grad():
+        assert_close(ours(x), theirs(x))
+
+
 def test_block_gradients_match_timm():
     ours = Block(32, num_heads=2, qkv_bias=True)
     theirs = TimmBlock(32, num_heads=2, qkv_bias=True)
