@@ -164,9 +164,14 @@ def resolve_pretrained_file(name: str, cfg: Optional[dict[str, Any]] = None) -> 
         hints.append(f"`huggingface-cli download {repo} {filename}{rev}`")
     if cfg.get("url"):
         hints.append(f"download {cfg['url']} into {Path(torch.hub.get_dir()) / 'checkpoints'}")
+    if name.partition(".")[0] in T2T_OFFICIAL_CFGS:
+        # timm has no T2T-ViT: only the official release has these files.
+        source = f" (the official yitu-opensource/T2T-ViT release file {os.path.basename(urlparse(cfg['url']).path)})"
+    else:
+        source = f" (or run timm.create_model({name!r}, pretrained=True) once)"
     raise PretrainedWeightsNotFound(
         f"pretrained weights for {name!r} are not in the local cache and fastvit never downloads (offline). "
         f"Looked for: {shorten([str(p) for p in candidates], limit=10)}. On a machine with network access, "
-        f"{' or '.join(hints) or 'fetch the file'} (or run timm.create_model({name!r}, pretrained=True) once) and copy "
+        f"{' or '.join(hints) or 'fetch the file'}{source} and copy "
         "the cache here, set HF_HUB_CACHE / TORCH_HOME to where it is, or pass pretrained=PATH."
     )

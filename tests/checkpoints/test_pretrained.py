@@ -105,6 +105,18 @@ def test_offline_without_cached_file_names_every_path(caches):
     assert isinstance(err.value, FileNotFoundError)
 
 
+def test_missing_t2t_weights_point_to_the_official_release(caches):
+    """timm has no T2T-ViT: the message names the official release file, not timm.create_model."""
+    _, torch_home = caches
+    with pytest.raises(PretrainedWeightsNotFound) as err:
+        resolve_pretrained_file("t2t_vit_14")
+    msg = str(err.value)
+    url = "https://github.com/yitu-opensource/T2T-ViT/releases/download/main/81.5_T2T_ViT_14.pth.tar"
+    assert f"download {url} into {torch_home / 'hub' / 'checkpoints'}" in msg
+    assert "official yitu-opensource/T2T-ViT release file 81.5_T2T_ViT_14.pth.tar" in msg
+    assert "timm.create_model" not in msg
+
+
 def test_unknown_name_or_tag(caches):
     with pytest.raises(PretrainedWeightsNotFound, match="no pretrained weights are known"):
         resolve_pretrained_file("not_a_model_at_all")
