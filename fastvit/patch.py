@@ -33,8 +33,12 @@ finds forward hooks on a submodule the fused path would skip (``timm.utils.Atten
 ``attn_drop``), runs the original forward for that call. Models built with ``fused_attn=False`` are patched
 too: both timm paths compute the same softmax attention, the kernel computes it once more in fp32.
 
-Under ``torch.autocast`` the patched LayerNorm returns the autocast dtype (``F.layer_norm`` returns fp32),
-the fast and intended behaviour of fastvit's own layers. Patch before ``torch.compile(model)``.
+In timm's scriptable mode (``set_layer_config(scriptable=True)``) nothing is patched and the report says why:
+TorchScript cannot compile instance-bound forwards (``torch.compile`` and ``torch.export`` can).
+
+Under ``torch.autocast`` a patched LayerNorm returns its input's dtype (``F.layer_norm`` returns fp32 there),
+as fastvit's own layers do; the block's residual adds are fused only when branch and stream dtypes agree,
+so timm's fp32 residual stream stays fp32. Patch before ``torch.compile(model)``.
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ class SkippedModule:
     """One module left on its original forward, and why."""
 
     path: str
-    kind: str
+    kind: str  # as PatchedModule.kind, or "model" when the whole model was left stock
     class_name: str
     reason: str
 
