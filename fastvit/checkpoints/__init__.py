@@ -284,9 +284,11 @@ def _num_prefix_tokens(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> int:
 
 
 def _grid(model: nn.Module, num_tokens: int) -> Optional[tuple[int, int]]:
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if grid is not None and len(grid) == 2 and grid[0] * grid[1] == num_tokens:
-        return int(grid[0]), int(grid[1])
+    # The token grid lives on patch_embed (ViT, hybrid) or tokens_to_token (T2T-ViT).
+    for embed in ("patch_embed", "tokens_to_token"):
+        grid = getattr(getattr(model, embed, None), "grid_size", None)
+        if grid is not None and len(grid) == 2 and grid[0] * grid[1] == num_tokens:
+            return int(grid[0]), int(grid[1])
     side = int(round(num_tokens ** 0.5))
     return (side, side) if side * side == num_tokens else None
 

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+import fastvit
 from fastvit.checkpoints import CheckpointError, load_checkpoint, read_checkpoint
 from fastvit.checkpoints.npz import save_npz, timm_to_npz
 from fastvit.convert import export_state_dict, save_export
+from fastvit.layers.pos_embed import resample_abs_pos_embed
 from tests.checkpoints._tiny import IMPLS, assert_same_outputs, image_batch, randomize, tiny_hybrid, tiny_vit
 
 # (format to write, file name, format load_checkpoint must detect)
@@ -287,6 +289,20 @@ def test_t2t_official_training_checkpoint(tmp_path):
     torch.save(ckpt, path)
     assert load_checkpoint(dst, path).format == "t2t_official"
     assert_same_outputs(src, dst, torch.randn(2, 3, 32, 32))
+
+
+def test_t2t_checkpoint_resampled_to_a_non_square_grid(tmp_path):
+    """The T2T-ViT grid is tokens_to_token.grid_size (no patch_embed): a 2x2 table resamples to 2x3."""
+    src = randomize(fastvit.create_model("t2t_vit_7", img_size=32), seed=0)
+    path = str(tmp_path / "71.7_T2T_ViT_7.pth.tar")
+    torch.save({"state_dict_ema": src.state_dict()}, path)
+    dst = fastvit.create_model("t2t_vit_7", img_size=(32, 48))
+    assert dst.tokens_to_token.grid_size == (2, 3)
+    result = load_checkpoint(dst, path)
+    assert result.format == "t2t_official" and result.resampled_pos_embed
+    expected = resample_abs_pos_embed(src.pos_embed, (2, 3), num_prefix_tokens=1, interp="mmpretrain")
+    torch.testing.assert_close(dst.pos_embed, expected)
+    torch.testing.assert_close(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
 
 
 def test_performer_t2t_cannot_be_written_as_mmpretrain():
