@@ -435,6 +435,7 @@ def load_pretrained(model: nn.Module, name: str, pretrained: Union[bool, PathLik
         name: the model name (``arch`` or ``arch.tag``), used to find the published weights.
         pretrained: ``False`` / ``None`` (nothing to do), ``True`` (the published weights from the local
             timm / Hugging Face / torch-hub cache; never downloaded) or a checkpoint path of any format.
+            A path goes to the model's own ``model.load_pretrained(path)`` when it has one (segmentors).
 
     A classifier of another size than the checkpoint's (``num_classes=K``) keeps its fresh init, a
     position embedding of another grid (``img_size=...``) is resampled and the first conv is adapted
@@ -452,6 +453,12 @@ def load_pretrained(model: nn.Module, name: str, pretrained: Union[bool, PathLik
         path = resolve_pretrained_file(name, cfg)
         _set_preprocessing(model, {k: v for k, v in (cfg or {}).items() if v is not None})
     elif isinstance(pretrained, (str, os.PathLike)):
+        own_loader = getattr(model, "load_pretrained", None)
+        if callable(own_loader):
+            # Models with their own loader (segmentors: a segmentor file into the whole model, classification
+            # weights into the backbone) know their keys; load_checkpoint fits backbone keys only.
+            own_loader(pretrained)
+            return model
         path = pretrained
     else:
         raise TypeError(f"pretrained must be True, False or a checkpoint path, got {type(pretrained).__name__}")

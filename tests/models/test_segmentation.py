@@ -487,6 +487,17 @@ def test_load_pretrained_dispatches_segmentor_and_classification_checkpoints(tmp
     torch.testing.assert_close(model.decode_head.conv_seg.weight, src.decode_head.conv_seg.weight)
 
 
+def test_create_model_pretrained_path_uses_the_segmentor_loader(tmp_path):
+    """create_model(..., pretrained=PATH) hands a segmentor checkpoint to model.load_pretrained (whole model)."""
+    src = randomize(fastvit.create_model("upernet_vit_b16_mln_512", **SMALL_UPERNET), seed=6)
+    path = tmp_path / "upernet_vit_b16_mln.pth"
+    torch.save({"meta": {}, "state_dict": src.state_dict()}, path)
+    model = fastvit.create_model("upernet_vit_b16_mln_512", pretrained=str(path), **SMALL_UPERNET).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x), rtol=0, atol=0)
+
+
 # -------------------------------------------------------------------------------- training losses
 
 
