@@ -287,30 +287,16 @@ def measure_infer(model: torch.nn.Module, provider: Provider, row: ModelRow, s: 
 
 def _graph_replay(
     model: torch.nn.Module, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device
-) -> tuple[Callable[[torch.Tensor], None], float]:
-    """Capture a no-grad forward at ``shape`` in a CUDA graph; return (copy-in + replay, capture seconds).
+) -> tuple[Callable[[torch.Tensor], Any], float]:
+    """fastvit.graphs.graph_replay of a no-grad forward at ``shape``: (copy-in + replay, capture seconds).
+    Outputs stay in the graph's static buffers (no clone), so the timing is the replay alone."""
+    from fastvit.graphs import graph_replay
 
-    Warm-up runs on a side stream first so autotuning and lazy initialisation stay out of the capture.
-    """
     model.eval().to(dtype)
-    static = torch.randn(*shape, device=device, dtype=dtype)
     t0 = time.perf_counter()
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(3):
-            model(static)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        model(static)
+    replay = graph_replay(model, torch.randn(*shape, device=device, dtype=dtype), clone_outputs=False)
     torch.cuda.synchronize(device)
-    capture_s = time.perf_counter() - t0
-
-    def replay(x: torch.Tensor) -> None:
-        static.copy_(x)
-        graph.replay()
-    return replay, capture_s
+    return replay, time.perf_counter() - t0
 
 
 def measure_latency(model: torch.nn.Module, provider: Provider, row: ModelRow, s: Settings) -> dict[str, Any]:
@@ -319,7 +305,7 @@ def measure_latency(model: torch.nn.Module, provider: Provider, row: ModelRow, s
     notes = []
     if provider.graph:
         fn, capture_s = _graph_replay(model, s.dtype, shape, s.device)
-        notes.append(f"harness-built torch.cuda.CUDAGraph (warm-up + capture {capture_s:.2f} s); each call copies "
+        notes.append(f"fastvit.graphs.graph_replay (warm-up + capture {capture_s:.2f} s); each call copies "
                      "the input into the static buffer, then replays")
     else:
         fn = _eval_forward(model, provider, s.dtype)
