@@ -68,6 +68,17 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     return _ENTRYPOINTS[arch]
 
 
+def _tag_num_classes(name: str) -> Optional[int]:
+    """The class count of the weights ``name``'s ``.tag`` picks (``vit_base_patch16_224.augreg_in21k``: 21843),
+    or None when no pretrained config says."""
+    try:
+        from fastvit.checkpoints.pretrained import pretrained_cfg_for
+    except ImportError:  # an installation without fastvit.checkpoints: the entrypoint's default stands
+        return None
+    num_classes = (pretrained_cfg_for(name) or {}).get("num_classes")
+    return None if num_classes is None else int(num_classes)
+
+
 def create_model(
     name: str,
     pretrained: Union[bool, str, os.PathLike] = False,
@@ -79,14 +90,15 @@ def create_model(
 
     Args:
         name: a registered name (``fastvit.list_models()``), optionally with a timm pretrained tag
-            (``"vit_base_patch16_224.orig_in21k_ft_in1k"``); the tag only selects weights.
+            (``"vit_base_patch16_224.orig_in21k_ft_in1k"``); the tag selects weights (and, as in timm, the
+            default ``num_classes``).
         pretrained: False (random init), True (weights for ``name`` from the local timm / Hugging Face
             cache; an error names the file looked for when none is cached) or a checkpoint path
             (any format ``fastvit.load_checkpoint`` reads).
         num_classes: classifier size; 0 builds no head. None keeps timm's default for the name: the class
             count of its default weights (1000 for most; 0 for ``vit_huge_patch14_224``,
             ``vit_large_patch32_224`` and ``vit_base_r50_s16_224``, whose default weights are in21k
-            feature extractors).
+            feature extractors), or with a ``.tag`` that tag's weights' count (21843 for ``.augreg_in21k``).
         img_size: input resolution the position embedding is built for. None keeps the default.
         **overrides: further constructor arguments of the architecture (``drop_path_rate=0.1``,
             ``global_pool="avg"``, ``dynamic_img_size=True``, ...).
@@ -101,6 +113,8 @@ def create_model(
     """
     entrypoint = model_entrypoint(name)
     kwargs = dict(overrides)
+    if num_classes is None and "." in name:
+        num_classes = _tag_num_classes(name)  # timm: the tag's weights set the default head size
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if img_size is not None:

@@ -79,6 +79,23 @@ def test_pretrained_is_handed_to_the_checkpoint_loader(monkeypatch):
     ]
 
 
+def test_tag_sets_the_default_num_classes(tmp_path, monkeypatch):
+    """As in timm, a tag's weights set the default head: augreg_in21k has 21843 classes, and pretrained=True
+    loads that head instead of replacing it with a fresh 1000-class one."""
+    small = dict(depth=1, img_size=32)
+    assert create_model("vit_tiny_patch16_224", **small).num_classes == 1000
+    assert create_model("vit_tiny_patch16_224.augreg_in21k", num_classes=5, **small).num_classes == 5
+    src = create_model("vit_tiny_patch16_224.augreg_in21k", **small)
+    assert src.num_classes == 21843 and src.head.out_features == 21843
+    # A fake Hugging Face cache holding the tag's file (a snapshot without refs is found too).
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    snapshot = tmp_path / "models--timm--vit_tiny_patch16_224.augreg_in21k" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    torch.save(src.state_dict(), snapshot / "pytorch_model.bin")
+    loaded = create_model("vit_tiny_patch16_224.augreg_in21k", pretrained=True, **small)
+    assert torch.equal(loaded.head.weight, src.head.weight)
+
+
 def test_pretrained_without_a_loader_fails_loudly(monkeypatch):
     monkeypatch.setitem(sys.modules, "fastvit.checkpoints", types.ModuleType("fastvit.checkpoints"))
     with pytest.raises(RuntimeError, match="load_pretrained"):
