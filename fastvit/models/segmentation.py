@@ -198,29 +198,31 @@ class ViTBackbone(VisionTransformer):
 
     # ------------------------------------------------------------------------- position table
 
-    def pos_embed_for_grid(self, grid: tuple[int, int]) -> Tensor:
+    def pos_embed_for_grid(self, grid_hw: tuple[int, int]) -> Tensor:
         """The (1, 1 + h*w, D) position table for a token grid: the stored one, or its bicubic
-        (no antialias) resampling. Resamplings are cached per grid unless autograd needs them (training)
-        or the model is being compiled; the cache empties itself when the table changes (an optimizer
-        step, a load, ``.to()``). Entries are ordinary tensors even when made under ``inference_mode``,
-        so a later autograd pass over a frozen backbone can use them."""
+        (no antialias) resampling (:meth:`VisionTransformer.pos_embed_for_grid`, mmseg's convention).
+        Resamplings are cached per grid unless autograd needs them (training) or the model is being
+        compiled; the cache empties itself when the table changes (an optimizer step, a load, ``.to()``).
+        Entries are ordinary tensors even when made under ``inference_mode``, so a later autograd pass
+        over a frozen backbone can use them."""
         base = self.patch_embed.grid_size
         pos = self.pos_embed
-        if tuple(grid) == tuple(base):
+        if tuple(grid_hw) == tuple(base):
             return pos
         if (torch.is_grad_enabled() and pos.requires_grad) or _is_compiling():
-            return resample_abs_pos_embed(pos, grid, base, 1, self.pos_embed_interp)
+            return super().pos_embed_for_grid(grid_hw)
         stamp = (pos.data_ptr(), pos._version, pos.dtype, pos.device, tuple(base), self.pos_embed_interp)
         if stamp != self._pos_cache_stamp:
             self._pos_cache.clear()
             self._pos_cache_stamp = stamp
-        grid = (int(grid[0]), int(grid[1]))
+        grid = (int(grid_hw[0]), int(grid_hw[1]))
         cached = self._pos_cache.pop(grid, None)  # re-inserted below: the dict's order is recency
         if cached is None:
             if len(self._pos_cache) >= _POS_CACHE_SIZE:
                 self._pos_cache.pop(next(iter(self._pos_cache)))
-            with torch.inference_mode(False):
-                cached = resample_abs_pos_embed(pos.detach(), grid, base, 1, self.pos_embed_interp)
+            # inference_mode(False) re-enables grad mode: no_grad keeps the entry free of a graph to pos_embed.
+            with torch.inference_mode(False), torch.no_grad():
+                cached = super().pos_embed_for_grid(grid)
         self._pos_cache[grid] = cached
         return cached
 

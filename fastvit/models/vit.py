@@ -295,6 +295,26 @@ class VisionTransformer(nn.Module):
     def _pos_prefix_rows(self) -> int:
         return 0 if self.no_embed_class else self.num_prefix_tokens
 
+    def pos_embed_for_grid(self, grid_hw: tuple[int, int]) -> Tensor:
+        """The position table for an (h, w) token grid: ``pos_embed`` itself for the grid it is built
+        for, else its resampling with ``pos_embed_interp`` (prefix rows kept), as ``dynamic_img_size``
+        forwards use it.
+
+        Args:
+            grid_hw: the token grid (h, w), ``patch_embed.feat_size((H, W))`` for an H x W image.
+
+        Returns:
+            (1, P + h*w, D), or (1, h*w, D) with ``no_embed_class``; differentiable with respect to ``pos_embed``.
+
+        Raises:
+            ValueError: the model has no position table (``pos_embed="none"``).
+        """
+        if self.pos_embed is None:
+            raise ValueError("fastvit: this model has no position table (built with pos_embed='none')")
+        return resample_abs_pos_embed(
+            self.pos_embed, grid_hw, self.patch_embed.grid_size, self._pos_prefix_rows(), self.pos_embed_interp
+        )
+
     def _prefix_params(self) -> list[Tensor]:
         return [t for t in (self.cls_token, self.reg_token) if t is not None]
 
@@ -303,9 +323,7 @@ class VisionTransformer(nn.Module):
         grid = self.patch_embed.check_input(x)
         pos_embed = self.pos_embed
         if pos_embed is not None and self.dynamic_img_size:
-            pos_embed = resample_abs_pos_embed(
-                pos_embed, grid, self.patch_embed.grid_size, self._pos_prefix_rows(), self.pos_embed_interp
-            )
+            pos_embed = self.pos_embed_for_grid(grid)
         prefix = self._prefix_params()
         prefix_tokens = torch.cat(prefix, dim=1) if len(prefix) > 1 else (prefix[0] if prefix else None)
         x = self.patch_embed(x, pos_embed=pos_embed, prefix_tokens=prefix_tokens)

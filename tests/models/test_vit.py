@@ -220,6 +220,31 @@ def test_pos_embed_interp_selects_the_resampling(interp):
         assert not torch.allclose(model(x), static(x))
 
 
+def test_pos_embed_for_grid_is_the_table_dynamic_forwards_use():
+    model = fastvit.create_model(
+        "vit_tiny_patch16_224", depth=1, img_size=64, dynamic_img_size=True, pos_embed_interp="mmseg"
+    ).eval()
+    assert model.pos_embed_for_grid((4, 4)) is model.pos_embed
+    table = model.pos_embed_for_grid((3, 5))
+    torch.testing.assert_close(table, resample_abs_pos_embed(model.pos_embed, (3, 5), (4, 4), 1, interp="mmseg"))
+    table.sum().backward()  # differentiable: fine-tuning at another resolution trains the stored table
+    assert model.pos_embed.grad is not None
+    # Dynamic forwards take their table from it (subclasses such as the segmentation backbone override it).
+    calls = []
+    original = model.pos_embed_for_grid
+    model.pos_embed_for_grid = lambda grid_hw: calls.append(tuple(grid_hw)) or original(grid_hw)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 48, 80))
+    assert calls == [(3, 5)]
+    # Distilled models keep both prefix rows; no_embed_class tables have none.
+    deit = fastvit.create_model("deit_tiny_distilled_patch16_224", depth=1, img_size=64)
+    assert deit.pos_embed_for_grid((2, 3)).shape == (1, 2 + 6, 192)
+    no_prefix = VisionTransformer(img_size=64, embed_dim=32, depth=1, num_heads=2, no_embed_class=True)
+    assert no_prefix.pos_embed_for_grid((2, 3)).shape == (1, 6, 32)
+    with pytest.raises(ValueError, match="no position table"):
+        VisionTransformer(img_size=64, embed_dim=32, depth=1, num_heads=2, pos_embed="none").pos_embed_for_grid((2, 3))
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     model = fastvit.create_model("vit_tiny_patch16_224", depth=2, img_size=64, num_classes=5)
     x = torch.randn(2, 3, 64, 64)
