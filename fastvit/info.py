@@ -1,8 +1,9 @@
 """``python -m fastvit.info``: what this machine can run.
 
 Prints the versions fastvit depends on, the GPUs and their compute capability, whether the CUDA
-extension fastvit._C is built and loadable (and if not, why), its build metadata, and for every op
-which backends are available here, the auto order, and any fallbacks recorded in this process.
+extension fastvit._C is built and loadable (and if not, why), its build metadata, whether the cuBLASLt
+it loads at run time is usable (and from where), and for every op which backends are available here,
+the auto order, and any fallbacks recorded in this process.
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ def _version(module: str) -> str:
         return getattr(mod, "__version__", "installed")
     except Exception as exc:
         return f"not importable ({type(exc).__name__}: {exc})"
+
+
+def _cublaslt_status() -> str:
+    """fastvit._C's cuBLASLt run-time status, loading the library once the way the ops do; never raises."""
+    if not _ext.available():
+        return "not checked (fastvit._C is not loaded)"
+    try:
+        from fastvit.ops import _cuda_backends
+
+        reasons = _cuda_backends.cublaslt_reasons()  # loads it with fastvit's search directories
+        return "; ".join(reasons) if reasons else _ext.module().cublaslt_status()
+    except Exception as exc:  # e.g. an older build without cublaslt_status: report it, keep printing
+        return f"unknown ({type(exc).__name__}: {exc})"
 
 
 def collect() -> dict[str, Any]:
@@ -60,6 +74,7 @@ def collect() -> dict[str, Any]:
             "cudart": getattr(_ext.module(), "CUDART_VERSION", None),
             "device_status": _ext.module().device_status() if _ext.available() else None,
             "build": _ext.build_info(),
+            "cublaslt": _cublaslt_status(),
         },
         "env": {k: v for k, v in os.environ.items() if k.startswith("FASTVIT_") or k == "TRITON_INTERPRET"},
         "ops": ops,
@@ -86,6 +101,7 @@ def main() -> None:
         print(f"fastvit._C  NOT loaded: {ext['load_error']}")
     for key, value in ext["build"].items():
         print(f"    {key:>13}: {value}")
+    print(f"cuBLASLt    {ext['cublaslt']}")
     if info["env"]:
         print()
         for key, value in info["env"].items():

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fastvit import ops
+from fastvit import _ext, info, ops
 from fastvit.ops import dispatch
 
 
@@ -89,10 +89,14 @@ def test_every_op_is_registered_with_a_torch_backend():
         assert "torch" in op.reasons, f"{name} has no torch backend: CPU users could not run it"
 
 
-def test_info_command_reports_versions_extension_and_backends():
+def test_info_command_reports_versions_extension_and_backends(monkeypatch):
     out = subprocess.run([sys.executable, "-m", "fastvit.info"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    for needle in ("torch ", "triton ", "timm ", "fastvit._C", "layer_norm", "auto order"):
+    for needle in ("torch ", "triton ", "timm ", "fastvit._C", "cuBLASLt    ", "layer_norm", "auto order"):
         assert needle in text, f"{needle!r} missing from `python -m fastvit.info`:\n{text}"
     assert ("GPU     none visible" in text) == (not torch.cuda.is_available())
+    status = info.collect()["extension"]["cublaslt"]
+    assert status.startswith(("loaded ", "cuBLASLt is not usable")) if _ext.available() else "not loaded" in status
+    monkeypatch.setattr(_ext, "available", lambda: False)  # as where the extension is missing: no raise
+    assert info.collect()["extension"]["cublaslt"] == "not checked (fastvit._C is not loaded)"
