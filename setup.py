@@ -61,7 +61,10 @@ class CMakeBuild(build_ext):
     def run(self) -> None:
         reason, self._nvcc = _skip_reason()
         if reason is not None:
-            msg = f"fastvit: skipping the CUDA extension build: {reason}. fastvit will run on its Triton and torch backends."
+            msg = (
+                f"fastvit: skipping the CUDA extension build: {reason}. "
+                "fastvit will run on its Triton and torch backends."
+            )
             print(msg, file=sys.stderr)
             info = {"built": False, "skip_reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             for ext in self.extensions:

@@ -184,8 +184,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                "vs_fastest_sdpa", "note"]  # fmt: skip
     print(markdown_table(rows, columns))
     if not args.no_save:
-        env = {"gpu": torch.cuda.get_device_name(), "driver": _driver(), "torch": torch.__version__,
-               "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "triton": triton.__version__}
+        env = {
+            "gpu": torch.cuda.get_device_name(),
+            "driver": _driver(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "triton": triton.__version__,
+        }
         path = write_results("attention", rows, {"matmul_ceiling_tflops": ceiling, **env})
         print("wrote", path, "and", _write_csv(path, rows, env))
     return 0

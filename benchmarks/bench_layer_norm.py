@@ -62,17 +62,33 @@ def main() -> None:
                         fn()
                         ms = median_ms(fn)
                     except Exception as exc:  # an unavailable backend is reported, not hidden
-                        rows.append({"dtype": dtype_name, "rows": m, "width": width, "provider": name,
-                                     "note": f"not run: {type(exc).__name__}: {str(exc).splitlines()[0]}"})
+                        rows.append(
+                            {
+                                "dtype": dtype_name,
+                                "rows": m,
+                                "width": width,
+                                "provider": name,
+                                "note": f"not run: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                            }
+                        )
                         continue
                     gbps = nbytes / ms / 1e6
                     base = ms if base is None else base
-                    row = {"dtype": dtype_name, "rows": m, "width": width, "provider": name, "fwd_ms": ms,
-                           "GB/s": gbps, "of_copy_bw": gbps / ceiling, "speedup_vs_torch": base / ms}
+                    row = {
+                        "dtype": dtype_name,
+                        "rows": m,
+                        "width": width,
+                        "provider": name,
+                        "fwd_ms": ms,
+                        "GB/s": gbps,
+                        "of_copy_bw": gbps / ceiling,
+                        "speedup_vs_torch": base / ms,
+                    }
                     if args.backward:
                         xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
                         wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
                         if name.startswith("torch"):
+
                             def step():
                                 z = xg + rg
                                 y = F.layer_norm(z, (width,), wg, bg, 1e-6)
@@ -83,6 +99,7 @@ def main() -> None:
                             def step(bk=bk):
                                 y, z = ops.layer_norm(xg, wg, bg, 1e-6, residual=rg, backend=bk)
                                 torch.autograd.backward((y, z), (torch.ones_like(y), torch.ones_like(z)))
+
                         row["fwd_bwd_ms"] = median_ms(step)
                     rows.append(row)
     columns = ["dtype", "rows", "width", "provider", "fwd_ms", "GB/s", "of_copy_bw", "speedup_vs_torch"]

@@ -94,10 +94,19 @@ def main() -> None:
                     with torch.no_grad():
                         ms = _time(fn)
                     base = ms if base is None else base
-                    row = {"dtype": dtype_name, "model": label, "batch": batch, "provider": name, "fwd_ms": ms,
-                           "TFLOP/s": flops / ms / 1e9, "GB/s": nbytes / ms / 1e6,
-                           "of_copy_bw": nbytes / ms / 1e6 / ceiling, "speedup_vs_torch": base / ms}
+                    row = {
+                        "dtype": dtype_name,
+                        "model": label,
+                        "batch": batch,
+                        "provider": name,
+                        "fwd_ms": ms,
+                        "TFLOP/s": flops / ms / 1e9,
+                        "GB/s": nbytes / ms / 1e6,
+                        "of_copy_bw": nbytes / ms / 1e6 / ceiling,
+                        "speedup_vs_torch": base / ms,
+                    }
                     if args.backward:
+
                         def step(fn=fn):
                             y = fn()
                             torch.autograd.grad(y, leaves, torch.ones_like(y))

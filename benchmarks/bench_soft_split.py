@@ -94,10 +94,18 @@ def main() -> None:
                     with torch.no_grad():
                         ms = _time(fn)
                     base = ms if base is None else base
-                    row = {"dtype": dtype_name, "stage": f"{stage}: {tokens}x{features}", "batch": batch,
-                           "provider": name, "fwd_ms": ms, "GB/s": nbytes / ms / 1e6,
-                           "of_copy_bw": nbytes / ms / 1e6 / ceiling, "speedup_vs_torch": base / ms}
+                    row = {
+                        "dtype": dtype_name,
+                        "stage": f"{stage}: {tokens}x{features}",
+                        "batch": batch,
+                        "provider": name,
+                        "fwd_ms": ms,
+                        "GB/s": nbytes / ms / 1e6,
+                        "of_copy_bw": nbytes / ms / 1e6 / ceiling,
+                        "speedup_vs_torch": base / ms,
+                    }
                     if args.backward and leaves:
+
                         def step(fn=fn):
                             y = fn()
                             torch.autograd.grad(y, leaves, torch.ones_like(y))

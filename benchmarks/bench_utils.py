@@ -22,8 +22,10 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 def require_gpu(script: str) -> None:
     """Exits 0 with a message on a machine without a GPU: kernel timings need one."""
     if not torch.cuda.is_available():
-        print(f"{script}: no GPU visible to torch (torch.cuda.is_available() is False); this benchmark times GPU "
-              "kernels and has nothing to measure here. Run it on an NVIDIA GPU machine.")
+        print(
+            f"{script}: no GPU visible to torch (torch.cuda.is_available() is False); this benchmark times GPU "
+            "kernels and has nothing to measure here. Run it on an NVIDIA GPU machine."
+        )
         sys.exit(0)
 
 
@@ -45,7 +47,9 @@ def git_sha() -> str:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except OSError:
         return "unknown"
@@ -69,8 +73,15 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], extra: dict[str, An
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{name}_{gpu}_{stamp}.json")
-    payload = {"benchmark": name, "command": " ".join(sys.argv), "date": stamp, "git_sha": git_sha(),
-               "environment": info, **extra, "rows": list(rows)}
+    payload = {
+        "benchmark": name,
+        "command": " ".join(sys.argv),
+        "date": stamp,
+        "git_sha": git_sha(),
+        "environment": info,
+        **extra,
+        "rows": list(rows),
+    }
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     return path

@@ -88,10 +88,20 @@ def _classification(
 def _t2t(params: int, linear_norm: float, full: float) -> list[Published]:
     return [
         Published("params", params, None, "trainable (sinusoid pos-embed is a buffer)", _T2T_MISSION),
-        Published("gmacs_linear_norm", linear_norm, None, "mmpretrain 'Flops (G)': Linear + LayerNorm MACs only",
-                  "open-mmlab/mmpretrain: configs/t2t_vit/README.md"),
-        Published("gmacs_full", full, None, "official README MACs (attention matmuls included)",
-                  "yitu-opensource/T2T-ViT: README.md"),
+        Published(
+            "gmacs_linear_norm",
+            linear_norm,
+            None,
+            "mmpretrain 'Flops (G)': Linear + LayerNorm MACs only",
+            "open-mmlab/mmpretrain: configs/t2t_vit/README.md",
+        ),
+        Published(
+            "gmacs_full",
+            full,
+            None,
+            "official README MACs (attention matmuls included)",
+            "yitu-opensource/T2T-ViT: README.md",
+        ),
     ]
 
 
@@ -125,11 +135,17 @@ PUBLISHED: dict[str, list[Published]] = {
         5_717_416, 1.26, 17674, (Published("infer_img_s", 2536, "V100", _DEIT_SETTING, _DEIT, verify=True),)
     ),
     "deit_small_patch16_224": _classification(
-        22_050_664, 4.61, 7693, (Published("infer_img_s", 940, "V100", _DEIT_SETTING, _DEIT, verify=True),),
+        22_050_664,
+        4.61,
+        7693,
+        (Published("infer_img_s", 940, "V100", _DEIT_SETTING, _DEIT, verify=True),),
         csv_row="vit_small_patch16_224",
     ),
     "deit_base_patch16_224": _classification(
-        86_567_656, 17.58, 2787, (Published("infer_img_s", 292, "V100", _DEIT_SETTING, _DEIT, verify=True),),
+        86_567_656,
+        17.58,
+        2787,
+        (Published("infer_img_s", 292, "V100", _DEIT_SETTING, _DEIT, verify=True),),
         csv_row="vit_base_patch16_224",
     ),
     "t2t_vit_t_14": _t2t(21_465_422, 4.34, 6.1),
@@ -145,6 +161,7 @@ PUBLISHED: dict[str, list[Published]] = {
     "upernet_deit_b16_ln_mln_512": _segmentation(_MMSEG_VIT, (9.21,), (7.75,), ("160k",)),
     "dpt_vit_b16_512": _segmentation(_MMSEG_DPT, (8.09,), (10.41,), ("160k",)),
 }
+
 
 def published_for(model: str, metric: Optional[str] = None) -> list[Published]:
     """The published values for ``model`` (optionally one metric), possibly empty."""

@@ -68,7 +68,6 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from _harness import report  # noqa: E402
 from _harness.measure import METRICS, Settings, plan_for, run_cell, status_result  # noqa: E402
 from _harness.providers import (  # noqa: E402
@@ -119,27 +118,49 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="Measure the fps and memory columns of the seed tables for fastvit and its baselines.",
     )
     p.add_argument("--suite", choices=SUITES, help="rows to run (default: all on a GPU; a small CPU set without one)")
-    p.add_argument("--models", type=_csv_list, action="extend",
-                   help="comma-separated model names or labels, wildcards allowed (e.g. 'vit_base_*,DeiT-S*')")
-    p.add_argument("--providers", type=_csv_list, action="extend",
-                   help=f"comma-separated providers (default: all on a GPU; {','.join(CPU_PROVIDERS)} on a CPU); "
-                        f"known: {', '.join(x.key for x in PROVIDERS)}")
-    p.add_argument("--metrics", type=_csv_list, action="extend",
-                   help="comma-separated metrics (default: all that apply on a GPU; infer,latency on a CPU); "
-                        f"known: {', '.join(METRICS)}")
-    p.add_argument("--dtype", choices=tuple(DTYPES),
-                   help="inference / autocast dtype (default bf16 on a GPU, fp32 on a CPU)")
-    p.add_argument("--batch", type=_positive,
-                   help=f"inference batch for every row (default: per row on a GPU, {CPU_QUICK_BATCH} on a CPU)")
+    p.add_argument(
+        "--models",
+        type=_csv_list,
+        action="extend",
+        help="comma-separated model names or labels, wildcards allowed (e.g. 'vit_base_*,DeiT-S*')",
+    )
+    p.add_argument(
+        "--providers",
+        type=_csv_list,
+        action="extend",
+        help=f"comma-separated providers (default: all on a GPU; {','.join(CPU_PROVIDERS)} on a CPU); "
+        f"known: {', '.join(x.key for x in PROVIDERS)}",
+    )
+    p.add_argument(
+        "--metrics",
+        type=_csv_list,
+        action="extend",
+        help="comma-separated metrics (default: all that apply on a GPU; infer,latency on a CPU); "
+        f"known: {', '.join(METRICS)}",
+    )
+    p.add_argument(
+        "--dtype", choices=tuple(DTYPES), help="inference / autocast dtype (default bf16 on a GPU, fp32 on a CPU)"
+    )
+    p.add_argument(
+        "--batch",
+        type=_positive,
+        help=f"inference batch for every row (default: per row on a GPU, {CPU_QUICK_BATCH} on a CPU)",
+    )
     p.add_argument("--train-batch", type=_positive, help="training-step batch for every row (default: per row)")
     p.add_argument("--iters", type=_iters, help="timed calls per measurement, >= 20 (default 30 on a GPU, 20 on a CPU)")
-    p.add_argument("--max-warmup-s", type=float,
-                   help="cap on the automatic warm-up after the first call (default 120 s)")
-    p.add_argument("--budget-min", type=float, metavar="MINUTES",
-                   help="start no new measurement after this many minutes; the rest is marked, the files written")
+    p.add_argument(
+        "--max-warmup-s", type=float, help="cap on the automatic warm-up after the first call (default 120 s)"
+    )
+    p.add_argument(
+        "--budget-min",
+        type=float,
+        metavar="MINUTES",
+        help="start no new measurement after this many minutes; the rest is marked, the files written",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default benchmarks/results)")
-    p.add_argument("--compare", type=Path, metavar="FILE",
-                   help="an earlier results JSON: print this run's ratios to it")
+    p.add_argument(
+        "--compare", type=Path, metavar="FILE", help="an earlier results JSON: print this run's ratios to it"
+    )
     args = p.parse_args(argv)
     if args.providers:
         for key in args.providers:
@@ -178,8 +199,10 @@ def _fit_cpu_threads() -> Optional[str]:
     if load <= cores or torch.get_num_threads() == 1:
         return None
     torch.set_num_threads(1)
-    return (f"this CPU is busy (load average {load:.1f} on {cores} cores): timed with 1 thread; "
-            "the CPU timings say little about speed")
+    return (
+        f"this CPU is busy (load average {load:.1f} on {cores} cores): timed with 1 thread; "
+        "the CPU timings say little about speed"
+    )
 
 
 def _slug(text: str) -> str:
@@ -200,9 +223,15 @@ def _row_record(row: ModelRow, providers: Sequence[Provider], s: Settings) -> di
         params = count_params(builder, row)
         gmacs = count_gmacs(builder, row)
     return {
-        "key": row.key, "label": row.label, "suite": row.suite, "img_size": row.img_size, "timm_name": row.timm_name,
+        "key": row.key,
+        "label": row.label,
+        "suite": row.suite,
+        "img_size": row.img_size,
+        "timm_name": row.timm_name,
         "batch": {"infer": s.batch(row, "infer"), "train": s.batch(row, "train")},
-        "params": params, "gmacs": gmacs, "published": [p.as_dict() for p in published_for(row.key)],
+        "params": params,
+        "gmacs": gmacs,
+        "published": [p.as_dict() for p in published_for(row.key)],
     }
 
 
@@ -244,8 +273,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         warmup="auto" if has_gpu else CPU_WARMUP_CALLS,
     )
     busy_note = None if has_gpu else _fit_cpu_threads()
-    providers = [provider_by_key(k) for k in args.providers] if args.providers else (
-        list(PROVIDERS) if has_gpu else [provider_by_key(k) for k in CPU_PROVIDERS])
+    providers = (
+        [provider_by_key(k) for k in args.providers]
+        if args.providers
+        else (list(PROVIDERS) if has_gpu else [provider_by_key(k) for k in CPU_PROVIDERS])
+    )
     old = report.load_results(args.compare) if args.compare else None  # fail before measuring anything
 
     from tqdm import tqdm
@@ -255,10 +287,17 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     results: dict[str, Any] = {
         "schema": report.SCHEMA,
         "meta": meta,
-        "settings": {"dtype": dtype_name, "iters": settings.iters, "infer_batch": args.batch,
-                     "train_batch": args.train_batch,
-                     "max_warmup_s": settings.max_warmup_s, "warmup": settings.warmup, "buffers": settings.buffers,
-                     "providers": [p.key for p in providers], "metrics": args.metrics or "default"},
+        "settings": {
+            "dtype": dtype_name,
+            "iters": settings.iters,
+            "infer_batch": args.batch,
+            "train_batch": args.train_batch,
+            "max_warmup_s": settings.max_warmup_s,
+            "warmup": settings.warmup,
+            "buffers": settings.buffers,
+            "providers": [p.key for p in providers],
+            "metrics": args.metrics or "default",
+        },
         "providers": [{"key": p.key, "label": p.label} for p in providers],
         "rows": [],
         "cells": [],
@@ -283,8 +322,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             raise _Interrupted(f"the --budget-min {args.budget_min:g} deadline passed before this cell")
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    bar = tqdm(total=sum(len(m) for _, _, m in plan), unit="cell", desc="benchmarks", dynamic_ncols=True,
-               file=sys.stderr)
+    bar = tqdm(
+        total=sum(len(m) for _, _, m in plan), unit="cell", desc="benchmarks", dynamic_ncols=True, file=sys.stderr
+    )
     try:
         for row in args.rows:
             bar.set_postfix_str(f"{row.key}: params/GMACs")
@@ -296,6 +336,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                 def on_result(metric: str, result: dict[str, Any], row: ModelRow = row, prov: Provider = prov) -> None:
                     record(row, prov, metric, result)
                     bar.update(1)
+
                 run_cell(row, prov, metrics, settings, on_result)
     except KeyboardInterrupt as exc:
         why = exc.why if isinstance(exc, _Interrupted) else "the run was stopped (Ctrl-C) before this cell"
@@ -307,8 +348,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                 recorded.add(row.key)
             for metric in metrics:
                 if (row.key, prov.key, metric) not in done:
-                    results["cells"].append({"row": row.key, "provider": prov.key, "metric": metric,
-                                             **status_result(f"interrupted: {why}")})
+                    results["cells"].append(
+                        {"row": row.key, "provider": prov.key, "metric": metric, **status_result(f"interrupted: {why}")}
+                    )
     finally:
         bar.close()
         log.close()
@@ -334,18 +376,27 @@ def _open_log(path: Path, meta: dict[str, Any]) -> Any:
     """The run's log: one line per measurement as it lands (the JSON holds the details)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     log = open(path, "w")
-    log.write(f"# {meta['command']}\n# {meta['date']} {meta['gpu'] or 'CPU'} torch {meta['torch']} "
-              f"fastvit @ {meta['fastvit_git_sha']}\n")
+    log.write(
+        f"# {meta['command']}\n# {meta['date']} {meta['gpu'] or 'CPU'} torch {meta['torch']} "
+        f"fastvit @ {meta['fastvit_git_sha']}\n"
+    )
     return log
 
 
 def _row_record_stub(row: ModelRow, s: Settings) -> dict[str, Any]:
     """A row reached by no cell before an interruption: its static facts were not computed."""
     reason = {"reason": "interrupted: the run was stopped before this row"}
-    return {"key": row.key, "label": row.label, "suite": row.suite, "img_size": row.img_size,
-            "timm_name": row.timm_name,
-            "batch": {"infer": s.batch(row, "infer"), "train": s.batch(row, "train")},
-            "params": reason, "gmacs": reason, "published": [p.as_dict() for p in published_for(row.key)]}
+    return {
+        "key": row.key,
+        "label": row.label,
+        "suite": row.suite,
+        "img_size": row.img_size,
+        "timm_name": row.timm_name,
+        "batch": {"infer": s.batch(row, "infer"), "train": s.batch(row, "train")},
+        "params": reason,
+        "gmacs": reason,
+        "published": [p.as_dict() for p in published_for(row.key)],
+    }
 
 
 if __name__ == "__main__":

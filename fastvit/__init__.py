@@ -5,9 +5,9 @@ this machine can run.
 """
 
 from fastvit import ops
-from fastvit.models import create_model, list_models
 from fastvit.checkpoints import load_checkpoint
 from fastvit.inference import inference_model
+from fastvit.models import create_model, list_models
 from fastvit.patch import PatchReport, patch_model, return_attention, unpatch_model
 
 __version__ = "0.1.0"

@@ -15,7 +15,17 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["DTYPE_CODES", "available", "build_info", "dtype_code", "load_error", "module", "ptr", "require", "stream_handle"]
+__all__ = [
+    "DTYPE_CODES",
+    "available",
+    "build_info",
+    "dtype_code",
+    "load_error",
+    "module",
+    "ptr",
+    "require",
+    "stream_handle",
+]
 
 # Must match csrc/common.h::DTypeCode.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -19,12 +19,23 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["IMAGENET_CLASSES_FILE", "class_names", "imagenet_classes", "inference_model", "preprocessing_config",
-           "build_transform"]
+__all__ = [
+    "IMAGENET_CLASSES_FILE",
+    "class_names",
+    "imagenet_classes",
+    "inference_model",
+    "preprocessing_config",
+    "build_transform",
+]
 
 IMAGENET_CLASSES_FILE = "data/imagenet_classes.txt"
-_DEFAULTS = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-             "crop_pct": 0.875, "crop_mode": "center"}
+_DEFAULTS = {
+    "interpolation": "bicubic",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
 
 ImageInput = Union[str, "os.PathLike[str]", "Image.Image", torch.Tensor, np.ndarray]  # noqa: F821
 
@@ -155,10 +166,12 @@ def inference_model(
     results = []
     for row in scores:
         label = int(row.argmax())
-        results.append({
-            "pred_scores": row,
-            "pred_label": label,
-            "pred_score": float(row[label]),
-            "pred_class": names[label] if names is not None else str(label),
-        })
+        results.append(
+            {
+                "pred_scores": row,
+                "pred_label": label,
+                "pred_score": float(row[label]),
+                "pred_class": names[label] if names is not None else str(label),
+            }
+        )
     return results if isinstance(image, (list, tuple)) else results[0]

@@ -49,7 +49,15 @@ def collect() -> dict[str, Any]:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            gpus.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count})
+            gpus.append(
+                {
+                    "index": i,
+                    "name": p.name,
+                    "capability": f"{p.major}.{p.minor}",
+                    "memory_gib": round(p.total_memory / 2**30, 1),
+                    "sms": p.multi_processor_count,
+                }
+            )
     device = torch.device("cuda", 0) if gpus else torch.device("cpu")
     ops = {}
     for name, op in dispatch.registered_ops().items():
@@ -86,11 +94,17 @@ def main() -> None:
     info = collect()
     print(f"fastvit {info['fastvit']}  (python {info['python']}, {info['platform']})")
     print(f"torch   {info['torch']}  (CUDA {info['torch_cuda']})")
-    print(f"triton  {info['triton']}" + ("  [TRITON_INTERPRET=1: kernels run on the CPU]" if info["triton_interpreter"] else ""))
+    print(
+        f"triton  {info['triton']}"
+        + ("  [TRITON_INTERPRET=1: kernels run on the CPU]" if info["triton_interpreter"] else "")
+    )
     print(f"timm    {info['timm']}")
     if info["gpus"]:
         for g in info["gpus"]:
-            print(f"GPU {g['index']}   {g['name']}, compute capability {g['capability']}, {g['memory_gib']} GiB, {g['sms']} SMs")
+            print(
+                f"GPU {g['index']}   {g['name']}, compute capability {g['capability']}, "
+                f"{g['memory_gib']} GiB, {g['sms']} SMs"
+            )
     else:
         print("GPU     none visible to torch (ops run on the torch backend; Triton only under TRITON_INTERPRET=1)")
     ext = info["extension"]

@@ -33,10 +33,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("image", help="image file")
     parser.add_argument("--model", required=True, help="model name, e.g. vit_base_patch16_224")
-    parser.add_argument("--checkpoint", default=None,
-                        help="weights file (any supported format); default: the cached pretrained weights")
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="classifier size of --checkpoint (default: the model's)")
+    parser.add_argument(
+        "--checkpoint", default=None, help="weights file (any supported format); default: the cached pretrained weights"
+    )
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="classifier size of --checkpoint (default: the model's)"
+    )
     parser.add_argument("--topk", type=int, default=5, help="rows to print (default 5)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     args = parser.parse_args(argv)

@@ -29,7 +29,10 @@ GRAD_TOLERANCE_SCALE = 4.0
 
 def _first_mismatches(actual: torch.Tensor, expected: torch.Tensor, bad: torch.Tensor, limit: int = 5) -> str:
     idx = bad.nonzero()[:limit]
-    rows = [f"    at {tuple(i.tolist())}: got {actual[tuple(i)].item():.6g}, expected {expected[tuple(i)].item():.6g}" for i in idx]
+    rows = [
+        f"    at {tuple(i.tolist())}: got {actual[tuple(i)].item():.6g}, expected {expected[tuple(i)].item():.6g}"
+        for i in idx
+    ]
     return "\n".join(rows)
 
 
@@ -59,8 +62,7 @@ def assert_close(
         err[~torch.isfinite(err)] = float("inf")
         raise AssertionError(
             f"{name} ({dtype}): {int(bad.sum())} of {a.numel()} elements outside atol={atol:g}, rtol={rtol:g}; "
-            f"max abs error {err.max().item():.3g}, {int(nonfinite.sum())} non-finite\n"
-            + _first_mismatches(a, e, bad)
+            f"max abs error {err.max().item():.3g}, {int(nonfinite.sum())} non-finite\n" + _first_mismatches(a, e, bad)
         )
 
 

@@ -143,8 +143,12 @@ def _compile(spec: tuple) -> dict:
     result = {"kernel": launched, "fn": f"{mod_name}.{fn_name}", "sm": target_cc, "config": config, "bf16": bf16}
     try:
         kernel = triton.compile(
-            ASTSource(fn=fn, signature=signature, constexprs=constexprs,
-                      attrs={(int(i),): [["tt.divisibility", 16]] for i in json.loads(aligned)}),
+            ASTSource(
+                fn=fn,
+                signature=signature,
+                constexprs=constexprs,
+                attrs={(int(i),): [["tt.divisibility", 16]] for i in json.loads(aligned)},
+            ),
             target=GPUTarget("cuda", target_cc, 32),
             options=json.loads(options),
         )
@@ -152,9 +156,15 @@ def _compile(spec: tuple) -> dict:
         return dict(result, ok=False, error=f"{type(exc).__name__}: {str(exc)[:2000]}")
     ttgir = kernel.asm.get("ttgir", "")
     half = any(t in ("*fp16", "*bf16") for t in signature.values())
-    return dict(result, ok=True, shared=kernel.metadata.shared, shared_ok=kernel.metadata.shared <= SHARED_LIMIT[target_cc],
-                has_dot="tt.dot" in kernel.asm.get("ttir", "") or "warp_group_dot" in ttgir, half=half,
-                wgmma="warp_group_dot" in ttgir)
+    return dict(
+        result,
+        ok=True,
+        shared=kernel.metadata.shared,
+        shared_ok=kernel.metadata.shared <= SHARED_LIMIT[target_cc],
+        has_dot="tt.dot" in kernel.asm.get("ttir", "") or "warp_group_dot" in ttgir,
+        half=half,
+        wgmma="warp_group_dot" in ttgir,
+    )
 
 
 def main() -> None:
@@ -172,7 +182,9 @@ def main() -> None:
     for record in expanded:
         groups.setdefault((record["module"], record["wrapper"], record["name"]), []).append(record)
     for group in groups.values():
-        group.sort(key=lambda r: (not any(a.get("dtype") == "float16" for a in r["args"].values()), bool(r.get("dtype_swap"))))
+        group.sort(
+            key=lambda r: (not any(a.get("dtype") == "float16" for a in r["args"].values()), bool(r.get("dtype_swap")))
+        )
         for index, record in enumerate(group):
             obj = _launched(record)
             _, configs, _ = _unwrap(obj)
@@ -182,9 +194,19 @@ def main() -> None:
                 try:
                     spec = _spec(record, cc, config)
                 except Exception as exc:
-                    print(json.dumps({"kernel": f"{record['module']}.{record['name']}", "sm": cc, "config": str(config),
-                                      "bf16": bool(record.get("dtype_swap")), "ok": False,
-                                      "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+                    print(
+                        json.dumps(
+                            {
+                                "kernel": f"{record['module']}.{record['name']}",
+                                "sm": cc,
+                                "config": str(config),
+                                "bf16": bool(record.get("dtype_swap")),
+                                "ok": False,
+                                "error": f"{type(exc).__name__}: {exc}",
+                            }
+                        ),
+                        flush=True,
+                    )
                     continue
                 specs[spec] = None
     compiled = set()
@@ -207,6 +229,7 @@ def main() -> None:
             launchable = attr.endswith("_kernel") or not isinstance(obj, JITFunction)
             if launchable and fn.fn.__module__ == mod_name and f"{mod_name}.{fn.fn.__name__}" not in compiled:
                 print(json.dumps({"kernel": f"{mod_name}.{attr}", "unexercised": True}), flush=True)
+
 
 if __name__ == "__main__":
     main()

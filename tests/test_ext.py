@@ -44,8 +44,26 @@ def _require_extension():
 
 
 def _ln_args(**overrides):
-    args = dict(x=1, residual=0, weight=1, bias=0, y=1, residual_out=0, mean=1, rstd=1, rows=4, cols=8, x_stride=8,
-                residual_stride=0, y_stride=8, residual_out_stride=0, eps=1e-6, x_dtype=0, w_dtype=0, stream=0)
+    args = dict(
+        x=1,
+        residual=0,
+        weight=1,
+        bias=0,
+        y=1,
+        residual_out=0,
+        mean=1,
+        rstd=1,
+        rows=4,
+        cols=8,
+        x_stride=8,
+        residual_stride=0,
+        y_stride=8,
+        residual_out_stride=0,
+        eps=1e-6,
+        x_dtype=0,
+        w_dtype=0,
+        stream=0,
+    )
     args.update(overrides)
     return args
 
@@ -67,9 +85,27 @@ def test_extension_validates_arguments_before_touching_the_gpu():
     with pytest.raises(ValueError, match=r"weight dtype float16 must be the input dtype \(float32\) or float32"):
         C.layer_norm_fwd(**_ln_args(w_dtype=1))
     with pytest.raises(ValueError, match="unsupported dtype code 7"):
-        C.layer_norm_bwd(dy=1, dresidual_out=0, z=1, weight=1, mean=1, rstd=1, dz=1, dweight_partial=1,
-                         dbias_partial=0, rows=4, cols=8, dy_stride=8, dresidual_out_stride=0, z_stride=8,
-                         dz_stride=8, num_partials=1, x_dtype=7, w_dtype=0, stream=0)
+        C.layer_norm_bwd(
+            dy=1,
+            dresidual_out=0,
+            z=1,
+            weight=1,
+            mean=1,
+            rstd=1,
+            dz=1,
+            dweight_partial=1,
+            dbias_partial=0,
+            rows=4,
+            cols=8,
+            dy_stride=8,
+            dresidual_out_stride=0,
+            z_stride=8,
+            dz_stride=8,
+            num_partials=1,
+            x_dtype=7,
+            w_dtype=0,
+            stream=0,
+        )
 
 
 def test_dtype_codes_match_the_extension():

@@ -299,12 +299,12 @@ def _soft_split_run(x, hw, kernel, norm_weight, norm_bias, eps, dy):
 
 SOFT_SPLIT_CASES = [
     # (input shape, hw, kernel (kh, kw, sh, sw, ph, pw), layout)
-    ((2, 3, 224, 224), None, (7, 7, 4, 4, 2, 2), "nchw"),          # T2T stage 0
-    ((2, 3136, 64), (56, 56), (3, 3, 2, 2, 1, 1), "tokens"),     # T2T stage 1
-    ((3, 784, 64), (28, 28), (3, 3, 2, 2, 1, 1), "tokens"),      # T2T stage 2
+    ((2, 3, 224, 224), None, (7, 7, 4, 4, 2, 2), "nchw"),  # T2T stage 0
+    ((2, 3136, 64), (56, 56), (3, 3, 2, 2, 1, 1), "tokens"),  # T2T stage 1
+    ((3, 784, 64), (28, 28), (3, 3, 2, 2, 1, 1), "tokens"),  # T2T stage 2
     ((1, 5, 13, 11), None, (3, 2, 2, 3, 1, 0), "channels_last"),  # ragged, rectangular window
-    ((3, 4, 9, 10), None, (2, 2, 3, 3, 0, 0), "nchw"),            # stride > kernel: unread pixels get 0
-    ((2, 35, 6), (5, 7), (4, 4, 1, 1, 2, 2), "strided_tokens"),   # tokens sliced from a wider buffer
+    ((3, 4, 9, 10), None, (2, 2, 3, 3, 0, 0), "nchw"),  # stride > kernel: unread pixels get 0
+    ((2, 35, 6), (5, 7), (4, 4, 1, 1, 2, 2), "strided_tokens"),  # tokens sliced from a wider buffer
 ]
 
 
@@ -362,10 +362,10 @@ def _patch_inputs(B, C, H, W, D, patch, P, pos, dtype, layout):
 PATCH_CASES = [
     # (B, C, H, W, D, patch, P, pos, layout)
     (2, 3, 32, 32, 64, 16, 0, "none", "nchw"),
-    (3, 3, 48, 32, 96, 16, 1, "all", "nchw"),            # ViT class token, pos over cls + patches
+    (3, 3, 48, 32, 96, 16, 1, "all", "nchw"),  # ViT class token, pos over cls + patches
     (1, 3, 32, 32, 80, 8, 2, "patches", "channels_last"),  # distilled DeiT, no_embed_class
-    (5, 4, 30, 27, 64, 8, 1, "patches", "nchw"),         # ragged: zero-padded right / bottom
-    (2, 3, 224, 224, 768, 16, 1, "all", "nchw"),         # ViT-B/16
+    (5, 4, 30, 27, 64, 8, 1, "patches", "nchw"),  # ragged: zero-padded right / bottom
+    (2, 3, 224, 224, 768, 16, 1, "all", "nchw"),  # ViT-B/16
 ]
 
 

@@ -85,13 +85,19 @@ def _record_launches(exercise) -> list[dict]:
             cls.run = run
     out = list(records.values())
     # fp16 launches are compiled a second time as bf16 (the interpreter cannot run bf16 arithmetic).
-    out += [dict(r, dtype_swap=True) for r in records.values() if any(a.get("dtype") == "float16" for a in r["args"].values())]
+    out += [
+        dict(r, dtype_swap=True)
+        for r in records.values()
+        if any(a.get("dtype") == "float16" for a in r["args"].values())
+    ]
     return out
 
 
 def _backward(out, *inputs):
     outs = out if isinstance(out, tuple) else (out,)
-    torch.autograd.grad(outs, [t for t in inputs if t is not None and t.requires_grad], [torch.ones_like(o) for o in outs])
+    torch.autograd.grad(
+        outs, [t for t in inputs if t is not None and t.requires_grad], [torch.ones_like(o) for o in outs]
+    )
 
 
 def _exercise_layer_norm():
@@ -148,7 +154,9 @@ def _exercise_soft_split():
         _backward(ops.soft_split(x, kernel_size=7, stride=4, padding=2, backend="triton"), x)
         t = torch.randn(1, 36, 4, dtype=dtype, requires_grad=True)
         nw, nb = torch.randn(36, dtype=dtype, requires_grad=True), torch.randn(36, dtype=dtype, requires_grad=True)
-        out = ops.soft_split(t, kernel_size=3, stride=2, padding=1, hw=(6, 6), norm_weight=nw, norm_bias=nb, backend="triton")
+        out = ops.soft_split(
+            t, kernel_size=3, stride=2, padding=1, hw=(6, 6), norm_weight=nw, norm_bias=nb, backend="triton"
+        )
         _backward(out, t, nw, nb)
 
 

@@ -96,8 +96,13 @@ def test_google_weights_use_google_preprocessing(tmp_path):
 
 def test_timm_config_preprocessing_center_crops():
     model = tiny_vit("fastvit")
-    model.pretrained_cfg = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 0.875,
-                            "interpolation": "bicubic", "crop_mode": "center"}
+    model.pretrained_cfg = {
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "crop_mode": "center",
+    }
     img = torch.rand(3, 40, 50)
     x = TF.resize(img, 36, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)  # 32 / 0.875 -> 36
     x = TF.normalize(TF.center_crop(x, [32, 32]), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -162,8 +167,12 @@ def test_predict_errors(tmp_path, image, vit_tiny_checkpoint, monkeypatch, capsy
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch"))
     assert predict_main([str(path), "--model", "vit_tiny_patch16_224"]) == 1
     assert "never downloads" in capsys.readouterr().err
-    assert predict_main([str(path), "--model", "vit_tiny_patch16_224", "--checkpoint", vit_tiny_checkpoint,
-                         "--num-classes", "10"]) == 1
+    assert (
+        predict_main(
+            [str(path), "--model", "vit_tiny_patch16_224", "--checkpoint", vit_tiny_checkpoint, "--num-classes", "10"]
+        )
+        == 1
+    )
     assert "num_classes=1000" in capsys.readouterr().err
 
 
@@ -172,9 +181,20 @@ def test_predict_module_entry_point(tmp_path, image, vit_tiny_checkpoint):
     path = tmp_path / "img.png"
     image.save(path)
     proc = subprocess.run(
-        [sys.executable, "-m", "fastvit.predict", str(path), "--model", "vit_tiny_patch16_224",
-         "--checkpoint", vit_tiny_checkpoint],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "fastvit.predict",
+            str(path),
+            "--model",
+            "vit_tiny_patch16_224",
+            "--checkpoint",
+            vit_tiny_checkpoint,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip().splitlines()) == 2 + 5

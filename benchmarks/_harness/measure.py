@@ -126,6 +126,7 @@ def _compiled(model: torch.nn.Module, provider: Provider) -> Callable[..., Any]:
         # backward and the next forward do not overwrite each other's graph memory.
         mark_step()
         return compiled(*args)
+
     return call
 
 
@@ -141,6 +142,7 @@ def _loss_fn(model: torch.nn.Module, run: Callable[..., Any], row: ModelRow) -> 
     if row.suite == "classification":
         return (lambda x, y: F.cross_entropy(_first(run(x)).float(), y)), "cross-entropy on the logits"
     if _takes_labels(model):
+
         def seg_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             losses = run(x, y)
             if isinstance(losses, dict):
@@ -148,6 +150,7 @@ def _loss_fn(model: torch.nn.Module, run: Callable[..., Any], row: ModelRow) -> 
                     return losses["loss"]
                 return sum(v for k, v in losses.items() if k.endswith("loss_ce"))
             return losses
+
         return seg_loss, "the segmentor's own training loss (forward(x, seg_label): decode + auxiliary heads)"
 
     def logits_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -155,6 +158,7 @@ def _loss_fn(model: torch.nn.Module, run: Callable[..., Any], row: ModelRow) -> 
         if logits.shape[-2:] != y.shape[-2:]:
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
         return F.cross_entropy(logits, y, ignore_index=SEG_IGNORE_INDEX)
+
     return logits_loss, "cross-entropy on the forward logits resized to the label (no auxiliary head)"
 
 
@@ -177,8 +181,14 @@ def _num_outputs(model: torch.nn.Module, row: ModelRow) -> int:
     return int(n) if n else 150
 
 
-def _train_step(model: torch.nn.Module, provider: Provider, row: ModelRow, optimizer: torch.optim.Optimizer,
-                dtype: torch.dtype, device: torch.device) -> tuple[Callable[[Any], None], str]:
+def _train_step(
+    model: torch.nn.Module,
+    provider: Provider,
+    row: ModelRow,
+    optimizer: torch.optim.Optimizer,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Callable[[Any], None], str]:
     run = _compiled(model, provider)
     loss_fn, note = _loss_fn(model, run, row)
     use_autocast = dtype != torch.float32
@@ -190,6 +200,7 @@ def _train_step(model: torch.nn.Module, provider: Provider, row: ModelRow, optim
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step, note
 
 
@@ -216,8 +227,13 @@ def measure_train(model: torch.nn.Module, provider: Provider, row: ModelRow, s: 
     values = {"img_s": batch / (t.median_ms / 1e3), "ms": t.median_ms}
     if peak is not None:
         values["peak_mem_gib"] = peak
-    return {"status": "ok", "batch": batch, "values": values, "timing": t.as_dict(),
-            "notes": [f"SGD momentum 0.9; {note}"]}
+    return {
+        "status": "ok",
+        "batch": batch,
+        "values": values,
+        "timing": t.as_dict(),
+        "notes": [f"SGD momentum 0.9; {note}"],
+    }
 
 
 def measure_paper_mem(model: torch.nn.Module, provider: Provider, row: ModelRow, s: Settings) -> dict[str, Any]:
@@ -234,8 +250,12 @@ def measure_paper_mem(model: torch.nn.Module, provider: Provider, row: ModelRow,
     finally:
         optimizer.zero_grad(set_to_none=True)
         del optimizer, batches
-    return {"status": "ok", "batch": PAPER_BATCH, "values": {"mem_gib": peak},
-            "notes": [f"fp32, AdamW, 512x512, peak over one step after 2 warm-up steps; {note}"]}
+    return {
+        "status": "ok",
+        "batch": PAPER_BATCH,
+        "values": {"mem_gib": peak},
+        "notes": [f"fp32, AdamW, 512x512, peak over one step after 2 warm-up steps; {note}"],
+    }
 
 
 def _predict_fn(model: torch.nn.Module, row: ModelRow) -> tuple[Callable[[torch.Tensor], Any], str]:
@@ -246,6 +266,7 @@ def _predict_fn(model: torch.nn.Module, row: ModelRow) -> tuple[Callable[[torch.
     def fallback(x: torch.Tensor) -> torch.Tensor:
         logits = _first(model(x))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+
     return fallback, "forward + bilinear resize to the input + argmax (the model has no predict)"
 
 
@@ -257,10 +278,18 @@ def measure_paper_fps(model: torch.nn.Module, provider: Provider, row: ModelRow,
     def call(x: torch.Tensor) -> None:
         with torch.no_grad():
             predict(x)
+
     t = time_calls(call, xs, iters=PAPER_ITERS, warmup=PAPER_WARMUP, device=s.device)
-    return {"status": "ok", "batch": 1, "values": {"fps": 1e3 / t.mean_ms, "ms": t.mean_ms}, "timing": t.as_dict(),
-            "notes": [f"fp32, batch 1, {PAPER_WARMUP} warm-up + {PAPER_ITERS} timed, fps = 1/mean; fixed "
-                      f"{row.img_size}x{row.img_size} input; {note}"]}
+    return {
+        "status": "ok",
+        "batch": 1,
+        "values": {"fps": 1e3 / t.mean_ms, "ms": t.mean_ms},
+        "timing": t.as_dict(),
+        "notes": [
+            f"fp32, batch 1, {PAPER_WARMUP} warm-up + {PAPER_ITERS} timed, fps = 1/mean; fixed "
+            f"{row.img_size}x{row.img_size} input; {note}"
+        ],
+    }
 
 
 def _eval_forward(model: torch.nn.Module, provider: Provider, dtype: torch.dtype) -> Callable[[torch.Tensor], None]:
@@ -270,6 +299,7 @@ def _eval_forward(model: torch.nn.Module, provider: Provider, dtype: torch.dtype
     def forward(x: torch.Tensor) -> None:
         with torch.no_grad():
             run(x)
+
     return forward
 
 
@@ -305,13 +335,20 @@ def measure_latency(model: torch.nn.Module, provider: Provider, row: ModelRow, s
     notes = []
     if provider.graph:
         fn, capture_s = _graph_replay(model, s.dtype, shape, s.device)
-        notes.append(f"fastvit.graphs.graph_replay (warm-up + capture {capture_s:.2f} s); each call copies "
-                     "the input into the static buffer, then replays")
+        notes.append(
+            f"fastvit.graphs.graph_replay (warm-up + capture {capture_s:.2f} s); each call copies "
+            "the input into the static buffer, then replays"
+        )
     else:
         fn = _eval_forward(model, provider, s.dtype)
     t = time_calls(fn, xs, iters=s.iters, warmup=s.warmup, max_warmup_s=s.max_warmup_s, device=s.device)
-    return {"status": "ok", "batch": 1, "values": {"ms": t.median_ms, "p90_ms": t.p90_ms}, "timing": t.as_dict(),
-            "notes": notes}
+    return {
+        "status": "ok",
+        "batch": 1,
+        "values": {"ms": t.median_ms, "p90_ms": t.p90_ms},
+        "timing": t.as_dict(),
+        "notes": notes,
+    }
 
 
 MEASURE: dict[str, Callable[[torch.nn.Module, Provider, ModelRow, Settings], dict[str, Any]]] = {
@@ -386,8 +423,13 @@ def run_cell(
                         _cleanup(s.device)
                         done(metric, status_result(_oom_text(row, metric, s), detail=str(exc)[:2000]))
                         continue
-                    done(metric, status_result(f"error: {type(exc).__name__}: {exc}".splitlines()[0],
-                                               traceback=traceback.format_exc(limit=8)))
+                    done(
+                        metric,
+                        status_result(
+                            f"error: {type(exc).__name__}: {exc}".splitlines()[0],
+                            traceback=traceback.format_exc(limit=8),
+                        ),
+                    )
         finally:
             del model
             _cleanup(s.device)

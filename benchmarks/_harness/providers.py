@@ -200,6 +200,7 @@ def _on_meta_then_cpu(provider: Provider, row: ModelRow, use: Any) -> tuple[Any,
 
 def count_params(provider: Provider, row: ModelRow) -> dict[str, Any]:
     """{"value": trainable parameters, "source": ...} of the row's model, or {"reason": ...}."""
+
     def trainable(model: torch.nn.Module) -> int:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -225,8 +226,10 @@ def count_gmacs(provider: Provider, row: ModelRow) -> dict[str, Any]:
     """
     count_flops = _count_flops_fn()
     if count_flops is None:
-        return {"reason": "n/a: fastvit.utils.count_flops does not exist yet (issue 3); "
-                          "the harness does not count MACs itself"}
+        return {
+            "reason": "n/a: fastvit.utils.count_flops does not exist yet (issue 3); "
+            "the harness does not count MACs itself"
+        }
     counted, errors = _on_meta_then_cpu(provider, row, lambda m: count_flops(m, img_size=row.img_size))
     if counted is None:
         return {"reason": "error: fastvit.utils.count_flops failed " + " | ".join(errors)}

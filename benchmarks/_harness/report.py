@@ -36,13 +36,37 @@ SCHEMA = "fastvit-benchmarks-run/1"
 BASELINE = "timm_eager"
 UNITS = {"img_s": "img/s", "ms": "ms", "p90_ms": "ms", "peak_mem_gib": "GiB", "fps": "fps", "mem_gib": "GiB"}
 # Ratio to the baseline, oriented so that > 1 means "better than timm eager" for speed; memory is ours / theirs.
-_RATIO = {"img_s": lambda ours, base: ours / base, "fps": lambda ours, base: ours / base,
-          "ms": lambda ours, base: base / ours, "peak_mem_gib": lambda ours, base: ours / base,
-          "mem_gib": lambda ours, base: ours / base}
+_RATIO = {
+    "img_s": lambda ours, base: ours / base,
+    "fps": lambda ours, base: ours / base,
+    "ms": lambda ours, base: base / ours,
+    "peak_mem_gib": lambda ours, base: ours / base,
+    "mem_gib": lambda ours, base: ours / base,
+}
 CSV_FIELDS = (
-    "suite", "model", "label", "provider", "provider_label", "metric", "quantity", "value", "unit", "vs_timm_eager",
-    "batch", "dtype", "status", "reason", "first_call_s", "iters", "clock", "published", "device", "gpu", "torch",
-    "git_sha", "date",
+    "suite",
+    "model",
+    "label",
+    "provider",
+    "provider_label",
+    "metric",
+    "quantity",
+    "value",
+    "unit",
+    "vs_timm_eager",
+    "batch",
+    "dtype",
+    "status",
+    "reason",
+    "first_call_s",
+    "iters",
+    "clock",
+    "published",
+    "device",
+    "gpu",
+    "torch",
+    "git_sha",
+    "date",
 )
 REPO = Path(__file__).resolve().parents[2]
 
@@ -171,22 +195,44 @@ def write_csv(results: dict[str, Any], path: Path) -> Path:
         for c in results["cells"]:
             row = rows[c["row"]]
             common = {
-                "suite": row["suite"], "model": c["row"], "label": row["label"], "provider": c["provider"],
-                "provider_label": labels.get(c["provider"], c["provider"]), "metric": c["metric"],
-                "batch": c.get("batch"), "dtype": c.get("dtype"), "status": c["status"], "reason": c.get("reason", ""),
-                "first_call_s": c.get("timing", {}).get("first_call_s"), "iters": c.get("timing", {}).get("iters"),
-                "clock": c.get("timing", {}).get("clock"), "device": meta["device"], "gpu": meta["gpu"],
-                "torch": meta["torch"], "git_sha": meta["fastvit_git_sha"], "date": meta["date"],
+                "suite": row["suite"],
+                "model": c["row"],
+                "label": row["label"],
+                "provider": c["provider"],
+                "provider_label": labels.get(c["provider"], c["provider"]),
+                "metric": c["metric"],
+                "batch": c.get("batch"),
+                "dtype": c.get("dtype"),
+                "status": c["status"],
+                "reason": c.get("reason", ""),
+                "first_call_s": c.get("timing", {}).get("first_call_s"),
+                "iters": c.get("timing", {}).get("iters"),
+                "clock": c.get("timing", {}).get("clock"),
+                "device": meta["device"],
+                "gpu": meta["gpu"],
+                "torch": meta["torch"],
+                "git_sha": meta["fastvit_git_sha"],
+                "date": meta["date"],
             }
             values = c.get("values") or {}
             if not values:
                 w.writerow(common)
             for q, v in values.items():
-                pub_metric = {("infer", "img_s"): "infer_img_s", ("paper_mem", "mem_gib"): "paper_mem_gib",
-                              ("paper_fps", "fps"): "paper_fps"}.get((c["metric"], q))
-                w.writerow({**common, "quantity": q, "value": v, "unit": UNITS.get(q, ""),
-                            "vs_timm_eager": c.get("vs_timm_eager", {}).get(q),
-                            "published": _published_text(row, pub_metric) if pub_metric else ""})
+                pub_metric = {
+                    ("infer", "img_s"): "infer_img_s",
+                    ("paper_mem", "mem_gib"): "paper_mem_gib",
+                    ("paper_fps", "fps"): "paper_fps",
+                }.get((c["metric"], q))
+                w.writerow(
+                    {
+                        **common,
+                        "quantity": q,
+                        "value": v,
+                        "unit": UNITS.get(q, ""),
+                        "vs_timm_eager": c.get("vs_timm_eager", {}).get(q),
+                        "published": _published_text(row, pub_metric) if pub_metric else "",
+                    }
+                )
     return path
 
 
@@ -219,19 +265,26 @@ class _Notes:
 # (metric, quantity, header, with ratio) per suite; columns only appear when their metric was planned.
 _COLUMNS = {
     "classification": (
-        ("infer", "img_s", "img/s", True), ("latency", "ms", "bs1 ms", True),
+        ("infer", "img_s", "img/s", True),
+        ("latency", "ms", "bs1 ms", True),
         ("infer", "peak_mem_gib", "infer GiB", False),
-        ("train", "img_s", "train img/s", True), ("train", "peak_mem_gib", "train GiB", False),
+        ("train", "img_s", "train img/s", True),
+        ("train", "peak_mem_gib", "train GiB", False),
     ),
     "segmentation": (
-        ("paper_mem", "mem_gib", "Mem GiB (paper)", False), ("paper_fps", "fps", "fps (paper)", True),
-        ("infer", "img_s", "img/s", True), ("latency", "ms", "bs1 ms", True),
+        ("paper_mem", "mem_gib", "Mem GiB (paper)", False),
+        ("paper_fps", "fps", "fps (paper)", True),
+        ("infer", "img_s", "img/s", True),
+        ("latency", "ms", "bs1 ms", True),
         ("infer", "peak_mem_gib", "infer GiB", False),
-        ("train", "img_s", "train img/s", True), ("train", "peak_mem_gib", "train GiB", False),
+        ("train", "img_s", "train img/s", True),
+        ("train", "peak_mem_gib", "train GiB", False),
     ),
 }
-_PUBLISHED_COLUMNS = {"classification": (("infer_img_s", "published img/s"),),
-                      "segmentation": (("paper_mem_gib", "published Mem GB"), ("paper_fps", "published fps"))}
+_PUBLISHED_COLUMNS = {
+    "classification": (("infer_img_s", "published img/s"),),
+    "segmentation": (("paper_mem_gib", "published Mem GB"), ("paper_fps", "published fps")),
+}
 
 
 def _gmacs_text(row: dict[str, Any], notes: _Notes) -> str:
@@ -269,9 +322,12 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("interrupted"):
         out += ["", "**Interrupted: the tables hold what was measured before the interruption.**"]
     if not meta["device"].startswith("cuda"):
-        out += ["", "GPU columns (peak memory, training step, torch.compile, forced Triton/CUDA backends, CUDA-graph "
-                    "replay, the mmseg paper protocol) need a GPU: torch.cuda.is_available() is False on this machine. "
-                    "The numbers below are CPU timings."]
+        out += [
+            "",
+            "GPU columns (peak memory, training step, torch.compile, forced Triton/CUDA backends, CUDA-graph "
+            "replay, the mmseg paper protocol) need a GPU: torch.cuda.is_available() is False on this machine. "
+            "The numbers below are CPU timings.",
+        ]
         if meta.get("cpu_note"):
             out += ["", f"Note: {meta['cpu_note']}."]
     notes = _Notes()
@@ -309,8 +365,11 @@ def markdown(results: dict[str, Any]) -> str:
                 else:
                     line += ["", "", ""]
                 present = [c for c in row_cells if c is not None]
-                same = present and all(c["status"] != "ok" for c in present) and len(
-                    {(c["status"], c.get("reason")) for c in present}) == 1
+                same = (
+                    present
+                    and all(c["status"] != "ok" for c in present)
+                    and len({(c["status"], c.get("reason")) for c in present}) == 1
+                )
                 for j, ((metric, q, _t, ratio), c) in enumerate(zip(cols, row_cells)):
                     if c is None:
                         text, rtext = "", ""
@@ -324,8 +383,11 @@ def markdown(results: dict[str, Any]) -> str:
                     line.append(text)
                     if ratio:
                         line.append(rtext)
-                timed = {m: c["timing"]["first_call_s"] for (m, *_), c in zip(cols, row_cells)
-                         if c and c["status"] == "ok" and c.get("timing")}
+                timed = {
+                    m: c["timing"]["first_call_s"]
+                    for (m, *_), c in zip(cols, row_cells)
+                    if c and c["status"] == "ok" and c.get("timing")
+                }
                 first = next((timed[m] for m in ("infer", "latency", "train", "paper_fps") if m in timed), None)
                 line.append(_fmt(first) if first is not None else "")
                 for pub_metric, _title in _PUBLISHED_COLUMNS[suite]:
@@ -350,8 +412,11 @@ def compare(new: dict[str, Any], old: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     if (new["meta"]["gpu"], new["settings"]["dtype"]) != (old["meta"]["gpu"], old["settings"]["dtype"]):
-        lines.insert(1, f"\nNote: GPU or dtype differ ({old['meta']['gpu']}/{old['settings']['dtype']} -> "
-                        f"{new['meta']['gpu']}/{new['settings']['dtype']}).")
+        lines.insert(
+            1,
+            f"\nNote: GPU or dtype differ ({old['meta']['gpu']}/{old['settings']['dtype']} -> "
+            f"{new['meta']['gpu']}/{new['settings']['dtype']}).",
+        )
     matched = 0
     for c in new["cells"]:
         o = old_cells.get((c["row"], c["provider"], c["metric"]))
@@ -361,8 +426,10 @@ def compare(new: dict[str, Any], old: dict[str, Any]) -> str:
             ov = o.get("values", {}).get(q)
             if ov:
                 matched += 1
-                lines.append(f"| {c['row']} | {c['provider']} | {c['metric']} | {q} ({UNITS.get(q, '')}) | "
-                             f"{_fmt(ov)} | {_fmt(v)} | {v / ov:.3f} |")
+                lines.append(
+                    f"| {c['row']} | {c['provider']} | {c['metric']} | {q} ({UNITS.get(q, '')}) | "
+                    f"{_fmt(ov)} | {_fmt(v)} | {v / ov:.3f} |"
+                )
     if not matched:
         lines.append("| (no number measured in both runs) | | | | | | |")
     lines.append("")
@@ -379,8 +446,11 @@ def chart(results: dict[str, Any], path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "skipped: matplotlib is not installed (pip install matplotlib, or fastvit[bench])"
-    panels = (("infer", "img_s", "inference img/s (log)"), ("infer", "peak_mem_gib", "inference peak memory GiB"),
-              ("paper_mem", "mem_gib", "training Mem GiB (mmseg protocol)"))
+    panels = (
+        ("infer", "img_s", "inference img/s (log)"),
+        ("infer", "peak_mem_gib", "inference peak memory GiB"),
+        ("paper_mem", "mem_gib", "training Mem GiB (mmseg protocol)"),
+    )
     data = []
     for metric, q, title in panels:
         series: dict[str, dict[str, float]] = {}
@@ -413,4 +483,3 @@ def chart(results: dict[str, Any], path: Path) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return f"written to {path.name}"
-

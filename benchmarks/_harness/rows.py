@@ -68,8 +68,9 @@ def _t2t(key: str, label: str) -> ModelRow:
 
 
 def _seg(key: str, label: str) -> ModelRow:
-    return ModelRow(key, label, "segmentation", 512, 16, 8, timm_missing="timm has no UPerNet/DPT segmentor",
-                    num_classes=None)
+    return ModelRow(
+        key, label, "segmentation", 512, 16, 8, timm_missing="timm has no UPerNet/DPT segmentor", num_classes=None
+    )
 
 
 ROWS: tuple[ModelRow, ...] = (
@@ -103,8 +104,9 @@ ROWS: tuple[ModelRow, ...] = (
 )
 
 
-def select_rows(suite: str = "all", patterns: Optional[Sequence[str]] = None,
-                rows: Optional[Sequence[ModelRow]] = None) -> list[ModelRow]:
+def select_rows(
+    suite: str = "all", patterns: Optional[Sequence[str]] = None, rows: Optional[Sequence[ModelRow]] = None
+) -> list[ModelRow]:
     """Rows of ``suite`` matching any of ``patterns`` (model keys or labels, shell-style wildcards).
 
     ``rows`` defaults to :data:`ROWS`, read at call time (tests add reduced rows to it).

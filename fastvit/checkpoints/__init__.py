@@ -95,7 +95,10 @@ _RESAMPLE: dict[str, str] = {
 # How Google's ViT weights (and jeonsworld fine-tunes of them) expect images: resized to the square
 # input without a crop, scaled to [-1, 1] (google-research/vision_transformer#39).
 GOOGLE_PREPROCESSING: dict[str, Any] = {
-    "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 1.0, "crop_mode": "squash",
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "crop_pct": 1.0,
+    "crop_mode": "squash",
     "interpolation": "bilinear",
 }
 _PREPROCESSING = {"npz": GOOGLE_PREPROCESSING, "vit_pytorch": GOOGLE_PREPROCESSING}
@@ -167,7 +170,7 @@ def _unwrap(obj: Any, use_ema: bool) -> tuple[StateDict, list[str]]:
         raise CheckpointError(f"expected a dict of tensors, found a {type(obj).__name__}")
     sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}  # saved from a DistributedDataParallel wrapper
+        sd = {k[len("module.") :]: v for k, v in sd.items()}  # saved from a DistributedDataParallel wrapper
     return sd, wrapper
 
 
@@ -289,7 +292,7 @@ def _grid(model: nn.Module, num_tokens: int) -> Optional[tuple[int, int]]:
         grid = getattr(getattr(model, embed, None), "grid_size", None)
         if grid is not None and len(grid) == 2 and grid[0] * grid[1] == num_tokens:
             return int(grid[0]), int(grid[1])
-    side = int(round(num_tokens ** 0.5))
+    side = int(round(num_tokens**0.5))
     return (side, side) if side * side == num_tokens else None
 
 
@@ -390,8 +393,11 @@ def load_checkpoint(
                     del sd[k]
         reset = sorted(k for k in target if in_classifier(k) and k not in sd)
         if reset:
-            _log.info("%s: classifier keys %s not loaded (another size or absent); they keep the model's init",
-                      ckpt.source, reset)
+            _log.info(
+                "%s: classifier keys %s not loaded (another size or absent); they keep the model's init",
+                ckpt.source,
+                reset,
+            )
 
     missing = [k for k in target if k not in sd and k not in reset]
     unexpected = [k for k in sd if k not in target]
@@ -411,11 +417,14 @@ def load_checkpoint(
         head_sizes = [k for k in mismatched if in_classifier(k)]
         if head_sizes and len(head_sizes) == len(mismatched) and not missing and not unexpected:
             k = head_sizes[0]
-            hint = (f"The classifier differs ({k}: {tuple(sd[k].shape)} vs {tuple(target[k].shape)}): create the model "
-                    f"with num_classes={sd[k].shape[0]}, or pass adapt_classifier=True to keep the model's own head")
+            hint = (
+                f"The classifier differs ({k}: {tuple(sd[k].shape)} vs {tuple(target[k].shape)}): create the model "
+                f"with num_classes={sd[k].shape[0]}, or pass adapt_classifier=True to keep the model's own head"
+            )
         raise CheckpointError(
             f"{ckpt.source}: {ckpt.description}; it does not fit {type(model).__name__}: "
-            + "; ".join(parts) + f". {hint}, or pass strict=False to load only the matching keys."
+            + "; ".join(parts)
+            + f". {hint}, or pass strict=False to load only the matching keys."
         )
     loadable = {k: v for k, v in sd.items() if k in target and k not in mismatched}
     model.load_state_dict(loadable, strict=False)

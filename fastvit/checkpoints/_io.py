@@ -60,11 +60,31 @@ class _Placeholder:
 
 _SAFE_GLOBALS = {
     "collections": {"OrderedDict", "defaultdict"},
-    "builtins": {"set", "frozenset", "slice", "range", "complex", "tuple", "list", "dict", "int", "float", "bool",
-                 "str", "bytes", "bytearray"},
+    "builtins": {
+        "set",
+        "frozenset",
+        "slice",
+        "range",
+        "complex",
+        "tuple",
+        "list",
+        "dict",
+        "int",
+        "float",
+        "bool",
+        "str",
+        "bytes",
+        "bytearray",
+    },
     "_codecs": {"encode"},
-    "torch._utils": {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                     "_rebuild_parameter_with_state", "_rebuild_device_tensor_from_numpy"},
+    "torch._utils": {
+        "_rebuild_tensor",
+        "_rebuild_tensor_v2",
+        "_rebuild_tensor_v3",
+        "_rebuild_parameter",
+        "_rebuild_parameter_with_state",
+        "_rebuild_device_tensor_from_numpy",
+    },
     "torch._tensor": {"_rebuild_from_type_v2"},
     "torch.nn.parameter": {"Parameter"},
     "numpy.core.multiarray": {"_reconstruct", "scalar"},
@@ -77,8 +97,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if name in _SAFE_GLOBALS.get(module, ()):
             return super().find_class(module, name)
-        if module == "torch" and (name.endswith("Storage") or name in ("Size", "device")
-                                  or isinstance(getattr(torch, name, None), torch.dtype)):
+        if module == "torch" and (
+            name.endswith("Storage")
+            or name in ("Size", "device")
+            or isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         if module == "numpy.dtypes" and name.endswith("DType"):
             return super().find_class(module, name)

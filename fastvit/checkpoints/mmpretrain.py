@@ -92,8 +92,10 @@ def native_to_mmpretrain(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """
     t2t = any(k.startswith("tokens_to_token.") for k in state_dict)
     if t2t and any(re.match(r"^tokens_to_token\.attention\d\.(kqv|w)\b", k) for k in state_dict):
-        raise CheckpointError("mmpretrain has no performer T2T module (its T2TModule raises NotImplementedError for "
-                              "use_performer=True): only the t2t_vit_t_* models can be written as mmpretrain")
+        raise CheckpointError(
+            "mmpretrain has no performer T2T module (its T2TModule raises NotImplementedError for "
+            "use_performer=True): only the t2t_vit_t_* models can be written as mmpretrain"
+        )
     layer_parts = [(b.replace(".", r"\."), a.replace("\\", "")) for a, b in _LAYER_PARTS]
     rules = [
         (r"^patch_embed\.proj\.", "backbone.patch_embed.projection."),

@@ -46,7 +46,7 @@ def split_segmentor(state_dict: Mapping[str, torch.Tensor]) -> tuple[StateDict, 
     """Backbone keys (``backbone.`` removed) of a segmentor checkpoint, and the segmentation keys left out."""
     if not any(k.startswith("backbone.") for k in state_dict):
         return dict(state_dict), []
-    backbone = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    backbone = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     ignored = [k for k in state_dict if not k.startswith("backbone.")]
     return backbone, ignored
 

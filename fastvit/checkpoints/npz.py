@@ -89,9 +89,10 @@ def npz_to_timm(arrays: Mapping[str, np.ndarray]) -> StateDict:
             f"not a Google ViT .npz: no 'embedding/kernel' under any of the prefixes {NPZ_PREFIXES}; "
             f"its arrays are {shorten(sorted(arrays))}"
         )
-    w = {key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)}
-    big_vision = (prefix.startswith("params/") or "pos_embedding" in w
-                  or "Transformer/encoderblock/LayerNorm_0/scale" in w)
+    w = {key[len(prefix) :]: value for key, value in arrays.items() if key.startswith(prefix)}
+    big_vision = (
+        prefix.startswith("params/") or "pos_embedding" in w or "Transformer/encoderblock/LayerNorm_0/scale" in w
+    )
     mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
     sd: StateDict = {}
     try:

@@ -38,8 +38,16 @@ __all__ = [
 ]
 
 _T2T_RELEASE = "https://github.com/yitu-opensource/T2T-ViT/releases/download/main/"
-_T2T_DATA = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.9, "crop_mode": "center",
-             "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "num_classes": 1000, "classifier": "head"}
+_T2T_DATA = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bicubic",
+    "crop_pct": 0.9,
+    "crop_mode": "center",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "num_classes": 1000,
+    "classifier": "head",
+}
 # Official T2T-ViT releases (README of yitu-opensource/T2T-ViT); timm has no T2T-ViT.
 T2T_OFFICIAL_CFGS: dict[str, dict[str, Any]] = {
     name: {"architecture": name, "tag": "in1k", "url": _T2T_RELEASE + file, **_T2T_DATA}

@@ -41,12 +41,29 @@ _HYB = _EMB + "hybrid_model."
 _BB = "patch_embed.backbone."
 # (jeonsworld name, timm name) of whole tensors / sub-modules.
 _TENSORS = [(_EMB + "cls_token", "cls_token"), (_EMB + "position_embeddings", "pos_embed")]
-_MODULES = [(_EMB + "patch_embeddings", "patch_embed.proj"), (_ENC + "encoder_norm", "norm"),
-            (_HYB + "root.conv", _BB + "stem.conv"), (_HYB + "root.gn", _BB + "stem.norm")]
-_LAYER = [("attention_norm", "norm1"), ("ffn_norm", "norm2"), ("attn.out", "attn.proj"), ("ffn.fc1", "mlp.fc1"),
-          ("ffn.fc2", "mlp.fc2")]
-_UNIT = [("downsample", "downsample.conv"), ("gn_proj", "downsample.norm"), ("conv1", "conv1"), ("conv2", "conv2"),
-         ("conv3", "conv3"), ("gn1", "norm1"), ("gn2", "norm2"), ("gn3", "norm3")]
+_MODULES = [
+    (_EMB + "patch_embeddings", "patch_embed.proj"),
+    (_ENC + "encoder_norm", "norm"),
+    (_HYB + "root.conv", _BB + "stem.conv"),
+    (_HYB + "root.gn", _BB + "stem.norm"),
+]
+_LAYER = [
+    ("attention_norm", "norm1"),
+    ("ffn_norm", "norm2"),
+    ("attn.out", "attn.proj"),
+    ("ffn.fc1", "mlp.fc1"),
+    ("ffn.fc2", "mlp.fc2"),
+]
+_UNIT = [
+    ("downsample", "downsample.conv"),
+    ("gn_proj", "downsample.norm"),
+    ("conv1", "conv1"),
+    ("conv2", "conv2"),
+    ("conv3", "conv3"),
+    ("gn1", "norm1"),
+    ("gn2", "norm2"),
+    ("gn3", "norm3"),
+]
 _QKV = ("query", "key", "value")
 
 

@@ -154,7 +154,7 @@ def _attn_fwd_kernel(
     Q,  # (B, H, Nq, D) strides (stride_qb, stride_qh, stride_qn, 1)
     K,  # (B, H, Nk, D)
     V,  # (B, H, Nk, D)
-    O,  # (B, H, Nq, D) output
+    OUT,  # (B, H, Nq, D) output
     LSE,  # (B, H, Nq) fp32 output, contiguous: natural-log logsumexp of the scaled scores
     SEED,  # (1,) int64 Philox key (read only with DROPOUT)
     stride_qb, stride_qh, stride_qn,
@@ -200,7 +200,7 @@ def _attn_fwd_kernel(
     inv_l = 1.0 / l_i
     if DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
-    o_base = O + b * stride_ob + h * stride_oh
+    o_base = OUT + b * stride_ob + h * stride_oh
     _store_tile(o_base, acc0 * inv_l[:, None], offs_m, cols0, stride_on, N_Q, HEAD_DIM, False)
     if BLOCK_D1 > 0:
         _store_tile(o_base, acc1 * inv_l[:, None], offs_m, cols1, stride_on, N_Q, HEAD_DIM, True)
@@ -210,7 +210,7 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    O,  # (B, H, Nq, D) forward output
+    OUT,  # (B, H, Nq, D) forward output
     DO,  # (B, H, Nq, D) upstream gradient
     DELTA,  # (B, H, Nq) fp32 output, contiguous: rowsum(dout * out)
     stride_ob, stride_oh, stride_on,
@@ -221,7 +221,7 @@ def _attn_bwd_delta_kernel(
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    o_base = O + b * stride_ob + h * stride_oh
+    o_base = OUT + b * stride_ob + h * stride_oh
     do_base = DO + b * stride_dob + h * stride_doh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols0 = tl.arange(0, BLOCK_D0)
@@ -439,9 +439,9 @@ def _prune(configs: list, named_args: dict, **_: Any) -> list:
 def _autotuned(kernel: Any, configs: list) -> Any:
     if INTERPRET:
         return triton.autotune(configs=_INTERPRET_CONFIGS, key=["N_BUCKET", "HEAD_DIM"])(kernel)
-    return triton.autotune(configs=configs, key=["N_BUCKET", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune})(
-        kernel
-    )
+    return triton.autotune(
+        configs=configs, key=["N_BUCKET", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune}
+    )(kernel)
 
 
 _attn_fwd = _autotuned(_attn_fwd_kernel, _FWD_CONFIGS)
@@ -568,7 +568,9 @@ def attention_bwd(
         )  # fmt: skip
 
 
-def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, q_tokens: int, k_tokens: int, dropout_p: float) -> torch.Tensor:
+def dropout_keep_mask(
+    seed: torch.Tensor, batch: int, heads: int, q_tokens: int, k_tokens: int, dropout_p: float
+) -> torch.Tensor:
     """The kernels' keep mask, (B, H, Nq, Nk) bool, for the (1,) int64 Philox key ``seed``."""
     mask = torch.empty((batch, heads, q_tokens, k_tokens), device=seed.device, dtype=torch.int8)
     if mask.numel():

@@ -204,7 +204,8 @@ def _soft_split_fold_kernel(
     if HAS_LN:
         xv = tl.load(
             X + b * sx_b + (h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w)[:, None] + c.to(tl.int64)[None, :] * sx_c,
-            mask=tile_mask, other=0.0,
+            mask=tile_mask,
+            other=0.0,
         ).to(tl.float32)
     acc = tl.zeros((BLOCK_PIX, BLOCK_C), dtype=tl.float32)
     # Kernel rows ki that land on pixel row h: ki = (h + PH) % SH + i * SH, oh = (h + PH - ki) / SH.

@@ -673,7 +673,8 @@ class ReassembleBlocks(nn.Module):
         for i, level in enumerate(inputs):
             if not isinstance(level, (tuple, list)) or len(level) != 2:
                 raise ValueError(
-                    "fastvit: DPT's reassemble stage takes (map, cls token) pairs; build the backbone with output_cls_token=True"
+                    "fastvit: DPT's reassemble stage takes (map, cls token) pairs; "
+                    "build the backbone with output_cls_token=True"
                 )
             x, cls = level
             B, C, h, w = x.shape
@@ -789,8 +790,9 @@ def _check_num_classes(module: nn.Module, state_dict: dict, prefix: str, *args: 
         weight = state_dict.get(f"{prefix}{name}.conv_seg.weight")
         if head is not None and isinstance(weight, Tensor) and weight.shape[0] != head.num_classes:
             raise ValueError(
-                f"fastvit: the checkpoint's {name}.conv_seg has {weight.shape[0]} classes, this model {head.num_classes}; "
-                f"build it with num_classes={weight.shape[0]} (e.g. fastvit.create_model(name, num_classes={weight.shape[0]})), "
+                f"fastvit: the checkpoint's {name}.conv_seg has {weight.shape[0]} classes, "
+                f"this model {head.num_classes}; build it with num_classes={weight.shape[0]} "
+                f"(e.g. fastvit.create_model(name, num_classes={weight.shape[0]})), "
                 f"or drop the '{name}.conv_seg.*' keys and load with strict=False to fine-tune a new classifier"
             )
 
@@ -845,7 +847,8 @@ class EncoderDecoder(nn.Module):
         # Images under one patch get the backbone's own error; this one is for what the neck needs.
         if smallest > patch and isinstance(x, Tensor) and x.dim() == 4 and patch <= min(x.shape[-2:]) < smallest:
             raise ValueError(
-                f"fastvit: image size {x.shape[-2]}x{x.shape[-1]} is too small for this model: both sides must be at least "
+                f"fastvit: image size {x.shape[-2]}x{x.shape[-1]} is too small for this model: "
+                "both sides must be at least "
                 f"{smallest} pixels, so that the token grid is at least {self.neck.min_grid()} patches and the neck's "
                 f"{min(self.neck.scales)}x resize keeps a pixel; resize the image"
             )
@@ -872,7 +875,8 @@ class EncoderDecoder(nn.Module):
             seg_label = seg_label[:, 0]
         if seg_label.dim() != 3 or seg_label.shape[0] != x.shape[0]:
             raise ValueError(
-                f"fastvit: seg_label must be (B, H, W) or (B, 1, H, W) with B={x.shape[0]}, got shape {tuple(seg_label.shape)}"
+                f"fastvit: seg_label must be (B, H, W) or (B, 1, H, W) with B={x.shape[0]}, "
+                f"got shape {tuple(seg_label.shape)}"
             )
         ignore = self.decode_head.ignore_index
         if not self.check_labels or _is_compiling():

@@ -467,8 +467,15 @@ class T2TViT(nn.Module):
         self.qk_scale = qk_scale if qk_scale is not None else (embed_dim // num_heads) ** -0.5
         self.blocks = nn.ModuleList(
             Block(
-                embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
-                attn_drop=attn_drop_rate, drop_path=drop_path[i], norm_layer=norm_layer, scale=self.qk_scale,
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=drop_path[i],
+                norm_layer=norm_layer,
+                scale=self.qk_scale,
             )  # fmt: skip
             for i in range(depth)
         )

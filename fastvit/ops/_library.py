@@ -85,7 +85,6 @@ def _register_autocast(op: Any, cast: Optional[Callable[[Any, str], Any]]) -> No
         lib.impl(name, kernel, key, with_keyset=True)
 
 
-
 def register_autocast_keep_dtype(op: Any) -> None:
     """Under autocast, run ``op`` on its inputs as given: the output keeps the input dtype.
 

@@ -428,7 +428,9 @@ def attention_probs(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     return attention_probs_ref(q, k, v, scale)
 
 
-def attention_dropout_mask(seed: Tensor, batch: int, heads: int, q_tokens: int, k_tokens: int, dropout_p: float) -> Tensor:
+def attention_dropout_mask(
+    seed: Tensor, batch: int, heads: int, q_tokens: int, k_tokens: int, dropout_p: float
+) -> Tensor:
     """The Triton kernels' dropout keep-mask (bool, (B, H, Nq, Nk), True = keep) for a given Philox key.
 
     For tests and debugging at small shapes: the kernels never materialise it. ``seed`` is the (1,) int64

@@ -147,10 +147,13 @@ class OpDispatcher:
                 self._record_fallback(candidate, reasons)
         return "torch"
 
-    def _refusal(self, backend: str, source: str, device: torch.device, inputs: dict[str, Any], reasons: list[str]) -> str:
+    def _refusal(
+        self, backend: str, source: str, device: torch.device, inputs: dict[str, Any], reasons: list[str]
+    ) -> str:
         usable = [b for b in self.reasons if b != backend and not self.unsupported_reasons(b, device, inputs)]
         hint = (
-            f"use backend={usable[0]!r}" + (f" (or {', '.join(repr(b) for b in usable[1:])})" if usable[1:] else "")
+            f"use backend={usable[0]!r}"
+            + (f" (or {', '.join(repr(b) for b in usable[1:])})" if usable[1:] else "")
             + " or backend=None to choose automatically"
             if usable
             else "no backend can serve this input; check the input itself"

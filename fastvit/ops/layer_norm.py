@@ -37,7 +37,6 @@ if kernels.TRITON_IMPORT_ERROR is None:
 __all__ = ["check_affine", "layer_norm", "layer_norm_ref"]
 
 
-
 def layer_norm_ref(
     x: Tensor,
     weight: Tensor,
@@ -187,7 +186,12 @@ def _layer_norm_fwd(
 def _(x, weight, bias, residual, eps, backend):
     M, N = x.shape
     residual_out = x.new_empty((M, N)) if residual is not None else x.new_empty((0,))
-    return x.new_empty((M, N)), residual_out, x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32)
+    return (
+        x.new_empty((M, N)),
+        residual_out,
+        x.new_empty((M,), dtype=torch.float32),
+        x.new_empty((M,), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("fastvit::layer_norm_bwd", mutates_args=())

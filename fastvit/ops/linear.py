@@ -88,6 +88,7 @@ def linear_ref(
     compare against); otherwise every step rounds to the inputs' dtype, as timm's eager modules do.
     """
     if upcast:
+
         def up(t: Optional[Tensor]) -> Optional[Tensor]:
             return t if t is None or t.dtype == torch.float64 else t.float()
 

@@ -31,8 +31,15 @@ run = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(run)
 
 TINY = rows.ModelRow(
-    "vit_tiny_patch16_224", "tiny ViT (test)", "classification", 32, 4, 2, timm_name="vit_tiny_patch16_224",
-    num_classes=10, model_kwargs={"img_size": 32, "depth": 1},
+    "vit_tiny_patch16_224",
+    "tiny ViT (test)",
+    "classification",
+    32,
+    4,
+    2,
+    timm_name="vit_tiny_patch16_224",
+    num_classes=10,
+    model_kwargs={"img_size": 32, "depth": 1},
 )
 CPU = torch.device("cpu")
 
@@ -62,8 +69,14 @@ def test_suite_and_model_selection() -> None:
     seg = run.parse_args(["--suite", "segmentation"]).rows
     assert {r.suite for r in seg} == {"segmentation"} and len(seg) == 9
     picked = run.parse_args(["--models", "vit_base_patch*,DeiT-S*", "--models", "t2t_vit_t_14"]).rows
-    assert [r.key for r in picked] == ["vit_base_patch16_224", "vit_base_patch16_384", "vit_base_patch32_224",
-                                       "vit_base_patch32_384", "deit_small_patch16_224", "t2t_vit_t_14"]
+    assert [r.key for r in picked] == [
+        "vit_base_patch16_224",
+        "vit_base_patch16_384",
+        "vit_base_patch32_224",
+        "vit_base_patch32_384",
+        "deit_small_patch16_224",
+        "t2t_vit_t_14",
+    ]
     assert len(run.parse_args(["--suite", "all"]).rows) == len(rows.ROWS)
 
 
@@ -195,9 +208,12 @@ def test_params_column_matches_the_reference(row: rows.ModelRow) -> None:
 
 GMACS_CHECKS = [
     # (row, convention, published, tolerance): mmpretrain prints 2 decimals; timm's CSV adds GELU and softmax.
-    ("t2t_vit_t_14", "linear_norm", 4.34, 0.005), ("t2t_vit_t_19", "linear_norm", 7.80, 0.005),
-    ("t2t_vit_t_24", "linear_norm", 12.69, 0.005), ("t2t_vit_t_14", "full", 6.1, 0.05),
-    ("vit_base_patch16_224", "full", 17.58, 0.02), ("vit_large_patch16_384", "full", 191.21, 0.3),
+    ("t2t_vit_t_14", "linear_norm", 4.34, 0.005),
+    ("t2t_vit_t_19", "linear_norm", 7.80, 0.005),
+    ("t2t_vit_t_24", "linear_norm", 12.69, 0.005),
+    ("t2t_vit_t_14", "full", 6.1, 0.05),
+    ("vit_base_patch16_224", "full", 17.58, 0.02),
+    ("vit_large_patch16_384", "full", 191.21, 0.3),
 ]
 
 
@@ -227,34 +243,85 @@ def test_every_published_value_names_its_source_and_gpu() -> None:
 
 def _synthetic(img_s: float, *, gpu: str = "NVIDIA H100 80GB HBM3") -> dict[str, Any]:
     cells = [
-        {"row": "vit_base_patch16_224", "provider": "timm_eager", "metric": "infer", "status": "ok", "batch": 256,
-         "dtype": "bf16", "values": {"img_s": 3000.0, "ms": 256e3 / 3000.0, "peak_mem_gib": 2.5},
-         "timing": {"first_call_s": 1.5, "iters": 30, "clock": "cuda events"}},
-        {"row": "vit_base_patch16_224", "provider": "fastvit_auto", "metric": "infer", "status": "ok", "batch": 256,
-         "dtype": "bf16", "values": {"img_s": img_s, "ms": 256e3 / img_s, "peak_mem_gib": 2.0},
-         "timing": {"first_call_s": 4.0, "iters": 30, "clock": "cuda events"}},
-        {"row": "t2t_vit_t_14", "provider": "timm_eager", "metric": "infer", "status": "n/a",
-         "reason": "timm has no T2T-ViT"},
-        {"row": "t2t_vit_t_14", "provider": "fastvit_auto", "metric": "infer", "status": "oom",
-         "reason": "out of memory at batch 256; cell skipped"},
+        {
+            "row": "vit_base_patch16_224",
+            "provider": "timm_eager",
+            "metric": "infer",
+            "status": "ok",
+            "batch": 256,
+            "dtype": "bf16",
+            "values": {"img_s": 3000.0, "ms": 256e3 / 3000.0, "peak_mem_gib": 2.5},
+            "timing": {"first_call_s": 1.5, "iters": 30, "clock": "cuda events"},
+        },
+        {
+            "row": "vit_base_patch16_224",
+            "provider": "fastvit_auto",
+            "metric": "infer",
+            "status": "ok",
+            "batch": 256,
+            "dtype": "bf16",
+            "values": {"img_s": img_s, "ms": 256e3 / img_s, "peak_mem_gib": 2.0},
+            "timing": {"first_call_s": 4.0, "iters": 30, "clock": "cuda events"},
+        },
+        {
+            "row": "t2t_vit_t_14",
+            "provider": "timm_eager",
+            "metric": "infer",
+            "status": "n/a",
+            "reason": "timm has no T2T-ViT",
+        },
+        {
+            "row": "t2t_vit_t_14",
+            "provider": "fastvit_auto",
+            "metric": "infer",
+            "status": "oom",
+            "reason": "out of memory at batch 256; cell skipped",
+        },
     ]
-    meta = {"date": "2026-11-21T10:00:00Z", "command": "python benchmarks/run.py", "device": "cuda", "gpu": gpu,
-            "driver": "580.1", "torch": "2.15.0", "cuda": "13.2", "triton": "3.9.0", "timm": "1.0.31",
-            "fastvit": "0.1.0", "fastvit_git_sha": "abcdef1234567", "git_dirty": False, "cpu_threads": 16}
+    meta = {
+        "date": "2026-11-21T10:00:00Z",
+        "command": "python benchmarks/run.py",
+        "device": "cuda",
+        "gpu": gpu,
+        "driver": "580.1",
+        "torch": "2.15.0",
+        "cuda": "13.2",
+        "triton": "3.9.0",
+        "timm": "1.0.31",
+        "fastvit": "0.1.0",
+        "fastvit_git_sha": "abcdef1234567",
+        "git_dirty": False,
+        "cpu_threads": 16,
+    }
     row_base = {"suite": "classification", "img_size": 224, "batch": {"infer": 256, "train": 128}}
     return {
-        "schema": report.SCHEMA, "meta": meta,
+        "schema": report.SCHEMA,
+        "meta": meta,
         "settings": {"dtype": "bf16", "iters": 30},
-        "providers": [{"key": "timm_eager", "label": "timm eager (SDPA)"},
-                      {"key": "fastvit_auto", "label": "fastvit (auto)"}],
-        "rows": [
-            {**row_base, "key": "vit_base_patch16_224", "label": "ViT-B/16 @224", "params": {"value": 86_567_656},
-             "gmacs": {"full": 17.57, "linear_norm": 17.46},
-             "published": [p.as_dict() for p in published_for("vit_base_patch16_224")]},
-            {**row_base, "key": "t2t_vit_t_14", "label": "T2T-ViT-t-14 @224", "params": {"value": 21_465_422},
-             "gmacs": {"reason": "n/a: no counter"}, "published": []},
+        "providers": [
+            {"key": "timm_eager", "label": "timm eager (SDPA)"},
+            {"key": "fastvit_auto", "label": "fastvit (auto)"},
         ],
-        "cells": cells, "interrupted": False,
+        "rows": [
+            {
+                **row_base,
+                "key": "vit_base_patch16_224",
+                "label": "ViT-B/16 @224",
+                "params": {"value": 86_567_656},
+                "gmacs": {"full": 17.57, "linear_norm": 17.46},
+                "published": [p.as_dict() for p in published_for("vit_base_patch16_224")],
+            },
+            {
+                **row_base,
+                "key": "t2t_vit_t_14",
+                "label": "T2T-ViT-t-14 @224",
+                "params": {"value": 21_465_422},
+                "gmacs": {"reason": "n/a: no counter"},
+                "published": [],
+            },
+        ],
+        "cells": cells,
+        "interrupted": False,
     }
 
 
@@ -274,13 +341,34 @@ def test_ratios_table_json_and_csv(tmp_path: Path) -> None:
     assert "2,787 (RTX 4090)" in table
     assert "n/a [" in table and "timm has no T2T-ViT" in table and "oom [" in table
     assert "need a GPU" not in table  # a GPU run
-    seg_row = {**results["rows"][0], "key": "upernet_deit_s16_512", "label": "UPerNet DeiT-S", "suite": "segmentation",
-               "published": [p.as_dict() for p in published_for("upernet_deit_s16_512")]}
-    seg = {**results, "rows": [seg_row], "cells": [
-        {"row": "upernet_deit_s16_512", "provider": "timm_eager", "metric": "latency", "status": "n/a",
-         "reason": "no timm"},
-        {"row": "upernet_deit_s16_512", "provider": "fastvit_auto", "metric": "latency", "status": "ok",
-         "values": {"ms": 12.5}, "timing": {"first_call_s": 2.0}}]}
+    seg_row = {
+        **results["rows"][0],
+        "key": "upernet_deit_s16_512",
+        "label": "UPerNet DeiT-S",
+        "suite": "segmentation",
+        "published": [p.as_dict() for p in published_for("upernet_deit_s16_512")],
+    }
+    seg = {
+        **results,
+        "rows": [seg_row],
+        "cells": [
+            {
+                "row": "upernet_deit_s16_512",
+                "provider": "timm_eager",
+                "metric": "latency",
+                "status": "n/a",
+                "reason": "no timm",
+            },
+            {
+                "row": "upernet_deit_s16_512",
+                "provider": "fastvit_auto",
+                "metric": "latency",
+                "status": "ok",
+                "values": {"ms": 12.5},
+                "timing": {"first_call_s": 2.0},
+            },
+        ],
+    }
     seg_table = report.markdown(seg).split("### segmentation")[1]
     assert "vs timm" not in seg_table  # no timm segmentor: no ratio column
     assert "| 4.68 (V100) | 29.85 / 29.19 (V100, verify) |" in seg_table  # as published, both schedules
@@ -308,8 +396,9 @@ def test_compare_two_results_files(tmp_path: Path) -> None:
     assert "t2t_vit_t_14" not in text  # no number in either run
 
 
-@pytest.mark.parametrize("content, message",
-                         [("not json", "is not JSON"), ('{"schema": "other"}', "not a benchmarks/run.py")])
+@pytest.mark.parametrize(
+    "content, message", [("not json", "is not JSON"), ('{"schema": "other"}', "not a benchmarks/run.py")]
+)
 def test_compare_rejects_foreign_files(tmp_path: Path, content: str, message: str) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(content)
@@ -328,12 +417,25 @@ def _only(path: Path, suffix: str) -> Path:
     return found[0]
 
 
-def test_tiny_cpu_run_end_to_end(tiny_registry: rows.ModelRow, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_cpu_run_end_to_end(
+    tiny_registry: rows.ModelRow, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     earlier = report.write_json(copy.deepcopy(_synthetic(4000.0)), tmp_path / "earlier.json")
-    code = run.main(["--models", tiny_registry.key, "--batch", "2", "--iters", "20", "--out", str(tmp_path / "out"),
-                     "--compare", str(earlier)])
+    code = run.main(
+        [
+            "--models",
+            tiny_registry.key,
+            "--batch",
+            "2",
+            "--iters",
+            "20",
+            "--out",
+            str(tmp_path / "out"),
+            "--compare",
+            str(earlier),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "need a GPU" in out and "| tiny ViT (test) | timm eager (SDPA) |" in out
@@ -376,8 +478,18 @@ def test_interrupt_still_writes_what_was_measured(
         raise KeyboardInterrupt
 
     monkeypatch.setitem(measure.MEASURE, "latency", ctrl_c)
-    code = run.main(["--models", tiny_registry.key, "--providers", "timm_eager,fastvit_torch", "--batch", "2",
-                     "--out", str(tmp_path)])
+    code = run.main(
+        [
+            "--models",
+            tiny_registry.key,
+            "--providers",
+            "timm_eager,fastvit_torch",
+            "--batch",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 130
     data = json.loads(_only(tmp_path, ".json").read_text())
     assert data["interrupted"] is True
@@ -415,8 +527,16 @@ class _TinySegmentor(torch.nn.Module):
         return torch.nn.functional.interpolate(self(x), size=x.shape[-2:], mode="bilinear")
 
 
-SEG = rows.ModelRow("tiny_segmentor", "tiny segmentor (test)", "segmentation", 32, 2, 2,
-                    timm_missing="timm has no UPerNet/DPT segmentor", num_classes=None)
+SEG = rows.ModelRow(
+    "tiny_segmentor",
+    "tiny segmentor (test)",
+    "segmentation",
+    32,
+    2,
+    2,
+    timm_missing="timm has no UPerNet/DPT segmentor",
+    num_classes=None,
+)
 
 
 @pytest.fixture
@@ -498,8 +618,9 @@ def test_paper_memory_on_the_gpu(tiny_segmentor: rows.ModelRow) -> None:
 def test_time_budget_stops_cleanly(tiny_registry: rows.ModelRow, tmp_path: Path) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.cuda, "is_available", lambda: False)
-        code = run.main(["--models", tiny_registry.key, "--batch", "2", "--budget-min", "0.0001",
-                         "--out", str(tmp_path)])
+        code = run.main(
+            ["--models", tiny_registry.key, "--batch", "2", "--budget-min", "0.0001", "--out", str(tmp_path)]
+        )
     assert code == 130
     data = json.loads(_only(tmp_path, ".json").read_text())
     first, *rest = data["cells"]

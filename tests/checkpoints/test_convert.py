@@ -19,19 +19,27 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # vit2mmseg.convert_vit on a depth-2 timm ViT with a head (mmsegmentation tools/model_converters/vit2mmseg.py),
 # written out by hand: timm key -> mmseg key (head.* dropped).
 _BLOCK = [
-    ("norm1.weight", "ln1.weight"), ("norm1.bias", "ln1.bias"),
-    ("attn.qkv.weight", "attn.attn.in_proj_weight"), ("attn.qkv.bias", "attn.attn.in_proj_bias"),
-    ("attn.proj.weight", "attn.attn.out_proj.weight"), ("attn.proj.bias", "attn.attn.out_proj.bias"),
-    ("norm2.weight", "ln2.weight"), ("norm2.bias", "ln2.bias"),
-    ("mlp.fc1.weight", "ffn.layers.0.0.weight"), ("mlp.fc1.bias", "ffn.layers.0.0.bias"),
-    ("mlp.fc2.weight", "ffn.layers.1.weight"), ("mlp.fc2.bias", "ffn.layers.1.bias"),
+    ("norm1.weight", "ln1.weight"),
+    ("norm1.bias", "ln1.bias"),
+    ("attn.qkv.weight", "attn.attn.in_proj_weight"),
+    ("attn.qkv.bias", "attn.attn.in_proj_bias"),
+    ("attn.proj.weight", "attn.attn.out_proj.weight"),
+    ("attn.proj.bias", "attn.attn.out_proj.bias"),
+    ("norm2.weight", "ln2.weight"),
+    ("norm2.bias", "ln2.bias"),
+    ("mlp.fc1.weight", "ffn.layers.0.0.weight"),
+    ("mlp.fc1.bias", "ffn.layers.0.0.bias"),
+    ("mlp.fc2.weight", "ffn.layers.1.weight"),
+    ("mlp.fc2.bias", "ffn.layers.1.bias"),
 ]
 VIT2MMSEG = [
-    ("cls_token", "cls_token"), ("pos_embed", "pos_embed"),
+    ("cls_token", "cls_token"),
+    ("pos_embed", "pos_embed"),
     ("patch_embed.proj.weight", "patch_embed.projection.weight"),
     ("patch_embed.proj.bias", "patch_embed.projection.bias"),
     *[(f"blocks.{i}.{a}", f"layers.{i}.{b}") for i in range(2) for a, b in _BLOCK],
-    ("norm.weight", "ln1.weight"), ("norm.bias", "ln1.bias"),
+    ("norm.weight", "ln1.weight"),
+    ("norm.bias", "ln1.bias"),
 ]
 
 
@@ -89,7 +97,10 @@ def test_module_entry_point(tmp_path):
     dst = tmp_path / "vit.npz"
     proc = subprocess.run(
         [sys.executable, "-m", "fastvit.convert", src, str(dst), "--to", "npz", "--num-heads", "2"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel" in np.load(dst).files

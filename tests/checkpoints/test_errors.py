@@ -75,8 +75,9 @@ def test_non_strict_loads_the_overlap(tmp_path):
     assert not result.missing_keys
 
 
-@pytest.mark.parametrize("to,name", [("timm", "model.pth"), ("timm", "model.safetensors"), ("npz", "ViT-B_16.npz"),
-                                     ("mmseg", "legacy.pth")])
+@pytest.mark.parametrize(
+    "to,name", [("timm", "model.pth"), ("timm", "model.safetensors"), ("npz", "ViT-B_16.npz"), ("mmseg", "legacy.pth")]
+)
 def test_truncated_file(tmp_path, to, name):
     path = _save(tmp_path, to, name, num_classes=0 if to == "mmseg" else 10)
     if to == "mmseg":  # the pre-zip torch format too

@@ -64,8 +64,13 @@ def test_round_trip_distilled(tmp_path, to, detected):
 
 def test_distilled_mmpretrain_names(tmp_path):
     sd = export_state_dict(tiny_vit("fastvit", distilled=True).state_dict(), "mmpretrain")["state_dict"]
-    assert {"backbone.dist_token", "head.layers.head.weight", "head.layers.head_dist.weight",
-            "backbone.ln1.weight", "backbone.layers.1.ffn.layers.1.bias"} <= set(sd)
+    assert {
+        "backbone.dist_token",
+        "head.layers.head.weight",
+        "head.layers.head_dist.weight",
+        "backbone.ln1.weight",
+        "backbone.layers.1.ffn.layers.1.bias",
+    } <= set(sd)
 
 
 def test_npz_has_no_place_for_distillation_token():
@@ -124,10 +129,17 @@ def test_hybrid_round_trip(tmp_path, to):
 def test_hybrid_vit_pytorch_names():
     sd = export_state_dict(tiny_hybrid("fastvit").state_dict(), "vit_pytorch")
     hyb = "transformer.embeddings.hybrid_model."
-    assert {hyb + "root.conv.weight", hyb + "root.gn.bias", hyb + "body.block1.unit1.downsample.weight",
-            hyb + "body.block1.unit1.gn_proj.weight", hyb + "body.block2.unit1.gn3.weight",
-            "transformer.embeddings.patch_embeddings.weight", "transformer.encoder.layer.1.attn.value.bias",
-            "transformer.encoder.encoder_norm.weight", "transformer.embeddings.position_embeddings"} <= set(sd)
+    assert {
+        hyb + "root.conv.weight",
+        hyb + "root.gn.bias",
+        hyb + "body.block1.unit1.downsample.weight",
+        hyb + "body.block1.unit1.gn_proj.weight",
+        hyb + "body.block2.unit1.gn3.weight",
+        "transformer.embeddings.patch_embeddings.weight",
+        "transformer.encoder.layer.1.attn.value.bias",
+        "transformer.encoder.encoder_norm.weight",
+        "transformer.embeddings.position_embeddings",
+    } <= set(sd)
 
 
 def test_in21k_npz_with_pre_logits(tmp_path):
@@ -210,11 +222,14 @@ def test_mmseg_segmentor_checkpoint(tmp_path):
     """A whole mmseg segmentor file: its backbone loads, the neck and heads are reported as ignored."""
     src = tiny_vit("fastvit", seed=0, num_classes=0)
     backbone = export_state_dict(src.state_dict(), "mmseg")
-    ckpt = {"meta": {"mmseg_version": "1.2.2"}, "state_dict": {
-        **{f"backbone.{k}": v for k, v in backbone.items()},
-        "decode_head.conv_seg.weight": torch.randn(150, 512, 1, 1),
-        "auxiliary_head.conv_seg.bias": torch.randn(150),
-    }}
+    ckpt = {
+        "meta": {"mmseg_version": "1.2.2"},
+        "state_dict": {
+            **{f"backbone.{k}": v for k, v in backbone.items()},
+            "decode_head.conv_seg.weight": torch.randn(150, 512, 1, 1),
+            "auxiliary_head.conv_seg.bias": torch.randn(150),
+        },
+    }
     path = str(tmp_path / "upernet_vit.pth")
     torch.save(ckpt, path)
     dst = tiny_vit("fastvit", seed=1, num_classes=0)
@@ -227,8 +242,13 @@ def test_mmseg_segmentor_checkpoint(tmp_path):
 def test_timm_train_checkpoint_prefers_ema_and_survives_pickled_objects(tmp_path):
     """timm train files hold argparse.Namespace (refused by weights_only) and 'module.'-prefixed EMA weights."""
     ema, raw = tiny_vit("fastvit", seed=0), tiny_vit("fastvit", seed=3)
-    ckpt = {"epoch": 299, "arch": "vit_tiny", "args": argparse.Namespace(lr=5e-4, model="vit"),
-            "state_dict": raw.state_dict(), "state_dict_ema": {f"module.{k}": v for k, v in ema.state_dict().items()}}
+    ckpt = {
+        "epoch": 299,
+        "arch": "vit_tiny",
+        "args": argparse.Namespace(lr=5e-4, model="vit"),
+        "state_dict": raw.state_dict(),
+        "state_dict_ema": {f"module.{k}": v for k, v in ema.state_dict().items()},
+    }
     path = str(tmp_path / "model_best.pth.tar")
     torch.save(ckpt, path)
     dst = tiny_vit("fastvit", seed=1)
@@ -259,8 +279,9 @@ def test_pickled_code_never_runs(tmp_path):
     assert_same_outputs(src, dst, image_batch())
 
 
-T2T_TINY = dict(img_size=32, tokens_type="transformer", embed_dim=32, depth=2, num_heads=2, num_classes=10,
-                token_dim=16)
+T2T_TINY = dict(
+    img_size=32, tokens_type="transformer", embed_dim=32, depth=2, num_heads=2, num_classes=10, token_dim=16
+)
 
 
 def _tiny_t2t(seed: int, **overrides):
@@ -272,10 +293,18 @@ def test_t2t_mmpretrain_round_trip(tmp_path):
     src, dst = _tiny_t2t(0), _tiny_t2t(1)
     exported = export_state_dict(src.state_dict(), "mmpretrain")["state_dict"]
     # mmpretrain's T2T-ViT names (mmpretrain/models/backbones/t2t_vit.py).
-    assert {"backbone.tokens_to_token.attention1.ln1.weight", "backbone.tokens_to_token.attention2.attn.qkv.weight",
-            "backbone.tokens_to_token.attention1.ffn.layers.0.0.weight", "backbone.tokens_to_token.project.bias",
-            "backbone.encoder.1.ln2.bias", "backbone.encoder.0.ffn.layers.1.weight", "backbone.norm.weight",
-            "backbone.cls_token", "backbone.pos_embed", "head.layers.head.weight"} <= set(exported)
+    assert {
+        "backbone.tokens_to_token.attention1.ln1.weight",
+        "backbone.tokens_to_token.attention2.attn.qkv.weight",
+        "backbone.tokens_to_token.attention1.ffn.layers.0.0.weight",
+        "backbone.tokens_to_token.project.bias",
+        "backbone.encoder.1.ln2.bias",
+        "backbone.encoder.0.ffn.layers.1.weight",
+        "backbone.norm.weight",
+        "backbone.cls_token",
+        "backbone.pos_embed",
+        "head.layers.head.weight",
+    } <= set(exported)
     path = _write(src, "mmpretrain", str(tmp_path / "t2t-vit-t-14_8xb64_in1k.pth"))
     assert load_checkpoint(dst, path).format == "mmpretrain"
     assert_same_outputs(src, dst, torch.randn(2, 3, 32, 32))
@@ -283,8 +312,12 @@ def test_t2t_mmpretrain_round_trip(tmp_path):
 
 def test_t2t_official_training_checkpoint(tmp_path):
     src, dst = _tiny_t2t(0), _tiny_t2t(1)
-    ckpt = {"epoch": 310, "args": argparse.Namespace(model="t2t_vit_t_14"), "state_dict": {},
-            "state_dict_ema": {f"module.{k}": v for k, v in src.state_dict().items()}}
+    ckpt = {
+        "epoch": 310,
+        "args": argparse.Namespace(model="t2t_vit_t_14"),
+        "state_dict": {},
+        "state_dict_ema": {f"module.{k}": v for k, v in src.state_dict().items()},
+    }
     path = str(tmp_path / "81.7_T2T_ViTt_14.pth.tar")
     torch.save(ckpt, path)
     assert load_checkpoint(dst, path).format == "t2t_official"

@@ -89,7 +89,8 @@ def mmseg_backbone_spec(D: int, grid: int, final_norm: bool) -> dict:
     """mmseg VisionTransformer: cls_token, pos_embed, PatchEmbed.projection, 12 TransformerEncoderLayers
     (ln1, attn.attn = nn.MultiheadAttention, ln2, ffn.layers.0.0 / ffn.layers.1), final ``ln1``."""
     spec = {"backbone.cls_token": (1, 1, D), "backbone.pos_embed": (1, grid * grid + 1, D),
-            "backbone.patch_embed.projection.weight": (D, 3, 16, 16), "backbone.patch_embed.projection.bias": (D,)}  # fmt: skip
+            "backbone.patch_embed.projection.weight": (D, 3, 16, 16),
+            "backbone.patch_embed.projection.bias": (D,)}  # fmt: skip
     for i in range(12):
         p = f"backbone.layers.{i}"
         spec.update({
@@ -132,7 +133,8 @@ def mmseg_dpt_spec(D: int = 768, C: int = 256, post=(96, 192, 384, 768)) -> dict
         spec.update({f"{r}.readout_projects.{i}.0.weight": (D, 2 * D), f"{r}.readout_projects.{i}.0.bias": (D,)})
     spec.update({f"{r}.resize_layers.0.weight": (post[0], post[0], 4, 4), f"{r}.resize_layers.0.bias": (post[0],),
                  f"{r}.resize_layers.1.weight": (post[1], post[1], 2, 2), f"{r}.resize_layers.1.bias": (post[1],),
-                 f"{r}.resize_layers.3.weight": (post[3], post[3], 3, 3), f"{r}.resize_layers.3.bias": (post[3],)})  # fmt: skip
+                 f"{r}.resize_layers.3.weight": (post[3], post[3], 3, 3),
+                 f"{r}.resize_layers.3.bias": (post[3],)})  # fmt: skip
     for i, c in enumerate(post):
         spec.update(_conv_module(f"decode_head.convs.{i}", c, C, 3, norm=False, bias=False))
     for i in range(4):
@@ -639,14 +641,16 @@ def _mmseg_configs() -> dict:
         backbone=dict(vit, img_size=(64, 64), qkv_bias=True, norm_cfg=dict(type="LN", eps=1e-6), final_norm=True),
         neck=dict(type="MultiLevelNeck", in_channels=[32] * 4, out_channels=32, scales=[4, 2, 1, 0.5]),
         decode_head=dict(type="UPerHead", in_channels=[32] * 4, in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
-                         channels=32, num_classes=K, norm_cfg=bn, align_corners=False, loss_decode=dict(ce, loss_weight=1.0)),
+                         channels=32, num_classes=K, norm_cfg=bn, align_corners=False,
+                         loss_decode=dict(ce, loss_weight=1.0)),
         auxiliary_head=dict(type="FCNHead", in_channels=32, in_index=3, channels=16, num_convs=1, concat_input=False,
                             num_classes=K, norm_cfg=bn, align_corners=False, loss_decode=dict(ce, loss_weight=0.4)),
     )  # fmt: skip
     dpt = dict(
         backbone=dict(vit, img_size=224, final_norm=False, with_cls_token=True, output_cls_token=True),
-        decode_head=dict(type="DPTHead", in_channels=(32,) * 4, channels=16, embed_dims=32, post_process_channels=[8, 16, 24, 32],
-                         num_classes=K, readout_type="project", input_transform="multiple_select", in_index=(0, 1, 2, 3),
+        decode_head=dict(type="DPTHead", in_channels=(32,) * 4, channels=16, embed_dims=32,
+                         post_process_channels=[8, 16, 24, 32], num_classes=K, readout_type="project",
+                         input_transform="multiple_select", in_index=(0, 1, 2, 3),
                          norm_cfg=bn, loss_decode=dict(ce, loss_weight=1.0)),
     )  # fmt: skip
     return {

@@ -27,9 +27,7 @@ from fastvit.models import t2t
 
 def official_sinusoid(n_position: int, d_hid: int) -> Tensor:
     """``get_sinusoid_encoding`` as official: numpy float64, then FloatTensor."""
-    table = np.array(
-        [[pos / np.power(10000, 2 * (j // 2) / d_hid) for j in range(d_hid)] for pos in range(n_position)]
-    )
+    table = np.array([[pos / np.power(10000, 2 * (j // 2) / d_hid) for j in range(d_hid)] for pos in range(n_position)])
     table[:, 0::2] = np.sin(table[:, 0::2])
     table[:, 1::2] = np.cos(table[:, 1::2])
     return torch.FloatTensor(table).unsqueeze(0)
@@ -89,9 +87,13 @@ class OfficialTokenPerformer(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(self.emb)
         self.epsilon = 1e-8
-        self.mlp = nn.Sequential(nn.Linear(self.emb, self.emb), nn.GELU(), nn.Linear(self.emb, self.emb), nn.Dropout(0.1))
+        self.mlp = nn.Sequential(
+            nn.Linear(self.emb, self.emb), nn.GELU(), nn.Linear(self.emb, self.emb), nn.Dropout(0.1)
+        )
         self.m = int(self.emb * kernel_ratio)
-        self.w = nn.Parameter(nn.init.orthogonal_(torch.randn(self.m, self.emb)) * math.sqrt(self.m), requires_grad=False)
+        self.w = nn.Parameter(
+            nn.init.orthogonal_(torch.randn(self.m, self.emb)) * math.sqrt(self.m), requires_grad=False
+        )
 
     def prm_exp(self, x: Tensor) -> Tensor:
         xd = ((x * x).sum(dim=-1, keepdim=True)).repeat(1, 1, self.m) / 2
@@ -207,7 +209,8 @@ def official_model(name: str, img_size: int = 224, depth: int | None = None) -> 
 
 def randomize_(model: nn.Module) -> nn.Module:
     """Redraws every trainable parameter so activations are O(1) and every tensor matters: LayerNorm
-    weights around 1 with offsets, Linear weights at 0.5/sqrt(fan_in) (performer features stay well inside fp32 range), non-zero biases and cls token."""
+    weights around 1 with offsets, Linear weights at 0.5/sqrt(fan_in) (performer features stay well inside
+    fp32 range), non-zero biases and cls token."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not p.requires_grad:
@@ -471,7 +474,12 @@ def to_mmpretrain_layout(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             continue
         if key.startswith("blocks."):
             key = "encoder." + key[len("blocks.") :]
-        for a, b in ((".norm1.", ".ln1."), (".norm2.", ".ln2."), (".mlp.fc1.", ".ffn.layers.0.0."), (".mlp.fc2.", ".ffn.layers.1.")):
+        for a, b in (
+            (".norm1.", ".ln1."),
+            (".norm2.", ".ln2."),
+            (".mlp.fc1.", ".ffn.layers.0.0."),
+            (".mlp.fc2.", ".ffn.layers.1."),
+        ):
             key = key.replace(a, b)
         out["backbone." + key] = value
     return out

@@ -496,4 +496,3 @@ def test_gpu_large_batch_int64_offsets():
     q, k, v = split_qkv(qkv[last], H)
     ref = attention_ref(q, k, v, upcast=True).transpose(1, 2).reshape(1, N, H * D)
     torch.testing.assert_close(out[last].float(), ref, atol=2e-2, rtol=2e-2)
-

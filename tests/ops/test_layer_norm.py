@@ -173,7 +173,11 @@ def test_compile_fullgraph(device):
         (lambda: (torch.randn(2, 8), torch.ones(8, device="meta"), None), ValueError, "different devices"),
         (lambda: (torch.randn(2, 8), torch.ones(8, dtype=torch.float16), None), TypeError, "weight dtype"),
         (lambda: (torch.randn(2, 8), torch.ones(7), None), ValueError, r"weight must have shape \(8,\)"),
-        (lambda: (torch.arange(16).view(2, 8), torch.ones(8), None), TypeError, "x must be float32, float16 or bfloat16"),
+        (
+            lambda: (torch.arange(16).view(2, 8), torch.ones(8), None),
+            TypeError,
+            "x must be float32, float16 or bfloat16",
+        ),
         (lambda: (torch.randn(2, 8), torch.ones(8), torch.zeros(4)), ValueError, "bias must match weight"),
     ],
 )
