@@ -180,8 +180,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _choose_rows(args: argparse.Namespace, has_gpu: bool) -> list[ModelRow]:
+    """The rows to report. A plain CPU run lists every row (params and GMACs, counted on the meta device)
+    but times only CPU_QUICK_MODELS (see ``args.timed``)."""
+    args.timed = None
     if not has_gpu and not args.models and not args.suite:
-        return select_rows("all", CPU_QUICK_MODELS)
+        args.timed = set(CPU_QUICK_MODELS)
     return select_rows(args.suite or "all", args.models)
 
 
@@ -305,7 +308,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     }
     stamp = meta["date"].replace("-", "").replace(":", "")
     stem = args.out / f"run-{stamp}-{_slug(meta['gpu'] or 'cpu')}-{dtype_name}"
-    plan = [(row, p, plan_for(row, device, args.metrics)) for row in args.rows for p in providers]
+    def metrics_for(row: ModelRow) -> list[str]:
+        return plan_for(row, device, args.metrics) if args.timed is None or row.key in args.timed else []
+
+    plan = [(row, p, metrics_for(row)) for row in args.rows for p in providers]
     done: set[tuple[str, str, str]] = set()
 
     deadline = time.monotonic() + 60 * args.budget_min if args.budget_min else None
@@ -330,7 +336,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             bar.set_postfix_str(f"{row.key}: params/GMACs")
             results["rows"].append(_row_record(row, providers, settings))
             for prov in providers:
-                metrics = plan_for(row, device, args.metrics)
+                metrics = metrics_for(row)
                 bar.set_postfix_str(f"{row.key} / {prov.key}")
 
                 def on_result(metric: str, result: dict[str, Any], row: ModelRow = row, prov: Provider = prov) -> None:

@@ -356,6 +356,13 @@ def markdown(results: dict[str, Any]) -> str:
         header += [title for _m, title in _PUBLISHED_COLUMNS[suite]]
         out += ["", f"### {suite}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in rows:
+            if not any(c["row"] == row["key"] for c in suite_cells):
+                line = [row["label"], "not timed in this run (params and GMACs only)"]
+                line += [_params_text(row, notes), _gmacs_text(row, notes), ""]
+                line += [""] * (len(header) - len(line) - len(_PUBLISHED_COLUMNS[suite]))
+                line += [_published_text(row, m) for m, _title in _PUBLISHED_COLUMNS[suite]]
+                out.append("| " + " | ".join(line) + " |")
+                continue
             for i, prov in enumerate(providers):
                 row_cells = [cells.get((row["key"], prov["key"], m)) for m, *_ in cols]
                 line = [row["label"] if i == 0 else "", prov["label"]]
@@ -445,7 +452,7 @@ def chart(results: dict[str, Any], path: Path) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "skipped: matplotlib is not installed (pip install matplotlib, or fastvit[bench])"
+        return "skipped: matplotlib is not installed (pip install matplotlib; it is a dependency of fastvit)"
     panels = (
         ("infer", "img_s", "inference img/s (log)"),
         ("infer", "peak_mem_gib", "inference peak memory GiB"),
