@@ -308,6 +308,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     }
     stamp = meta["date"].replace("-", "").replace(":", "")
     stem = args.out / f"run-{stamp}-{_slug(meta['gpu'] or 'cpu')}-{dtype_name}"
+
     def metrics_for(row: ModelRow) -> list[str]:
         return plan_for(row, device, args.metrics) if args.timed is None or row.key in args.timed else []
 
