@@ -422,9 +422,13 @@ def _fits(config: triton.Config, head_dim: int, backward: bool) -> bool:
     return not (head_dim > 96 and m * n > 128 * 64)
 
 
-def _prune(configs: list, named_args: dict, **_: Any) -> list:
+def _prune(configs: list, named_args: dict, **kwargs: Any) -> list:
     """Keep the configs that fit the head dim, with tiles no larger than the sequence needs (N=50 does not
-    need 128-row tiles; 64 is the smallest row count Hopper's wgmma takes per warpgroup)."""
+    need 128-row tiles; 64 is the smallest row count Hopper's wgmma takes per warpgroup).
+
+    Triton passes only the positional arguments in ``named_args``; the launchers' keyword arguments
+    (HEAD_DIM among them) arrive as ``kwargs``."""
+    named_args = {**named_args, **kwargs}
     n_pow2 = triton.next_power_of_2(max(named_args["N_Q"], named_args["N_K"], 1))
     head_dim = named_args["HEAD_DIM"]
     backward = "DQ" in named_args

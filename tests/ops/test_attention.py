@@ -401,6 +401,46 @@ def test_triton_empty_queries_and_keys():
         ops.attention(k, q, q, backend="triton")
 
 
+_STUBBED_ATTENTION = """
+import json
+from fastvit.kernels import attention as ka
+
+def run(n, d):
+    q, k, v, dout = (torch.randn(1, 2, n, d, dtype=torch.float16) for _ in range(4))
+    out, dq, dk, dv = (torch.empty_like(q) for _ in range(4))
+    lse = torch.empty(1, 2, n, dtype=torch.float32)
+    ka.attention_fwd(q, k, v, out, lse, d**-0.5, 0.0, None)
+    ka.attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, d**-0.5, 0.0, None)
+
+run(50, 64)
+run(197, 128)
+print(json.dumps({"benched": BENCHED, "launched": LAUNCHED}))
+"""
+
+
+def _tiles(records: list, kernel: str) -> list[tuple[int, int]]:
+    return [(meta["BLOCK_M"], meta["BLOCK_N"]) for name, meta in records if name == kernel]
+
+
+def test_autotune_pruning_with_tritons_calling_convention():
+    """The GPU launch path: Triton calls early_config_prune(configs, positional args by name, **keyword
+    args), so a prune reading a keyword argument (HEAD_DIM) from named_args raises KeyError on every GPU
+    launch, which the interpreter's single config never reaches. Runs the real launchers with only the
+    benchmark and the kernel launch stubbed (tests/ops/triton_stubs.py)."""
+    import json
+
+    from tests.ops.triton_stubs import run_stubbed
+
+    report = json.loads(run_stubbed(_STUBBED_ATTENTION).splitlines()[-1])
+    benched, launched = report["benched"], report["launched"]
+    # N = 50, D = 64 then N = 197, D = 128: tiles capped by the sequence, then by the head dim's spill limits.
+    assert _tiles(benched, "_attn_fwd_kernel") == [(64, 64), (64, 32), (128, 64), (128, 64), (64, 64), (64, 32)]
+    assert _tiles(benched, "_attn_bwd_kernel") == [(64, 64), (64, 64), (32, 64), (64, 32), (32, 32)]
+    # The fastest (last) trial of each tuning is the config launched.
+    assert _tiles(launched, "_attn_fwd_kernel") == [(64, 32), (64, 32)]
+    assert _tiles(launched, "_attn_bwd_kernel") == [(64, 64), (32, 32)]
+
+
 # ----------------------------------------------------------------------------------- GPU: full matrix
 
 GPU_TOKENS = [1, 50, 197, 257, 577, 784, 1025, 1376, 3136, 4096]
