@@ -3,8 +3,8 @@
 //   z = x + residual (rounded to x's dtype, and written out: the transformer's residual stream)
 //   y = (z - mean(z)) * rstd * weight + bias,   rstd = 1 / sqrt(var(z) + eps)
 //
-// One thread block per row. Rows up to 8192 wide are held in registers (VPT values per thread), so
-// each element is read once and written once; wider rows loop over global memory. Statistics and all
+// One thread block per row. Rows up to 8192 wide (4096 in the backward) are held in registers (VPT values
+// per thread), so each element is read once and written once; wider rows loop over global memory. Statistics and all
 // arithmetic are fp32; x / residual / y share a dtype; weight and bias are that dtype or fp32.
 //
 // The backward gives dz = rstd * (w*dy - xhat * mean(w*dy*xhat) - mean(w*dy)) (+ d residual_out),
@@ -17,6 +17,12 @@ namespace fastvit {
 namespace {
 
 constexpr int kMaxThreads = 1024;
+// The backward's register path keeps three VPT-float arrays and two VPT accumulators live: at VPT=8 it
+// took 94-98 registers per thread on sm_80/sm_90 (nvcc -Xptxas -v), so blocks above ~608 threads exceed
+// the 64K-register file and fail with cudaErrorLaunchOutOfResources. So its register path stops at 512
+// threads (rows <= 4096) and wider rows take the looping kernel; __launch_bounds__ makes ptxas plan for
+// that block size (79-84 registers at VPT=8, no spills), so a launch can never run out of registers.
+constexpr int kMaxBwdThreads = 512;
 
 template <typename T, typename W, int VPT>
 __global__ void layer_norm_fwd_kernel(LayerNormFwdArgs a) {
@@ -92,7 +98,7 @@ __global__ void layer_norm_fwd_kernel(LayerNormFwdArgs a) {
 }
 
 template <typename T, typename W, int VPT>
-__global__ void layer_norm_bwd_kernel(LayerNormBwdArgs a) {
+__global__ void __launch_bounds__(kMaxBwdThreads) layer_norm_bwd_kernel(LayerNormBwdArgs a) {
   __shared__ float scratch[33];
   const int cols = static_cast<int>(a.cols);
   const W* w = reinterpret_cast<const W*>(a.weight);
@@ -180,17 +186,17 @@ __global__ void layer_norm_bwd_kernel(LayerNormBwdArgs a) {
 }
 
 // Smallest values-per-thread in {2, 4, 8} that fits the row in <= 256 threads, else 8 with up to
-// 1024 threads, else 0 (the looping kernel with 256 threads).
+// max_threads (kMaxThreads forward, kMaxBwdThreads backward), else 0 (the looping kernel with 256 threads).
 struct LaunchShape {
   int vpt, threads;
 };
 
-LaunchShape launch_shape(std::int64_t cols) {
+LaunchShape launch_shape(std::int64_t cols, int max_threads) {
   auto threads_for = [&](int vpt) { return static_cast<int>(((cols + vpt - 1) / vpt + 31) / 32 * 32); };
   for (int vpt : {2, 4, 8}) {
     if (threads_for(vpt) <= 256) return {vpt, threads_for(vpt)};
   }
-  if (threads_for(8) <= kMaxThreads) return {8, threads_for(8)};
+  if (threads_for(8) <= max_threads) return {8, threads_for(8)};
   return {0, 256};
 }
 
@@ -221,7 +227,7 @@ void dispatch_types(int x_dtype, int w_dtype, Args&&... args) {
 template <typename T, typename W, int Unused>
 struct FwdLauncher {
   static void run(const LayerNormFwdArgs& a) {
-    const LaunchShape s = launch_shape(a.cols);
+    const LaunchShape s = launch_shape(a.cols, kMaxThreads);
     auto stream = reinterpret_cast<cudaStream_t>(a.stream);
     const dim3 grid(static_cast<unsigned>(a.rows));
     switch (s.vpt) {
@@ -236,7 +242,7 @@ struct FwdLauncher {
 template <typename T, typename W, int Unused>
 struct BwdLauncher {
   static void run(const LayerNormBwdArgs& a) {
-    const LaunchShape s = launch_shape(a.cols);
+    const LaunchShape s = launch_shape(a.cols, kMaxBwdThreads);
     auto stream = reinterpret_cast<cudaStream_t>(a.stream);
     const dim3 grid(static_cast<unsigned>(a.num_partials));
     switch (s.vpt) {

@@ -213,7 +213,7 @@ def test_explicit_cuda_backend_on_cpu_tensors_lists_every_reason():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("cols", [*WIDTHS, 384, 8192, 12000])
+@pytest.mark.parametrize("cols", [*WIDTHS, 384, 4096, 4097, 6144, 8192, 12000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True])
 def test_gpu_matrix(backend, cols, dtype, residual):
