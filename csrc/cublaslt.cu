@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <sstream>
 
 #include "common.h"
@@ -86,7 +87,9 @@ struct LtApi {
 LtApi g_api;
 bool g_loaded = false;
 std::map<int, cublasLtHandle_t> g_handles;  // one per device, kept for the life of the process
-std::map<std::string, cublasLtMatmulAlgo_t> g_algos;
+// Per problem key: the heuristic's algorithm, or nullopt where it has none (remembered too, so a GEMM the
+// caller then runs another way does not re-query the heuristic on every call).
+std::map<std::string, std::optional<cublasLtMatmulAlgo_t>> g_algos;
 
 // `label` says where this attempt looks; dlerror() names the file.
 void* try_open(const std::string& what, int flags, const char* label, std::vector<std::string>& tried) {
@@ -296,19 +299,22 @@ bool try_matmul(const char* op, const MatmulArgs& a) {
     }
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
-    check(api,
-          api.heuristic(handle, d.desc, d.layouts[0], d.layouts[1], d.layouts[2], d.layouts[3], d.pref, 1, &result,
-                        &found),
-          op, "cublasLtMatmulAlgoGetHeuristic");
-    if (found == 0) return false;
-    cached = g_algos.emplace(key.str(), result.algo).first;
+    const cublasStatus_t status = api.heuristic(handle, d.desc, d.layouts[0], d.layouts[1], d.layouts[2],
+                                                d.layouts[3], d.pref, 1, &result, &found);
+    // "No algorithm" comes back as NOT_SUPPORTED, as zero results, or as a result whose state is a failure:
+    // all three let the caller fall back (try_matmul's contract); any other status is a real error.
+    const bool none = status == CUBLAS_STATUS_NOT_SUPPORTED ||
+                      (status == CUBLAS_STATUS_SUCCESS && (found == 0 || result.state != CUBLAS_STATUS_SUCCESS));
+    if (!none) check(api, status, op, "cublasLtMatmulAlgoGetHeuristic");
+    cached = g_algos.emplace(key.str(), none ? std::nullopt : std::optional<cublasLtMatmulAlgo_t>(result.algo)).first;
   }
+  if (!cached->second) return false;
   const float alpha = 1.f, beta = has_addend ? 1.f : 0.f;
   check(api,
         api.matmul(handle, d.desc, &alpha, reinterpret_cast<const void*>(a.rhs.ptr), d.layouts[0],
                    reinterpret_cast<const void*>(a.lhs.ptr), d.layouts[1], &beta,
                    reinterpret_cast<const void*>(c.ptr), d.layouts[2], reinterpret_cast<void*>(a.out.ptr),
-                   d.layouts[3], &cached->second, reinterpret_cast<void*>(a.workspace),
+                   d.layouts[3], &*cached->second, reinterpret_cast<void*>(a.workspace),
                    static_cast<std::size_t>(a.workspace_bytes), reinterpret_cast<cudaStream_t>(a.stream)),
         op, "cublasLtMatmul");
   return true;

@@ -396,6 +396,32 @@ def test_gpu_patch_embed_matches_reference(B, C, H, W, D, patch, P, pos, layout,
     assert_three_way(dweight, dref[1], dlow[1], factor=3.0, name="dweight")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_patch_embed_pos_gemm_cache_is_reused(dtype):
+    # The pos-embed GEMM has a stride-0 addend that cuBLASLt may reject (NOT_SUPPORTED / no result): then
+    # patch_embed_fwd adds the pos-embed in its own kernel. Either answer is cached per problem, so the
+    # second call takes the cached path and must give the same result as the first.
+    x, weight, bias, pos_embed, prefix = _patch_inputs(2, 3, 32, 32, 64, 16, 1, "all", dtype, "nchw")
+    ref = patch_embed_ref(
+        x.float(),
+        weight.float(),
+        bias.float(),
+        pos_embed=pos_embed.float(),
+        prefix_tokens=prefix.float(),
+        patch_size=16,
+        pad=True,
+    )
+    outs = []
+    for _ in range(2):
+        with poisoned_outputs():
+            out = new_output(ref.shape, x)
+            cuda.patch_embed_fwd(x, weight, bias, pos_embed, prefix, out)
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    assert_close(outs[0], ref, dtype, name="out")
+
+
 LINEAR_CASES = [
     # (M, K, N, activation, residual, bias)
     (197, 64, 256, "gelu", False, True),
