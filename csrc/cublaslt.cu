@@ -241,7 +241,14 @@ bool try_matmul(const char* op, const MatmulArgs& a) {
   std::lock_guard<std::mutex> lock(g_mutex);  // the handle and algorithm caches; launches are asynchronous
   const LtApi& api = load(op);
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) check_launch(op);
+  // The handle and algorithm caches are per device: guessing device 0 would run on another GPU's handle.
+  const cudaError_t device_err = cudaGetDevice(&device);
+  if (device_err != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky error so later calls start clean
+    throw std::runtime_error(std::string("fastvit._C.") + op + ": cudaGetDevice failed: " +
+                             cudaGetErrorString(device_err) + ". Check the GPU with nvidia-smi, or use "
+                             "backend='triton' / 'torch'.");
+  }
   cublasLtHandle_t& handle = g_handles[device];
   if (!handle) check(api, api.create(&handle), op, "cublasLtCreate");
 
