@@ -63,21 +63,30 @@ def _autotuners(record: dict) -> list[str]:
 
 
 def _pruned(obj, record: dict, configs: list) -> list:
-    """The configs the autotuner's own early prune keeps for this launch (as a GPU launch would)."""
+    """The configs the autotuner's own early prune keeps for this launch, called the way Triton's
+    Autotuner calls it: positional arguments by name, then the launcher's keyword arguments (not the
+    config's own) as keywords."""
     import torch
 
     prune = getattr(obj, "early_config_prune", None)
     if prune is None:
         return configs
-    named = {}
+    config_keys = {k for c in configs for k in c.kwargs}
+    named, keywords = {}, {}
     for name, desc in record["args"].items():
         if desc["kind"] == "tensor":
             dtype = "bfloat16" if record.get("dtype_swap") and desc["dtype"] == "float16" else desc["dtype"]
-            named[name] = torch.empty(0, dtype=getattr(torch, dtype), device="meta")
+            value = torch.empty(0, dtype=getattr(torch, dtype), device="meta")
         else:
-            named[name] = desc.get("value")
-    kept = list(prune(configs, named))
-    return kept or configs
+            value = desc.get("value")
+        if not desc.get("keyword"):
+            named[name] = value
+        elif name not in config_keys and name not in _LAUNCH_OPTIONS:
+            keywords[name] = value
+    kept = list(prune(configs, named, **keywords))
+    if not kept:
+        raise RuntimeError(f"{record['name']}: the autotuner's prune keeps no configuration for this launch")
+    return kept
 
 
 def _type(desc: dict) -> str:
@@ -188,7 +197,14 @@ def main() -> None:
         for index, record in enumerate(group):
             obj = _launched(record)
             _, configs, _ = _unwrap(obj)
-            configs = _pruned(obj, record, configs) if configs else [None]
+            try:
+                configs = _pruned(obj, record, configs) if configs else [None]
+            except Exception as exc:  # a prune that raises breaks every GPU launch of this kernel
+                failure = {"kernel": f"{record['module']}.{record.get('wrapper') or record['name']}", "sm": 90,
+                           "config": "early_config_prune", "bf16": bool(record.get("dtype_swap")), "ok": False,
+                           "error": f"the autotuner's prune raised {type(exc).__name__}: {exc}"}  # fmt: skip
+                print(json.dumps(failure), flush=True)
+                continue
             plan = [(cc, c) for cc in (80, 90) for c in configs] if index == 0 else [(90, configs[0])]
             for cc, config in plan:
                 try:

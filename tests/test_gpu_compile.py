@@ -68,7 +68,8 @@ def _record_launches(exercise) -> list[dict]:
     def recording_run(self, *args, grid, warmup, **kwargs):
         names = list(inspect.signature(self.fn).parameters)
         described = {name: _describe(v) for name, v in zip(names, args)}
-        described.update({k: _describe(v) for k, v in kwargs.items()})
+        # Keyword arguments are kept apart: Triton hands them to prune functions separately.
+        described.update({k: dict(_describe(v), keyword=True) for k, v in kwargs.items()})
         module = _sys.modules[self.fn.__module__]
         wrapper = next((a for a, o in vars(module).items() if wrappers and o is wrappers[0]), None)
         record = {"module": self.fn.__module__, "name": self.fn.__name__, "wrapper": wrapper, "args": described}
