@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any, Callable
 
 import torch
 
-__all__ = ["device_guard", "rows_view"]
+__all__ = ["device_guard", "graph_capturing", "launch_autotuned", "rows_view"]
 
 
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -24,3 +25,33 @@ def rows_view(t: torch.Tensor) -> torch.Tensor:
     if t2.stride(-1) == 1 and (t2.shape[0] <= 1 or t2.stride(0) >= t2.shape[-1]):
         return t2
     return t2.contiguous()
+
+
+def graph_capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s GPU stream is being captured into a CUDA graph (False for CPU tensors, without
+    touching torch.cuda, which a CPU-only build cannot query)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+# (kernel name, device index, dtype, *autotune key values) -> the config its autotuner chose outside capture.
+_CHOSEN: dict[tuple, Any] = {}
+
+
+def launch_autotuned(tuned: Any, grid: Callable[[dict], tuple], *args: Any, **kwargs: Any) -> None:
+    """Launches the ``triton.autotune``-wrapped kernel ``tuned`` as ``tuned[grid](*args, **kwargs)``, except
+    during CUDA-graph capture, where autotuning must not run (its trial launches would be recorded into the
+    graph): there it launches the config chosen earlier for this key, or, for a key first seen inside the
+    capture, the first config that survives the kernel's ``early_config_prune`` (called as Triton calls it:
+    positional arguments by name, keyword arguments as keywords)."""
+    named = dict(zip(tuned.arg_names, args))  # what Triton's Autotuner.run passes its prune as named_args
+    everything = {**named, **kwargs}
+    key = (tuned.base_fn.__name__, args[0].device.index, args[0].dtype, *(everything.get(k) for k in tuned.keys))
+    if graph_capturing(args[0]):
+        config = _CHOSEN.get(key)
+        if config is None:
+            prune = tuned.early_config_prune
+            config = (prune(tuned.configs, named, **kwargs) if prune else tuned.configs)[0]
+        tuned.fn[grid](*args, **kwargs, **config.all_kwargs())
+        return
+    tuned[grid](*args, **kwargs)
+    _CHOSEN[key] = tuned.best_config

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels import INTERPRET
-from fastvit.kernels._common import device_guard
+from fastvit.kernels._common import device_guard, launch_autotuned
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -450,26 +450,6 @@ def _autotuned(kernel: Any, configs: list) -> Any:
 
 _attn_fwd = _autotuned(_attn_fwd_kernel, _FWD_CONFIGS)
 _attn_bwd = _autotuned(_attn_bwd_kernel, _BWD_CONFIGS)
-# (kernel name, N bucket, D, dtype) -> the config the autotuner chose outside CUDA-graph capture.
-_CHOSEN: dict[tuple, triton.Config] = {}
-
-
-def _launch(tuned: Any, grid: Any, n_q: int, n_k: int, *args: Any, **kwargs: Any) -> None:
-    """Runs an autotuned kernel. During CUDA-graph capture it never tunes (the trial launches would be
-    recorded into the graph): it launches the config chosen earlier for this key, or, when the shape was
-    not seen before the capture, the first config that survives pruning for it."""
-    key = (tuned.base_fn.__name__, _n_bucket(n_q, n_k), kwargs["HEAD_DIM"], args[0].dtype)
-    if args[0].is_cuda and torch.cuda.is_current_stream_capturing():
-        config = _CHOSEN.get(key)
-        if config is None:
-            named = {"N_Q": n_q, "N_K": n_k, "HEAD_DIM": kwargs["HEAD_DIM"]}
-            if tuned is _attn_bwd:
-                named["DQ"] = None
-            config = _prune(tuned.configs, named)[0]
-        tuned.fn[grid](*args, **kwargs, **config.all_kwargs())
-        return
-    tuned[grid](*args, **kwargs)
-    _CHOSEN[key] = tuned.best_config
 
 
 # ---------------------------------------------------------------------------------------- launchers
@@ -515,8 +495,8 @@ def attention_fwd(
     n_bucket = _n_bucket(N_Q, N_K)
     grid = lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
     with device_guard(q):
-        _launch(
-            _attn_fwd, grid, N_Q, N_K,
+        launch_autotuned(
+            _attn_fwd, grid,
             q, k, v, out, lse, seed if seed is not None else lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
             H, N_Q, N_K, n_bucket, float(scale), float(dropout_p),
@@ -561,8 +541,8 @@ def attention_bwd(
             out, dout, delta, *_strides3(out), *_strides3(dout), H, N_Q,
             HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=delta_block, num_warps=1 if INTERPRET else 4,
         )  # fmt: skip
-        _launch(
-            _attn_bwd, grid, N_Q, N_K,
+        launch_autotuned(
+            _attn_bwd, grid,
             q, k, v, dout, lse, delta, dq, dk, dv, seed if seed is not None else lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
             *_strides3(dq), *_strides3(dk), *_strides3(dv),

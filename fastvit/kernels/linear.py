@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels import INTERPRET
-from fastvit.kernels._common import device_guard
+from fastvit.kernels._common import device_guard, graph_capturing
 
 __all__ = ["ACTIVATION_CODES", "linear_act_grad", "linear_fwd"]
 
@@ -240,7 +240,7 @@ def _launch(
     key = (x.device.index, x.dtype, m_bucket, N, K, *flags.values())
     config = _INTERPRET_CONFIG if INTERPRET else _BEST.get(key)
     with device_guard(x):
-        if config is None and x.is_cuda and torch.cuda.is_current_stream_capturing():
+        if config is None and graph_capturing(x):
             config = _DEFAULT_CONFIG  # benchmarking inside a capture would record the trials
         if config is None:
             _linear_tuned[grid](*args, **flags)

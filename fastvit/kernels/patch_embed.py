@@ -21,6 +21,9 @@ Kernels (fp32 accumulation in every one):
               pixels in the padding region are dropped.
     dweight   dW = sum over (b, m) of dout[b, P + m, :]^T A[b, m, :], split over row chunks into fp32
               partials that the launcher sums (deterministic, enough programs for a 768 x 768 weight).
+
+Every kernel is autotuned per (N, D, K, p, dtype); inside CUDA-graph capture the autotuner never runs
+(``launch_autotuned``): the config chosen earlier for the key, or the first that fits, is launched.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels import INTERPRET
-from fastvit.kernels._common import device_guard
+from fastvit.kernels._common import device_guard, launch_autotuned
 
 __all__ = ["int32_extent_ok", "patch_embed_dweight", "patch_embed_dx", "patch_embed_fwd"]
 
@@ -320,8 +323,13 @@ def patch_embed_fwd(
     P = prefix.shape[0] if prefix is not None else 0
     if B == 0 or D == 0:
         return
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]), B
+
     with device_guard(x):
-        _patch_embed_fwd_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]), B)](
+        launch_autotuned(
+            _patch_embed_fwd_kernel, grid,
             x, weight, bias if bias is not None else weight, pos if pos is not None else weight,
             prefix if prefix is not None else weight, out,
             N, D, K, P, Wp, H, W, *x.stride(), *weight.stride(),
@@ -340,8 +348,13 @@ def patch_embed_dx(dout: torch.Tensor, weight: torch.Tensor, num_prefix: int, dx
     N, Wp, K, row_pad = _gemm_geometry(dx, patch)
     if dx.numel() == 0:
         return
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]), B
+
     with device_guard(dx):
-        _patch_embed_dx_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]), B)](
+        launch_autotuned(
+            _patch_embed_dx_kernel, grid,
             dout, weight, dx, N, D, K, num_prefix, Wp, H, W, *dx.stride(), *weight.stride(),
             PATCH=patch, ROW_PAD=row_pad, FLAT_PIXELS=_flat_pixels(dx, patch), INPUT_PRECISION=_input_precision(dx),
         )  # fmt: skip
@@ -370,7 +383,8 @@ def patch_embed_dweight(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
         return triton.cdiv(D, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), splits
 
     with device_guard(x):
-        _patch_embed_dweight_kernel[grid](
+        launch_autotuned(
+            _patch_embed_dweight_kernel, grid,
             dout, x, part, rows, N, D, K, k_real, num_prefix, Wp, H, W, *x.stride(), rows_per_split,
             PATCH=patch, ROW_PAD=row_pad, FLAT_PIXELS=_flat_pixels(x, patch), INPUT_PRECISION=_input_precision(x),
         )  # fmt: skip

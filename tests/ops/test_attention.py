@@ -441,6 +441,43 @@ def test_autotune_pruning_with_tritons_calling_convention():
     assert _tiles(launched, "_attn_bwd_kernel") == [(64, 64), (32, 32)]
 
 
+_STUBBED_ATTENTION_CAPTURE = _STUBBED_ATTENTION.replace(
+    """run(50, 64)
+run(197, 128)
+print(json.dumps({"benched": BENCHED, "launched": LAUNCHED}))
+""",
+    """from fastvit.kernels import _common
+
+_common.graph_capturing = lambda t: True
+run(50, 64)  # first seen inside the capture
+print(json.dumps({"benched": BENCHED, "launched": LAUNCHED}))
+LAUNCHED.clear()
+_common.graph_capturing = lambda t: False
+run(197, 128)
+_common.graph_capturing = lambda t: True
+run(197, 128)  # tuned before the capture
+print(json.dumps({"benched": BENCHED, "launched": LAUNCHED}))
+""",
+)
+
+
+def test_graph_capture_launches_without_autotuning():
+    """Inside a CUDA-graph capture the launchers never benchmark (the trials would be recorded into the
+    graph): an unseen key launches the first config that survives pruning, a tuned key its chosen config."""
+    import json
+
+    from tests.ops.triton_stubs import run_stubbed
+
+    unseen, seen = (json.loads(line) for line in run_stubbed(_STUBBED_ATTENTION_CAPTURE).splitlines()[-2:])
+    assert unseen["benched"] == []
+    assert _tiles(unseen["launched"], "_attn_fwd_kernel") == [(64, 64)]
+    assert _tiles(unseen["launched"], "_attn_bwd_kernel") == [(64, 64)]
+    # Eager tuning then capture at N = 197, D = 128: the capture relaunches the tuned (last, fastest) trial.
+    assert len(seen["benched"]) == 4 + 3
+    assert _tiles(seen["launched"], "_attn_fwd_kernel") == [(64, 32), (64, 32)]
+    assert _tiles(seen["launched"], "_attn_bwd_kernel") == [(32, 32), (32, 32)]
+
+
 # ----------------------------------------------------------------------------------- GPU: full matrix
 
 GPU_TOKENS = [1, 50, 197, 257, 577, 784, 1025, 1376, 3136, 4096]

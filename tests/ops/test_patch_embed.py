@@ -269,6 +269,55 @@ def test_triton_refuses_images_past_int32_offsets():
     assert _triton_reasons(x=torch.empty(64, 3, 224, 224, device="meta"), weight=torch.empty(8, 3, 16, 16)) == []
 
 
+_STUBBED_PATCH_EMBED = """
+import json
+from fastvit.kernels import _common, patch_embed as kp
+
+real_capturing = _common.graph_capturing
+
+
+def run(capturing):
+    _common.graph_capturing = (lambda t: True) if capturing else real_capturing
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float16)
+    w = torch.randn(64, 3, 16, 16, dtype=torch.float16)
+    out = torch.randn(2, 4, 64, dtype=torch.float16)
+    kp.patch_embed_fwd(x, w, None, None, None, out)
+    kp.patch_embed_dx(out, w, 0, torch.empty_like(x))
+    kp.patch_embed_dweight(out, x, w, 0)
+    launched = [(name, meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]) for name, meta in LAUNCHED]
+    LAUNCHED.clear()
+    return launched, len(BENCHED)
+
+
+report = {}
+for phase, capturing in (("capture_unseen", True), ("eager", False), ("capture_seen", True)):
+    report[phase] = run(capturing)
+print(json.dumps(report))
+"""
+
+
+def test_autotuning_and_graph_capture_on_the_gpu_path():
+    """Runs the real launchers with GPU config lists (benchmark and kernel launch stubbed, see
+    tests/ops/triton_stubs.py): eager launches autotune through Triton's prune calling convention; inside a
+    CUDA-graph capture nothing is benchmarked (trial launches would be recorded into the graph): keys not
+    tuned yet launch the first config that fits shared memory, tuned keys their chosen config."""
+    import json
+
+    from tests.ops.triton_stubs import run_stubbed
+
+    report = json.loads(run_stubbed(_STUBBED_PATCH_EMBED).splitlines()[-1])
+    kernels = ["_patch_embed_fwd_kernel", "_patch_embed_dx_kernel", "_patch_embed_dweight_kernel"]
+    # fp16 against the 99 KB CPU-side limit: the first config whose staged tiles fit, per kernel.
+    first_fit = [[k, *tile] for k, tile in zip(kernels, [(128, 128, 64), (128, 64, 64), (64, 128, 64)])]
+    assert report["capture_unseen"] == [first_fit, 0]
+    eager, trials = report["eager"]
+    assert trials > 3 and [e[0] for e in eager] == kernels
+    # The stub makes later trials faster, so eager picks a config other than the first fit ...
+    assert eager != first_fit
+    # ... and a capture afterwards launches exactly that one, still without a trial.
+    assert report["capture_seen"] == [eager, trials]
+
+
 # ------------------------------------------------------------------------------------ bad inputs
 
 
