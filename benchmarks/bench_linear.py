@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import markdown_table, median_ms, require_gpu, write_results  # noqa: E402
 
 TOKENS = 197
+BACKENDS = ("triton", "cuda")  # fastvit backends timed beside the torch composition
 MODELS = {"S": ("DeiT-S", 384), "B": ("ViT-B", 768), "L": ("ViT-L", 1024), "H": ("ViT-H", 1280)}  # MLP ratio 4
 
 
@@ -79,21 +80,23 @@ def main() -> None:
                 cases = {
                     "fc1+gelu": (gemm_flops, lambda: torch.matmul(x, w1.t()), [x, w1, b1], {
                         "torch F.linear+F.gelu": lambda: F.gelu(F.linear(x, w1, b1)),
-                        "fastvit linear": lambda: ops.linear(x, w1, b1, activation="gelu", backend="triton"),
+                        **{f"fastvit {bk}": lambda bk=bk: ops.linear(x, w1, b1, activation="gelu", backend=bk)
+                           for bk in BACKENDS},
                     }),
                     "fc2+residual": (gemm_flops, lambda: torch.matmul(h, w2.t()), [h, w2, b2, x], {
                         "torch F.linear+add": lambda: F.linear(h, w2, b2) + x,
-                        "fastvit linear": lambda: ops.linear(h, w2, b2, residual=x, backend="triton"),
+                        **{f"fastvit {bk}": lambda bk=bk: ops.linear(h, w2, b2, residual=x, backend=bk)
+                           for bk in BACKENDS},
                     }),
                     "mlp sub-block": (2 * gemm_flops, None, [x, ln_w, ln_b, w1, b1, w2, b2], {
                         "timm eager LN+fc1+GELU+fc2+add": lambda: x + F.linear(
                             F.gelu(F.linear(F.layer_norm(x, (d,), ln_w, ln_b, 1e-6), w1, b1)), w2, b2
                         ),
-                        "fastvit LN+linear(gelu)+linear(residual)": lambda: ops.linear(
-                            ops.linear(ops.layer_norm(x, ln_w, ln_b, 1e-6, backend="triton"), w1, b1,
-                                       activation="gelu", backend="triton"),
-                            w2, b2, residual=x, backend="triton",
-                        ),
+                        **{f"fastvit {bk} LN+linear(gelu)+linear(residual)": lambda bk=bk: ops.linear(
+                            ops.linear(ops.layer_norm(x, ln_w, ln_b, 1e-6, backend=bk), w1, b1,
+                                       activation="gelu", backend=bk),
+                            w2, b2, residual=x, backend=bk,
+                        ) for bk in BACKENDS},
                     }),
                 }  # fmt: skip
                 for case, (flops, matmul, leaves, providers) in cases.items():

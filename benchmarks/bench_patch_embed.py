@@ -19,6 +19,7 @@ bandwidth measured in the same run, and the speedup over torch (the issue's goal
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import Callable
@@ -82,17 +83,24 @@ def main() -> None:
                     t = F.conv2d(x, w, b, stride=patch).flatten(2).transpose(1, 2)
                     return torch.cat([cls.expand(batch, -1, -1), t], dim=1) + pos
 
-                def fastvit_fwd():
-                    return ops.patch_embed(
-                        x, w, b, patch_size=patch, pos_embed=pos, prefix_tokens=cls, backend="triton"
-                    )
+                def fastvit_fwd(backend: str):
+                    return ops.patch_embed(x, w, b, patch_size=patch, pos_embed=pos, prefix_tokens=cls, backend=backend)
 
                 flops = 2 * batch * n * k * width
                 nbytes = (x.numel() + w.numel() + batch * (n + 1) * width) * x.element_size()
                 base = None
-                for name, fn in (("torch conv+flatten+cat+add", torch_fwd), ("fastvit triton", fastvit_fwd)):
-                    with torch.no_grad():
-                        ms = _time(fn)
+                providers = [("torch conv+flatten+cat+add", torch_fwd)]
+                providers += [(f"fastvit {bk}", functools.partial(fastvit_fwd, bk)) for bk in ("triton", "cuda")]
+                for name, fn in providers:
+                    try:
+                        with torch.no_grad():
+                            ms = _time(fn)
+                    except Exception as exc:  # a backend that cannot run is reported, not hidden
+                        note = f"not run: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                        rows.append(
+                            {"dtype": dtype_name, "model": label, "batch": batch, "provider": name, "note": note}
+                        )
+                        continue
                     base = ms if base is None else base
                     row = {
                         "dtype": dtype_name,
@@ -113,7 +121,18 @@ def main() -> None:
 
                         row["fwd_bwd_ms"] = _time(step)
                     rows.append(row)
-    columns = ["dtype", "model", "batch", "provider", "fwd_ms", "TFLOP/s", "GB/s", "of_copy_bw", "speedup_vs_torch"]
+    columns = [
+        "dtype",
+        "model",
+        "batch",
+        "provider",
+        "fwd_ms",
+        "TFLOP/s",
+        "GB/s",
+        "of_copy_bw",
+        "speedup_vs_torch",
+        "note",
+    ]
     if args.backward:
         columns.append("fwd_bwd_ms")
     print(markdown_table(rows, columns))

@@ -22,6 +22,7 @@ token input and the LayerNorm parameters; stage 0's image needs none).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import Callable
@@ -81,18 +82,33 @@ def main() -> None:
                     u = F.unfold(img, k, padding=p, stride=s).transpose(1, 2)
                     return F.layer_norm(u, (features,), nw, nb, 1e-5) if norm else u.contiguous()
 
-                def fastvit_fwd():
+                def fastvit_fwd(backend: str):
                     return ops.soft_split(
                         x, kernel_size=k, stride=s, padding=p, hw=hw, norm_weight=nw if norm else None,
-                        norm_bias=nb if norm else None, norm_eps=1e-5, backend="triton",
+                        norm_bias=nb if norm else None, norm_eps=1e-5, backend=backend,
                     )  # fmt: skip
 
                 nbytes = (x.numel() + batch * tokens * features) * x.element_size()
                 base = None
                 chain = "unfold+transpose" + ("+layer_norm" if norm else "+contiguous")
-                for name, fn in ((f"torch {chain}", torch_fwd), ("fastvit triton", fastvit_fwd)):
-                    with torch.no_grad():
-                        ms = _time(fn)
+                providers = [(f"torch {chain}", torch_fwd)]
+                providers += [(f"fastvit {bk}", functools.partial(fastvit_fwd, bk)) for bk in ("triton", "cuda")]
+                for name, fn in providers:
+                    try:
+                        with torch.no_grad():
+                            ms = _time(fn)
+                    except Exception as exc:  # a backend that cannot run is reported, not hidden
+                        note = f"not run: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                        rows.append(
+                            {
+                                "dtype": dtype_name,
+                                "stage": f"{stage}: {tokens}x{features}",
+                                "batch": batch,
+                                "provider": name,
+                                "note": note,
+                            }
+                        )
+                        continue
                     base = ms if base is None else base
                     row = {
                         "dtype": dtype_name,
@@ -112,7 +128,7 @@ def main() -> None:
 
                         row["fwd_bwd_ms"] = _time(step)
                     rows.append(row)
-    columns = ["dtype", "stage", "batch", "provider", "fwd_ms", "GB/s", "of_copy_bw", "speedup_vs_torch"]
+    columns = ["dtype", "stage", "batch", "provider", "fwd_ms", "GB/s", "of_copy_bw", "speedup_vs_torch", "note"]
     if args.backward:
         columns.append("fwd_bwd_ms")
     print(markdown_table(rows, columns))
