@@ -7,7 +7,11 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["device_guard", "graph_capturing", "launch_autotuned", "rows_view"]
+__all__ = ["MAX_GRID_YZ", "device_guard", "graph_capturing", "launch_autotuned", "rows_view"]
+
+# CUDA's limit on a launch grid's y and z sizes (x goes to 2**31 - 1): launchers that put the batch or the
+# heads on those axes must refuse larger ones.
+MAX_GRID_YZ = 65535
 
 
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:

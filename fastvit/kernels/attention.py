@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels import INTERPRET
-from fastvit.kernels._common import device_guard, launch_autotuned
+from fastvit.kernels._common import MAX_GRID_YZ, device_guard, launch_autotuned
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -55,7 +55,6 @@ MAX_HEAD_DIM = 128  # q, k, v, acc tiles of BLOCK x 128 already fill the registe
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
 _LN2 = tl.constexpr(0.6931471805599453)
 _INT32_MAX = 2**31 - 1
-_MAX_GRID_YZ = 65535  # grid = (token blocks, H, B)
 
 
 def head_dim_blocks(head_dim: int) -> tuple[int, int]:
@@ -70,9 +69,9 @@ def unsupported_reasons(
 ) -> list[str]:
     """Why the Triton kernels cannot serve these sizes (empty list: they can)."""
     reasons = []
-    if batch > _MAX_GRID_YZ or heads > _MAX_GRID_YZ:
+    if batch > MAX_GRID_YZ or heads > MAX_GRID_YZ:  # grid = (token blocks, H, B)
         reasons.append(
-            f"batch {batch} or heads {heads} exceeds {_MAX_GRID_YZ}, the CUDA grid's y/z limit the kernels launch "
+            f"batch {batch} or heads {heads} exceeds {MAX_GRID_YZ}, the CUDA grid's y/z limit the kernels launch "
             "heads and batch on; split the batch"
         )
     if k_tokens == 0:

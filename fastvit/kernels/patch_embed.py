@@ -35,9 +35,12 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels import INTERPRET
-from fastvit.kernels._common import device_guard, launch_autotuned
+from fastvit.kernels._common import MAX_GRID_YZ, device_guard, launch_autotuned
 
-__all__ = ["int32_extent_ok", "patch_embed_dweight", "patch_embed_dx", "patch_embed_fwd"]
+__all__ = ["MAX_BATCH", "int32_extent_ok", "patch_embed_dweight", "patch_embed_dx", "patch_embed_fwd"]
+
+# The forward and dx grids are (tiles, B).
+MAX_BATCH = MAX_GRID_YZ
 
 
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:

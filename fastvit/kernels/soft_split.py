@@ -26,9 +26,10 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels import INTERPRET
-from fastvit.kernels._common import device_guard
+from fastvit.kernels._common import MAX_GRID_YZ, device_guard
 
 __all__ = [
+    "MAX_BATCH",
     "MAX_TILE",
     "fold_tiles",
     "padded_row_elements",
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 MAX_TILE = 16384  # padded features per row, next_pow2(C) * next_pow2(kh * kw), held in registers
+MAX_BATCH = MAX_GRID_YZ  # the fold's grid is (pixel tiles, channel tiles, B)
 
 
 def padded_row_elements(channels: int, window: int) -> int:

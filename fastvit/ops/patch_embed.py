@@ -168,11 +168,17 @@ def _triton_reasons(x: Tensor, weight: Tensor, **_: object) -> list[str]:
     if kernels.TRITON_IMPORT_ERROR is not None:
         return []
     regions = {"image of x": (x.shape[1:], x.stride()[1:]), "weight": (weight.shape, weight.stride())}
-    return [
+    reasons = [
         f"one {name} spans 2^31 elements or more; the Triton kernel addresses within it in int32"
         for name, (sizes, strides) in regions.items()
         if not _triton_kernels.int32_extent_ok(tuple(sizes), tuple(strides))
     ]
+    if x.shape[0] > _triton_kernels.MAX_BATCH:
+        reasons.append(
+            f"batch {x.shape[0]} exceeds {_triton_kernels.MAX_BATCH}, the CUDA grid's y limit the Triton kernels "
+            "launch images on; split the batch"
+        )
+    return reasons
 
 
 _DISPATCH = OpDispatcher(

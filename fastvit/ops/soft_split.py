@@ -141,15 +141,21 @@ def _no_reasons(**_: object) -> list[str]:
     return []
 
 
-def _triton_reasons(channels: int, window: int, **_: object) -> list[str]:
+def _triton_reasons(x: Tensor, channels: int, window: int, **_: object) -> list[str]:
+    reasons: list[str] = []
     if kernels.TRITON_IMPORT_ERROR is None:
         padded = _triton_kernels.padded_row_elements(channels, window)
         if padded > _triton_kernels.MAX_TILE:
-            return [
+            reasons.append(
                 f"a row of {channels} channels x {window} window positions pads to {padded} elements, over the "
                 f"Triton kernel's {_triton_kernels.MAX_TILE}"
-            ]
-    return []
+            )
+        if x.shape[0] > _triton_kernels.MAX_BATCH:
+            reasons.append(
+                f"batch {x.shape[0]} exceeds {_triton_kernels.MAX_BATCH}, the CUDA grid's z limit the Triton "
+                "backward launches images on; split the batch"
+            )
+    return reasons
 
 
 _DISPATCH = OpDispatcher(

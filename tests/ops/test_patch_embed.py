@@ -269,6 +269,20 @@ def test_triton_refuses_images_past_int32_offsets():
     assert _triton_reasons(x=torch.empty(64, 3, 224, 224, device="meta"), weight=torch.empty(8, 3, 16, 16)) == []
 
 
+def test_triton_refuses_batches_past_the_grid_limit():
+    """The forward and dx grids put the batch on CUDA's y axis (at most 65535 blocks)."""
+    from fastvit.ops.patch_embed import _triton_reasons
+
+    weight = torch.randn(8, 3, 16, 16)
+    assert _triton_reasons(x=torch.empty(65535, 3, 16, 16, device="meta"), weight=weight) == []
+    x = torch.randn(1, 3, 16, 16).expand(65536, 3, 16, 16)  # no 65536-image allocation
+    assert _triton_reasons(x=x, weight=weight) == [
+        "batch 65536 exceeds 65535, the CUDA grid's y limit the Triton kernels launch images on; split the batch"
+    ]
+    with pytest.raises(ops.BackendNotSupported, match="batch 65536 exceeds 65535"):
+        ops.patch_embed(x, weight, None, patch_size=16, backend="triton")
+
+
 _STUBBED_PATCH_EMBED = """
 import json
 from fastvit.kernels import _common, patch_embed as kp

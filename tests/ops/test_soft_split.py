@@ -227,6 +227,19 @@ def test_bad_inputs(x, kwargs, error, match):
         ops.soft_split(x, **kwargs)
 
 
+def test_triton_refuses_batches_past_the_grid_limit():
+    """The backward's fold puts the batch on CUDA's z axis (at most 65535 blocks)."""
+    from fastvit.ops.soft_split import _triton_reasons
+
+    assert _triton_reasons(x=torch.empty(65535, 3, 8, 8, device="meta"), channels=3, window=9) == []
+    x = torch.randn(1, 3, 8, 8).expand(65536, 3, 8, 8)  # no 65536-image allocation
+    assert _triton_reasons(x=x, channels=3, window=9) == [
+        "batch 65536 exceeds 65535, the CUDA grid's z limit the Triton backward launches images on; split the batch"
+    ]
+    with pytest.raises(ops.BackendNotSupported, match="batch 65536 exceeds 65535"):
+        ops.soft_split(x, backend="triton", **STAGE12)
+
+
 def test_cuda_backend_refuses_cpu_tensors():
     """The kernels (csrc/, launched by fastvit/ops/_cuda_backends.py) are tested in tests/test_ext_kernels.py."""
     with pytest.raises(ops.BackendNotSupported, match="the 'cuda' backend needs CUDA tensors"):
