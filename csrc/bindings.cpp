@@ -32,6 +32,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastvit CUDA kernels (torch-independent; called through fastvit.ops)";
   m.attr("CUDART_VERSION") = fastvit::cudart_version();
   m.def("device_status", &fastvit::device_status, "What the CUDA runtime sees (never raises).");
+  m.def("device_problem", &fastvit::device_problem,
+        "Why the kernels cannot use a GPU on this machine, with the fix; '' when they can (never raises).");
 
   m.def(
       "layer_norm_fwd",

@@ -24,19 +24,38 @@ inline const char* dtype_name(int code) {
   }
 }
 
-// Throws unless a CUDA device is usable, so a call on a machine without a GPU (or driver) is an
-// exception with a hint, never a crash.
-inline void require_cuda_device(const char* op) {
+// A CUDA version number (cudaDriverGetVersion, CUDART_VERSION: 1000 * major + 10 * minor) as "major.minor".
+inline std::string cuda_version_text(int v) { return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10); }
+
+// Why the CUDA runtime cannot use a GPU on this machine, with the fix; "" when it can. Never throws.
+// The runtime is linked statically (CMakeLists.txt), so it needs a driver at least as new as the toolkit
+// fastvit._C was built with, even where torch (with its own runtime) runs on the GPU fine.
+inline std::string cuda_device_problem() {
   int count = 0;
-  cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess || count == 0) {
-    cudaGetLastError();  // clear the sticky error so later calls start clean
-    throw std::runtime_error(
-        std::string("fastvit._C.") + op + ": no usable CUDA device (cudaGetDeviceCount: " +
-        (err != cudaSuccess ? cudaGetErrorString(err) : "0 devices") +
-        "). The 'cuda' backend needs an NVIDIA GPU and driver; on this machine use backend='torch', "
-        "or backend='triton' with TRITON_INTERPRET=1.");
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err == cudaSuccess && count > 0) return "";
+  cudaGetLastError();  // clear the sticky error so later calls start clean
+  int driver = 0;
+  if (err == cudaErrorInsufficientDriver && cudaDriverGetVersion(&driver) == cudaSuccess && driver > 0) {
+    // A driver is installed but older than this runtime (no driver at all reports version 0: below).
+    return "the NVIDIA driver supports CUDA up to " + cuda_version_text(driver) + ", older than the CUDA " +
+           cuda_version_text(CUDART_VERSION) + " runtime fastvit._C was built with (cudaGetDeviceCount: " +
+           cudaGetErrorString(err) + "). Update the NVIDIA driver" +
+           (CUDART_VERSION >= 13000 && CUDART_VERSION < 14000 ? std::string(" (CUDA 13 needs r580 or newer)") : "") +
+           ", or rebuild fastvit with the CUDA toolkit matching the driver (`pip install -e .` with that nvcc on "
+           "PATH), or use backend='triton' / 'torch'.";
   }
+  return std::string("no usable CUDA device (cudaGetDeviceCount: ") +
+         (err != cudaSuccess ? cudaGetErrorString(err) : "0 devices") +
+         (err == cudaErrorInsufficientDriver ? "; no NVIDIA driver is installed" : "") + "). The 'cuda' backend needs an NVIDIA GPU and driver; on this machine use backend='torch', "
+         "or backend='triton' with TRITON_INTERPRET=1.";
+}
+
+// Throws unless a CUDA device is usable, so a call on a machine without a GPU (or with a driver too old
+// for the runtime) is an exception with a hint, never a crash.
+inline void require_cuda_device(const char* op) {
+  const std::string problem = cuda_device_problem();
+  if (!problem.empty()) throw std::runtime_error(std::string("fastvit._C.") + op + ": " + problem);
 }
 
 inline void check_launch(const char* op) {

@@ -4,17 +4,15 @@
 
 namespace fastvit {
 
-std::string cudart_version() {
-  return std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
-}
+std::string cudart_version() { return cuda_version_text(CUDART_VERSION); }
+
+std::string device_problem() { return cuda_device_problem(); }
 
 std::string device_status() {
+  const std::string problem = cuda_device_problem();
+  if (!problem.empty()) return problem;
   int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    return std::string("no usable CUDA device: ") + cudaGetErrorString(err);
-  }
+  cudaGetDeviceCount(&count);
   return std::to_string(count) + " CUDA device(s) visible";
 }
 

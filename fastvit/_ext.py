@@ -7,6 +7,7 @@ helpers that turn tensors into its arguments (pointers, dtype codes, stream hand
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -19,6 +20,7 @@ __all__ = [
     "DTYPE_CODES",
     "available",
     "build_info",
+    "device_problem",
     "dtype_code",
     "load_error",
     "module",
@@ -52,6 +54,23 @@ def build_info() -> dict[str, Any]:
 
 def available() -> bool:
     return _module is not None
+
+
+@functools.lru_cache(maxsize=None)
+def device_problem() -> Optional[str]:
+    """Why the loaded ``fastvit._C`` cannot use a GPU on this machine (with the fix), or None.
+
+    A driver older than the CUDA runtime the extension was built with (static cudart) fails every kernel
+    call even where torch's own runtime works. Asked once per process (one cudaGetDeviceCount) and never
+    raises; None as well when the extension is not loaded (``load_error()`` says why) or predates this check.
+    """
+    fn = getattr(_module, "device_problem", None)
+    if fn is None:
+        return None
+    try:
+        return fn() or None
+    except Exception as exc:  # a broken build: report it as the problem rather than raise from dispatch
+        return f"fastvit._C.device_problem() failed: {type(exc).__name__}: {exc}"
 
 
 def load_error() -> Optional[str]:

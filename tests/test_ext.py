@@ -74,6 +74,14 @@ def test_kernel_call_without_gpu_is_a_clear_error():
     with pytest.raises(RuntimeError, match="no usable CUDA device.*use backend='torch'"):
         C.layer_norm_fwd(**_ln_args())
     assert "no usable CUDA device" in C.device_status()
+    assert "no usable CUDA device" in C.device_problem()
+
+
+@pytest.mark.gpu
+def test_gpu_extension_can_use_the_device():
+    # Fails where the driver is older than the runtime fastvit._C was built with: the message says so.
+    _require_extension()
+    assert _ext.device_problem() is None, _ext.device_problem()
 
 
 def test_extension_validates_arguments_before_touching_the_gpu():

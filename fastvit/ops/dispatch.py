@@ -72,6 +72,11 @@ def environment_reasons(backend: str, device: torch.device) -> list[str]:
             reasons.append(f"the CUDA extension fastvit._C is not loaded ({_ext.load_error()})")
         if device.type != "cuda":
             reasons.append(f"tensors are on {device.type}, the 'cuda' backend needs CUDA tensors")
+        elif _ext.available():
+            # Only for CUDA tensors (CPU calls never pay for the query); cached per process in _ext.
+            problem = _ext.device_problem()
+            if problem:
+                reasons.append(f"fastvit._C cannot use the GPU: {problem}")
     if backend in ("triton", "cuda") and device.type == "cuda":
         cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
         if cap < _MIN_CAPABILITY:

@@ -16,6 +16,7 @@ from fastvit.ops import dispatch
 def toy_op(monkeypatch):
     """A throwaway op whose triton backend refuses wide rows; the GPU is faked as an sm_90 device."""
     monkeypatch.setattr(dispatch, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(dispatch._ext, "device_problem", lambda: None)  # ... that fastvit._C can use
     op = dispatch.OpDispatcher(
         name="toy",
         reasons={
@@ -81,6 +82,54 @@ def test_old_gpus_are_refused(monkeypatch):
     monkeypatch.setattr(dispatch, "_capability", lambda index: (7, 5))
     reasons = dispatch.environment_reasons("triton", torch.device("cuda", 0))
     assert any("compute capability 7.5 is below 8.0" in r for r in reasons)
+
+
+@pytest.fixture
+def fake_device_problem(monkeypatch):
+    """Fakes fastvit._C's device_problem() with a counting stub; the per-process cache is reset around it."""
+    calls = []
+    answer = {"value": ""}
+
+    def device_problem():
+        calls.append(1)
+        if isinstance(answer["value"], Exception):
+            raise answer["value"]
+        return answer["value"]
+
+    monkeypatch.setattr(_ext, "_module", type("FakeC", (), {"device_problem": staticmethod(device_problem)}))
+    monkeypatch.setattr(_ext, "available", lambda: True)
+    monkeypatch.setattr(dispatch, "_capability", lambda index: (9, 0))
+    _ext.device_problem.cache_clear()
+    yield answer, calls
+    _ext.device_problem.cache_clear()
+
+
+def test_cuda_backend_is_refused_where_the_extension_cannot_use_the_gpu(fake_device_problem):
+    answer, calls = fake_device_problem
+    answer["value"] = "the NVIDIA driver supports CUDA up to 12.4, older than the CUDA 13.0 runtime"
+    cuda = torch.device("cuda", 0)
+    for _ in range(3):
+        reasons = dispatch.environment_reasons("cuda", cuda)
+        assert reasons == [f"fastvit._C cannot use the GPU: {answer['value']}"]
+    assert len(calls) == 1, "the extension must be asked once per process"
+    assert dispatch.environment_reasons("triton", cuda) == []  # only the cuda backend depends on it
+
+
+def test_usable_extension_adds_no_reason_and_cpu_tensors_never_ask(fake_device_problem):
+    answer, calls = fake_device_problem
+    assert dispatch.environment_reasons("cuda", torch.device("cpu")) == [
+        "tensors are on cpu, the 'cuda' backend needs CUDA tensors"
+    ]
+    assert calls == [], "CPU calls must not query the CUDA runtime"
+    assert dispatch.environment_reasons("cuda", torch.device("cuda", 0)) == []
+    assert len(calls) == 1
+
+
+def test_a_failing_device_query_is_a_reason_not_an_exception(fake_device_problem):
+    answer, _ = fake_device_problem
+    answer["value"] = RuntimeError("boom")
+    (reason,) = dispatch.environment_reasons("cuda", torch.device("cuda", 0))
+    assert "fastvit._C.device_problem() failed: RuntimeError: boom" in reason
 
 
 def test_every_op_is_registered_with_a_torch_backend():
