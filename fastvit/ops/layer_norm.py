@@ -171,8 +171,8 @@ def _bwd_kernel(
 def _layer_norm_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x, residual: (M, N) with unit last stride. Returns y, x + residual (empty without a residual),
-    and the fp32 per-row mean and rstd kept for the backward."""
+    """x, residual: (M, N) with unit last stride; weight, bias: contiguous (N,). Returns y, x + residual
+    (empty without a residual), and the fp32 per-row mean and rstd kept for the backward."""
     M, N = x.shape
     y = new_output((M, N), x)
     residual_out = new_output((M, N), x) if residual is not None else x.new_empty((0,))
@@ -251,7 +251,7 @@ def layer_norm(
     Args:
         x: (..., C) activations, fp32 / fp16 / bf16; any strides (a copy is made only when the last
             dimension is not contiguous).
-        weight: (C,) scale, x's dtype or fp32.
+        weight: (C,) scale, x's dtype or fp32; any strides (a strided or expanded one is copied).
         bias: (C,) shift like ``weight``, or None.
         eps: added to the variance; timm's ViTs use 1e-6, ``nn.LayerNorm`` defaults to 1e-5.
         residual: (..., C) like ``x``; when given, the op normalises ``x + residual`` and also returns it.
@@ -268,6 +268,10 @@ def layer_norm(
     backend = _DISPATCH.select(backend, x.device, x=x, weight=weight, bias=bias, residual=residual)
     if backend == "torch":
         return layer_norm_ref(x, weight, bias, eps, residual)
+    # The kernels index weight / bias as dense (C,) vectors: a strided or expanded (stride 0) one is copied
+    # here (a no-op when already contiguous; differentiable, so their grads keep the caller's shapes).
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     y, residual_out, _, _ = _layer_norm_fwd(
         rows_view(x), weight, bias, rows_view(residual) if residual is not None else None, float(eps), backend
     )

@@ -104,6 +104,18 @@ def test_non_contiguous_inputs(device):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_strided_and_expanded_weight_and_bias(backend, device):
+    # The kernels read weight / bias as dense vectors: a stride-2 weight and a stride-0 (expanded) bias
+    # must give the reference values and gradients in the views' own shapes.
+    N = 48
+    x, r, _, _ = _inputs(5, N, torch.float32, device, residual=True)
+    w = (1 + 0.5 * torch.randn(2 * N, device=device)).requires_grad_()[::2]
+    b = (0.5 * torch.randn(1, device=device)).requires_grad_().expand(N)
+    assert w.stride() == (2,) and b.stride() == (0,)
+    _check(backend, x, r, w, b, 1e-6)
+
+
 def test_zero_rows(device):
     x = torch.randn(0, 64, device=device, requires_grad=True)
     w, b = torch.ones(64, device=device, requires_grad=True), torch.zeros(64, device=device, requires_grad=True)
