@@ -331,5 +331,9 @@ def soft_split(
     hw_list = list(hw) if hw else []
     (_, _, H, W), _ = _geometry(x, hw_list)
     tokens = ((H + 2 * ph - kh) // sh + 1) * ((W + 2 * pw - kw) // sw + 1)
+    # The kernels index norm_weight / norm_bias as dense (F,) vectors: a strided or expanded (stride 0) one
+    # is copied here (a no-op when already contiguous; differentiable, so grads keep the caller's shapes).
+    norm_weight = norm_weight.contiguous() if norm_weight is not None else None
+    norm_bias = norm_bias.contiguous() if norm_bias is not None else None
     y, _, _ = _soft_split_fwd(x, hw_list, kernel, norm_weight, norm_bias, float(norm_eps), backend)
     return y.view(x.shape[0], tokens, features)

@@ -112,6 +112,19 @@ def test_layouts_read_in_place(device):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_strided_and_expanded_norm_parameters(backend, device):
+    # The kernels read norm_weight / norm_bias as dense vectors: a stride-2 weight and a stride-0
+    # (expanded) bias must give the reference tokens and gradients in the views' own shapes.
+    x = torch.randn(1, 8, 4, 4, device=device).requires_grad_()
+    features = _features(x, None, STAGE12["kernel_size"])
+    nw = (1 + 0.5 * torch.randn(2 * features, device=device)).requires_grad_()[::2]
+    nb = (0.5 * torch.randn(1, device=device)).requires_grad_().expand(features)
+    assert nw.stride() == (2,) and nb.stride() == (0,)
+    _check(x, norm=(nw, nb), backend=backend, **STAGE12)
+
+
+@pytest.mark.interpreter
 def test_only_norm_gradients(device):
     """The first T2T stage: the image needs no gradient, the fused LayerNorm's parameters do."""
     x = torch.randn(1, 3, 12, 12, device=device)
