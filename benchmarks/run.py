@@ -225,6 +225,10 @@ def _row_record(row: ModelRow, providers: Sequence[Provider], s: Settings) -> di
     else:
         params = count_params(builder, row)
         gmacs = count_gmacs(builder, row)
+    return _row_facts(row, s, params, gmacs)
+
+
+def _row_facts(row: ModelRow, s: Settings, params: dict[str, Any], gmacs: dict[str, Any]) -> dict[str, Any]:
     return {
         "key": row.key,
         "label": row.label,
@@ -393,17 +397,7 @@ def _open_log(path: Path, meta: dict[str, Any]) -> Any:
 def _row_record_stub(row: ModelRow, s: Settings) -> dict[str, Any]:
     """A row reached by no cell before an interruption: its static facts were not computed."""
     reason = {"reason": "interrupted: the run was stopped before this row"}
-    return {
-        "key": row.key,
-        "label": row.label,
-        "suite": row.suite,
-        "img_size": row.img_size,
-        "timm_name": row.timm_name,
-        "batch": {"infer": s.batch(row, "infer"), "train": s.batch(row, "train")},
-        "params": reason,
-        "gmacs": reason,
-        "published": [p.as_dict() for p in published_for(row.key)],
-    }
+    return _row_facts(row, s, reason, reason)
 
 
 if __name__ == "__main__":
