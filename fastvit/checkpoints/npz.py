@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from fastvit.checkpoints._common import CheckpointError, StateDict, shorten
+from fastvit.fileio import atomic_write
 
 __all__ = ["NPZ_PREFIXES", "is_npz", "npz_to_timm", "save_npz", "timm_to_npz"]
 
@@ -248,6 +249,7 @@ def timm_to_npz(state_dict: Mapping[str, torch.Tensor], num_heads: int) -> dict[
 
 
 def save_npz(arrays: Mapping[str, np.ndarray], path: Union[str, "os.PathLike[str]"]) -> None:
-    """Write arrays (e.g. from :func:`timm_to_npz`) to ``path`` uncompressed, as the Google files are."""
-    with open(path, "wb") as f:
+    """Write arrays (e.g. from :func:`timm_to_npz`) to ``path`` uncompressed, as the Google files are
+    (atomically, through :func:`fastvit.fileio.atomic_write`)."""
+    with atomic_write(path, "wb") as f:
         np.savez(f, **arrays)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastvit.checkpoints import load_checkpoint
+from fastvit.checkpoints import CheckpointError, load_checkpoint
 from fastvit.convert import main
+from tests._faults import run_child
 from tests.checkpoints._tiny import assert_same_outputs, image_batch, tiny_vit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -104,3 +107,97 @@ def test_module_entry_point(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel" in np.load(dst).files
+
+
+# --- nothing lost: same file refused, interrupted writes keep the old file, OS errors are one line -----------
+
+
+def _same_file_spellings(tmp_path, src: Path) -> dict[str, Path]:
+    (tmp_path / "sub").mkdir()
+    os.symlink(src, tmp_path / "link.pth")
+    os.link(src, tmp_path / "hard.pth")
+    return {
+        "same path": src,
+        "other spelling": tmp_path / "sub" / ".." / src.name,
+        "symlink": tmp_path / "link.pth",
+        "hard link": tmp_path / "hard.pth",
+    }
+
+
+def test_same_file_as_source_is_refused_unless_forced(tmp_path, capsys):
+    src = Path(_torch_file(tmp_path, tiny_vit("fastvit", seed=0)))
+    before = src.read_bytes()
+    for how, dst in _same_file_spellings(tmp_path, src).items():
+        assert main([str(src), str(dst), "--to", "mmseg"]) == 1, how
+        err = capsys.readouterr().err
+        assert "same file as the source" in err and "--force" in err and err.count("\n") == 1, how
+        assert src.read_bytes() == before, how
+    assert main([str(src), str(src), "--to", "deit", "--force"]) == 0
+    assert list(torch.load(src, weights_only=True)) == ["model"]  # forced: converted in place, still whole
+
+
+def test_size_limit_mid_write_keeps_the_old_destination(tmp_path):
+    src = _torch_file(tmp_path, tiny_vit("fastvit", seed=0, embed_dim=64))
+    dst = tmp_path / "old.pth"
+    dst.write_bytes(b"previous good file")
+    proc = run_child(
+        f"import sys; from fastvit.convert import main; sys.exit(main([{src!r}, {str(dst)!r}, '--to', 'timm']))",
+        size_limit=20000,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1 and str(dst) in proc.stderr and "too large" in proc.stderr
+    assert dst.read_bytes() == b"previous good file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth", "old.pth"]  # no temporary left
+
+
+@pytest.mark.parametrize("to, name", [("timm", "out.pth"), ("timm", "out.safetensors"), ("npz", "out.npz")])
+def test_kill_before_rename_keeps_the_old_destination(tmp_path, to, name):
+    src = _torch_file(tmp_path, tiny_vit("fastvit", seed=0))
+    dst = tmp_path / name
+    dst.write_bytes(b"previous good file")
+    proc = run_child(
+        f"from fastvit.convert import main; main([{src!r}, {str(dst)!r}, '--to', {to!r}, '--num-heads', '2'])",
+        kill_before_rename=True,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert dst.read_bytes() == b"previous good file"
+
+
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (lambda p: (p / "folder").mkdir() or p / "folder", "is a folder"),
+        (lambda p: (p / "afile").write_text("") or p / "afile" / "x.pth", "afile"),
+    ],
+    ids=["dst-is-folder", "parent-is-file"],
+)
+def test_os_errors_are_one_line_naming_the_path(tmp_path, capsys, make, why):
+    src = _torch_file(tmp_path, tiny_vit("fastvit"))
+    dst = make(tmp_path)
+    assert main([src, str(dst), "--to", "timm"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(dst) in err and why in err
+
+
+def test_unwritable_folder(tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores folder permissions")
+    src = _torch_file(tmp_path, tiny_vit("fastvit"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert main([src, str(ro / "x.pth"), "--to", "timm"]) == 1
+    finally:
+        ro.chmod(0o700)
+    assert "permission denied" in capsys.readouterr().err
+
+
+def test_corrupt_source_one_line_and_debug_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x80\x02not a pickle at all")
+    assert main([str(bad), str(tmp_path / "y.pth"), "--to", "timm"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.pth" in err and "Traceback" not in err
+    with pytest.raises(CheckpointError, match="bad.pth"):
+        main([str(bad), str(tmp_path / "y.pth"), "--to", "timm", "--debug"])
