@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
@@ -102,6 +103,9 @@ GOOGLE_PREPROCESSING: dict[str, Any] = {
     "interpolation": "bilinear",
 }
 _PREPROCESSING = {"npz": GOOGLE_PREPROCESSING, "vit_pytorch": GOOGLE_PREPROCESSING}
+
+# Formats whose keys are the same names (a forced one of them is not a mismatch).
+_NAME_FAMILY = {"deit": "timm"}
 
 # Wrapper keys, most preferred first; EMA weights are what timm-trained releases (T2T-ViT) report.
 _WRAPPERS_EMA = ("state_dict_ema",)
@@ -253,6 +257,17 @@ def read_checkpoint(
     except CheckpointError as exc:
         raise CheckpointError(f"{name}: {exc}") from exc
     detected = detect_format(sd, wrapper)
+    if (
+        format not in ("auto", "npz")
+        and detected is not None
+        and _NAME_FAMILY.get(detected, detected) != _NAME_FAMILY.get(format, format)
+    ):
+        raise CheckpointError(
+            f"{name}: format={format!r} was forced, but the file's keys are those of {detected!r} "
+            f"({FORMATS[detected]}), e.g. {_describe_keys(list(sd)[:4])}; read as {format!r} they "
+            "would be renamed wrongly. Pass "
+            f"format={detected!r} or format='auto'"
+        )
     if format == "auto":
         if detected is None:
             top = [str(k) for k in content] if isinstance(content, Mapping) else []
@@ -296,7 +311,14 @@ def _grid(model: nn.Module, num_tokens: int) -> Optional[tuple[int, int]]:
     return (side, side) if side * side == num_tokens else None
 
 
-def _fit_pos_embed(model: nn.Module, sd: StateDict, target: Mapping[str, torch.Tensor], interp: str) -> bool:
+def _fit_pos_embed(
+    model: nn.Module,
+    sd: StateDict,
+    target: Mapping[str, torch.Tensor],
+    interp: str,
+    source: str,
+    old_grid: Optional[tuple[int, int]] = None,
+) -> bool:
     have, want = sd.get("pos_embed"), target.get("pos_embed")
     if have is None or want is None or have.shape == want.shape:
         return False
@@ -306,11 +328,57 @@ def _fit_pos_embed(model: nn.Module, sd: StateDict, target: Mapping[str, torch.T
     new_grid = _grid(model, want.shape[1] - prefix)
     if new_grid is None:
         return False
-    try:
-        sd["pos_embed"] = resample_abs_pos_embed(have, new_grid, num_prefix_tokens=prefix, interp=interp)
-    except ValueError:
-        return False  # not a square grid in the checkpoint: reported as a shape mismatch
+    rows = have.shape[1] - prefix
+    if old_grid is None:
+        side = int(round(rows**0.5))
+        if side * side != rows:
+            raise CheckpointError(
+                f"{source}: pos_embed {tuple(have.shape)} holds {rows} grid positions (+{prefix} prefix), not a square "
+                f"grid, so the grid it was trained on is unknown and it cannot be resampled to the model's "
+                f"{new_grid[0]}x{new_grid[1]}. Pass pos_embed_grid=(h, w) with h*w={rows} (the checkpoint's grid)"
+            )
+        old_grid = (side, side)
+    elif old_grid[0] * old_grid[1] != rows:
+        raise CheckpointError(
+            f"{source}: pos_embed_grid={tuple(old_grid)} has {old_grid[0] * old_grid[1]} positions but the "
+            f"checkpoint's pos_embed {tuple(have.shape)} holds {rows} (+{prefix} prefix): pass the grid it was "
+            "trained on"
+        )
+    sd["pos_embed"] = resample_abs_pos_embed(have, new_grid, old_grid, num_prefix_tokens=prefix, interp=interp)
     return True
+
+
+def _check_dtypes(source: str, sd: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> None:
+    """Integer, bool or complex tensors for floating-point parameters would be cast without a word: refuse."""
+
+    def wrong(have: torch.Tensor, want: torch.Tensor) -> bool:
+        if have.is_complex():
+            return not want.is_complex()
+        return want.is_floating_point() and not have.is_floating_point()
+
+    bad = [f"{k}: {sd[k].dtype} for {target[k].dtype}" for k in sorted(sd) if k in target and wrong(sd[k], target[k])]
+    if bad:
+        raise CheckpointError(
+            f"{source}: {len(bad)} tensors are not floating point where the model's parameters are "
+            f"{shorten(bad, limit=6)}; casting would change their values. The file is not a checkpoint of these "
+            "weights (or was damaged): convert those tensors yourself if they really are weights"
+        )
+
+
+def _check_loaded_enough(source: str, loaded: int, target: Mapping[str, torch.Tensor], missing: list[str]) -> None:
+    """``strict=False`` that loaded nothing is an error; loading under half of the model's tensors warns."""
+    total = len(target)
+    if total and loaded == 0:
+        raise CheckpointError(
+            f"{source}: strict=False loaded 0 of the model's {total} tensors (missing {_describe_keys(missing)}): "
+            "the checkpoint is for another model or another key layout; check the model name and format="
+        )
+    if total and loaded * 2 < total:
+        warnings.warn(
+            f"{source}: strict=False loaded only {loaded} of the model's {total} tensors; the other "
+            f"{len(missing)} keep their random init (missing {_describe_keys(missing)})",
+            stacklevel=3,
+        )
 
 
 def _fit_input_channels(model: nn.Module, sd: StateDict, target: Mapping[str, torch.Tensor]) -> Optional[str]:
@@ -344,6 +412,7 @@ def load_checkpoint(
     use_ema: bool = True,
     adapt_classifier: bool = False,
     adapt_input_channels: bool = False,
+    pos_embed_grid: Optional[tuple[int, int]] = None,
 ) -> LoadResult:
     """Load a checkpoint of any supported format into ``model``.
 
@@ -360,6 +429,9 @@ def load_checkpoint(
         adapt_input_channels: a first conv (``pretrained_cfg['first_conv']``, default ``patch_embed.proj``)
             trained for another number of input channels is adapted as timm does (summed for 1 channel,
             tiled and rescaled otherwise), for models built with ``in_chans != 3``.
+        pos_embed_grid: the (h, w) token grid the checkpoint's position table was trained on, needed to
+            resample a table from a non-square grid (without it the grid is assumed square, and a row count
+            that is not a square is refused).
 
     Returns:
         A :class:`LoadResult`. A position embedding of another grid is resampled the way its source
@@ -369,13 +441,16 @@ def load_checkpoint(
         :func:`fastvit.inference_model` uses.
 
     Raises:
-        CheckpointError: unreadable / truncated / unknown file, or keys that do not fit the model.
+        CheckpointError: unreadable / truncated / corrupt (CRC) / unknown file, a forced ``format`` its keys
+            contradict, non-float tensors for float parameters, keys that do not fit the model, or
+            ``strict=False`` that loaded none of the model's tensors (under half only warns).
         FileNotFoundError: ``path`` does not exist.
     """
     ckpt = read_checkpoint(path, format, use_ema=use_ema)
     sd = dict(ckpt.state_dict)
     target = model.state_dict()
-    resampled = _fit_pos_embed(model, sd, target, _RESAMPLE[ckpt.format])
+    _check_dtypes(ckpt.source, sd, target)
+    resampled = _fit_pos_embed(model, sd, target, _RESAMPLE[ckpt.format], ckpt.source, pos_embed_grid)
     if adapt_input_channels:
         _fit_input_channels(model, sd, target)
 
@@ -427,6 +502,8 @@ def load_checkpoint(
             + f". {hint}, or pass strict=False to load only the matching keys."
         )
     loadable = {k: v for k, v in sd.items() if k in target and k not in mismatched}
+    if not strict:
+        _check_loaded_enough(ckpt.source, len(loadable), target, missing + mismatched)
     model.load_state_dict(loadable, strict=False)
     if ckpt.format in _PREPROCESSING:
         _set_preprocessing(model, _PREPROCESSING[ckpt.format])

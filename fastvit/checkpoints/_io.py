@@ -18,6 +18,7 @@ import os
 import pickle
 import types
 import zipfile
+import zlib
 from typing import Any, Union
 
 import numpy as np
@@ -163,8 +164,15 @@ def read_container(path: PathLike) -> tuple[str, Any]:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except zipfile.BadZipFile as exc:
+                # torch's zip reader never checks the CRC-32 of a member: a flipped byte in a tensor would load.
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
             raise _corrupt(path, "zip (torch or .npz)", exc) from exc
+        if bad is not None:
+            raise CheckpointError(
+                f"{os.fspath(path)} ({os.path.getsize(path):,} bytes) is corrupt: the stored CRC-32 checksum of its "
+                f"member {bad!r} does not match its bytes (damaged on disk or in transfer); fetch the file again"
+            )
         if names and all(name.endswith(".npy") for name in names):
             return "npz", _npz_load(path)
         return "torch", _torch_load(path)

@@ -109,10 +109,17 @@ def test_forced_format_mismatch(tmp_path):
         read_checkpoint(pth, format="npz")
     with pytest.raises(CheckpointError, match="unknown format 'onnx'"):
         read_checkpoint(pth, format="onnx")
-    # Forcing a format whose names do not match: the load error names the forced and the detected format.
+    # Forcing a format the keys contradict is refused before anything is renamed or loaded, even non-strict,
+    # and the model's preprocessing config is left alone.
     mmseg = _save(tmp_path, "mmseg", "mmseg.pth", num_classes=0)
-    with pytest.raises(CheckpointError, match="format 'vit_pytorch'.*forced.*look like 'mmseg'.*missing keys"):
-        load_checkpoint(tiny_vit("fastvit", num_classes=0), mmseg, format="vit_pytorch")
+    model = tiny_vit("fastvit", num_classes=0)
+    cfg_before, interp_before = dict(model.pretrained_cfg), model.pos_embed_interp
+    for strict in (True, False):
+        with pytest.raises(CheckpointError, match="format='vit_pytorch' was forced.*those of 'mmseg'.*format='mmseg'"):
+            load_checkpoint(model, mmseg, format="vit_pytorch", strict=strict)
+    assert model.pretrained_cfg == cfg_before and model.pos_embed_interp == interp_before
+    # timm and DeiT files share names: forcing one on the other is not a mismatch.
+    assert read_checkpoint(pth, format="deit").format == "deit"
 
 
 def test_npz_that_is_not_a_vit(tmp_path):
@@ -155,3 +162,67 @@ def test_input_channels_adapted_only_when_asked(tmp_path, in_chans):
     load_checkpoint(model, path, adapt_input_channels=True)
     expected = adapt_input_conv(in_chans, src.patch_embed.proj.weight.detach())
     assert torch.equal(model.patch_embed.proj.weight.detach(), expected)
+
+
+# --- checkpoints verified: CRC, dtypes, non-strict loads of nothing, non-square position grids ---------------
+
+
+def _flip_byte_in_member(path: str, member_suffix: str) -> None:
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(member_suffix) and i.file_size > 64)
+    data = bytearray(open(path, "rb").read())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + 40] ^= 0x55
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("to, name, member", [("timm", "m.pth", "/data/2"), ("npz", "m.npz", ".npy")])
+def test_flipped_byte_in_a_tensor_is_caught_by_crc(tmp_path, to, name, member):
+    path = _save(tmp_path, to, name)
+    _flip_byte_in_member(path, member)
+    with pytest.raises(CheckpointError, match=r"m\.(pth|npz).*(CRC|corrupt)") as err:
+        load_checkpoint(tiny_vit("fastvit"), path)
+    assert "fetch" in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64, torch.uint8])
+def test_non_float_tensors_for_float_parameters_are_refused(tmp_path, dtype):
+    sd = tiny_vit("fastvit").state_dict()
+    sd["blocks.0.mlp.fc1.weight"] = (sd["blocks.0.mlp.fc1.weight"] * 10).to(dtype)
+    path = tmp_path / "ints.pth"
+    torch.save(sd, path)
+    model = tiny_vit("fastvit", seed=3)
+    before = model.blocks[0].mlp.fc1.weight.detach().clone()
+    with pytest.raises(CheckpointError, match=rf"ints\.pth.*blocks\.0\.mlp\.fc1\.weight: {dtype}"):
+        load_checkpoint(model, path, strict=False)
+    assert torch.equal(model.blocks[0].mlp.fc1.weight, before)
+
+
+def test_non_strict_that_loads_nothing_raises_and_little_warns(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, path)
+    with pytest.raises(CheckpointError, match=r"resnet\.pth: strict=False loaded 0 of the model's \d+ tensors"):
+        load_checkpoint(tiny_vit("fastvit"), path, format="timm", strict=False)
+    sd = tiny_vit("fastvit").state_dict()
+    few = {k: v for k, v in sd.items() if k.startswith(("cls_token", "pos_embed", "patch_embed"))}
+    torch.save(few, tmp_path / "few.pth")
+    with pytest.warns(UserWarning, match=r"few\.pth: strict=False loaded only 4 of .*blocks\.0"):
+        result = load_checkpoint(tiny_vit("fastvit"), tmp_path / "few.pth", format="timm", strict=False)
+    assert len(result.missing_keys) == len(sd) - 4
+
+
+def test_non_square_position_grid_refused_or_resampled_with_its_grid(tmp_path):
+    wide = tiny_vit("fastvit", img_size=(16, 48))  # 2x6 = 12 positions: not a square
+    path = tmp_path / "wide.pth"
+    torch.save(wide.state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"wide\.pth: pos_embed .*12 grid positions.*pos_embed_grid=\(h, w\)"):
+        load_checkpoint(tiny_vit("fastvit"), path)
+    with pytest.raises(CheckpointError, match=r"pos_embed_grid=\(3, 3\) has 9 positions"):
+        load_checkpoint(tiny_vit("fastvit"), path, pos_embed_grid=(3, 3))
+    model = tiny_vit("fastvit", seed=2)
+    assert load_checkpoint(model, path, pos_embed_grid=(2, 6)).resampled_pos_embed
+    wide.set_input_size((32, 32))  # the model's own resampling knows its grid: the reference
+    assert torch.allclose(model.pos_embed, wide.pos_embed, atol=1e-6)
