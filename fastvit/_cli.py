@@ -12,11 +12,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
-__all__ = ["add_debug_flag", "one_line", "run_main"]
+__all__ = ["ArgumentParser", "add_debug_flag", "one_line", "run_main"]
 
 EXPECTED = (ValueError, TypeError, OSError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a bad flag reported on one stderr line (``prog: error: ...``, exit 2), without the
+    usage dump (``--help`` shows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,6 @@ SRC is any file :func:`fastvit.load_checkpoint` reads (format sniffed, or ``--fr
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections import OrderedDict
@@ -26,7 +25,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
-from fastvit._cli import add_debug_flag, run_main
+from fastvit._cli import ArgumentParser, add_debug_flag, run_main
 from fastvit.checkpoints import CheckpointError, read_checkpoint
 from fastvit.checkpoints import mmpretrain as _mmpretrain
 from fastvit.checkpoints import mmseg as _mmseg
@@ -156,7 +155,7 @@ def convert_checkpoint(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m fastvit.convert",
         description="Rewrite a ViT checkpoint (any format fastvit reads) in another format's layout.",
     )

@@ -26,6 +26,9 @@ __all__ = [
     "inference_model",
     "preprocessing_config",
     "build_transform",
+    "load_image",
+    "require_classifier",
+    "to_rgb",
 ]
 
 IMAGENET_CLASSES_FILE = "data/imagenet_classes.txt"
@@ -94,17 +97,96 @@ def build_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:
     return create_transform(is_training=False, **preprocessing_config(model))
 
 
+# 16-bit integer modes PIL opens (PNG / TIFF / PGM): full scale is 65535.
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+# Float tensors / F images may exceed [0, 1] by rounding of a resize or colour conversion; not more.
+_UNIT_TOLERANCE = 1e-3
+
+
+def load_image(path: Union[str, "os.PathLike[str]"]) -> "Image.Image":  # noqa: F821
+    """Open an image file fully (decoded now, file closed) as PIL would, with one-line errors.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: empty, not an image, truncated / corrupt, or larger than PIL's decompression-bomb limit
+            (``PIL.Image.MAX_IMAGE_PIXELS``); the message names the file.
+    """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"image file not found: {name}")
+    if os.path.getsize(name) == 0:
+        raise ValueError(f"{name} is empty (0 bytes), not an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(name) as img:
+                img.load()
+                return img
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(
+            f"{name}: refused as a possible decompression bomb ({' '.join(str(exc).split())}); shrink the image, "
+            "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
+        ) from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{name} ({os.path.getsize(name):,} bytes) is not an image file PIL can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL's truncated / corrupt-data errors
+        raise ValueError(
+            f"{name} could not be decoded ({type(exc).__name__}: {' '.join(str(exc).split())}): "
+            "the file looks truncated or corrupt"
+        ) from None
+
+
+def to_rgb(img: "Image.Image", what: str = "image") -> "Image.Image":  # noqa: F821
+    """``img`` as 8-bit RGB, scaling the modes PIL's ``convert`` would clip: 16-bit integer (I;16*) by
+    65535, float (F) in [0, 1] by 255. 32-bit integer (I) and floats outside [0, 1] have no known full
+    scale and are refused."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode in _MODES_16BIT:
+        arr = np.asarray(img).astype(np.float32) / 65535.0
+        return Image.fromarray((arr * 255.0).round().astype(np.uint8), "L").convert("RGB")
+    if mode == "I":
+        lo, hi = img.getextrema()
+        raise ValueError(
+            f"{what} is a 32-bit integer image (mode 'I', values {lo}..{hi}) whose full scale is unknown; "
+            "convert it to 8-bit (or 16-bit) RGB first"
+        )
+    if mode == "F":
+        lo, hi = img.getextrema()
+        if not (np.isfinite([lo, hi]).all() and lo >= -_UNIT_TOLERANCE and hi <= 1 + _UNIT_TOLERANCE):
+            raise ValueError(
+                f"{what} is a float image (mode 'F') with values {lo:g}..{hi:g}; fastvit reads float images "
+                "in 0..1: scale it to 0..1 (or convert it to 8-bit RGB) first"
+            )
+        arr = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+        return Image.fromarray((arr * 255.0).round().astype(np.uint8), "L").convert("RGB")
+    return img if mode == "RGB" else img.convert("RGB")
+
+
+def _check_unit_range(t: torch.Tensor) -> None:
+    lo, hi = (float(t.min()), float(t.max())) if t.numel() else (0.0, 0.0)
+    if not (np.isfinite([lo, hi]).all() and lo >= -_UNIT_TOLERANCE and hi <= 1 + _UNIT_TOLERANCE):
+        hint = (
+            "it looks like 0..255 pixels: divide by 255 (or pass a uint8 tensor)"
+            if hi > 1 + _UNIT_TOLERANCE and lo >= -_UNIT_TOLERANCE
+            else "pass the un-normalised image (fastvit normalises it with the model's mean / std)"
+        )
+        raise ValueError(f"a float tensor image must hold values in 0..1, got {lo:g}..{hi:g}: {hint}")
+
+
 def _to_image(image: ImageInput) -> Any:
     """A PIL RGB image, or a float (3, H, W) tensor in [0, 1]."""
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):
-        if not os.path.isfile(image):
-            raise FileNotFoundError(f"image file not found: {os.fspath(image)}")
-        with Image.open(image) as img:
-            return img.convert("RGB")
+        return to_rgb(load_image(image), os.fspath(image))
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or image.dtype != np.uint8:
             raise ValueError(f"a numpy image must be uint8 (H, W, C), C in 1, 3, 4; got {image.dtype} {image.shape}")
@@ -119,8 +201,18 @@ def _to_image(image: ImageInput) -> Any:
             return t.float() / 255.0
         if not t.is_floating_point():
             raise ValueError(f"a tensor image must be uint8 (0..255) or float (0..1); got {t.dtype}")
+        _check_unit_range(t)
         return t.float()
     raise TypeError(f"image must be a path, PIL image, uint8 numpy array or tensor; got {type(image).__name__}")
+
+
+def require_classifier(model: nn.Module) -> None:
+    """Refuse a headless model (``num_classes=0``): its outputs are features, not class scores."""
+    if getattr(model, "num_classes", None) == 0 or isinstance(getattr(model, "head", None), nn.Identity):
+        raise ValueError(
+            f"{type(model).__name__} has no classifier (num_classes=0): its outputs are pooled features, not "
+            "class scores. Create it with num_classes > 0 (or load a checkpoint with a head)"
+        )
 
 
 @torch.inference_mode()
@@ -140,6 +232,11 @@ def inference_model(
         pretrained: weights for a model given by name (``True``: the local cache; or a checkpoint path).
         classes: class names to report instead of the built-in ones.
 
+    Raises:
+        ValueError: a headless model (``num_classes=0``), a float tensor outside 0..1, an image file that is
+            empty / not an image / truncated / a decompression bomb, or a 32-bit integer / out-of-range float
+            image (16-bit and 0..1 float images are scaled to 8 bits).
+
     Returns:
         ``{'pred_scores': np.ndarray (num_classes,) softmax probabilities, 'pred_label': int,
         'pred_score': float, 'pred_class': str}``; a list of those for a list of images.
@@ -148,6 +245,7 @@ def inference_model(
         from fastvit.models import create_model
 
         model = create_model(model, pretrained=pretrained)
+    require_classifier(model)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     images = list(image) if isinstance(image, (list, tuple)) else [image]
@@ -159,6 +257,11 @@ def inference_model(
         logits = model(batch)
     finally:
         model.train(was_training)
+    if logits.dim() != 2:
+        raise ValueError(
+            f"{type(model).__name__} returned shape {tuple(logits.shape)}, not (batch, num_classes) class scores: "
+            "inference_model needs a classifier"
+        )
     scores = logits.float().softmax(dim=-1).cpu().numpy()
     names = list(classes) if classes is not None else class_names(model, scores.shape[-1])
     if names is not None and len(names) != scores.shape[-1]:

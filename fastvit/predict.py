@@ -7,11 +7,12 @@ reads, loaded strictly (``--num-classes`` when its classifier is not 1000-way).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from fastvit._cli import ArgumentParser, add_debug_flag, run_main
 
 __all__ = ["format_table", "main"]
 
@@ -28,7 +29,7 @@ def format_table(result: dict[str, Any], names: Optional[Sequence[str]], topk: i
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m fastvit.predict", description="Classify an image and print the top-k ImageNet classes."
     )
     parser.add_argument("image", help="image file")
@@ -41,31 +42,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--topk", type=int, default=5, help="rows to print (default 5)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.topk < 1:
         parser.error("--topk must be >= 1")
+    if args.num_classes is not None and args.num_classes < 1:
+        parser.error(
+            f"--num-classes must be >= 1 (a model without a classifier cannot classify), got {args.num_classes}"
+        )
 
-    from fastvit.checkpoints import CheckpointError, PretrainedWeightsNotFound, load_checkpoint
-    from fastvit.inference import class_names, inference_model
-    from fastvit.models import create_model
+    def body() -> int:
+        from fastvit.checkpoints import load_checkpoint
+        from fastvit.inference import _to_image, class_names, inference_model, require_classifier
+        from fastvit.models import create_model
 
-    overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    try:
+        image = _to_image(args.image)  # a bad image fails before the model is built
+        overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
         if args.checkpoint:
             model = create_model(args.model, pretrained=False, **overrides)
+            require_classifier(model)
             load_checkpoint(model, args.checkpoint)
         else:
             model = create_model(args.model, pretrained=True, **overrides)
         model = model.to(args.device)
-        result = inference_model(model, args.image)
-    except (CheckpointError, PretrainedWeightsNotFound, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    names = class_names(model, len(result["pred_scores"]))
-    weights = args.checkpoint or "cached pretrained weights"
-    print(f"{args.image}  model={args.model}  weights={weights}")
-    print(format_table(result, names, min(args.topk, len(result["pred_scores"]))))
-    return 0
+        result = inference_model(model, image)
+        names = class_names(model, len(result["pred_scores"]))
+        weights = args.checkpoint or "cached pretrained weights"
+        print(f"{args.image}  model={args.model}  weights={weights}")
+        print(format_table(result, names, min(args.topk, len(result["pred_scores"]))))
+        return 0
+
+    return run_main(body, args.debug)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ with :func:`fastvit.patch_model`). Without ``--checkpoint`` the cached pretraine
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -29,9 +28,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fastvit._cli import ArgumentParser, add_debug_flag, run_main
 from fastvit.patch import return_attention
 
-__all__ = ["attention_rollout", "main", "overlay", "rollout_from_maps", "save_overlay"]
+__all__ = [
+    "MAX_OVERLAY_SIDE",
+    "attention_rollout",
+    "main",
+    "output_format",
+    "overlay",
+    "rollout_from_maps",
+    "save_overlay",
+]
 
 
 def rollout_from_maps(maps: Sequence[Tensor], num_prefix_tokens: int = 1) -> Tensor:
@@ -129,16 +137,23 @@ def _jet(mask: np.ndarray) -> np.ndarray:
     return np.clip(1.5 - np.abs(4.0 * (m - centers)), 0.0, 1.0)
 
 
-def overlay(image: Any, mask: Union[Tensor, np.ndarray], *, alpha: float = 0.5) -> "Image.Image":  # noqa: F821
+MAX_OVERLAY_SIDE = 2048
+
+
+def overlay(
+    image: Any, mask: Union[Tensor, np.ndarray], *, alpha: float = 0.5, max_side: Optional[int] = MAX_OVERLAY_SIDE
+) -> "Image.Image":  # noqa: F821
     """The mask, resized to the image and coloured, blended over it.
 
     Args:
         image: path, PIL image, uint8 (H, W, C) array or (3, H, W) tensor (float in [0, 1] or uint8).
         mask: (h, w) scores in [0, 1] (e.g. from :func:`attention_rollout`).
         alpha: weight of the heat map (0: image only, 1: heat map only).
+        max_side: the overlay is built at most this many pixels on its longer side (the image is shrunk
+            first, aspect kept), so a huge photo costs megabytes, not gigabytes; ``None``: full size.
 
     Returns:
-        An RGB PIL image of the input's size.
+        An RGB PIL image of the input's size (shrunk to ``max_side``).
     """
     from PIL import Image
 
@@ -146,9 +161,14 @@ def overlay(image: Any, mask: Union[Tensor, np.ndarray], *, alpha: float = 0.5) 
 
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"fastvit.viz.overlay: alpha must be in [0, 1], got {alpha}")
+    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
+        raise ValueError(f"fastvit.viz.overlay: max_side must be a positive int or None, got {max_side!r}")
     img = _to_image(image)
     if isinstance(img, Tensor):
         img = Image.fromarray((img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    if max_side is not None and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
     m = mask.detach().float().cpu().numpy() if isinstance(mask, Tensor) else np.asarray(mask, dtype=np.float32)
     if m.ndim != 2:
         raise ValueError(f"fastvit.viz.overlay: mask must be (h, w), got shape {m.shape}")
@@ -158,14 +178,46 @@ def overlay(image: Any, mask: Union[Tensor, np.ndarray], *, alpha: float = 0.5) 
     return Image.fromarray((blended * 255).round().astype(np.uint8))
 
 
+_OUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF"}
+
+
+def output_format(path: Union[str, os.PathLike]) -> str:
+    """The image format ``path``'s extension asks for (``.png``, ``.jpg``/``.jpeg``, ``.webp``, ``.bmp``, ``.tif``).
+
+    Raises:
+        ValueError: another or no extension.
+    """
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in _OUT_FORMATS:
+        raise ValueError(
+            f"cannot tell the image format of {os.fspath(path)} from its extension {ext or '(none)'!r}: "
+            f"end it with one of {', '.join(_OUT_FORMATS)}"
+        )
+    return _OUT_FORMATS[ext]
+
+
 def save_overlay(
-    image: Any, mask: Union[Tensor, np.ndarray], path: Union[str, os.PathLike], *, alpha: float = 0.5
+    image: Any,
+    mask: Union[Tensor, np.ndarray],
+    path: Union[str, os.PathLike],
+    *,
+    alpha: float = 0.5,
+    max_side: Optional[int] = MAX_OVERLAY_SIDE,
 ) -> str:
-    """Writes :func:`overlay` as a PNG to ``path`` (parent folders created) and returns the path."""
+    """Writes :func:`overlay` to ``path`` in the format its extension names (:func:`output_format`), atomically
+    (:mod:`fastvit.fileio`), parent folders created; returns the path."""
+    from fastvit.fileio import WriteError, atomic_write
+
     out = os.fspath(path)
+    fmt = output_format(out)
+    picture = overlay(image, mask, alpha=alpha, max_side=max_side)
     parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    overlay(image, mask, alpha=alpha).save(out, format="PNG")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(exc.errno, f"cannot write {out}: cannot create its folder {parent} ({exc.strerror})") from None
+    with atomic_write(out) as f:
+        picture.save(f, format=fmt)
     return out
 
 
@@ -188,7 +240,7 @@ def _build_model(name: str, checkpoint: Optional[str], random_init: bool) -> nn.
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m fastvit.viz",
         description="Attention rollout of a ViT on an image, written as a PNG heat-map overlay.",
     )
@@ -197,26 +249,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", default=None, help="weights file; default: the cached pretrained weights")
     source.add_argument("--random-init", action="store_true", help="random weights (smoke tests; no learned maps)")
-    parser.add_argument("--out", default="rollout.png", help="output PNG (default rollout.png)")
+    parser.add_argument(
+        "--out", default="rollout.png", help="output image; format from the extension: .png .jpg .webp .bmp .tif"
+    )
     parser.add_argument("--alpha", type=float, default=0.5, help="heat-map weight in the blend (default 0.5)")
+    parser.add_argument(
+        "--max-side",
+        type=int,
+        default=MAX_OVERLAY_SIDE,
+        help=f"longest side of the overlay (default {MAX_OVERLAY_SIDE})",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-
-    from fastvit.checkpoints import CheckpointError, PretrainedWeightsNotFound
-    from fastvit.inference import _to_image, build_transform
-
+    if not 0.0 <= args.alpha <= 1.0:
+        parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.max_side < 1:
+        parser.error(f"--max-side must be a positive number of pixels, got {args.max_side}")
     try:
+        output_format(args.out)
+    except ValueError as exc:
+        parser.error(f"--out: {exc}")
+
+    def body() -> int:
+        from fastvit.inference import _to_image, build_transform
+
+        image = _to_image(args.image)  # a bad image fails before the model is built
         model = _build_model(args.model, args.checkpoint, args.random_init).to(args.device).eval()
-        image = _to_image(args.image)
         x = build_transform(model)(image).to(args.device)
         mask = attention_rollout(model, x)
-        out = save_overlay(image, mask, args.out, alpha=args.alpha)
-    except (CheckpointError, PretrainedWeightsNotFound, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    weights = "random init" if args.random_init else (args.checkpoint or "cached pretrained weights")
-    print(f"{args.image}  model={args.model}  weights={weights}  grid={tuple(mask.shape)}  -> {out}")
-    return 0
+        out = save_overlay(image, mask, args.out, alpha=args.alpha, max_side=args.max_side)
+        weights = "random init" if args.random_init else (args.checkpoint or "cached pretrained weights")
+        print(f"{args.image}  model={args.model}  weights={weights}  grid={tuple(mask.shape)}  -> {out}")
+        return 0
+
+    return run_main(body, args.debug)
 
 
 if __name__ == "__main__":

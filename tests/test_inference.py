@@ -214,3 +214,100 @@ def test_gpu_model_loads_and_predicts_like_cpu(tmp_path, image):
         assert torch.equal(on_gpu.cpu(), on_cpu), key
     cpu, gpu = inference_model(cpu_model, image), inference_model(gpu_model, image)
     np.testing.assert_allclose(gpu["pred_scores"], cpu["pred_scores"], rtol=1e-2, atol=1e-5)
+
+
+# --- images: deep / float modes scaled or refused, broken files one line, headless models refused -----------
+
+
+def _gradient_8bit() -> np.ndarray:
+    return np.tile(np.linspace(0, 255, 64).round().astype(np.uint8), (48, 1))
+
+
+def _rgb(img) -> np.ndarray:
+    from fastvit.inference import _to_image
+
+    return np.asarray(_to_image(img))
+
+
+def test_16_bit_and_unit_float_images_are_scaled_like_their_8_bit_version(tmp_path):
+    g8 = _gradient_8bit()
+    expected = np.asarray(Image.fromarray(g8, "L").convert("RGB"))
+    g16 = Image.fromarray(g8.astype(np.uint16) * 257)  # mode I;16, full scale 65535
+    assert g16.mode == "I;16"
+    g16.save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as reopened:
+        assert reopened.mode.startswith("I")
+    for img in (g16, tmp_path / "deep.png", Image.fromarray(g8.astype(np.float32) / 255.0, "F")):
+        np.testing.assert_array_equal(_rgb(img), expected)
+
+
+def test_images_without_a_known_full_scale_are_refused():
+    with pytest.raises(ValueError, match=r"32-bit integer image \(mode 'I', values 0\.\.255\)"):
+        _rgb(Image.fromarray(_gradient_8bit().astype(np.int32), "I"))
+    with pytest.raises(ValueError, match=r"float image \(mode 'F'\) with values 0\.\.255.*0\.\.1"):
+        _rgb(Image.fromarray(_gradient_8bit().astype(np.float32), "F"))
+
+
+def test_float_tensor_in_0_255_is_not_taken_as_0_1():
+    model = tiny_vit("fastvit")
+    pixels = torch.rand(3, 32, 32) * 255
+    with pytest.raises(ValueError, match=r"0\.\.1, got .*divide by 255"):
+        inference_model(model, pixels)
+    with pytest.raises(ValueError, match="un-normalised"):
+        inference_model(model, torch.randn(3, 32, 32))
+    inference_model(model, pixels / 255)  # the same image in 0..1 is fine
+
+
+def _png_bytes(size=(64, 48)) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"this is a text file, not a picture\n", "is not an image file"),
+        (_png_bytes()[:300], "truncated or corrupt"),
+    ],
+    ids=["empty", "text", "truncated"],
+)
+def test_broken_image_files_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "photo.png"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as err:
+        inference_model(tiny_vit("fastvit"), path)
+    assert "photo.png" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_bytes((64, 48)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 3072 pixels: over the warning limit
+    with pytest.raises(ValueError, match=r"bomb\.png: refused as a possible decompression bomb"):
+        inference_model(tiny_vit("fastvit"), path)
+
+
+def test_headless_model_is_refused(tmp_path, image, capsys):
+    with pytest.raises(ValueError, match=r"no classifier \(num_classes=0\)"):
+        inference_model(tiny_vit("fastvit", num_classes=0), image)
+    path = tmp_path / "img.png"
+    image.save(path)
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main([str(path), "--model", "vit_tiny_patch16_224", "--num-classes", "0", "--checkpoint", "w.pth"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "--num-classes must be >= 1" in err
+
+
+def test_predict_bad_image_one_line_and_debug_traceback(tmp_path, vit_tiny_checkpoint, capsys):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    args = [str(bad), "--model", "vit_tiny_patch16_224", "--checkpoint", vit_tiny_checkpoint]
+    assert predict_main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "notes.jpg" in err and "not an image file" in err
+    with pytest.raises(ValueError, match="not an image file"):
+        predict_main([*args, "--debug"])

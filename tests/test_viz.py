@@ -109,3 +109,34 @@ def test_module_entry_point():
         [sys.executable, "-m", "fastvit.viz", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and "--random-init" in result.stdout
+
+
+def test_out_extension_picks_the_format_or_is_refused(image_file, tmp_path, capsys):
+    out = tmp_path / "rollout.jpg"
+    assert main([str(image_file), "--model", "deit_tiny_patch16_224", "--random-init", "--out", str(out)]) == 0
+    with Image.open(out) as written:
+        assert written.format == "JPEG"
+    capsys.readouterr()
+    for bad in ("rollout.gif", "rollout"):
+        with pytest.raises(SystemExit) as exit_info:  # refused before any model is built
+            main([str(image_file), "--model", "deit_tiny_patch16_224", "--random-init", "--out", str(tmp_path / bad)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and "extension" in err
+        assert not (tmp_path / bad).exists()
+
+
+def test_overlay_is_built_at_a_bounded_resolution():
+    big = Image.new("RGB", (3000, 1200), (10, 20, 30))
+    assert overlay(big, torch.rand(2, 3)).size == (2048, 819)
+    assert overlay(big, torch.rand(2, 3), max_side=300).size == (300, 120)
+    assert overlay(big, torch.rand(2, 3), max_side=None).size == (3000, 1200)
+    with pytest.raises(ValueError, match="max_side"):
+        overlay(big, torch.rand(2, 3), max_side=0)
+
+
+def test_cli_bad_image_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "empty.png"
+    bad.write_bytes(b"")
+    assert main([str(bad), "--model", "deit_tiny_patch16_224", "--random-init", "--out", str(tmp_path / "o.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "empty.png is empty" in err
