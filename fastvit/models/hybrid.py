@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from fastvit import ops
 from fastvit.layers.patch_embed import check_image_batch, to_2tuple
-from fastvit.models.registry import register_model
+from fastvit.models.registry import load_weights, register_model
 from fastvit.models.vit import VisionTransformer, _cfg, _create
 
 __all__ = ["HybridEmbed", "ResNetV2", "StdConv2dSame"]
@@ -260,7 +260,7 @@ def _hybrid_entry(name: str, img: int, tag: str, num_classes: int) -> None:
             return HybridEmbed(backbone, **embed_kwargs)
 
         model_args = dict(img_size=img, patch_size=1, embed_dim=768, depth=12, num_heads=12, embed_layer=embed_layer)
-        return _create(VisionTransformer, cfg, model_args, kwargs)
+        return load_weights(_create(VisionTransformer, cfg, model_args, kwargs), name, pretrained)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__doc__ = f"``{name}``: R50 (3, 4, 9) + ViT-B/16 at {img}x{img} (timm's configuration)."

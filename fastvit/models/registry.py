@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
-__all__ = ["create_model", "is_model", "list_models", "model_entrypoint", "register_model"]
+__all__ = ["create_model", "is_model", "list_models", "load_weights", "model_entrypoint", "register_model"]
 
 _ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -119,21 +119,35 @@ def create_model(
         kwargs["num_classes"] = num_classes
     if img_size is not None:
         kwargs["img_size"] = img_size
-    model = entrypoint(**kwargs)
-    if pretrained is not False and pretrained is not None:
-        if isinstance(pretrained, os.PathLike):
-            pretrained = os.fspath(pretrained)
-        if not isinstance(pretrained, (bool, str)):
-            raise TypeError(
-                f"fastvit.create_model: pretrained must be a bool or a checkpoint path, got {type(pretrained).__name__}"
-            )
-        try:
-            from fastvit.checkpoints import load_pretrained
-        except ImportError as err:
-            raise RuntimeError(
-                f"fastvit.create_model({name!r}, pretrained={pretrained!r}): pretrained weights need "
-                f"fastvit.checkpoints.load_pretrained, which this installation lacks ({err}); "
-                f"build with pretrained=False and load weights with your own code"
-            ) from err
-        load_pretrained(model, name, pretrained)
-    return model
+    check_pretrained(name, pretrained)  # a bad value fails before the (possibly large) model is built
+    return load_weights(entrypoint(**kwargs), name, pretrained)
+
+
+def check_pretrained(name: str, pretrained: Any) -> None:
+    """TypeError unless ``pretrained`` is a bool, None or a checkpoint path."""
+    if pretrained is None or isinstance(pretrained, (bool, str, os.PathLike)):
+        return
+    raise TypeError(
+        f"fastvit.create_model({name!r}): pretrained must be True, False or a checkpoint path, "
+        f"got {type(pretrained).__name__}"
+    )
+
+
+def load_weights(model: nn.Module, name: str, pretrained: Union[bool, str, os.PathLike, None]) -> nn.Module:
+    """What every entrypoint does with its ``pretrained=`` argument: nothing for False / None, else the
+    weights through ``fastvit.checkpoints.load_pretrained`` (True: the local cache, or a path), which raises
+    when they cannot be found or do not fit, so ``pretrained=True`` never returns random weights."""
+    check_pretrained(name, pretrained)
+    if pretrained is False or pretrained is None:
+        return model
+    if isinstance(pretrained, os.PathLike):
+        pretrained = os.fspath(pretrained)
+    try:
+        from fastvit.checkpoints import load_pretrained
+    except ImportError as err:
+        raise RuntimeError(
+            f"fastvit.create_model({name!r}, pretrained={pretrained!r}): pretrained weights need "
+            f"fastvit.checkpoints.load_pretrained, which this installation lacks ({err}); "
+            f"build with pretrained=False and load weights with your own code"
+        ) from err
+    return load_pretrained(model, name, pretrained)

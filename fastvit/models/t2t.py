@@ -61,7 +61,9 @@ from fastvit.layers.block import Block
 from fastvit.layers.linear import Linear
 from fastvit.layers.mlp import Mlp
 from fastvit.layers.norm import LayerNorm
-from fastvit.models.registry import register_model
+from fastvit.layers.pos_embed import resample_abs_pos_embed
+from fastvit.models._validate import check_model_args, image_size
+from fastvit.models.registry import load_weights, register_model
 
 __all__ = [
     "T2TModule",
@@ -449,6 +451,13 @@ class T2TViT(nn.Module):
         token_dim: int = 64,
     ) -> None:
         super().__init__()
+        check_model_args(
+            "T2TViT", img_size=img_size, heads=(embed_dim, num_heads),
+            positive=dict(in_chans=in_chans, embed_dim=embed_dim, num_heads=num_heads, token_dim=token_dim),
+            non_negative=dict(num_classes=num_classes, depth=depth),
+            ratios=dict(mlp_ratio=mlp_ratio, **({} if qk_scale is None else {"qk_scale": qk_scale})),
+            rates=dict(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate),
+        )  # fmt: skip
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = self.embed_dim = embed_dim
@@ -457,6 +466,8 @@ class T2TViT(nn.Module):
         self.tokens_to_token = T2TModule(img_size, tokens_type, in_chans, embed_dim, token_dim)
         self.img_size = self.tokens_to_token.img_size
         num_patches = self.tokens_to_token.num_patches
+        if min(self.tokens_to_token.grid_size) < 1:
+            raise ValueError(f"T2T-ViT: img_size {img_size!r} is too small: the soft splits leave no token")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sinusoid_position_table(num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -515,6 +526,34 @@ class T2TViT(nn.Module):
         if isinstance(self.head, nn.Linear):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+
+    def set_input_size(self, img_size: Optional[Union[int, tuple[int, int]]] = None, patch_size: Any = None) -> None:
+        """Rebuilds the model for a new input resolution (as ``VisionTransformer.set_input_size``): the
+        position table is resampled on the token grid, bicubic as load_checkpoint resamples T2T tables.
+
+        Args:
+            img_size: new (H, W) or side; None keeps the current one.
+            patch_size: must be None or 16 (the soft splits' fixed total stride).
+
+        Raises:
+            ValueError / TypeError: another patch size, or a size that is not positive / leaves no token.
+                Everything is checked and computed before anything changes.
+        """
+        if patch_size is not None and patch_size not in (16, (16, 16)):
+            raise ValueError(f"T2T-ViT: set_input_size cannot change the patch size (16, fixed), got {patch_size!r}")
+        if img_size is None:
+            return
+        size = image_size("T2T-ViT set_input_size", img_size)
+        grid = self.tokens_to_token.output_grid(size)
+        if min(grid) < 1:
+            raise ValueError(f"T2T-ViT: set_input_size({img_size!r}) is too small: the soft splits leave no token")
+        with torch.no_grad():
+            table = resample_abs_pos_embed(self.pos_embed, grid, self.tokens_to_token.grid_size, 1, "mmpretrain")
+        t2t = self.tokens_to_token
+        t2t.img_size, t2t.grid_size, t2t.num_patches = size, grid, grid[0] * grid[1]
+        self.img_size = size
+        self.pos_embed = table
+        self.pretrained_cfg = dict(self.pretrained_cfg, input_size=(self.in_chans, *size))
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 4:
@@ -586,12 +625,7 @@ _CONFIGS: dict[str, tuple[str, int, int, int, float]] = {
 def _create(name: str, pretrained: Union[bool, str], kwargs: dict[str, Any]) -> T2TViT:
     tokens_type, embed_dim, depth, num_heads, mlp_ratio = _CONFIGS[name]
     config = dict(tokens_type=tokens_type, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
-    model = T2TViT(**{**config, **kwargs})
-    if pretrained:
-        from fastvit.checkpoints import load_pretrained
-
-        load_pretrained(model, name, pretrained)
-    return model
+    return load_weights(T2TViT(**{**config, **kwargs}), name, pretrained)
 
 
 @register_model

@@ -22,7 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from fastvit.layers import Attention, Block, LayerNorm, Linear, Mlp, PatchEmbed, resample_abs_pos_embed, to_2tuple
 from fastvit.layers.pos_embed import POS_EMBED_INTERPOLATIONS
-from fastvit.models.registry import register_model
+from fastvit.models._validate import check_model_args, image_size
+from fastvit.models.registry import load_weights, register_model
 
 __all__ = ["VisionTransformer", "VisionTransformerDistilled", "feature_take_indices"]
 
@@ -146,6 +147,14 @@ class VisionTransformer(nn.Module):
         pos_embed_interp: str = "timm",
     ):
         super().__init__()
+        check_model_args(
+            type(self).__name__, img_size=img_size, patch_size=patch_size, heads=(embed_dim, num_heads),
+            positive=dict(in_chans=in_chans, embed_dim=embed_dim, num_heads=num_heads),
+            non_negative=dict(num_classes=num_classes, depth=depth, reg_tokens=reg_tokens),
+            ratios=dict(mlp_ratio=mlp_ratio),
+            rates=dict(drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate,
+                       attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate),
+        )  # fmt: skip
         if global_pool not in _POOL_TYPES:
             raise ValueError(f"fastvit: global_pool {global_pool!r} is not supported; expected one of {_POOL_TYPES}")
         if global_pool == "token" and not class_token:
@@ -182,6 +191,11 @@ class VisionTransformer(nn.Module):
             strict_img_size=not dynamic_img_size, dynamic_img_pad=dynamic_img_pad,
         )  # fmt: skip
         num_patches = self.patch_embed.num_patches
+        if num_patches < 1:
+            raise ValueError(
+                f"{type(self).__name__}: img_size {img_size!r} gives no patch token (grid "
+                f"{tuple(self.patch_embed.grid_size)}): use a larger image"
+            )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
@@ -268,7 +282,8 @@ class VisionTransformer(nn.Module):
             patch_size: must equal the current patch size (re-patching is not supported).
 
         Raises:
-            ValueError: a different patch size.
+            ValueError: a different patch size, or a size giving no token. Everything is checked and computed
+                before anything changes: a refused size leaves the model as it was.
         """
         if patch_size is not None and to_2tuple(patch_size) != to_2tuple(self.patch_embed.patch_size):
             raise ValueError(
@@ -277,13 +292,20 @@ class VisionTransformer(nn.Module):
             )
         if img_size is None:
             return
-        old_grid = self.patch_embed.grid_size
-        self.patch_embed.set_input_size(img_size)
-        if self.pos_embed is not None and self.patch_embed.grid_size != old_grid:
+        size = image_size("set_input_size", img_size)
+        old_grid, new_grid = self.patch_embed.grid_size, tuple(self.patch_embed.feat_size(size))
+        if min(new_grid) < 1:
+            raise ValueError(
+                f"fastvit: set_input_size({img_size!r}) gives a {new_grid} token grid: the image is too small"
+            )
+        new = None
+        if self.pos_embed is not None and new_grid != tuple(old_grid):
             with torch.no_grad():
                 new = resample_abs_pos_embed(
-                    self.pos_embed, self.patch_embed.grid_size, old_grid, self._pos_prefix_rows(), self.pos_embed_interp
+                    self.pos_embed, new_grid, old_grid, self._pos_prefix_rows(), self.pos_embed_interp
                 )
+        self.patch_embed.set_input_size(size)
+        if new is not None:
             self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)
         if "input_size" in self.pretrained_cfg:
             self.pretrained_cfg = dict(
@@ -558,7 +580,7 @@ class VisionTransformerDistilled(VisionTransformer):
 
 
 def _create(cls: type, cfg: dict[str, Any], model_args: dict[str, Any], kwargs: dict[str, Any]) -> VisionTransformer:
-    kwargs.pop("pretrained", None)  # weights are create_model's business (fastvit.checkpoints)
+    kwargs.pop("pretrained", None)  # the entrypoints hand pretrained= to registry.load_weights
     # Like timm, the default head size is that of the architecture's default weights (0 for the
     # in21k feature extractors such as vit_huge_patch14_224.orig_in21k).
     kwargs.setdefault("num_classes", cfg["num_classes"])
@@ -571,7 +593,7 @@ def _vit_entry(
     name: str, cfg: dict[str, Any], cls: type = VisionTransformer, **model_args: Any
 ) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        return _create(cls, cfg, dict(model_args), kwargs)
+        return load_weights(_create(cls, cfg, dict(model_args), kwargs), name, pretrained)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__doc__ = f"``{name}``: {', '.join(f'{k}={v}' for k, v in model_args.items())} (timm's configuration)."
