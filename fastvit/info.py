@@ -85,9 +85,23 @@ def collect() -> dict[str, Any]:
             "cublaslt": _cublaslt_status(),
         },
         "env": {k: v for k, v in os.environ.items() if k.startswith("FASTVIT_") or k == "TRITON_INTERPRET"},
+        "env_problems": env_problems(),
         "ops": ops,
         "fallbacks": {f"{op}/{backend}": reasons for (op, backend), reasons in dispatch.fallback_log().items()},
     }
+
+
+def env_problems() -> list[str]:
+    """Environment settings every op call would refuse (today: an unknown ``FASTVIT_BACKEND``)."""
+    from fastvit.ops import dispatch
+
+    value = os.environ.get(dispatch.ENV_VAR, "").strip().lower()
+    if value and value != "auto" and value not in dispatch.BACKENDS:
+        return [
+            f"{dispatch.ENV_VAR}={os.environ[dispatch.ENV_VAR]!r} is not a backend: every op call will raise. "
+            f"Set it to one of {', '.join(dispatch.BACKENDS)} or auto, or unset it"
+        ]
+    return []
 
 
 def main() -> None:
@@ -120,6 +134,8 @@ def main() -> None:
         print()
         for key, value in info["env"].items():
             print(f"{key}={value}")
+        for problem in info["env_problems"]:
+            print(f"WARNING: {problem}")
     print()
     print(f"ops (on {info['device_for_ops']}):")
     for name, op in info["ops"].items():

@@ -29,6 +29,7 @@ from torch import Tensor
 from fastvit import _ext, kernels
 from fastvit.kernels._common import device_guard, rows_view
 from fastvit.ops._library import FLOAT_DTYPES, check_tensors, new_output, register_autocast_keep_dtype
+from fastvit.ops._validate import check_call
 from fastvit.ops.dispatch import OpDispatcher
 
 if kernels.TRITON_IMPORT_ERROR is None:
@@ -264,6 +265,7 @@ def layer_norm(
         TypeError / ValueError: bad dtypes, shapes or mixed devices, naming the input.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
+    check_call("fastvit.ops.layer_norm", {"x": x, "weight": weight}, optional={"bias": bias}, eps={"eps": eps})
     _check_inputs(x, weight, bias, residual, eps)
     backend = _DISPATCH.select(backend, x.device, x=x, weight=weight, bias=bias, residual=residual)
     if backend == "torch":

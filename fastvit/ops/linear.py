@@ -50,6 +50,7 @@ from torch import Tensor
 from fastvit import kernels
 from fastvit.ops import _cuda_backends as _cuda
 from fastvit.ops._library import FLOAT_DTYPES, autocast_dtype, check_tensors, new_output, register_autocast_lower
+from fastvit.ops._validate import check_call, gemm_backend
 from fastvit.ops.dispatch import OpDispatcher
 
 if kernels.TRITON_IMPORT_ERROR is None:
@@ -259,7 +260,9 @@ def linear(
         TypeError / ValueError: bad dtypes, shapes, an unknown activation or mixed devices, naming the input.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
+    check_call("fastvit.ops.linear", {"x": x, "weight": weight}, optional={"bias": bias, "residual": residual})
     _check_inputs(x, weight, bias, activation, residual)
+    backend = gemm_backend("fastvit.ops.linear", x.shape[-1], backend)
     backend = _DISPATCH.select(backend, x.device, x=x, weight=weight, bias=bias, residual=residual)
     if backend == "torch":
         return linear_ref(x, weight, bias, activation, residual)

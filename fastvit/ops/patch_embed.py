@@ -43,6 +43,7 @@ from torch import Tensor
 from fastvit import kernels
 from fastvit.ops import _cuda_backends as _cuda
 from fastvit.ops._library import FLOAT_DTYPES, autocast_dtype, check_tensors, new_output, register_autocast_lower
+from fastvit.ops._validate import check_call
 from fastvit.ops.dispatch import OpDispatcher
 
 if kernels.TRITON_IMPORT_ERROR is None:
@@ -315,6 +316,7 @@ def patch_embed(
         TypeError / ValueError: bad dtypes, shapes, patch size or mixed devices, naming the input.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
+    check_call(_OP, {"x": x, "weight": weight}, optional={"bias": bias, "pos_embed": pos_embed})
     patch = _patch_size(patch_size)
     lowered = autocast_dtype(x.device) if isinstance(x, Tensor) else None
     if lowered is not None:

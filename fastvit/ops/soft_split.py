@@ -36,6 +36,7 @@ from torch import Tensor
 from fastvit import kernels
 from fastvit.ops import _cuda_backends as _cuda
 from fastvit.ops._library import FLOAT_DTYPES, check_tensors, new_output, register_autocast_keep_dtype
+from fastvit.ops._validate import check_call
 from fastvit.ops.dispatch import OpDispatcher
 from fastvit.ops.layer_norm import check_affine, layer_norm_ref
 
@@ -318,6 +319,7 @@ def soft_split(
     (kh, kw), (sh, sw) = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1)
     ph, pw = _pair(padding, "padding", 0)
     kernel = [kh, kw, sh, sw, ph, pw]
+    check_call(_OP, {"x": x}, optional={"norm_weight": norm_weight}, eps={"norm_eps": norm_eps})
     features = _check_inputs(x, hw, tuple(kernel), norm_weight, norm_bias, norm_eps)
     backend = _DISPATCH.select(
         backend, x.device, x=x, norm_weight=norm_weight, norm_bias=norm_bias, hw=hw, channels=features // (kh * kw),
