@@ -7,7 +7,7 @@ import pytest
 from fastvit import info
 
 
-@pytest.mark.parametrize("value", ["trtion", "Tritn", "gpu"])
+@pytest.mark.parametrize("value", ["trtion", "Tritn", "flash"])
 def test_unknown_backend_env_is_flagged(monkeypatch, capsys, value):
     monkeypatch.setenv("FASTVIT_BACKEND", value)
     assert info.env_problems() == [
