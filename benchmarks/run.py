@@ -57,6 +57,7 @@ to compile; one thread when the machine is already busier than its cores) in und
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import signal
@@ -82,6 +83,8 @@ from _harness.providers import (  # noqa: E402
 from _harness.rows import CPU_QUICK_BATCH, CPU_QUICK_MODELS, SUITES, ModelRow, select_rows  # noqa: E402
 from _harness.timing import MIN_TIMED_ITERS  # noqa: E402
 from published import published_for  # noqa: E402
+
+from fastvit._cli import ArgumentParser, add_debug_flag, run_main  # noqa: E402
 
 __all__ = ["main", "parse_args"]
 
@@ -111,9 +114,49 @@ def _positive(text: str) -> int:
     return n
 
 
+def _budget_minutes(text: str) -> float:
+    try:
+        minutes = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes") from None
+    if not math.isfinite(minutes) or minutes <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: the budget must be a positive, finite number of minutes")
+    return minutes
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number of seconds >= 0")
+    return seconds
+
+
+# What --compare reads from an earlier results file (report.compare): checked before anything is measured.
+_COMPARE_KEYS = {"meta": ("date", "gpu", "fastvit_git_sha"), "settings": ("dtype",)}
+_CELL_KEYS = ("row", "provider", "metric")
+
+
+def _load_compare(path: Path) -> dict[str, Any]:
+    """The earlier results file, with every field --compare uses present; ValueError naming the one missing."""
+    data = report.load_results(path)
+    for section, keys in _COMPARE_KEYS.items():
+        block = data.get(section)
+        missing = [k for k in keys if not isinstance(block, dict) or k not in block]
+        if missing:
+            raise ValueError(f"--compare: {path} lacks {section}.{missing[0]}: not a complete results file")
+    cells = data.get("cells")
+    if not isinstance(cells, list) or not all(isinstance(c, dict) and all(k in c for k in _CELL_KEYS) for c in cells):
+        raise ValueError(f"--compare: {path} has no list of cells with {', '.join(_CELL_KEYS)}")
+    return data
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line (``argv`` without the program name)."""
-    p = argparse.ArgumentParser(
+    """Parse the command line (``argv`` without the program name); every check (including reading the
+    --compare file) happens here, before anything is measured."""
+    p = ArgumentParser(
         prog="python benchmarks/run.py",
         description="Measure the fps and memory columns of the seed tables for fastvit and its baselines.",
     )
@@ -149,11 +192,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--train-batch", type=_positive, help="training-step batch for every row (default: per row)")
     p.add_argument("--iters", type=_iters, help="timed calls per measurement, >= 20 (default 30 on a GPU, 20 on a CPU)")
     p.add_argument(
-        "--max-warmup-s", type=float, help="cap on the automatic warm-up after the first call (default 120 s)"
+        "--max-warmup-s", type=_seconds, help="cap on the automatic warm-up after the first call (default 120 s)"
     )
     p.add_argument(
         "--budget-min",
-        type=float,
+        type=_budget_minutes,
         metavar="MINUTES",
         help="start no new measurement after this many minutes; the rest is marked, the files written",
     )
@@ -161,7 +204,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--compare", type=Path, metavar="FILE", help="an earlier results JSON: print this run's ratios to it"
     )
+    add_debug_flag(p)
     args = p.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file; it must be a folder (or not exist yet)")
+    try:
+        args.compare_results = _load_compare(args.compare) if args.compare else None
+    except ValueError as exc:
+        p.error(str(exc))
     if args.providers:
         for key in args.providers:
             try:
@@ -261,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     threads = torch.get_num_threads()
     try:
-        return _run(args, argv)
+        return run_main(lambda: _run(args, argv), args.debug)
     finally:
         torch.set_num_threads(threads)  # the CPU policy below must not outlive the call (tests call main)
 
@@ -285,7 +335,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         if args.providers
         else (list(PROVIDERS) if has_gpu else [provider_by_key(k) for k in CPU_PROVIDERS])
     )
-    old = report.load_results(args.compare) if args.compare else None  # fail before measuring anything
+    old = args.compare_results  # read and checked by parse_args, before measuring anything
 
     from tqdm import tqdm
 

@@ -93,13 +93,66 @@ def test_suite_and_model_selection() -> None:
         (["--metrics", "flops"], "unknown metrics"),
         (["--dtype", "int8"], "invalid choice"),
         (["--batch", "0"], "a batch must be >= 1"),
+        (["--budget-min", "0"], "positive, finite number of minutes"),
+        (["--budget-min", "-5"], "positive, finite number of minutes"),
+        (["--budget-min", "nan"], "positive, finite number of minutes"),
+        (["--budget-min", "ten"], "'ten' is not a number of minutes"),
+        (["--max-warmup-s", "-1"], "finite number of seconds >= 0"),
+        (["--compare", "/nonexistent/old.json"], "--compare: no such file"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         run.parse_args(argv)
     assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1  # one line, no usage dump
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[1, 2]", "not a benchmarks/run.py results file"),
+        ('{"schema": "fastvit-benchmarks-run/1"}', "lacks meta.date"),
+        (
+            '{"schema": "fastvit-benchmarks-run/1", "meta": {"date": "d", "gpu": null, "fastvit_git_sha": null},'
+            ' "settings": {"dtype": "fp32"}, "cells": [{"row": "x"}]}',
+            "no list of cells with row, provider, metric",
+        ),
+    ],
+)
+def test_compare_file_is_checked_before_measuring(
+    tmp_path: Path, content: str, message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = tmp_path / "old.json"
+    bad.write_text(content)
+    monkeypatch.setattr(run, "_run", lambda *a: pytest.fail("measured before checking --compare"))
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--compare", str(bad), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_out_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "results").write_text("")
+    with pytest.raises(SystemExit):
+        run.parse_args(["--out", str(tmp_path / "results")])
+    assert "is a file; it must be a folder" in capsys.readouterr().err
+
+
+def test_unexpected_failure_is_one_line_and_debug_shows_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> int:
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "run.json"))
+
+    monkeypatch.setattr(run, "_run", broken)
+    assert run.main(["--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "run.json" in err
+    with pytest.raises(OSError, match="No space left"):
+        run.main(["--out", str(tmp_path / "out"), "--debug"])
 
 
 # --- cells that cannot run say why --------------------------------------------------------------------
