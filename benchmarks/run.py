@@ -114,24 +114,23 @@ def _positive(text: str) -> int:
     return n
 
 
-def _budget_minutes(text: str) -> float:
+def _finite(text: str, unit: str, *, allow_zero: bool) -> float:
     try:
-        minutes = float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes") from None
-    if not math.isfinite(minutes) or minutes <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: the budget must be a positive, finite number of minutes")
-    return minutes
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number of {unit} {bound}")
+    return value
+
+
+def _budget_minutes(text: str) -> float:
+    return _finite(text, "minutes", allow_zero=False)
 
 
 def _seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(seconds) or seconds < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be a finite number of seconds >= 0")
-    return seconds
+    return _finite(text, "seconds", allow_zero=True)
 
 
 # What --compare reads from an earlier results file (report.compare): checked before anything is measured.
