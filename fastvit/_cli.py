@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
-__all__ = ["ArgumentParser", "add_debug_flag", "one_line", "run_main"]
+__all__ = ["ArgumentParser", "add_debug_flag", "check_device", "one_line", "run_main"]
 
 EXPECTED = (ValueError, TypeError, OSError)
 
@@ -25,6 +25,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
+def check_device(parser: argparse.ArgumentParser, text: str) -> None:
+    """``--device`` names a torch device this machine has (checked before any model is built)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        parser.error(f"--device {text!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {text}: torch sees no CUDA GPU on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

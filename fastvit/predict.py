@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from fastvit._cli import ArgumentParser, add_debug_flag, run_main
+from fastvit._cli import ArgumentParser, add_debug_flag, check_device, run_main
 
 __all__ = ["format_table", "main"]
 
@@ -44,6 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     if args.topk < 1:
         parser.error("--topk must be >= 1")
     if args.num_classes is not None and args.num_classes < 1:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastvit._cli import ArgumentParser, add_debug_flag, run_main
+from fastvit._cli import ArgumentParser, add_debug_flag, check_device, run_main
 from fastvit.patch import return_attention
 
 __all__ = [
@@ -262,6 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.max_side < 1:

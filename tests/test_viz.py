@@ -140,3 +140,13 @@ def test_cli_bad_image_is_one_line(tmp_path, capsys):
     assert main([str(bad), "--model", "deit_tiny_patch16_224", "--random-init", "--out", str(tmp_path / "o.png")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "empty.png is empty" in err
+
+
+@pytest.mark.parametrize("device, message", [("tpu9", "is not a torch device"), ("cuda:7", "cuda")])
+def test_cli_bad_device_is_refused_before_building(image_file, device, message, capsys):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(image_file), "--model", "deit_tiny_patch16_224", "--random-init", "--device", device])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err

@@ -521,6 +521,7 @@ class T2TViT(nn.Module):
         Args:
             num_classes: new classifier size.
         """
+        check_model_args("reset_classifier", non_negative=dict(num_classes=num_classes))
         self.num_classes = num_classes
         self.head = Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if isinstance(self.head, nn.Linear):

@@ -255,6 +255,7 @@ class VisionTransformer(nn.Module):
         Raises:
             ValueError: an unsupported pool, or "token" on a model without a class token.
         """
+        check_model_args("reset_classifier", non_negative=dict(num_classes=num_classes))
         if global_pool is not None:
             if global_pool not in _POOL_TYPES:
                 raise ValueError(

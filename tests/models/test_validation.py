@@ -123,3 +123,10 @@ def test_entrypoint_pretrained_path_loads_it(tmp_path):
     assert torch.equal(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     with pytest.raises(TypeError, match="pretrained must be True, False or a checkpoint path"):
         fastvit.create_model("vit_tiny_patch16_224", pretrained=1.0)
+
+
+def test_reset_classifier_refuses_negative_sizes():
+    for model in (VisionTransformer(**TINY), T2TViT(**T2T_TINY)):
+        with pytest.raises(ValueError, match="num_classes must be an int >= 0"):
+            model.reset_classifier(-3)
+        assert model.num_classes == 10
