@@ -56,6 +56,7 @@ __all__ = [
     "GOOGLE_PREPROCESSING",
     "Checkpoint",
     "CheckpointError",
+    "check_dtypes",
     "LoadResult",
     "PretrainedWeightsNotFound",
     "detect_format",
@@ -348,7 +349,7 @@ def _fit_pos_embed(
     return True
 
 
-def _check_dtypes(source: str, sd: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> None:
+def check_dtypes(source: str, sd: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> None:
     """Integer, bool or complex tensors for floating-point parameters would be cast without a word: refuse."""
 
     def wrong(have: torch.Tensor, want: torch.Tensor) -> bool:
@@ -449,7 +450,7 @@ def load_checkpoint(
     ckpt = read_checkpoint(path, format, use_ema=use_ema)
     sd = dict(ckpt.state_dict)
     target = model.state_dict()
-    _check_dtypes(ckpt.source, sd, target)
+    check_dtypes(ckpt.source, sd, target)
     resampled = _fit_pos_embed(model, sd, target, _RESAMPLE[ckpt.format], ckpt.source, pos_embed_grid)
     if adapt_input_channels:
         _fit_input_channels(model, sd, target)

@@ -303,10 +303,11 @@ class ViTBackbone(VisionTransformer):
             CheckpointError: an unreadable file, a distilled DeiT checkpoint (two prefix tokens), or keys
                 that do not fit (another width / depth).
         """
-        from fastvit.checkpoints import CheckpointError, read_checkpoint
+        from fastvit.checkpoints import CheckpointError, check_dtypes, read_checkpoint
 
         ckpt = read_checkpoint(source, format)
         sd = dict(ckpt.state_dict)
+        check_dtypes(ckpt.source, sd, dict(self.named_parameters()))  # module names, as sd (not mmseg's keys)
         if "dist_token" in sd:
             raise CheckpointError(
                 f"{ckpt.source}: a distilled DeiT checkpoint (dist_token, two prefix tokens); mmseg's ViT backbone has "

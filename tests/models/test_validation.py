@@ -130,3 +130,15 @@ def test_reset_classifier_refuses_negative_sizes():
         with pytest.raises(ValueError, match="num_classes must be an int >= 0"):
             model.reset_classifier(-3)
         assert model.num_classes == 10
+
+
+def test_segmentation_backbone_refuses_integer_weights(tmp_path):
+    from fastvit.checkpoints import CheckpointError
+    from fastvit.models.segmentation import ViTBackbone
+
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, out_indices=(0, 1))
+    sd = VisionTransformer(**{**TINY, "depth": 2, "num_classes": 0}).state_dict()  # timm names
+    sd["patch_embed.proj.weight"] = sd["patch_embed.proj.weight"].round().to(torch.int32)
+    torch.save(sd, tmp_path / "ints.pth")
+    with pytest.raises(CheckpointError, match=r"ints\.pth: 1 tensors are not floating.*proj\.weight: torch\.int32"):
+        ViTBackbone(**args).load_pretrained(str(tmp_path / "ints.pth"), format="timm")
