@@ -85,6 +85,7 @@ from _harness.timing import MIN_TIMED_ITERS  # noqa: E402
 from published import published_for  # noqa: E402
 
 from fastvit._cli import ArgumentParser, add_debug_flag, run_main  # noqa: E402
+from fastvit.fileio import atomic_write_text  # noqa: E402
 
 __all__ = ["main", "parse_args"]
 
@@ -421,7 +422,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     report.write_json(results, stem.with_suffix(".json"))
     report.write_csv(results, stem.with_suffix(".csv"))
     table = report.markdown(results)
-    stem.with_suffix(".md").write_text(table)
+    atomic_write_text(stem.with_suffix(".md"), table)
     print(table)
     if old is not None:
         print(report.compare(results, old))

@@ -330,6 +330,12 @@ def _fit_pos_embed(
     if new_grid is None:
         return False
     rows = have.shape[1] - prefix
+    if old_grid is not None and not (
+        isinstance(old_grid, (tuple, list))
+        and len(old_grid) == 2
+        and all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in old_grid)
+    ):
+        raise TypeError(f"pos_embed_grid must be an (h, w) pair of positive ints, got {old_grid!r}")
     if old_grid is None:
         side = int(round(rows**0.5))
         if side * side != rows:

@@ -222,6 +222,8 @@ def test_non_square_position_grid_refused_or_resampled_with_its_grid(tmp_path):
         load_checkpoint(tiny_vit("fastvit"), path)
     with pytest.raises(CheckpointError, match=r"pos_embed_grid=\(3, 3\) has 9 positions"):
         load_checkpoint(tiny_vit("fastvit"), path, pos_embed_grid=(3, 3))
+    with pytest.raises(TypeError, match=r"pos_embed_grid must be an \(h, w\) pair of positive ints"):
+        load_checkpoint(tiny_vit("fastvit"), path, pos_embed_grid="2x6")
     model = tiny_vit("fastvit", seed=2)
     assert load_checkpoint(model, path, pos_embed_grid=(2, 6)).resampled_pos_embed
     wide.set_input_size((32, 32))  # the model's own resampling knows its grid: the reference
