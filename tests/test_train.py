@@ -319,3 +319,27 @@ def test_resume_refuses_another_model_or_world_size(tmp_path: Path) -> None:
         train(tiny(tmp_path / "x", steps=4, resume=str(tmp_path / "w8.pth")), log=quiet)
     with pytest.raises(ResumeError, match="no resume file at"):
         train(tiny(tmp_path / "x", resume=str(tmp_path / "x" / "nothing")), log=quiet)
+
+
+def test_benchmark_training_column_times_the_fastvit_train_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _harness import rows
+    from _harness.measure import Settings, run_cell
+    from _harness.providers import provider_by_key
+
+    seen: list[tuple[Any, ...]] = []
+    step_call = TrainStep.__call__
+
+    def spy(self: TrainStep, micro_batches: Any) -> Any:
+        r = self.recipe
+        seen.append((r.amp, r.clip_grad, r.accum_steps, type(self.optimizer).__name__, self.scaler.is_enabled()))
+        return step_call(self, micro_batches)
+
+    monkeypatch.setattr(TrainStep, "__call__", spy)
+    kwargs = {"img_size": 16, **TINY_ARGS}
+    row = rows.ModelRow("vit_tiny_patch16_224", "tiny", "classification", 16, 4, 2, num_classes=4, model_kwargs=kwargs)
+    s = Settings(device=torch.device("cpu"), dtype=torch.bfloat16, iters=20, warmup=1, train_batch=2)
+    result = run_cell(row, provider_by_key("fastvit_torch"), ("train",), s)["train"]
+    assert result["status"] == "ok" and result["values"]["img_s"] > 0
+    assert "fastvit.train's step" in result["notes"][0] and "amp bf16" in result["notes"][0]
+    assert len(seen) >= 21 and set(seen) == {("bf16", 1.0, 1, "SGD", False)}
