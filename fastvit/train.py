@@ -308,6 +308,7 @@ class TrainConfig:
     timm: Optional[str] = None
     model_args: dict[str, Any] = field(default_factory=dict)
     pretrained: Optional[str] = None
+    head_init: str = "zero"
     dataset: str = "cifar10"
     data_dir: str = "data"
     img_size: Optional[int] = None
@@ -458,8 +459,14 @@ def build_model(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]) 
         if result.resampled_pos_embed:
             what.append(f"position embedding resampled to {_input_size(model)}")
         if result.reset_classifier_keys:
+            if cfg.head_init == "zero":  # ViT-pytorch's zero_head=True
+                params = dict(model.named_parameters())
+                with torch.no_grad():
+                    for k in result.reset_classifier_keys:
+                        params[k].zero_()
+            init = "zero-initialised as ViT-pytorch's zero_head" if cfg.head_init == "zero" else "fresh random init"
             what.append(
-                f"classifier reset to {num_classes} classes (fresh init): {', '.join(result.reset_classifier_keys)}"
+                f"classifier reset to {num_classes} classes ({init}): {', '.join(result.reset_classifier_keys)}"
             )
         if result.ignored_keys:
             what.append(f"ignored from the file: {', '.join(result.ignored_keys[:6])}")
@@ -909,14 +916,14 @@ def _train(
         resume = torch.load(resume_file, map_location="cpu", weights_only=False)
         _check_resume(resume, cfg, ctx, resume_file)
 
-    torch.manual_seed(cfg.seed + ctx.rank)
-    np.random.seed(cfg.seed + ctx.rank)
-    random.seed(cfg.seed + ctx.rank)
-
     num_classes = _num_classes(cfg, Path(cfg.data_dir).expanduser())
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them without a broadcast)
     with torch.device(ctx.device):
         model = build_model(cfg, num_classes, log)
     model.to(ctx.device)
+    torch.manual_seed(cfg.seed + ctx.rank)  # dropout / drop-path draws differ per rank, as in one big batch
+    np.random.seed(cfg.seed + ctx.rank)
+    random.seed(cfg.seed + ctx.rank)
     mean, std, interp = _preprocessing(model)
     train_ds, eval_ds = build_datasets(cfg, _input_size(model), mean, std, interp)
     train_ds = train_ds if isinstance(train_ds, SyntheticTask) else EpochSeeded(train_ds, cfg.seed)
@@ -1107,6 +1114,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timm", help="a timm model name, run through fastvit.patch_model")
     g.add_argument("--model-args", type=_parse_model_args, default={}, help="extra constructor args: k=v,k=v")
     g.add_argument("--pretrained", help="weights in any format fastvit.load_checkpoint reads (.npz, .pth, ...)")
+    g.add_argument(
+        "--head-init",
+        choices=("zero", "random"),
+        default=d.head_init,
+        help="a classifier --pretrained cannot fill (another class count): zeros as ViT-pytorch, or timm's random init",
+    )
     g.add_argument("--img-size", type=int, help="training resolution (default: the model's)")
     g.add_argument("--drop-path", type=float, help="stochastic depth rate")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")

@@ -103,9 +103,14 @@ def test_pretrained_timm_model_resamples_pos_embed_and_resets_head(tmp_path: Pat
     assert result.step == 2
     text = "\n".join(messages)
     assert "patched" in text and "position embedding resampled to 32" in text
-    assert "classifier reset to 3 classes (fresh init): head.bias, head.weight" in text
+    assert "classifier reset to 3 classes (zero-initialised as ViT-pytorch's zero_head): head.bias, head.weight" in text
     sd = weights(tmp_path / "ft" / "last.pth")
     assert sd["head.weight"].shape == (3, 32) and sd["pos_embed"].shape == (1, 1 + 8 * 8, 32)
+    assert sd["head.weight"].abs().max() > 0  # trained away from zero in 2 steps
+    src_sd = weights(src / "last.pth")
+    assert (
+        sd["blocks.0.attn.qkv.weight"] - src_sd["blocks.0.attn.qkv.weight"]
+    ).abs().max() < 0.05  # loaded, not re-initialised
 
 
 def test_warmup_schedules() -> None:
@@ -143,13 +148,17 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
     train(cfg, log=quiet)
 
 
-def test_two_process_gloo_ddp_equals_one_process_on_the_global_batch(tmp_path: Path) -> None:
+def test_two_process_gloo_ddp_and_fsdp_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
     kw = dict(batch_size=16, steps=4, eval_every=4, log_every=2)
     single = train(tiny(tmp_path / "one", **kw), log=quiet)
     mp.spawn(_ddp_worker, args=(2, _free_port(), tiny(tmp_path / "two", **kw)), nprocs=2, join=True)
-    one, two = weights(tmp_path / "one" / "last.pth"), weights(tmp_path / "two" / "last.pth")
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], atol=2e-6, rtol=1e-5, msg=k)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), tiny(tmp_path / "fsdp", fsdp=True, **kw)), nprocs=2, join=True)
+    one = weights(tmp_path / "one" / "last.pth")
+    for run in ("two", "fsdp"):  # DDP replicas; fully_shard'ed blocks gathered into a full state dict
+        two = weights(tmp_path / run / "last.pth")
+        assert two.keys() == one.keys()
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], atol=2e-6, rtol=1e-5, msg=f"{run}: {k}")
     # Metrics are all-reduced: the 2-process eval covers every eval sample once, like one process.
     import json
 
