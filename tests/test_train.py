@@ -140,19 +140,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
-    # What torchrun sets up for each process: the env:// rendezvous.
+def _ddp_worker(rank: int, world: int, port: int, cfgs: list[TrainConfig]) -> None:
+    # What torchrun sets up for each process: the env:// rendezvous, then the standard init.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
-    train(cfg, log=quiet)
+    torch.distributed.init_process_group("gloo")
+    try:
+        for cfg in cfgs:  # train() uses the existing group (as under a caller that set it up)
+            train(cfg, log=quiet)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_two_process_gloo_ddp_and_fsdp_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
     kw = dict(batch_size=16, steps=4, eval_every=4, log_every=2)
     single = train(tiny(tmp_path / "one", **kw), log=quiet)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), tiny(tmp_path / "two", **kw)), nprocs=2, join=True)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), tiny(tmp_path / "fsdp", fsdp=True, **kw)), nprocs=2, join=True)
+    cfgs = [tiny(tmp_path / "two", **kw), tiny(tmp_path / "fsdp", fsdp=True, **kw)]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfgs), nprocs=2, join=True)
     one = weights(tmp_path / "one" / "last.pth")
     for run in ("two", "fsdp"):  # DDP replicas; fully_shard'ed blocks gathered into a full state dict
         two = weights(tmp_path / run / "last.pth")
