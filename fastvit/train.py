@@ -109,7 +109,8 @@ class Recipe:
         total_steps: optimizer steps of the whole run.
         clip_grad: max global gradient norm; 0 disables clipping.
         accum_steps: micro-batches per optimizer step.
-        amp: "none", "bf16" or "fp16" (fp16 adds a GradScaler).
+        amp: "none", "bf16", "fp16" (fp16 adds a GradScaler) or "auto" (bf16 on a GPU that has it, else
+            none; resolved by :meth:`for_device`).
         label_smoothing: cross-entropy label smoothing.
         ema_decay: EMA of the weights after each step; 0 disables it.
     """
@@ -133,8 +134,8 @@ class Recipe:
             problems.append(f"optimizer {self.optimizer!r} is not one of 'sgd', 'adamw'")
         if self.schedule not in ("cosine", "linear"):
             problems.append(f"schedule {self.schedule!r} is not one of 'cosine', 'linear'")
-        if self.amp not in ("none", *AMP_DTYPES):
-            problems.append(f"amp {self.amp!r} is not one of 'none', 'bf16', 'fp16'")
+        if self.amp not in ("auto", "none", *AMP_DTYPES):
+            problems.append(f"amp {self.amp!r} is not one of 'auto', 'none', 'bf16', 'fp16'")
         if not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.total_steps < 1:
@@ -151,6 +152,13 @@ class Recipe:
             problems.append(f"ema decay must be in [0, 1) (0 disables EMA), got {self.ema_decay}")
         if problems:
             raise ValueError("fastvit.train: bad recipe: " + "; ".join(problems))
+
+    def for_device(self, device: torch.device) -> Recipe:
+        """This recipe with ``amp="auto"`` resolved for ``device``."""
+        if self.amp != "auto":
+            return self
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return dataclasses.replace(self, amp="bf16" if bf16 else "none")
 
     @property
     def amp_dtype(self) -> Optional[torch.dtype]:
@@ -255,6 +263,7 @@ class TrainStep:
         ema_source: Optional[nn.Module] = None,
     ):
         recipe.validate()
+        recipe = recipe.for_device(device)
         self.model, self.recipe, self.device = model, recipe, device
         self.optimizer = optimizer if optimizer is not None else build_optimizer(model, recipe)
         self.scheduler = scheduler if scheduler is not None else build_scheduler(self.optimizer, recipe)
@@ -316,18 +325,7 @@ class TrainConfig:
     synthetic_samples: int = 2048
     batch_size: int = 512
     eval_batch_size: Optional[int] = None
-    steps: int = 500
-    warmup_steps: int = 100
-    optimizer: str = "sgd"
-    lr: float = 3e-2
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    clip_grad: float = 1.0
-    accum_steps: int = 1
-    amp: str = "auto"
-    label_smoothing: float = 0.0
-    ema_decay: float = 0.0
+    recipe: Recipe = field(default_factory=lambda: Recipe(amp="auto"))
     drop_path: Optional[float] = None
     compile: bool = False
     grad_checkpointing: bool = False
@@ -341,17 +339,6 @@ class TrainConfig:
     output: Optional[str] = None
     resume: Optional[str] = None
     progress: bool = True
-
-    def recipe(self, device: torch.device) -> Recipe:
-        amp = self.amp
-        if amp == "auto":
-            amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
-        return Recipe(
-            optimizer=self.optimizer, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-            schedule=self.schedule, warmup_steps=self.warmup_steps, total_steps=self.steps,
-            clip_grad=self.clip_grad, accum_steps=self.accum_steps, amp=amp,
-            label_smoothing=self.label_smoothing, ema_decay=self.ema_decay,
-        )  # fmt: skip
 
     def model_id(self) -> dict[str, Any]:
         """What a resume file must match: which model, built how."""
@@ -708,8 +695,9 @@ def _check_resume(state: dict[str, Any], cfg: TrainConfig, ctx: DistContext, pat
         )
     if state["model_id"] != cfg.model_id():
         reasons.append(f"it trains another model ({state['model_id']}, this run: {cfg.model_id()})")
-    ours = (cfg.batch_size, cfg.accum_steps, cfg.steps, cfg.fsdp)
-    theirs = tuple(state["config"][k] for k in ("batch_size", "accum_steps", "steps", "fsdp"))
+    ours = (cfg.batch_size, cfg.recipe.accum_steps, cfg.recipe.total_steps, cfg.fsdp)
+    saved = state["config"]
+    theirs = (saved["batch_size"], saved["recipe"]["accum_steps"], saved["recipe"]["total_steps"], saved["fsdp"])
     if ours != theirs:
         reasons.append(f"batch / accum / steps / fsdp differ (file {theirs}, this run {ours})")
     if reasons:
@@ -821,11 +809,11 @@ def _check_config(cfg: TrainConfig, ctx: DistContext) -> None:
     problems = []
     if bool(cfg.model) == bool(cfg.timm):
         problems.append("give exactly one of --model NAME (fastvit.list_models()) or --timm NAME")
-    per_step = ctx.world_size * cfg.accum_steps
+    per_step = ctx.world_size * cfg.recipe.accum_steps
     if cfg.batch_size < 1 or cfg.batch_size % per_step:
         problems.append(
             f"--batch-size {cfg.batch_size} (global) must be a positive multiple of world size x accum steps "
-            f"= {ctx.world_size} x {cfg.accum_steps} = {per_step}"
+            f"= {ctx.world_size} x {cfg.recipe.accum_steps} = {per_step}"
         )
     for name in ("eval_every", "log_every", "synthetic_samples"):
         if getattr(cfg, name) < 1:
@@ -836,7 +824,7 @@ def _check_config(cfg: TrainConfig, ctx: DistContext) -> None:
         problems.append(f"--workers must be >= 0, got {cfg.workers}")
     if cfg.fsdp and not ctx.distributed:
         problems.append("--fsdp shards over several processes: run it under torchrun with --nproc-per-node >= 2")
-    if cfg.fsdp and cfg.ema_decay:
+    if cfg.fsdp and cfg.recipe.ema_decay:
         problems.append("--ema-decay with --fsdp is not supported (the EMA copy would not be sharded)")
     if cfg.pretrained and not Path(cfg.pretrained).expanduser().is_file():
         problems.append(f"--pretrained {cfg.pretrained}: no such file")
@@ -908,7 +896,7 @@ def _train(
             (log_fn or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
 
     _check_config(cfg, ctx)
-    recipe = cfg.recipe(ctx.device)
+    recipe = cfg.recipe.for_device(ctx.device)
     recipe.validate()
     resume_file = _resume_path(cfg.resume) if cfg.resume else None
     resume: Optional[dict[str, Any]] = None
@@ -927,9 +915,9 @@ def _train(
     mean, std, interp = _preprocessing(model)
     train_ds, eval_ds = build_datasets(cfg, _input_size(model), mean, std, interp)
     train_ds = train_ds if isinstance(train_ds, SyntheticTask) else EpochSeeded(train_ds, cfg.seed)
-    micro = cfg.batch_size // (ctx.world_size * cfg.accum_steps)
+    micro = cfg.batch_size // (ctx.world_size * recipe.accum_steps)
     sampler = ResumableSampler(train_ds, ctx.world_size, ctx.rank, cfg.seed)
-    if len(sampler) < micro * cfg.accum_steps:
+    if len(sampler) < micro * recipe.accum_steps:
         raise ValueError(
             f"fastvit.train: the training set has {len(train_ds)} samples, fewer than one global batch "
             f"of {cfg.batch_size}; lower --batch-size"
@@ -979,7 +967,7 @@ def _train(
         f"fastvit.train: {cfg.timm or cfg.model} ({n_params / 1e6:.2f} M params, {num_classes} classes, "
         f"{_input_size(raw)} px) on {cfg.dataset} ({len(train_ds)} train / {len(eval_ds)} eval); "
         f"{ctx.world_size} x {ctx.device.type}, global batch {cfg.batch_size} = {ctx.world_size} ranks x "
-        f"{cfg.accum_steps} accum x {micro}; {recipe.optimizer} lr {recipe.lr} {recipe.schedule} "
+        f"{recipe.accum_steps} accum x {micro}; {recipe.optimizer} lr {recipe.lr} {recipe.schedule} "
         f"warmup {recipe.warmup_steps}/{recipe.total_steps}, clip {recipe.clip_grad}, amp {recipe.amp}; "
         f"output {out_dir}"
     )
@@ -1020,7 +1008,7 @@ def _train(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (ctx.is_main and cfg.progress), unit="step")
+    bar = tqdm(total=recipe.total_steps, initial=step, disable=not (ctx.is_main and cfg.progress), unit="step")
     last_eval: dict[str, Any] = {}
     interrupted = False
     window_loss = torch.zeros((), device=ctx.device)
@@ -1028,7 +1016,7 @@ def _train(
     generator = torch.Generator().manual_seed(cfg.seed)
     model.train()
     with _StopFlag() as stop:
-        while step < cfg.steps:
+        while step < recipe.total_steps:
             sampler.set_epoch(epoch)
             if isinstance(train_ds, EpochSeeded):
                 train_ds.set_epoch(epoch)
@@ -1036,21 +1024,21 @@ def _train(
             loader = DataLoader(train_ds, batch_size=micro, sampler=sampler, drop_last=True,
                                 generator=generator, **loader_kw)  # fmt: skip
             it = iter(loader)
-            while step < cfg.steps:
+            while step < recipe.total_steps:
                 try:
-                    group = [next(it) for _ in range(cfg.accum_steps)]
+                    group = [next(it) for _ in range(recipe.accum_steps)]
                 except StopIteration:
                     break
                 group = [(x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)) for x, y in group]
                 stats = step_fn(group)
                 step += 1
-                batches_in_epoch += cfg.accum_steps
+                batches_in_epoch += recipe.accum_steps
                 window_loss += stats.loss
                 window_steps += 1
                 bar.update(1)
                 if on_step is not None:
                     on_step(step)
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                if step % cfg.log_every == 0 or step == recipe.total_steps:
                     mean_loss = _all_reduce_sum(window_loss.clone(), ctx).item() / (window_steps * ctx.world_size)
                     elapsed = time.perf_counter() - window_t0
                     img_s = window_steps * cfg.batch_size / max(elapsed, 1e-9)
@@ -1062,17 +1050,17 @@ def _train(
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
                     window_loss.zero_()
                     window_steps, window_t0 = 0, time.perf_counter()
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+                if step % cfg.eval_every == 0 or step == recipe.total_steps:
                     last_eval = run_eval()
                 stopping = _agree(stop.stop, ctx)
-                if stopping or step % save_every == 0 or step == cfg.steps:
+                if stopping or step % save_every == 0 or step == recipe.total_steps:
                     save()
                 if stopping:
                     interrupted = True
                     break
             if interrupted:
                 break
-            if step < cfg.steps:
+            if step < recipe.total_steps:
                 epoch += 1
                 batches_in_epoch = 0
     bar.close()
@@ -1103,6 +1091,7 @@ def _agree(flag: bool, ctx: DistContext) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
+    r = d.recipe
     p = argparse.ArgumentParser(
         prog="python -m fastvit.train",
         description="Fine-tune a ViT on fastvit's kernels (ViT-pytorch's CIFAR recipe by default); "
@@ -1139,23 +1128,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=d.batch_size, help="global batch over all processes and accumulation"
     )
     g.add_argument("--eval-batch-size", type=int, help="per process (default: the training micro-batch)")
-    g.add_argument("--accum-steps", type=int, default=d.accum_steps, help="micro-batches per optimizer step")
-    g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--schedule", choices=("cosine", "linear"), default=d.schedule)
-    g.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm; 0 disables")
+    g.add_argument("--accum-steps", type=int, default=r.accum_steps, help="micro-batches per optimizer step")
+    g.add_argument("--steps", dest="total_steps", type=int, default=r.total_steps, help="optimizer steps")
+    g.add_argument("--warmup-steps", type=int, default=r.warmup_steps)
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=r.optimizer)
+    g.add_argument("--lr", type=float, default=r.lr)
+    g.add_argument("--momentum", type=float, default=r.momentum)
+    g.add_argument("--weight-decay", type=float, default=r.weight_decay)
+    g.add_argument("--schedule", choices=("cosine", "linear"), default=r.schedule)
+    g.add_argument("--clip-grad", type=float, default=r.clip_grad, help="max gradient norm; 0 disables")
     g.add_argument(
         "--amp",
         choices=("auto", "none", "bf16", "fp16"),
-        default=d.amp,
+        default=r.amp,
         help="auto: bf16 on GPUs that have it, else none",
     )
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    g.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA of the weights; 0 disables")
+    g.add_argument("--label-smoothing", type=float, default=r.label_smoothing)
+    g.add_argument("--ema-decay", type=float, default=r.ema_decay, help="EMA of the weights; 0 disables")
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("run")
     g.add_argument("--fsdp", action="store_true", help="shard parameters with fully_shard instead of DDP replicas")
@@ -1170,8 +1159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = TrainConfig(**vars(args))
+    args = vars(build_parser().parse_args(argv))
+    recipe = Recipe(**{f.name: args.pop(f.name) for f in dataclasses.fields(Recipe)})
+    cfg = TrainConfig(recipe=recipe, **args)
     try:
         result = train(cfg)
     except (ValueError, FileNotFoundError, ResumeError) as exc:

@@ -3,6 +3,7 @@ kill, bad inputs are named. Models are tiny ViTs (2 blocks, width 32, 16x16 imag
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import signal
@@ -43,14 +44,20 @@ def _one_thread() -> Any:
     torch.set_num_threads(n)
 
 
+RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)}
+
+
 def tiny(out: Path, **kw: Any) -> TrainConfig:
+    """A run of the tiny ViT; ``kw`` are TrainConfig or Recipe fields (``steps`` is the recipe's total_steps)."""
     base = dict(
         model="vit_tiny_patch16_224", model_args=dict(TINY_ARGS), img_size=16, dataset="synthetic", num_classes=4,
-        synthetic_samples=256, batch_size=16, steps=6, warmup_steps=2, eval_every=100, log_every=1, workers=0,
-        output=str(out), progress=False, device="cpu",
+        synthetic_samples=256, batch_size=16, eval_every=100, log_every=1, workers=0, output=str(out),
+        progress=False, device="cpu",
     )  # fmt: skip
+    recipe = {"total_steps": kw.pop("steps", 6), "warmup_steps": 2}
+    recipe.update({k: kw.pop(k) for k in list(kw) if k in RECIPE_FIELDS})
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig(recipe=Recipe(**recipe), **base)
 
 
 def quiet(msg: str) -> None:
@@ -233,10 +240,12 @@ def test_interrupted_then_resumed_equals_uninterrupted_bit_for_bit(tmp_path: Pat
 def _cli(cfg: TrainConfig) -> list[str]:
     """The command line of a tiny() config (the fields the tests change)."""
     args = ["--model", cfg.model or "", "--model-args", ",".join(f"{k}={v}" for k, v in cfg.model_args.items())]
-    for name in ("img_size", "dataset", "data_dir", "num_classes", "synthetic_samples", "batch_size", "steps",
-                 "warmup_steps", "eval_every", "log_every", "workers", "output", "device", "drop_path",
-                 "label_smoothing", "ema_decay", "optimizer", "lr", "schedule", "save_every"):  # fmt: skip
-        value = getattr(cfg, name)
+    options = {name: getattr(cfg, name) for name in ("img_size", "dataset", "data_dir", "num_classes",
+               "synthetic_samples", "batch_size", "eval_every", "log_every", "workers", "output", "device",
+               "drop_path", "save_every")}  # fmt: skip
+    options.update(dataclasses.asdict(cfg.recipe), steps=cfg.recipe.total_steps)
+    del options["total_steps"]
+    for name, value in options.items():
         if value is not None:
             args += [f"--{name.replace('_', '-')}", str(value)]
     return [*args, "--no-progress"]
