@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fastvit.fileio import atomic_save, atomic_write_bytes, atomic_write_text
 
@@ -548,17 +548,21 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
-class ShardSampler(Sampler[int]):
-    """Evaluation shard: every sample exactly once over all ranks (no padding, no repeats)."""
+class EvalShard(Dataset):
+    """This rank's share of the eval set, ``rank::world``, padded to the same length on every rank (FSDP
+    runs collectives in each forward); padding items repeat sample 0 and come with ``valid=False``."""
 
-    def __init__(self, n: int, num_replicas: int, rank: int):
-        self.indices = list(range(rank, n, num_replicas))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        self.dataset, self.world, self.rank = dataset, num_replicas, rank
+        self.n = len(dataset)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return -(-self.n // self.world)
+
+    def __getitem__(self, j: int) -> tuple[Any, Any, bool]:
+        i = self.rank + j * self.world
+        x, y = self.dataset[i if i < self.n else 0]
+        return x, y, i < self.n
 
 
 def _cifar_root(name: str, data_dir: Path) -> Path:
@@ -838,18 +842,15 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, amp: Option
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss, top1, top5, n
-    for x, y in loader:
-        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+    for x, y, valid in loader:
+        x, y, valid = (t.to(ctx.device, non_blocking=True) for t in (x, y, valid))
         with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
             out = model(x)
         logits = (out[0] if isinstance(out, (tuple, list)) else out).float()
         k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
-        hit = top == y[:, None]
-        sums += torch.stack([
-            F.cross_entropy(logits, y, reduction="sum").double(), hit[:, 0].sum().double(),
-            hit.any(-1).sum().double(), torch.tensor(float(len(y)), dtype=torch.float64, device=ctx.device),
-        ])  # fmt: skip
+        hit = (logits.topk(k, dim=-1).indices == y[:, None]) & valid[:, None]
+        losses = F.cross_entropy(logits, y, reduction="none") * valid
+        sums += torch.stack([losses.sum(), hit[:, 0].sum(), hit.any(-1).sum(), valid.sum()]).double()
     _all_reduce_sum(sums, ctx)
     model.train(was_training)
     n = max(sums[3].item(), 1.0)
@@ -923,10 +924,8 @@ def _train(
             f"of {cfg.batch_size}; lower --batch-size"
         )
     loader_kw: dict[str, Any] = {"num_workers": cfg.workers, "pin_memory": ctx.device.type == "cuda"}
-    eval_loader = DataLoader(
-        eval_ds, batch_size=cfg.eval_batch_size or micro, sampler=ShardSampler(len(eval_ds), ctx.world_size, ctx.rank),
-        **loader_kw,
-    )  # fmt: skip
+    eval_shard = EvalShard(eval_ds, ctx.world_size, ctx.rank)
+    eval_loader = DataLoader(eval_shard, batch_size=cfg.eval_batch_size or micro, **loader_kw)
 
     raw = model
     if cfg.fsdp:
@@ -996,7 +995,8 @@ def _train(
         metrics.flush()
 
     def run_eval() -> dict[str, float]:
-        res = evaluate(forward, eval_loader, ctx, recipe.amp_dtype)
+        # the unwrapped model: DDP's forward may broadcast buffers, which ranks with uneven shards would not match
+        res = evaluate(forward if cfg.compile else raw, eval_loader, ctx, recipe.amp_dtype)
         rec: dict[str, Any] = {"step": step, "epoch": epoch, "split": "eval", **res}
         if ema is not None:
             e = evaluate(ema.module, eval_loader, ctx, recipe.amp_dtype)
@@ -1129,7 +1129,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--eval-batch-size", type=int, help="per process (default: the training micro-batch)")
     g.add_argument("--accum-steps", type=int, default=r.accum_steps, help="micro-batches per optimizer step")
-    g.add_argument("--steps", dest="total_steps", type=int, default=r.total_steps, help="optimizer steps")
+    g.add_argument(
+        "--steps", dest="total_steps", metavar="STEPS", type=int, default=r.total_steps, help="optimizer steps"
+    )
     g.add_argument("--warmup-steps", type=int, default=r.warmup_steps)
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default=r.optimizer)
     g.add_argument("--lr", type=float, default=r.lr)
