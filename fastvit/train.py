@@ -756,16 +756,21 @@ class MetricsLog:
             ("eval", "loss", "eval"),
             ("eval", "ema_loss", "eval EMA"),
         ):
-            axes[0].plot(*series(split, key), label=label)
+            steps, values = series(split, key)
+            if steps:
+                axes[0].plot(steps, values, label=label)
         for key, label in (("top1", "top-1"), ("top5", "top-5"), ("ema_top1", "EMA top-1")):
-            axes[1].plot(*series("eval", key), marker="o", label=label)
+            steps, values = series("eval", key)
+            if steps:
+                axes[1].plot(steps, values, marker="o", label=label)
         axes[2].plot(*series("train", "lr"))
         for ax, title in zip(axes, ("loss", "eval accuracy", "learning rate")):
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        axes[0].legend()
-        axes[1].legend()
+        for ax in axes[:2]:
+            if ax.lines:
+                ax.legend()
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
@@ -1169,7 +1174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, ResumeError) as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    if result.metrics:
+    if result.metrics and result.output is not None:  # rank 0
         print(json.dumps({"step": result.step, **result.metrics}))
     return 130 if result.interrupted else 0
 
