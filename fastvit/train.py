@@ -899,7 +899,7 @@ def _train(
 ) -> TrainResult:
     def log(msg: str) -> None:
         if ctx.is_main:
-            (log_fn or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
+            (log_fn or _write_above_bar)(msg)
 
     _check_config(cfg, ctx)
     recipe = cfg.recipe.for_device(ctx.device)
@@ -1080,6 +1080,12 @@ def _train(
         )
     final = {k: v for k, v in last_eval.items() if isinstance(v, float)}
     return TrainResult(step, interrupted, final, out_dir if ctx.is_main else None, metrics.records)
+
+
+def _write_above_bar(msg: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
 
 
 def _agree(flag: bool, ctx: DistContext) -> bool:

@@ -370,3 +370,24 @@ def test_benchmark_training_column_times_the_fastvit_train_step(monkeypatch: pyt
     assert result["status"] == "ok" and result["values"]["img_s"] > 0
     assert "fastvit.train's step" in result["notes"][0] and "amp bf16" in result["notes"][0]
     assert len(seen) >= 21 and set(seen) == {("bf16", 1.0, 1, "SGD", False)}
+
+
+def test_imagefolder_tree_trains_with_the_weights_preprocessing(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 3)):
+        for c in ("cat", "dog", "eel"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "data" / split / c / f"{i}.png")
+    cfg = tiny(tmp_path / "run", dataset="imagefolder", data_dir=str(tmp_path / "data"), num_classes=None,
+               batch_size=8, steps=3, warmup_steps=0, eval_every=3)  # fmt: skip
+    result = train(cfg, log=quiet)
+    assert result.step == 3 and set(result.metrics) == {"loss", "top1", "top5"}
+    assert weights(tmp_path / "run" / "last.pth")["head.weight"].shape == (3, 32)  # 3 class folders
+    # 9 eval images in 3 classes: top-1 is a multiple of 1/9, top-3 (= top-5 capped at 3 classes) is 1.
+    assert (
+        round(result.metrics["top1"] * 9, 6) == int(round(result.metrics["top1"] * 9)) and result.metrics["top5"] == 1
+    )
