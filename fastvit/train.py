@@ -983,8 +983,12 @@ def _train(
             dist.all_gather_object(rngs, _rng_state(ctx.device))
         else:
             rngs = [_rng_state(ctx.device)]
-        if not ctx.is_main:
-            return
+        if ctx.is_main:
+            write_checkpoint(sd, osd, rngs)
+        if ctx.distributed:
+            dist.barrier()  # no rank goes on (or reads the files) before rank 0 has written them
+
+    def write_checkpoint(sd: dict[str, Any], osd: dict[str, Any], rngs: list[Any]) -> None:
         cpu_sd = {k: v.detach().cpu() for k, v in sd.items()}
         state = {
             "format": RESUME_FORMAT, "step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,

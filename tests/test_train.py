@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pytest
@@ -150,15 +150,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfgs: list[TrainConfig]) -> None:
+def _ddp_worker(rank: int, world: int, port: int, runs: list[tuple[TrainConfig, Optional[int]]]) -> None:
     # What torchrun sets up for each process: the env:// rendezvous, then the standard init.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     try:
-        for cfg in cfgs:  # train() uses the existing group (as under a caller that set it up)
-            train(cfg, log=quiet)
+        for cfg, stop_at in runs:  # train() uses the existing group (as under a caller that set it up)
+            train(cfg, on_step=_interrupt_at(stop_at) if stop_at else None, log=quiet)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -167,14 +167,22 @@ def test_two_process_gloo_ddp_and_fsdp_equal_one_process_on_the_global_batch(tmp
     # 65 eval samples: shards of 33 and 32 (+1 padding item), all-reduced to the one-process numbers.
     kw = dict(batch_size=16, steps=4, eval_every=4, log_every=2, synthetic_samples=260)
     single = train(tiny(tmp_path / "one", **kw), log=quiet)
-    cfgs = [tiny(tmp_path / "two", **kw), tiny(tmp_path / "fsdp", fsdp=True, **kw)]
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfgs), nprocs=2, join=True)
+    part = tmp_path / "fsdp_part"
+    runs = [
+        (tiny(tmp_path / "two", **kw), None),
+        (tiny(tmp_path / "fsdp", fsdp=True, **kw), None),
+        (tiny(part, fsdp=True, **kw), 2),  # Ctrl-C on every rank at step 2, then --resume: sharded states reloaded
+        (tiny(part, fsdp=True, resume=str(part), **kw), None),
+    ]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), runs), nprocs=2, join=True)
     one = weights(tmp_path / "one" / "last.pth")
     for run in ("two", "fsdp"):  # DDP replicas; fully_shard'ed blocks gathered into a full state dict
         two = weights(tmp_path / run / "last.pth")
         assert two.keys() == one.keys()
         for k in one:
             torch.testing.assert_close(two[k], one[k], atol=2e-6, rtol=1e-5, msg=f"{run}: {k}")
+    fsdp, resumed = weights(tmp_path / "fsdp" / "last.pth"), weights(part / "last.pth")
+    assert all(torch.equal(fsdp[k], resumed[k]) for k in fsdp)
     # Metrics are all-reduced: the 2-process eval covers every eval sample once, like one process.
     import json
 
