@@ -2,9 +2,10 @@
 
 Metrics, in the order a cell runs them (training first, while the weights are fp32):
 
-* ``train``: one training step (forward, loss, backward, optimizer step; autocast to the run's
-  dtype over fp32 weights, SGD with momentum as timm's benchmark.py) at the row's training batch:
-  img/s and peak allocated memory.
+* ``train``: the training step ``python -m fastvit.train`` runs (``fastvit.train.TrainStep`` with its
+  default recipe: forward under autocast to the run's dtype over fp32 weights, fp32 cross-entropy,
+  backward through a GradScaler for fp16, gradient clipping at 1.0, SGD momentum 0.9, warmup-cosine
+  scheduler step) at the row's training batch: img/s and peak allocated memory.
 * ``paper_mem`` (segmentation): mmseg's "Mem": peak allocated memory in a training step on 2 images
   of 512x512, fp32, AdamW as the mmseg ViT configs, after 2 warm-up steps (optimizer state exists).
 * ``paper_fps`` (segmentation): mmseg's "Inf time (fps)": batch-1 ``predict`` in fp32, 5 warm-up
@@ -20,6 +21,7 @@ else into "error" with the message: never a number that was not measured.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import inspect
 import time
@@ -185,23 +187,30 @@ def _train_step(
     model: torch.nn.Module,
     provider: Provider,
     row: ModelRow,
-    optimizer: torch.optim.Optimizer,
-    dtype: torch.dtype,
+    recipe: Any,
     device: torch.device,
+    optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> tuple[Callable[[Any], None], str]:
+    """The optimizer step ``python -m fastvit.train`` runs (``fastvit.train.TrainStep``: autocast, GradScaler
+    for fp16, clipping, optimizer and scheduler step) with this provider's forward and the row's loss."""
+    from fastvit.train import TrainStep
+
     run = _compiled(model, provider)
     loss_fn, note = _loss_fn(model, run, row)
-    use_autocast = dtype != torch.float32
+    train_step = TrainStep(model, recipe, device, optimizer=optimizer, forward=run, loss_fn=loss_fn)
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        x, y = batch
-        with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
-            loss = loss_fn(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step([batch])
 
     return step, note
+
+
+def _train_recipe(dtype: torch.dtype) -> Any:
+    """fastvit.train's default recipe (ViT-pytorch's: SGD momentum 0.9, clip 1.0, warmup-cosine) in ``dtype``."""
+    from fastvit.train import Recipe
+
+    amp = {torch.float32: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return Recipe(amp=amp, total_steps=10**9)
 
 
 def _train_batches(
@@ -215,15 +224,15 @@ def _train_batches(
 def measure_train(model: torch.nn.Module, provider: Provider, row: ModelRow, s: Settings) -> dict[str, Any]:
     batch = s.batch(row, "train")
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    step, note = _train_step(model, provider, row, optimizer, s.dtype, s.device)
+    recipe = _train_recipe(s.dtype)
+    step, note = _train_step(model, provider, row, recipe, s.device)
     batches = _train_batches(row, model, batch, s)
     try:
         t = time_calls(step, batches, iters=s.iters, warmup=s.warmup, max_warmup_s=s.max_warmup_s, device=s.device)
         peak = peak_memory_gib(step, batches[0], s.device)
     finally:
-        optimizer.zero_grad(set_to_none=True)
-        del optimizer, batches
+        model.zero_grad(set_to_none=True)
+        del step, batches
     values = {"img_s": batch / (t.median_ms / 1e3), "ms": t.median_ms}
     if peak is not None:
         values["peak_mem_gib"] = peak
@@ -232,7 +241,10 @@ def measure_train(model: torch.nn.Module, provider: Provider, row: ModelRow, s: 
         "batch": batch,
         "values": values,
         "timing": t.as_dict(),
-        "notes": [f"SGD momentum 0.9; {note}"],
+        "notes": [
+            f"fastvit.train's step: SGD momentum 0.9, clip 1.0, warmup-cosine, amp {recipe.amp}"
+            f"{' + GradScaler' if recipe.amp == 'fp16' else ''}; {note}"
+        ],
     }
 
 
@@ -241,7 +253,8 @@ def measure_paper_mem(model: torch.nn.Module, provider: Provider, row: ModelRow,
         return status_result("n/a: peak allocated memory needs the CUDA allocator (a GPU)")
     model.train().float()
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01)
-    step, note = _train_step(model, provider, row, optimizer, torch.float32, s.device)
+    recipe = dataclasses.replace(_train_recipe(torch.float32), optimizer="adamw", lr=6e-5, clip_grad=0.0)
+    step, note = _train_step(model, provider, row, recipe, s.device, optimizer=optimizer)
     batches = _train_batches(row, model, PAPER_BATCH, s)
     try:
         for b in batches[:2]:  # the first steps allocate AdamW's state; mmseg's peak is over a whole run
