@@ -34,6 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import markdown_table, median_ms, require_gpu, write_results  # noqa: E402
 
+from fastvit._timing import matmul_ceiling_tflops  # noqa: E402
+
 # (name, heads, tokens, head_dim, batch that fills an 80 GB GPU with work)
 SHAPES = [
     ("vit_b16_224", 12, 197, 64, 256),
@@ -53,13 +55,6 @@ def _driver() -> str:
         return out.splitlines()[0].strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def matmul_ceiling_tflops(dtype: torch.dtype) -> float:
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
-    return 2 * n**3 / (median_ms(lambda: a @ b) * 1e-3) / 1e12
 
 
 def _sdpa_backends() -> dict[str, Any]:

@@ -80,8 +80,9 @@ from _harness.providers import (  # noqa: E402
     unavailable_reason,
 )
 from _harness.rows import CPU_QUICK_BATCH, CPU_QUICK_MODELS, SUITES, ModelRow, select_rows  # noqa: E402
-from _harness.timing import MIN_TIMED_ITERS  # noqa: E402
 from published import published_for  # noqa: E402
+
+from fastvit._timing import MIN_TIMED_ITERS  # noqa: E402
 
 __all__ = ["main", "parse_args"]
 
