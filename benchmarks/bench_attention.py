@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import subprocess
 import sys
 from typing import Any, Callable, Optional
 
@@ -35,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import markdown_table, median_ms, require_gpu, write_results  # noqa: E402
 
 from fastvit._timing import matmul_ceiling_tflops  # noqa: E402
+from fastvit.info import driver_version  # noqa: E402
 
 # (name, heads, tokens, head_dim, batch that fills an 80 GB GPU with work)
 SHAPES = [
@@ -47,14 +47,6 @@ SHAPES = [
     ("t2t_stage2", 1, 784, 64, 256),
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _driver() -> str:
-    try:
-        out = subprocess.check_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], text=True)
-        return out.splitlines()[0].strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _sdpa_backends() -> dict[str, Any]:
@@ -181,7 +173,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.no_save:
         env = {
             "gpu": torch.cuda.get_device_name(),
-            "driver": _driver(),
+            "driver": driver_version(),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),

@@ -11,13 +11,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
 import sys
 from typing import Any, Sequence
 
 import torch
 
 from fastvit._timing import copy_bandwidth_gbps, median_ms  # noqa: F401  (re-exported for bench_<op>.py)
+from fastvit.info import git_sha
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -30,18 +30,6 @@ def require_gpu(script: str) -> None:
             "kernels and has nothing to measure here. Run it on an NVIDIA GPU machine."
         )
         sys.exit(0)
-
-
-def git_sha() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
