@@ -1,6 +1,6 @@
 """``python -m fastvit.selftest``: does fastvit work on this GPU, and how fast, in one command within a budget.
 
-    python -m fastvit.selftest [--budget-min 8] [--out DIR] [--quick] [--sanitize] [--list]
+    python -m fastvit.selftest [--budget-min 8] [--out DIR] [--quick | --full] [--sanitize] [--list]
 
 Order of a run:
 
@@ -54,6 +54,10 @@ __all__ = ["Case", "Worker", "build_cases", "execute", "main", "plan", "run_case
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CORRECTNESS_FAILURES = ("fail", "error", "crashed", "timeout")
+# A case with time left that gives no result within HANG_FACTOR x its estimate + HANG_FLOOR_S hangs ("timeout",
+# a failure); one stopped because the budget ran out is "cut_off" (listed, not a failure).
+HANG_FACTOR = 10.0
+HANG_FLOOR_S = 60.0
 OUTPUT_FILES = ("selftest.json", "summary.md", "selftest.log")
 _MARK = "\x1efastvit-selftest "  # prefix of the worker's result lines (anything else is log)
 _GPU_ONLY = "needs an NVIDIA GPU (torch.cuda.is_available() is False here)"
@@ -122,6 +126,8 @@ SMALL_SHAPES = {
         "small_tokens": {"B": 1, "tokens": (64, 8), "hw": (8, 8), "k": 3, "s": 2, "p": 1, "norm": False},
     },
 }
+# The shapes every backend x dtype runs on by default on a GPU (at batch 256).
+PRIMARY_SHAPES = ("vit_b16_224", "vit_b16_qkv", "vit_b16_fc1_gelu", "vit_b16_fc2_residual", "t2t_split0_image")
 # What the CPU runs on the torch backend at batch 1 (fp32; the low-precision torch cases use SMALL_SHAPES).
 CPU_TORCH_SHAPES = ("vit_b16_224", "vit_b16_fc1_gelu", "vit_b16_fc2_residual", "t2t_split2_tokens")
 BACKEND_RISK = {"cuda": 0, "triton": 1, "torch": 2}
@@ -159,7 +165,7 @@ def model_shapes(op: str, batch: int) -> dict[str, dict[str, Any]]:
 
 OPS = ("attention", "attention_qkvpacked", "linear", "layer_norm", "patch_embed", "soft_split")
 MODEL_CHECKS = ("fastvit_vs_timm", "patched_timm_vs_timm", "train_step", "compile_fullgraph", "cuda_graph")
-MODEL_SPEED = ("timm_eager", "timm_compile", "timm_patched", "fastvit_auto", "bs1_eager", "bs1_graph_replay")
+MODEL_SPEED = ("timm_eager", "fastvit_auto", "timm_patched", "bs1_eager", "bs1_graph_replay", "timm_compile")
 
 
 def _op_case(op: str, backend: str, dtype: str, label: str, shape: dict[str, Any], est_s: float, needs=None) -> Case:
@@ -168,25 +174,41 @@ def _op_case(op: str, backend: str, dtype: str, label: str, shape: dict[str, Any
     return Case(f"correctness/{op}/{backend}/{dtype}/{label}-b{batch}", "correctness", params, est_s, needs)
 
 
-def build_cases(*, gpu: bool, quick: bool = False, sanitize: bool = False, interpreter: bool = True) -> list[Case]:
+def _op_case_gap(gpu: bool, quick: bool, full: bool, backend: str, dtype: str, label: str, batch: int) -> Optional[str]:
+    """Why an op case at a model shape is not in this run's plan (None: it is).
+
+    GPU default (sized for ~8 minutes on an H200): every backend x dtype at the ViT-B/16 (and T2T stage-0)
+    shapes at batch 256; the other model shapes and batch 1 in bf16 on the kernel backends. ``--full``: all of
+    them; ``--quick``: the ViT-B/16 batch-256 block only. CPU: the torch backend in fp32 at batch 1."""
+    primary = label in PRIMARY_SHAPES
+    if not gpu:
+        if backend == "torch" and dtype == "fp32" and batch == 1 and label in CPU_TORCH_SHAPES:
+            return None
+        return _GPU_ONLY
+    if full or (primary and batch == 256):
+        return None
+    if quick:
+        return "not in --quick (ViT-B/16 batch-256 shapes only)"
+    if dtype == "bf16" and backend != "torch":
+        return None
+    return "only with --full (the default plan runs other shapes and batch 1 in bf16 on the kernel backends)"
+
+
+def build_cases(
+    *, gpu: bool, quick: bool = False, full: bool = False, sanitize: bool = False, interpreter: bool = True
+) -> list[Case]:
     """Every case of a run, in the order they run (correctness by risk, then speed), including those this
-    machine cannot run (``needs`` says why)."""
+    run will not run (``needs`` says why)."""
     cases: list[Case] = []
-    backends = ("cuda", "triton", "torch")
-    # Correctness of the ops: riskiest backend and dtype first; ViT-B/16 shapes before the others.
-    for backend in sorted(backends, key=BACKEND_RISK.get):
+    # Correctness of the ops: riskiest backend and dtype first.
+    for backend in sorted(BACKEND_RISK, key=BACKEND_RISK.get):
         for dtype in sorted(DTYPES, key=DTYPE_RISK.get):
             for op in OPS:
                 for batch in (256, 1):
                     for label, shape in model_shapes(op, batch).items():
-                        if quick and not (label.startswith("vit_b16") or label.startswith("t2t_split0")):
-                            continue
-                        if gpu:
-                            cases.append(_op_case(op, backend, dtype, label, shape, 1.5 if batch == 1 else 3.0))
-                        elif backend == "torch" and dtype == "fp32" and batch == 1 and label in CPU_TORCH_SHAPES:
-                            cases.append(_op_case(op, backend, dtype, label, shape, 1.0))
-                        else:
-                            cases.append(_op_case(op, backend, dtype, label, shape, 3.0, _GPU_ONLY))
+                        gap = _op_case_gap(gpu, quick, full, backend, dtype, label, batch)
+                        est = (2.0 if batch > 1 else 1.0) if gpu else 1.0
+                        cases.append(_op_case(op, backend, dtype, label, shape, est, gap))
     if not gpu:  # the kernels themselves, under the Triton interpreter, at the smallest shapes; torch in low precision
         for op in OPS:
             for label, shape in SMALL_SHAPES[op].items():
@@ -219,6 +241,8 @@ def build_cases(*, gpu: bool, quick: bool = False, sanitize: bool = False, inter
             "batch": 256 if gpu else 2,
         }
         needs = _GPU_ONLY if gpu_only and not gpu else None
+        if gpu and quick and check == "compile_fullgraph":
+            needs = "not in --quick (compiling two ViT-B/16s takes minutes)"
         est = {"compile_fullgraph": 90.0, "cuda_graph": 15.0}.get(check, 12.0 if gpu else 8.0)
         cases.append(
             Case(
@@ -252,6 +276,8 @@ def build_cases(*, gpu: bool, quick: bool = False, sanitize: bool = False, inter
                             f"correctness/sanitize-{tool}/{op}/{backend}/fp16/small", "correctness", params, 40.0, needs
                         )
                     )
+    if not gpu:  # riskiest first: the kernels under the interpreter, then whole models, then the torch backend
+        cases.sort(key=lambda c: {"triton": 0, "cuda": 0, "torch": 2}.get(c.params.get("backend", ""), 1))
     # Speed: ceilings first (the fractions need them), then ops, then models.
     speed_needs = None if gpu else _GPU_ONLY
     cases.append(Case("speed/ceilings/bf16", "speed", {"group": "ceilings", "dtype": "bf16"}, 6.0, speed_needs))
@@ -314,8 +340,9 @@ def execute(
     """Runs the planned cases in order within ``budget_s`` seconds from ``start`` (default: now).
 
     A speed case starts only when its estimate fits the time left; a correctness case starts whenever any
-    time is left and may use all of it. A case that cannot start is marked not run with the reason. Each
-    case's result (with ``seconds``) is stored on it; ``on_result`` is called after each.
+    time is left and may use all of it (``cut_off`` if the budget ends first, ``timeout`` if it hangs). A case
+    that cannot start is marked not run with the reason. Each case's result (with ``seconds``) is stored on it;
+    ``on_result`` is called after each.
     """
     start = clock() if start is None else start
     for case in cases:
@@ -326,7 +353,10 @@ def execute(
             case.result = _not_run(f"budget of {budget_s:.0f} s spent before this case could start")
         else:
             t0 = clock()
-            case.result = runner(case, left)
+            timeout = min(left, case.est_s * HANG_FACTOR + HANG_FLOOR_S)
+            case.result = runner(case, timeout)
+            if case.result.get("status") == "timeout" and timeout == left:
+                case.result = {"status": "cut_off", "reason": f"stopped when the budget ran out ({left:.0f} s left)"}
             case.result["seconds"] = round(clock() - t0, 3)
         if on_result is not None:
             on_result(case)
@@ -409,7 +439,7 @@ class Worker:
                 self.stop()
                 return {
                     "status": "timeout",
-                    "error": f"no result within {timeout_s:.0f} s (the budget left); worker killed",
+                    "error": f"no result within {timeout_s:.0f} s; worker killed",
                 }
             if line is None:
                 break
@@ -932,6 +962,7 @@ SUMMARY_COLUMNS = (
     "error",
     "crashed",
     "timeout",
+    "cut_off",
     "unsupported",
     "measured",
     "not_run",
@@ -979,7 +1010,7 @@ def summary_markdown(record: dict[str, Any], cases: list[Case]) -> str:
             lines.append(f"| {c.name} | {nums} |")
     by_reason: dict[str, list[str]] = {}
     for c in cases:
-        if c.needs or c.result.get("status") == "not_run":
+        if c.needs or c.result.get("status") in ("not_run", "cut_off"):
             by_reason.setdefault(c.needs or c.result.get("reason", ""), []).append(c.name)
     if by_reason:
         lines += ["", "## Not run", ""]
@@ -997,7 +1028,8 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fastvit.selftest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget-min", type=float, default=8.0, help="bound on the whole run, minutes (default 8)")
     parser.add_argument("--out", default=None, help="output folder (default fastvit-selftest-<UTC time>)")
-    parser.add_argument("--quick", action="store_true", help="ViT-B/16 shapes only and fewer speed cases")
+    parser.add_argument("--quick", action="store_true", help="ViT-B/16 shapes only, no compile, fewer speed cases")
+    parser.add_argument("--full", action="store_true", help="every op x backend x dtype at every shape and batch")
     parser.add_argument("--sanitize", action="store_true", help="also run one case per kernel under compute-sanitizer")
     parser.add_argument("--list", action="store_true", help="print the cases that would run (and the plan) and exit")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -1019,9 +1051,8 @@ def main(argv: Optional[list[str]] = None, *, clock: Callable[[], float] = time.
     from fastvit.info import collect
 
     gpu = torch.cuda.is_available()
-    cases = build_cases(
-        gpu=gpu, quick=args.quick, sanitize=args.sanitize, interpreter=kernels.TRITON_IMPORT_ERROR is None
-    )
+    interpreter = kernels.TRITON_IMPORT_ERROR is None
+    cases = build_cases(gpu=gpu, quick=args.quick, full=args.full, sanitize=args.sanitize, interpreter=interpreter)
     budget_s = args.budget_min * 60
     to_run, dropped = plan(cases, budget_s)
     if args.list:

@@ -174,14 +174,28 @@ def test_a_crashing_case_is_reported_and_the_next_cases_still_run():
     assert "  | some log output" in log
 
 
-def test_a_hanging_case_is_killed_at_the_budget():
+def test_a_case_running_into_the_end_of_the_budget_is_cut_off_not_failed():
     worker = Worker(dict(os.environ), lambda line: None, argv=[sys.executable, "-c", _FAKE_WORKER])
     cases = [Case(f"correctness/{i}", "correctness", {"i": i}, 1.0) for i in ("a", "hang", "b")]
     try:
         execute(cases, 8, worker)
     finally:
         worker.stop()
-    assert [c.result["status"] for c in cases] == ["pass", "timeout", "not_run"]
+    assert [c.result["status"] for c in cases] == ["pass", "cut_off", "not_run"]
+    assert "budget ran out" in cases[1].result["reason"]
+
+
+def test_a_hanging_case_with_time_left_is_a_failure_and_the_next_case_runs(monkeypatch):
+    monkeypatch.setattr(selftest, "HANG_FACTOR", 1.0)
+    monkeypatch.setattr(selftest, "HANG_FLOOR_S", 2.0)
+    worker = Worker(dict(os.environ), lambda line: None, argv=[sys.executable, "-c", _FAKE_WORKER])
+    cases = [Case(f"correctness/{i}", "correctness", {"i": i}, 1.0) for i in ("hang", "b")]
+    try:
+        execute(cases, 100, worker)
+    finally:
+        worker.stop()
+    assert [c.result["status"] for c in cases] == ["timeout", "pass"]
+    assert "timeout" in selftest.CORRECTNESS_FAILURES and "no result within 3 s" in cases[0].result["error"]
 
 
 def test_gpu_plan_covers_every_op_backend_dtype_and_is_listed():
