@@ -241,12 +241,14 @@ def build_cases(
     # Whole models.
     for check in MODEL_CHECKS:
         gpu_only = check in ("compile_fullgraph", "cuda_graph")
-        # On the CPU: ViT-Ti/16 (same code path, 1/13 of the FLOPs) in fp32 at batch 2, to fit a minute.
+        # On the CPU: a 2-block ViT-Ti/16 (the same code path; building 12 blocks alone takes seconds on a busy
+        # CPU) in fp32 at batch 2, to fit a minute.
         params = {
             "group": "model",
             "check": check,
             "dtype": "bf16" if gpu else "fp32",
             "model": "vit_base_patch16_224" if gpu else "vit_tiny_patch16_224",
+            "overrides": {} if gpu else {"depth": 2},
             "batch": 256 if gpu else 2,
         }
         needs = _GPU_ONLY if gpu_only and not gpu else None
@@ -255,7 +257,8 @@ def build_cases(
         est = {"compile_fullgraph": 90.0, "cuda_graph": 15.0}.get(check, 12.0 if gpu else 8.0)
         cases.append(
             Case(
-                f"correctness/model/{check}/{params['dtype']}/{params['model']}-b{params['batch']}",
+                f"correctness/model/{check}/{params['dtype']}/{params['model']}{'' if gpu else '-depth2'}"
+                f"-b{params['batch']}",
                 "correctness",
                 params,
                 est,
@@ -691,10 +694,12 @@ def _check_op(params: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ model checks
 
 
-_MODELS: dict[tuple[str, str], tuple[torch.nn.Module, torch.nn.Module]] = {}
+_MODELS: dict[tuple[str, str, str], tuple[torch.nn.Module, torch.nn.Module]] = {}
 
 
-def _timm_and_fastvit(name: str, dev: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _timm_and_fastvit(
+    name: str, dev: torch.device, overrides: Optional[dict[str, Any]] = None
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Fresh copies of (timm fp32 model, fastvit model loaded from its state dict, strict); built once per
     worker (model construction is most of a CPU case's time)."""
     import copy
@@ -703,11 +708,12 @@ def _timm_and_fastvit(name: str, dev: torch.device) -> tuple[torch.nn.Module, to
 
     import fastvit
 
-    key = (name, str(dev))
+    overrides = overrides or {}
+    key = (name, str(dev), json.dumps(overrides, sort_keys=True))
     if key not in _MODELS:
         torch.manual_seed(0)
-        ref = timm.create_model(name, pretrained=False).to(dev).eval()
-        fast = fastvit.create_model(name).to(dev).eval()
+        ref = timm.create_model(name, pretrained=False, **overrides).to(dev).eval()
+        fast = fastvit.create_model(name, **overrides).to(dev).eval()
         fast.load_state_dict(ref.state_dict(), strict=True)
         _MODELS[key] = (ref, fast)
     return tuple(copy.deepcopy(m).eval() for m in _MODELS[key])  # type: ignore[return-value]
@@ -727,7 +733,7 @@ def _check_model(params: dict[str, Any]) -> dict[str, Any]:
     dev = _device()
     dtype = DTYPES[params["dtype"]]
     check, batch = params["check"], params["batch"]
-    timm_fp32, fast = _timm_and_fastvit(params["model"], dev)
+    timm_fp32, fast = _timm_and_fastvit(params["model"], dev, params.get("overrides"))
     x = torch.randn(batch, 3, 224, 224, device=dev)
     values: dict[str, Any] = {}
     if check == "train_step":
@@ -1062,17 +1068,22 @@ def summary_markdown(record: dict[str, Any], cases: list[Case]) -> str:
             items = [(k, v) for k, v in c.result["values"].items() if k not in ("timing", "shape")]
             nums = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
             lines.append(f"| {c.name} | {nums} |")
-    by_reason: dict[str, list[str]] = {}
+    by_reason: dict[str, dict[str, int]] = {}
     for c in cases:
         if c.needs or c.result.get("status") in ("not_run", "cut_off"):
-            by_reason.setdefault(c.needs or c.result.get("reason", ""), []).append(c.name)
+            reason = c.needs or c.result.get("reason", "")
         elif not c.result:
-            by_reason.setdefault("not reached yet (the run is in progress or was interrupted)", []).append(c.name)
+            reason = "not reached yet (the run is in progress or was interrupted)"
+        else:
+            continue
+        part = "/".join(c.name.split("/")[:3] if c.name.startswith("correctness/model") else c.name.split("/")[:2])
+        parts = by_reason.setdefault(reason, {})
+        parts[part] = parts.get(part, 0) + 1
     if by_reason:
         lines += ["", "## Not run", ""]
-        for reason, names in by_reason.items():
-            shown = ", ".join(f"`{n}`" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            lines.append(f"- {len(names)} case(s): {reason}: {shown}")
+        for reason, parts in by_reason.items():
+            listed = ", ".join(f"{part} ({n})" for part, n in parts.items())
+            lines.append(f"- {sum(parts.values())} case(s), {reason}: {listed}")
     lines += ["", f"{len(ran)} of {len(cases)} cases ran; every case and number is in selftest.json.", ""]
     return "\n".join(lines)
 
