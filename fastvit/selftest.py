@@ -33,6 +33,7 @@ case), ``summary.md`` (read this first) and ``selftest.log`` (the raw log), rewr
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -702,8 +703,6 @@ def _timm_and_fastvit(
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Fresh copies of (timm fp32 model, fastvit model loaded from its state dict, strict); built once per
     worker (model construction is most of a CPU case's time)."""
-    import copy
-
     import timm
 
     import fastvit
@@ -721,8 +720,6 @@ def _timm_and_fastvit(
 
 def _lowp_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """``model`` in ``dtype`` (itself when that is fp32: torch in fp32 *is* the oracle then)."""
-    import copy
-
     return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
 
 
@@ -746,7 +743,7 @@ def _check_model(params: dict[str, Any]) -> dict[str, Any]:
         else:
             subjects = {}
         if check in ("patched_timm_vs_timm", "compile_fullgraph"):
-            patched = _lowp_copy(timm_fp32, dtype)
+            patched = copy.deepcopy(timm_fp32).to(dtype)  # a copy even in fp32: timm_fp32 stays the oracle
             report = fastvit.patch_model(patched)
             values["patch_report"] = str(report)[:2000]
             subjects["patched_timm"] = patched
@@ -789,8 +786,6 @@ def _train_step(
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
         return loss.detach(), grads
-
-    import copy
 
     before = {n: p.detach().clone() for n, p in fast.named_parameters()}
     timm_low = copy.deepcopy(timm_fp32) if autocast else None

@@ -243,3 +243,14 @@ def test_cpu_mode_end_to_end(tmp_path):
     assert not [n for n, s in statuses.items() if s in selftest.CORRECTNESS_FAILURES]
     summary = (out / "summary.md").read_text()
     assert "needs an NVIDIA GPU" in summary and "passed" in summary.splitlines()[0]
+
+
+def test_list_shows_every_case_with_its_fate(capsys):
+    assert selftest.main(["--list", "--budget-min", "1"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith(("correctness/", "speed/"))]
+    assert len(lines) == len(build_cases(gpu=torch.cuda.is_available()))
+    assert any(line.startswith("correctness/attention/triton/") and "runs, ~" in line for line in lines)
+    assert "cases planned" in out
+    if not torch.cuda.is_available():
+        assert all("needs an NVIDIA GPU" in line for line in lines if line.startswith("speed/"))
