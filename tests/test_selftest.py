@@ -254,3 +254,28 @@ def test_list_shows_every_case_with_its_fate(capsys):
     assert "cases planned" in out
     if not torch.cuda.is_available():
         assert all("needs an NVIDIA GPU" in line for line in lines if line.startswith("speed/"))
+
+
+def test_worker_reports_a_sticky_cuda_error_then_exits_for_a_fresh_process():
+    """After an illegal memory access every later CUDA call fails too: the worker reports the case and exits,
+    so the parent's next case starts in a new process (no real GPU needed: run_case is replaced)."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from fastvit import selftest
+        selftest.run_case = lambda params: {"status": "error", "error": "RuntimeError: CUDA error: an illegal "
+                                            "memory access was encountered"}
+        selftest.worker_main()
+        print("still running after a sticky CUDA error")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], input='{"group": "op"}\n{"group": "op"}\n', capture_output=True, text=True,
+        timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )  # fmt: skip
+    assert done.returncode == 70, done.stderr
+    results = [
+        json.loads(line[len(selftest._MARK) :]) for line in done.stdout.splitlines() if line.startswith(selftest._MARK)
+    ]
+    assert len(results) == 1 and "worker restarts" in results[0]["note"]
+    assert "still running" not in done.stdout
