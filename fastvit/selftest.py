@@ -169,7 +169,9 @@ MODEL_CHECKS = ("fastvit_vs_timm", "patched_timm_vs_timm", "train_step", "compil
 MODEL_SPEED = ("timm_eager", "fastvit_auto", "timm_patched", "bs1_eager", "bs1_graph_replay", "timm_compile")
 
 
-def _op_case(op: str, backend: str, dtype: str, label: str, shape: dict[str, Any], est_s: float, needs=None) -> Case:
+def _op_case(
+    op: str, backend: str, dtype: str, label: str, shape: dict[str, Any], est_s: float, needs: Optional[str] = None
+) -> Case:
     params = {"group": "op", "op": op, "backend": backend, "dtype": dtype, "label": label, "shape": shape}
     batch = shape.get("B", shape.get("M", 0) // shape.get("N", 1))
     return Case(f"correctness/{op}/{backend}/{dtype}/{label}-b{batch}", "correctness", params, est_s, needs)
