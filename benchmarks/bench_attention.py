@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import subprocess
 import sys
 from typing import Any, Callable, Optional
 
@@ -33,6 +32,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import markdown_table, median_ms, require_gpu, write_results  # noqa: E402
+
+from fastvit._timing import matmul_ceiling_tflops  # noqa: E402
+from fastvit.info import driver_version  # noqa: E402
 
 # (name, heads, tokens, head_dim, batch that fills an 80 GB GPU with work)
 SHAPES = [
@@ -45,21 +47,6 @@ SHAPES = [
     ("t2t_stage2", 1, 784, 64, 256),
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _driver() -> str:
-    try:
-        out = subprocess.check_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], text=True)
-        return out.splitlines()[0].strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def matmul_ceiling_tflops(dtype: torch.dtype) -> float:
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
-    return 2 * n**3 / (median_ms(lambda: a @ b) * 1e-3) / 1e12
 
 
 def _sdpa_backends() -> dict[str, Any]:
@@ -186,7 +173,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.no_save:
         env = {
             "gpu": torch.cuda.get_device_name(),
-            "driver": _driver(),
+            "driver": driver_version(),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),

@@ -1,7 +1,8 @@
 """Shared plumbing for the per-op benchmarks (benchmarks/bench_<op>.py).
 
-Timing is ``triton.testing.do_bench`` (median over repeated runs after warm-up, L2 flushed between
-runs), the ceiling is a device-to-device copy measured in the same run, and results are written as
+Timing is ``fastvit._timing.median_ms`` (``triton.testing.do_bench``: median over repeated runs after
+warm-up, L2 flushed between runs; shared with ``python -m fastvit.selftest``, re-exported here for the
+scripts), the ceiling is a device-to-device copy measured in the same run, and results are written as
 JSON beside a markdown table, tagged with the GPU, versions and git sha.
 """
 
@@ -10,11 +11,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
+
+from fastvit._timing import copy_bandwidth_gbps, median_ms  # noqa: F401  (re-exported for bench_<op>.py)
+from fastvit.info import git_sha
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -27,32 +30,6 @@ def require_gpu(script: str) -> None:
             "kernels and has nothing to measure here. Run it on an NVIDIA GPU machine."
         )
         sys.exit(0)
-
-
-def median_ms(fn: Callable[[], Any], *, warmup_ms: int = 50, rep_ms: int = 200) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-
-
-def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
-    """Measured device copy bandwidth (read + write bytes per second): the ceiling for memory-bound ops."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() / ms / 1e6
-
-
-def git_sha() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

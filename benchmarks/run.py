@@ -81,10 +81,10 @@ from _harness.providers import (  # noqa: E402
     unavailable_reason,
 )
 from _harness.rows import CPU_QUICK_BATCH, CPU_QUICK_MODELS, SUITES, ModelRow, select_rows  # noqa: E402
-from _harness.timing import MIN_TIMED_ITERS  # noqa: E402
 from published import published_for  # noqa: E402
 
 from fastvit._cli import ArgumentParser, add_debug_flag, run_main  # noqa: E402
+from fastvit._timing import MIN_TIMED_ITERS  # noqa: E402
 from fastvit.fileio import atomic_write_text  # noqa: E402
 
 __all__ = ["main", "parse_args"]

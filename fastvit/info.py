@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 from typing import Any
 
@@ -19,7 +20,7 @@ import fastvit
 from fastvit import _ext, kernels
 from fastvit.ops import dispatch
 
-__all__ = ["collect", "main"]
+__all__ = ["collect", "driver_version", "git_sha", "main"]
 
 
 def _version(module: str) -> str:
@@ -28,6 +29,31 @@ def _version(module: str) -> str:
         return getattr(mod, "__version__", "installed")
     except Exception as exc:
         return f"not importable ({type(exc).__name__}: {exc})"
+
+
+def _command_output(argv: list[str], cwd: str | None = None) -> str | None:
+    try:
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def driver_version() -> str | None:
+    """The NVIDIA driver version nvidia-smi reports for GPU 0; None without nvidia-smi or a GPU."""
+    out = _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    return out.splitlines()[0].strip() if out else None
+
+
+def git_sha() -> str | None:
+    """The git commit of the fastvit source tree in use (``-dirty`` when tracked files changed); None when
+    fastvit is not run from a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastvit.__file__)))
+    sha = _command_output(["git", "rev-parse", "HEAD"], cwd=root)
+    if not sha:
+        return None
+    dirty = _command_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root)
+    return sha + ("-dirty" if dirty else "")
 
 
 def _cublaslt_status() -> str:
@@ -75,6 +101,8 @@ def collect() -> dict[str, Any]:
         "triton_interpreter": kernels.INTERPRET,
         "timm": _version("timm"),
         "gpus": gpus,
+        "driver": driver_version() if gpus else None,
+        "git_sha": git_sha(),
         "device_for_ops": str(device),
         "extension": {
             "loaded": _ext.available(),
@@ -113,12 +141,14 @@ def main() -> None:
         + ("  [TRITON_INTERPRET=1: kernels run on the CPU]" if info["triton_interpreter"] else "")
     )
     print(f"timm    {info['timm']}")
+    print(f"source  {info['git_sha'] or 'not a git checkout'}")
     if info["gpus"]:
         for g in info["gpus"]:
             print(
                 f"GPU {g['index']}   {g['name']}, compute capability {g['capability']}, "
                 f"{g['memory_gib']} GiB, {g['sms']} SMs"
             )
+        print(f"driver  {info['driver'] or 'unknown (nvidia-smi not found)'}")
     else:
         print("GPU     none visible to torch (ops run on the torch backend; Triton only under TRITON_INTERPRET=1)")
     ext = info["extension"]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from _harness.providers import Provider, backend_env, build_model, unavailable_reason
 from _harness.rows import ModelRow
-from _harness.timing import peak_memory_gib, random_inputs, time_calls
+from fastvit._timing import peak_memory_gib, random_inputs, time_calls
 
 __all__ = ["GPU_PLAN", "CPU_PLAN", "MEASURE", "METRICS", "Settings", "plan_for", "run_cell", "status_result"]
 

@@ -1,4 +1,9 @@
-"""Timing and peak-memory helpers shared by every benchmark in this repository.
+"""Timing and peak-memory helpers shared by every benchmark and ``python -m fastvit.selftest``.
+
+Two ways to time, one home: :func:`time_calls` (model-level: host-timed first call, warm-up until
+stable, CUDA-event median over rotated inputs) and :func:`median_ms` (kernel-level:
+``triton.testing.do_bench``'s median with the L2 flushed between runs), plus the ceilings measured in
+the same run (:func:`copy_bandwidth_gbps`, :func:`matmul_ceiling_tflops`).
 
 The method (also the README's): the first call is timed on its own with a host clock and reported
 separately (it carries compilation, autotuning and allocator warm-up); then warm-up calls continue
@@ -11,7 +16,7 @@ calls. Clocks are left as the machine has them.
 
 ``time_calls`` is the reusable entry point for ``benchmarks/bench_*.py`` as well::
 
-    from _harness.timing import time_calls
+    from fastvit._timing import time_calls
     t = time_calls(lambda x: op(x), [torch.randn(shape, device="cuda") for _ in range(3)])
     print(t.median_ms, t.first_call_s)
 """
@@ -25,7 +30,17 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["MIN_TIMED_ITERS", "Timing", "peak_memory_gib", "random_inputs", "synchronize", "time_calls"]
+__all__ = [
+    "MIN_TIMED_ITERS",
+    "Timing",
+    "copy_bandwidth_gbps",
+    "matmul_ceiling_tflops",
+    "median_ms",
+    "peak_memory_gib",
+    "random_inputs",
+    "synchronize",
+    "time_calls",
+]
 
 # The method's floor: a median over fewer calls is too noisy to quote.
 MIN_TIMED_ITERS = 20
@@ -204,3 +219,25 @@ def random_inputs(
 ) -> list[torch.Tensor]:
     """``count`` independent standard-normal buffers (real-valued, never zeros) to rotate through."""
     return [torch.randn(*shape, device=device, dtype=dtype) for _ in range(count)]
+
+
+def median_ms(fn: Callable[[], Any], *, warmup_ms: int = 50, rep_ms: int = 200) -> float:
+    """Median milliseconds of ``fn()`` by ``triton.testing.do_bench`` (warm-up, L2 flushed between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth (read + write bytes per second): the ceiling for memory-bound ops."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6
+
+
+def matmul_ceiling_tflops(dtype: torch.dtype, n: int = 8192) -> float:
+    """Measured ``torch.matmul`` TFLOP/s at n x n x n in ``dtype``: the ceiling for GEMM-like ops."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    return 2 * n**3 / (median_ms(lambda: a @ b) * 1e-3) / 1e12
