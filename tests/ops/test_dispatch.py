@@ -30,11 +30,12 @@ def toy_op(monkeypatch):
     dispatch.registered_ops().pop("toy")
 
 
-def test_auto_walks_the_preference_order_and_records_fallbacks(toy_op, monkeypatch):
+def test_static_mode_walks_the_preference_order_and_records_fallbacks(toy_op, monkeypatch):
     monkeypatch.setattr(dispatch._ext, "available", lambda: True)
     cuda = torch.device("cuda", 0)
-    assert toy_op.select(None, cuda, x=torch.empty(2, 8, device="meta")) == "triton"
-    assert toy_op.select(None, cuda, x=torch.empty(2, 32, device="meta")) == "torch"
+    with dispatch.dispatch_mode("static"):
+        assert toy_op.select(None, cuda, x=torch.empty(2, 8, device="meta")) == "triton"
+        assert toy_op.select(None, cuda, x=torch.empty(2, 32, device="meta")) == "torch"
     log = dispatch.fallback_log()
     assert log[("toy", "triton")] == ["width 32 > 16"]
     assert log[("toy", "cuda")] == ["the toy has no CUDA kernel", "and a second reason"]
