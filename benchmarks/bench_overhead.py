@@ -7,8 +7,8 @@ in the machine's speed hits them all alike), on one thread:
   almost all Python and dispatcher time) as timm eager, as the fastvit model and as timm +
   ``fastvit.patch_model``; per inference forward (``torch.inference_mode``) and per forward + backward;
   ratios against timm eager (goal: <= 0.9x).
-* **op**: host time per call of every fastvit op against the torch op(s) it replaces, on tiny inputs
-  (goal: <= 1.2x).
+* **op**: host time per forward call of every fastvit op against the torch op(s) it replaces, on tiny
+  inputs, without grad and with inputs requiring grad (the graph is recorded) (goal: <= 1.2x).
 
 Runs on a CPU (torch backend, what auto picks there) and on a GPU (``--device cuda``: auto, i.e. the
 measured choice; the GPU is synchronised once per timed batch of calls, so host time dominates).
@@ -101,12 +101,13 @@ def model_rows(device: torch.device, rounds: int, calls: int, sync: Callable[[],
     return rows
 
 
-def op_cases(device: torch.device) -> List[Tuple[str, Callable[[], Any], Callable[[], Any]]]:
-    """(name, fastvit call, the torch call(s) it replaces) on tiny inputs."""
+def op_cases(device: torch.device, grad: bool) -> List[Tuple[str, Callable[[], Any], Callable[[], Any]]]:
+    """(name, fastvit call, the torch call(s) it replaces) on tiny inputs (requiring grad when ``grad``:
+    the forward then records the autograd graph, as in training)."""
     g = torch.Generator().manual_seed(0)
 
     def t(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(device)
+        return torch.randn(*shape, generator=g).to(device).requires_grad_(grad)
 
     x, res, w, b = t(1, 5, 16), t(1, 5, 16), t(16), t(16)
     w1, b1, w2, b2 = t(64, 16), t(64), t(16, 64), t(16)
@@ -156,12 +157,10 @@ def op_cases(device: torch.device) -> List[Tuple[str, Callable[[], Any], Callabl
 
 def op_rows(device: torch.device, rounds: int, calls: int, sync: Callable[[], None]) -> List[Dict[str, Any]]:
     rows = []
-    for name, fv, ref in op_cases(device):
-        torch.testing.assert_close(fv(), ref(), rtol=1e-4, atol=1e-4, msg=lambda s, n=name: f"{n}: {s}")
-        for mode in ("no grad", "grad"):
-            ctx = torch.no_grad if mode == "no grad" else torch.enable_grad
-            with ctx():
-                times = interleaved_us({"fastvit": fv, "torch": ref}, rounds=rounds, calls=calls, sync=sync)
+    for mode in ("no grad", "grad"):
+        for name, fv, ref in op_cases(device, grad=mode == "grad"):
+            torch.testing.assert_close(fv(), ref(), rtol=1e-4, atol=1e-4, msg=lambda s, n=name: f"{n}: {s}")
+            times = interleaved_us({"fastvit": fv, "torch": ref}, rounds=rounds, calls=calls, sync=sync)
             rows.append(
                 {
                     "table": "op",

@@ -87,6 +87,7 @@ def collect() -> dict[str, Any]:
         "env": {k: v for k, v in os.environ.items() if k.startswith("FASTVIT_") or k == "TRITON_INTERPRET"},
         "ops": ops,
         "fallbacks": {f"{op}/{backend}": reasons for (op, backend), reasons in dispatch.fallback_log().items()},
+        "dispatch": dispatch.describe_cache(),
     }
 
 
@@ -132,6 +133,8 @@ def main() -> None:
         print("auto-dispatch fallbacks in this process:")
         for key, reasons in info["fallbacks"].items():
             print(f"  {key}: {'; '.join(reasons)}")
+    print()
+    print("\n".join(dispatch.format_cache(info["dispatch"])))
 
 
 if __name__ == "__main__":

@@ -64,14 +64,17 @@ __all__ = [
     "backends_of",
     "bucket",
     "cache_path",
+    "describe_cache",
     "describe_inputs",
     "dispatch_mode",
     "environment_reasons",
     "fallback_log",
+    "format_cache",
     "measured_table",
     "registered_ops",
     "reset",
     "set_timer",
+    "tune",
 ]
 
 BACKENDS = ("torch", "triton", "cuda")
@@ -116,6 +119,14 @@ def _env(name: str) -> Optional[str]:
     value = value.strip().lower() if value else None
     _ENV_SEEN[name] = value or None
     return value or None
+
+
+_ENV_KEY = ENV_VAR.encode()
+
+
+def _raw_env_backend() -> Any:
+    """FASTVIT_BACKEND's raw value (a memo key part; ~40 ns)."""
+    return _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(ENV_VAR)
 
 
 def env_backend() -> Optional[str]:
@@ -231,7 +242,12 @@ def eager(t: torch.Tensor) -> bool:
 
 
 def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if device.type != "cuda":
+        return False
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except RuntimeError:  # no usable CUDA runtime here: nothing can be capturing
+        return False
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -290,6 +306,7 @@ def _time(fn: Callable[[], Any], device: torch.device) -> float:
 # ------------------------------------------------------------------------------- persistent cache
 
 _LOCK = threading.Lock()
+_RECORDER: List[Dict[str, Dict[str, Any]]] = []  # fastvit.tune's: key -> entry of every op call
 _MEASURED: Dict[str, Dict[str, Any]] = {}  # measured key -> entry (this process: stable)
 _DISK: Dict[str, Any] = {"loaded_from": None, "entries": {}, "writable": True, "warned": set()}
 
@@ -484,7 +501,7 @@ class OpDispatcher:
         call's tensors (whether grad is required picks the measured slot on CUDA)."""
         if torch.compiler.is_compiling():
             return None  # traced: the full checks and select run (on values cached outside the trace)
-        hit = self._memo.get((key, backend, env_backend()))
+        hit = self._memo.get((key, backend, _raw_env_backend()))
         if hit is None or type(hit) is str:
             return hit
         return hit.get(_grad_required(tensors))
@@ -500,7 +517,7 @@ class OpDispatcher:
         chosen = self.select(backend, device, _run=run, **inputs)
         if tracing() or _capturing(device):
             return chosen  # not remembered: a later eager call may still measure
-        memo_key = (key, backend, env_backend())
+        memo_key = (key, backend, _raw_env_backend())
         if explicit is None and device.type == "cuda" and current_mode() == "measured":
             slot = self._memo.get(memo_key)
             if not isinstance(slot, dict):
@@ -537,7 +554,7 @@ class OpDispatcher:
                 raise BackendNotSupported(self._refusal(backend, source, device, inputs, reasons))
             return backend
         if device.type != "cuda":
-            return "torch"
+            return self._record(device, inputs, "torch", "CPU tensors: auto runs torch")
         eligible = []
         for candidate in self.preference:
             reasons = self.unsupported_reasons(candidate, device, inputs)
@@ -552,9 +569,9 @@ class OpDispatcher:
         ):
             eligible.append("torch")
         if not eligible:
-            return "torch"
+            return self._record(device, inputs, "torch", "no backend eligible")
         if current_mode() == "static" or len(eligible) == 1:
-            return eligible[0]
+            return self._record(device, inputs, eligible[0], "static order" if len(eligible) > 1 else "only one")
         key = self.measured_key(device, inputs)
         if torch.compiler.is_compiling():  # no lock, no file inside a traced region: this process's choices
             entry = _MEASURED.get(key)
@@ -562,10 +579,19 @@ class OpDispatcher:
         with _LOCK:
             entry = _MEASURED.get(key) or _load_disk().get(key)
             if entry is not None and entry.get("backend") in eligible:
-                return _MEASURED.setdefault(key, entry)["backend"]  # stable for the life of the process
-        if _run is None or tracing() or _capturing(device):
-            return eligible[0]  # never time here: the static order until an eager call measures
-        return self._measure(key, eligible, device, _run, inputs)
+                entry = _MEASURED.setdefault(key, entry)  # stable for the life of the process
+        if entry is None or entry.get("backend") not in eligible:
+            if _run is None or tracing() or _capturing(device):
+                return eligible[0]  # never time here: the static order until an eager call measures
+            entry = self._measure(key, eligible, device, _run, inputs)
+        if _RECORDER:
+            _RECORDER[-1][key] = entry
+        return entry["backend"]
+
+    def _record(self, device: torch.device, inputs: Dict[str, Any], backend: str, why: str) -> str:
+        if _RECORDER and not torch.compiler.is_compiling():
+            _RECORDER[-1][self.measured_key(device, inputs)] = {"backend": backend, "measured": False, "why": why}
+        return backend
 
     def measured_key(self, device: torch.device, inputs: Dict[str, Any]) -> str:
         """(op, GPU name and capability, dtype, shape signature, grad required) as one string."""
@@ -581,7 +607,7 @@ class OpDispatcher:
 
     def _measure(
         self, key: str, eligible: List[str], device: torch.device, run: Callable[..., Any], inputs: Dict[str, Any]
-    ) -> str:
+    ) -> Dict[str, Any]:
         grad = key.endswith("|fwd+bwd")
         times: Dict[str, float] = {}
         refused: Dict[str, str] = {}
@@ -608,7 +634,7 @@ class OpDispatcher:
             entry = _MEASURED.setdefault(key, entry)  # another thread's earlier choice wins: stable
             if times:
                 _persist(key, entry)
-        return entry["backend"]
+        return entry
 
     def _refusal(
         self, backend: str, source: str, device: torch.device, inputs: Dict[str, Any], reasons: List[str]
@@ -661,6 +687,77 @@ def _timed_call(run: Callable[..., Any], backend: str, inputs: Dict[str, Any], g
         return out
 
     return call
+
+
+def tune(model: torch.nn.Module, *example_inputs: Any, backward: Optional[bool] = None) -> Dict[str, Dict[str, Any]]:
+    """Measures every op ``model`` calls on ``example_inputs`` and returns the table: measured key -> entry
+    (``backend``, ``times_ms``, ``refused``, ``date``; or ``measured: False`` with why, e.g. CPU tensors,
+    where auto always runs torch). The choices are kept for this process and in the cache file
+    (:func:`cache_path`), so later runs (and CUDA-graph capture / compile) start from them.
+
+    Args:
+        model: any module whose forward calls fastvit ops (a fastvit model, a patched timm model).
+        example_inputs: the inputs of one forward, at the shapes and dtypes to be run.
+        backward: also run a backward (so the fwd+bwd keys training uses are measured); default: when
+            the model is in training mode and has parameters requiring grad.
+    """
+    if backward is None:
+        backward = model.training and any(p.requires_grad for p in model.parameters())
+    with _LOCK:
+        for op in _REGISTRY.values():
+            op._memo.clear()  # every call resolves (and records) again; measured choices stay
+    _RECORDER.append({})
+    try:
+        with dispatch_mode("measured"), torch.set_grad_enabled(bool(backward)):
+            out = model(*example_inputs)
+            if backward:
+                outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+                model.zero_grad(set_to_none=True)
+    finally:
+        table = _RECORDER.pop()
+        with _LOCK:
+            for op in _REGISTRY.values():
+                op._memo.clear()
+    return table
+
+
+def describe_cache() -> Dict[str, Any]:
+    """The dispatch state ``python -m fastvit.info`` prints: mode, cache file, static-order source and the
+    measured table (never raises: a bad mode variable is reported, not thrown)."""
+    try:
+        mode = current_mode()
+    except ValueError as exc:
+        mode = f"invalid ({exc})"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = measured_table()
+    return {
+        "mode": mode,
+        "cache": cache_path(),
+        "cache_problems": [str(w.message) for w in caught],
+        "static_order": STATIC_ORDER_SOURCE,
+        "measured": table,
+    }
+
+
+def format_cache(state: Dict[str, Any]) -> List[str]:
+    """``describe_cache()`` as the lines ``fastvit.info`` prints."""
+    cache = state["cache"] or "off (memory only)"
+    lines = [
+        f"dispatch mode {state['mode']} (FASTVIT_DISPATCH=measured|static), cache {cache}",
+        f"static order: {state['static_order']}",
+    ]
+    lines += [f"  cache problem: {p}" for p in state["cache_problems"]]
+    if not state["measured"]:
+        lines.append("measured choices: none cached (auto measures on CUDA tensors at first use; see fastvit.tune)")
+    else:
+        lines.append(f"measured choices ({len(state['measured'])}):")
+        for key, entry in sorted(state["measured"].items()):
+            times = ", ".join(f"{b} {t:.4f} ms" for b, t in entry.get("times_ms", {}).items())
+            refused = "".join(f"; {b} refused: {r}" for b, r in entry.get("refused", {}).items())
+            lines.append(f"  {key} -> {entry.get('backend')}  ({times}{refused}; {entry.get('date', '?')})")
+    return lines
 
 
 def registered_ops() -> "OrderedDict[str, OpDispatcher]":

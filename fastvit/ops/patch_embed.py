@@ -275,6 +275,19 @@ _fwd = eager_op(_patch_embed_fwd, _setup_context, _backward)
 _bwd = direct(_patch_embed_bwd)
 register_autocast_lower(_patch_embed_fwd)
 
+
+def _torch_launch(x, weight, bias, patch, pos_embed, prefix_tokens, pad):
+    return patch_embed_ref(x, weight, bias, patch_size=patch, pos_embed=pos_embed, prefix_tokens=prefix_tokens, pad=pad)
+
+
+def _kernel_launch(backend: str):
+    def launch(x, weight, bias, patch, pos_embed, prefix_tokens, pad):
+        D = weight.shape[0]
+        return _fwd(x, weight, bias, _rows(pos_embed, D), _rows(prefix_tokens, D), backend)
+
+    return launch
+
+
 _OP = OpDispatcher(
     name="patch_embed",
     reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _cuda.patch_embed_reasons},
@@ -284,6 +297,7 @@ _OP = OpDispatcher(
     forward_op=_patch_embed_fwd,
     backward_op=_patch_embed_bwd,
     autocast="lower",
+    launchers={"torch": _torch_launch, "triton": _kernel_launch("triton"), "cuda": _kernel_launch("cuda")},
 )
 _DISPATCH = _OP  # the name tests and older callers use
 
@@ -346,9 +360,4 @@ def patch_embed(
     backend = _OP.select(
         backend, x.device, _run=run, x=x, weight=weight, bias=bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens
     )
-    if backend == "torch":
-        return patch_embed_ref(
-            x, weight, bias, patch_size=patch, pos_embed=pos_embed, prefix_tokens=prefix_tokens, pad=pad
-        )
-    D = weight.shape[0]
-    return _fwd(x, weight, bias, _rows(pos_embed, D), _rows(prefix_tokens, D), backend)
+    return _OP.launchers[backend](x, weight, bias, patch, pos_embed, prefix_tokens, pad)

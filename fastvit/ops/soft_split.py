@@ -269,6 +269,31 @@ _fwd = eager_op(_soft_split_fwd, _setup_context, _backward)
 _bwd = direct(_soft_split_bwd)
 register_autocast_keep_dtype(_soft_split_fwd)
 
+
+def _torch_launch(x, hw, kernel, norm_weight, norm_bias, norm_eps, features):
+    kh, kw, sh, sw, ph, pw = kernel
+    return soft_split_ref(
+        x, kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw), hw=hw, norm_weight=norm_weight,
+        norm_bias=norm_bias, norm_eps=norm_eps,
+    )  # fmt: skip
+
+
+def _kernel_launch(backend: str):
+    def launch(x, hw, kernel, norm_weight, norm_bias, norm_eps, features):
+        kh, kw, sh, sw, ph, pw = kernel
+        hw_list = list(hw) if hw else []
+        (_, _, H, W), _ = _geometry(x, hw_list)
+        tokens = ((H + 2 * ph - kh) // sh + 1) * ((W + 2 * pw - kw) // sw + 1)
+        # The kernels index norm_weight / norm_bias as dense (F,) vectors: a strided or expanded (stride 0) one
+        # is copied here (a no-op when already contiguous; differentiable, so grads keep the caller's shapes).
+        norm_weight = norm_weight.contiguous() if norm_weight is not None else None
+        norm_bias = norm_bias.contiguous() if norm_bias is not None else None
+        y, _, _ = _fwd(x, hw_list, list(kernel), norm_weight, norm_bias, float(norm_eps), backend)
+        return y.view(x.shape[0], tokens, features)
+
+    return launch
+
+
 _OP = OpDispatcher(
     name="soft_split",
     reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _cuda.soft_split_reasons},
@@ -278,6 +303,7 @@ _OP = OpDispatcher(
     forward_op=_soft_split_fwd,
     backward_op=_soft_split_bwd,
     autocast="keep",
+    launchers={"torch": _torch_launch, "triton": _kernel_launch("triton"), "cuda": _kernel_launch("cuda")},
 )
 _DISPATCH = _OP  # the name tests and older callers use
 
@@ -334,17 +360,4 @@ def soft_split(
         backend, x.device, _run=run, x=x, norm_weight=norm_weight, norm_bias=norm_bias, hw=hw,
         channels=features // (kh * kw), window=kh * kw,
     )  # fmt: skip
-    if backend == "torch":
-        return soft_split_ref(
-            x, kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw), hw=hw, norm_weight=norm_weight,
-            norm_bias=norm_bias, norm_eps=norm_eps,
-        )  # fmt: skip
-    hw_list = list(hw) if hw else []
-    (_, _, H, W), _ = _geometry(x, hw_list)
-    tokens = ((H + 2 * ph - kh) // sh + 1) * ((W + 2 * pw - kw) // sw + 1)
-    # The kernels index norm_weight / norm_bias as dense (F,) vectors: a strided or expanded (stride 0) one
-    # is copied here (a no-op when already contiguous; differentiable, so grads keep the caller's shapes).
-    norm_weight = norm_weight.contiguous() if norm_weight is not None else None
-    norm_bias = norm_bias.contiguous() if norm_bias is not None else None
-    y, _, _ = _fwd(x, hw_list, kernel, norm_weight, norm_bias, float(norm_eps), backend)
-    return y.view(x.shape[0], tokens, features)
+    return _OP.launchers[backend](x, hw, kernel, norm_weight, norm_bias, norm_eps, features)
