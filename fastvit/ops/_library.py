@@ -81,20 +81,21 @@ def eager_op(op: Any, setup_context: Callable[..., None], backward: Callable[...
     if impl is None:
         return op
 
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(*args: Any) -> Any:
-            return impl(*args)
+    def forward(*args: Any) -> Any:
+        return impl(*args)
 
-        @staticmethod
-        def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-            setup_context(ctx, inputs, output)
+    def setup(ctx: Any, inputs: Any, output: Any) -> None:
+        setup_context(ctx, inputs, output)
 
-        @staticmethod
-        def backward(ctx: Any, *grads: Any) -> Any:
-            return backward(ctx, *grads)
+    def grad(ctx: Any, *grads: Any) -> Any:
+        return backward(ctx, *grads)
 
-    Function.__name__ = f"{impl.__name__}_eager"
+    # Built with type() so the autograd node is named after the op ("<impl>_eagerBackward").
+    Function = type(
+        f"{impl.__name__.lstrip('_')}_eager",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "setup_context": staticmethod(setup), "backward": staticmethod(grad)},
+    )
     apply = Function.apply
 
     def call(*args: Any) -> Any:

@@ -389,3 +389,58 @@ def test_dispatch_choice_and_checks_are_cached_per_signature(monkeypatch):
         ops.layer_norm(x.double(), w, b)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         ops.layer_norm([1.0], w, b)
+
+
+# ------------------------------------------------------------------------------------ lean eager path
+
+
+def _lean_cases():
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    x, r, w, b = t(2, 3, 16), t(2, 3, 16), t(16), t(16)
+    w1, b1 = t(32, 16), t(32)
+    qkv = t(1, 4, 48)
+    q, k, v = t(1, 2, 4, 16), t(1, 2, 4, 16), t(1, 2, 4, 16)
+    return [
+        ("layer_norm", lambda: ops.layer_norm(x, w, b, residual=r, backend="triton"), (x, w, b, r)),
+        ("linear", lambda: ops.linear(x, w1, b1, activation="gelu", backend="triton"), (x, w1, b1)),
+        ("attention_qkvpacked", lambda: ops.attention_qkvpacked(qkv, 1, backend="triton"), (qkv,)),
+        ("attention", lambda: ops.attention(q, k, v, backend="triton"), (q, k, v)),
+    ]
+
+
+def _node_names(node, seen=None) -> str:
+    """Every autograd node name reachable from ``node``, joined (which path built the graph)."""
+    seen = set() if seen is None else seen
+    if node is None or node in seen:
+        return ""
+    seen.add(node)
+    return " ".join([node.name(), *(_node_names(n, seen) for n, _ in node.next_functions)])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", range(4))
+def test_lean_eager_path_equals_the_registered_op_in_values_and_gradients(case):
+    from fastvit.ops._library import registered_path
+
+    name, call, leaves = _lean_cases()[case]
+
+    def run():
+        out = call()
+        outs = out if isinstance(out, tuple) else (out,)
+        seed = torch.Generator().manual_seed(1)
+        douts = [torch.randn(o.shape, generator=seed) for o in outs]
+        grads = torch.autograd.grad(outs, leaves, douts)
+        return outs, grads, _node_names(outs[0].grad_fn)
+
+    lean_outs, lean_grads, lean_node = run()
+    with registered_path():
+        reg_outs, reg_grads, reg_node = run()
+    assert "eager" in lean_node and "eager" not in reg_node and "fastvit" in reg_node, (lean_node, reg_node)
+    for a, b in zip((*lean_outs, *lean_grads), (*reg_outs, *reg_grads)):
+        assert torch.equal(a, b), name  # ... giving bit-identical values and gradients
+    with torch.no_grad():  # without grad the lean path calls the implementation, no autograd node
+        assert (call()[0] if name == "layer_norm" else call()).grad_fn is None
