@@ -444,3 +444,22 @@ def test_lean_eager_path_equals_the_registered_op_in_values_and_gradients(case):
         assert torch.equal(a, b), name  # ... giving bit-identical values and gradients
     with torch.no_grad():  # without grad the lean path calls the implementation, no autograd node
         assert (call()[0] if name == "layer_norm" else call()).grad_fn is None
+
+
+@pytest.mark.interpreter
+def test_compile_fullgraph_with_the_environment_switch_and_memoised_signatures(monkeypatch):
+    """FASTVIT_BACKEND is read outside the traced region; a signature memoised in eager is not traced."""
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    w, b, w1, b1 = torch.randn(16), torch.randn(16), torch.randn(32, 16), torch.randn(32)
+
+    def f(x):
+        y, z = ops.layer_norm(x, w, b, residual=x)
+        return ops.linear(y, w1, b1, activation="gelu"), z
+
+    eager = f(x)  # memoises both signatures
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    for a, c in zip(eager, compiled):
+        torch.testing.assert_close(c, a)
+    compiled[0].sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
