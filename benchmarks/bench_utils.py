@@ -29,6 +29,13 @@ def require_gpu(script: str) -> None:
         sys.exit(0)
 
 
+def kernel_backends(op: str) -> tuple:
+    """The op's non-torch backends, from the op table (fastvit.ops.dispatch): what a bench times beside torch."""
+    from fastvit.ops import dispatch
+
+    return tuple(b for b in dispatch.backends_of(op) if b != "torch")
+
+
 def median_ms(fn: Callable[[], Any], *, warmup_ms: int = 50, rep_ms: int = 200) -> float:
     import triton.testing
 
