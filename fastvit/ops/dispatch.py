@@ -74,6 +74,7 @@ __all__ = [
     "registered_ops",
     "reset",
     "set_timer",
+    "tensor_signature",
     "tune",
 ]
 
@@ -441,6 +442,12 @@ def reset() -> None:
 
 
 # ------------------------------------------------------------------------------------- the table
+
+
+def tensor_signature(t: Optional[torch.Tensor]) -> Any:
+    """(shape, dtype, device) of a tensor (None for None): one part of a memo key. Raises AttributeError
+    for a non-tensor, which the ops answer by running their checks."""
+    return None if t is None else (t.shape, t.dtype, t.device)
 
 
 def bucket(n: int) -> int:

@@ -49,7 +49,7 @@ from fastvit.ops._library import (
     new_output,
     register_autocast_lower,
 )
-from fastvit.ops.dispatch import OpDispatcher
+from fastvit.ops.dispatch import OpDispatcher, tensor_signature
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import patch_embed as _triton_kernels
@@ -350,14 +350,20 @@ def patch_embed(
             t.to(lowered) if isinstance(t, Tensor) and t.is_floating_point() else t
             for t in (x, weight, bias, pos_embed, prefix_tokens)
         )
-    _check_inputs(x, weight, bias, patch, pos_embed, prefix_tokens, pad)
+    try:  # the signature: validation and the choice are cached per signature
+        key = (patch, pad, *(tensor_signature(t) for t in (x, weight, bias, pos_embed, prefix_tokens)))
+        chosen = _OP.memo(key, backend, x, weight, bias, pos_embed, prefix_tokens)
+    except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
+        key, chosen = None, None
+    if chosen is None:
+        _check_inputs(x, weight, bias, patch, pos_embed, prefix_tokens, pad)
 
-    def run(b, x, weight, bias, pos_embed, prefix_tokens):
-        return patch_embed(
-            x, weight, bias, patch_size=patch, pos_embed=pos_embed, prefix_tokens=prefix_tokens, pad=pad, backend=b
+        def run(b, x, weight, bias, pos_embed, prefix_tokens):
+            return patch_embed(
+                x, weight, bias, patch_size=patch, pos_embed=pos_embed, prefix_tokens=prefix_tokens, pad=pad, backend=b
+            )
+
+        chosen = _OP.resolve(
+            key, backend, x.device, run, x=x, weight=weight, bias=bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens
         )
-
-    backend = _OP.select(
-        backend, x.device, _run=run, x=x, weight=weight, bias=bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens
-    )
-    return _OP.launchers[backend](x, weight, bias, patch, pos_embed, prefix_tokens, pad)
+    return _OP.launchers[chosen](x, weight, bias, patch, pos_embed, prefix_tokens, pad)
