@@ -11,9 +11,11 @@ in the machine's speed hits them all alike), on one thread:
   inputs, without grad and with inputs requiring grad (the graph is recorded) (goal: <= 1.2x).
 
 Runs on a CPU (torch backend, what auto picks there) and on a GPU (``--device cuda``: auto, i.e. the
-measured choice; the GPU is synchronised once per timed batch of calls, so host time dominates).
+measured choice; the GPU is synchronised once per timed batch of calls, so host time dominates). On a CPU
+the clock is this process's CPU time (``--clock process``): on one thread that is the host time, and other
+load on a shared machine does not inflate it.
 
-    python benchmarks/bench_overhead.py [--device cpu|cuda] [--rounds 15] [--calls 200] [--json PATH]
+    python benchmarks/bench_overhead.py [--device cpu|cuda] [--rounds 15] [--calls 100] [--json PATH]
 """
 
 import argparse
@@ -36,8 +38,12 @@ from fastvit.fileio import atomic_write_text  # noqa: E402
 PROXY = {"img_size": 32, "patch_size": 16, "embed_dim": 16, "depth": 12, "num_heads": 1, "num_classes": 10}
 
 
+CLOCK: List[Callable[[], float]] = [time.perf_counter]
+
+
 def interleaved_us(candidates: Dict[str, Callable[[], Any]], *, rounds: int, calls: int, sync: Callable[[], None]):
     """Median over ``rounds`` of the mean µs per call of ``calls`` back-to-back calls, candidates interleaved."""
+    clock = CLOCK[0]
     samples: Dict[str, List[float]] = {name: [] for name in candidates}
     for fn in candidates.values():  # warm-up: caches, lazy inits, the measured dispatch's first timing
         for _ in range(3):
@@ -45,11 +51,11 @@ def interleaved_us(candidates: Dict[str, Callable[[], Any]], *, rounds: int, cal
     sync()
     for _ in range(rounds):
         for name, fn in candidates.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(calls):
                 fn()
             sync()
-            samples[name].append((time.perf_counter() - t0) / calls * 1e6)
+            samples[name].append((clock() - t0) / calls * 1e6)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -181,19 +187,31 @@ def main(argv: Sequence[str] = ()) -> List[Dict[str, Any]]:
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: host time only)")
     p.add_argument("--only", choices=("model", "op"), default=None)
+    p.add_argument(
+        "--clock",
+        choices=("auto", "process", "wall"),
+        default="auto",
+        help="process: this process's CPU time (host time on one thread, robust to other load on the machine); "
+        "wall: perf_counter; auto: process on the CPU, wall on a GPU (host time there includes the waits)",
+    )
     p.add_argument("--json", default=None, help="write the rows (and the environment) to this JSON file")
     args = p.parse_args(list(argv) or None)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_overhead.py: --device cuda but torch sees no GPU; run with --device cpu")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    process = args.clock == "process" or (args.clock == "auto" and device.type == "cpu")
+    CLOCK[0] = time.process_time if process else time.perf_counter
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows: List[Dict[str, Any]] = []
     if args.only in (None, "model"):
         rows += model_rows(device, args.rounds, args.calls, sync)
     if args.only in (None, "op"):
         rows += op_rows(device, args.rounds, args.calls, sync)
-    print(f"host time per call, device {device}, {args.threads} thread(s), median of {args.rounds} interleaved rounds")
+    print(
+        f"host time per call, device {device}, {args.threads} thread(s), {'process CPU' if process else 'wall'} "
+        f"clock, median of {args.rounds} interleaved rounds of {args.calls} calls"
+    )
     for r in rows:
         if r["table"] == "model":
             print(f"model  {r['mode']:<18} {r['what']:<20} {r['us']:9.1f} us  {r['vs_timm']:.2f}x timm eager")
