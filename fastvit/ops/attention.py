@@ -394,6 +394,7 @@ _OP = OpDispatcher(
 )
 _PACKED = OpDispatcher(
     name="attention_qkvpacked",
+    kernel_family="attention",
     reasons={"torch": _no_reasons, "triton": _triton_reasons},
     preference=("triton", "torch"),
     launchers={"torch": _torch_packed_launch, "triton": _triton_packed_launch},

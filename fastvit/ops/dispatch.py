@@ -475,6 +475,8 @@ class OpDispatcher:
             where the bucket cannot change the winner (default: every shape exactly).
         launchers: backend -> the function the public op calls once the backend is chosen.
         static_source: the measurement the static order comes from (today: unmeasured).
+        kernel_family: the kernels' name (``fastvit/kernels/<family>.py``); default ``name``. Two rows
+            may share one family (attention and attention_qkvpacked run the same kernels).
         notes: backend -> a line for ``fastvit.info``.
     """
 
@@ -489,6 +491,7 @@ class OpDispatcher:
     signature: Callable[..., str] = _no_signature
     launchers: Dict[str, Callable[..., Any]] = field(default_factory=dict)
     static_source: str = STATIC_ORDER_SOURCE
+    kernel_family: str = ""
     notes: Dict[str, str] = field(default_factory=dict)
     _memo: Dict[Any, Any] = field(default_factory=dict, repr=False)
 
@@ -496,6 +499,7 @@ class OpDispatcher:
         unknown = [b for b in (*self.reasons, *self.preference) if b not in BACKENDS]
         if unknown:
             raise ValueError(f"op {self.name}: unknown backends {unknown}; expected some of {BACKENDS}")
+        self.kernel_family = self.kernel_family or self.name
         if self.autocast not in ("lower", "keep"):
             raise ValueError(f"op {self.name}: autocast must be 'lower' or 'keep', got {self.autocast!r}")
         _REGISTRY[self.name] = self
