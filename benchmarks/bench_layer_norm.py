@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import copy_bandwidth_gbps, markdown_table, median_ms, require_gpu, write_results  # noqa: E402
+from bench_utils import (  # noqa: E402
+    copy_bandwidth_gbps,
+    kernel_backends,
+    markdown_table,
+    median_ms,
+    require_gpu,
+    write_results,
+)
 
 
 def main() -> None:
@@ -52,7 +59,7 @@ def main() -> None:
                     return F.layer_norm(z, (width,), w, b, 1e-6), z
 
                 providers = {"torch add+layer_norm": torch_fwd}
-                for backend in ("triton", "cuda"):
+                for backend in kernel_backends("layer_norm"):
                     providers[f"fastvit {backend}"] = lambda backend=backend: ops.layer_norm(
                         x, w, b, 1e-6, residual=r, backend=backend
                     )

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import markdown_table, median_ms, require_gpu, write_results  # noqa: E402
+from bench_utils import kernel_backends, markdown_table, median_ms, require_gpu, write_results  # noqa: E402
 
 TOKENS = 197
-BACKENDS = ("triton", "cuda")  # fastvit backends timed beside the torch composition
+BACKENDS = kernel_backends("linear")  # fastvit backends timed beside the torch composition
 MODELS = {"S": ("DeiT-S", 384), "B": ("ViT-B", 768), "L": ("ViT-L", 1024), "H": ("ViT-H", 1280)}  # MLP ratio 4
 
 

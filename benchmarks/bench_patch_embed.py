@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import copy_bandwidth_gbps, markdown_table, median_ms, require_gpu, write_results  # noqa: E402
+from bench_utils import (  # noqa: E402
+    copy_bandwidth_gbps,
+    kernel_backends,
+    markdown_table,
+    median_ms,
+    require_gpu,
+    write_results,
+)
 
 # name -> (label, input channels, input size, patch, width)
 MODELS = {
@@ -90,7 +97,9 @@ def main() -> None:
                 nbytes = (x.numel() + w.numel() + batch * (n + 1) * width) * x.element_size()
                 base = None
                 providers = [("torch conv+flatten+cat+add", torch_fwd)]
-                providers += [(f"fastvit {bk}", functools.partial(fastvit_fwd, bk)) for bk in ("triton", "cuda")]
+                providers += [
+                    (f"fastvit {bk}", functools.partial(fastvit_fwd, bk)) for bk in kernel_backends("patch_embed")
+                ]
                 for name, fn in providers:
                     try:
                         with torch.no_grad():

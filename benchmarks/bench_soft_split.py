@@ -31,7 +31,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import copy_bandwidth_gbps, markdown_table, median_ms, require_gpu, write_results  # noqa: E402
+from bench_utils import (  # noqa: E402
+    copy_bandwidth_gbps,
+    kernel_backends,
+    markdown_table,
+    median_ms,
+    require_gpu,
+    write_results,
+)
 
 # stage -> (input shape without batch, hw for token input or None, kernel, stride, padding)
 STAGES = {
@@ -92,7 +99,9 @@ def main() -> None:
                 base = None
                 chain = "unfold+transpose" + ("+layer_norm" if norm else "+contiguous")
                 providers = [(f"torch {chain}", torch_fwd)]
-                providers += [(f"fastvit {bk}", functools.partial(fastvit_fwd, bk)) for bk in ("triton", "cuda")]
+                providers += [
+                    (f"fastvit {bk}", functools.partial(fastvit_fwd, bk)) for bk in kernel_backends("soft_split")
+                ]
                 for name, fn in providers:
                     try:
                         with torch.no_grad():

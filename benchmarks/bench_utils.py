@@ -32,6 +32,13 @@ def require_gpu(script: str) -> None:
         sys.exit(0)
 
 
+def kernel_backends(op: str) -> tuple:
+    """The op's non-torch backends, from the op table (fastvit.ops.dispatch): what a bench times beside torch."""
+    from fastvit.ops import dispatch
+
+    return tuple(b for b in dispatch.backends_of(op) if b != "torch")
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)

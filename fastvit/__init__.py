@@ -8,6 +8,7 @@ from fastvit import ops
 from fastvit.checkpoints import load_checkpoint
 from fastvit.inference import inference_model
 from fastvit.models import create_model, list_models
+from fastvit.ops.dispatch import tune
 from fastvit.patch import PatchReport, patch_model, return_attention, unpatch_model
 
 __version__ = "0.1.0"
@@ -21,5 +22,6 @@ __all__ = [
     "ops",
     "patch_model",
     "return_attention",
+    "tune",
     "unpatch_model",
 ]

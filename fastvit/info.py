@@ -116,6 +116,7 @@ def collect() -> dict[str, Any]:
         "env_problems": env_problems(),
         "ops": ops,
         "fallbacks": {f"{op}/{backend}": reasons for (op, backend), reasons in dispatch.fallback_log().items()},
+        "dispatch": dispatch.describe_cache(),
     }
 
 
@@ -178,6 +179,8 @@ def main() -> None:
         print("auto-dispatch fallbacks in this process:")
         for key, reasons in info["fallbacks"].items():
             print(f"  {key}: {'; '.join(reasons)}")
+    print()
+    print("\n".join(dispatch.format_cache(info["dispatch"])))
 
 
 if __name__ == "__main__":

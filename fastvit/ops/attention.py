@@ -31,25 +31,24 @@ restore all apply); the backward re-derives the same mask. The mask is not the o
 ``F.scaled_dot_product_attention`` would draw: :func:`attention_dropout_mask` materialises the kernels'
 mask for tests. Like SDPA, the op applies ``dropout_p`` as given; modules pass 0 in eval mode.
 
-Backends and auto order on CUDA tensors: ``triton`` > ``torch`` (SDPA). Provisional: the Triton kernels
-have not been timed on an H100/H200 yet (benchmarks/bench_attention.py will set this order). CPU tensors
-go to ``torch`` unless ``backend="triton"`` is asked for under the Triton interpreter.
+Backends: ``torch`` (SDPA) and ``triton``. On CUDA tensors auto dispatch times both per key
+(fastvit.ops.dispatch): batch * heads, tokens, head dim, dropout; the static order ``triton`` > ``torch`` is
+unmeasured (dispatch.STATIC_ORDER_SOURCE). CPU tensors go to ``torch`` unless ``backend="triton"`` is asked
+for under the Triton interpreter.
 
 :func:`attention_probs` is the explicit path that also returns the probabilities P (for attention
 rollout and hooks); it is plain torch and materialises the (B, H, Nq, Nk) matrix.
 """
 
-from __future__ import annotations
-
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit import kernels
-from fastvit.ops._library import FLOAT_DTYPES, check_tensors, new_output, register_autocast_lower
+from fastvit.ops._library import FLOAT_DTYPES, check_tensors, direct, eager_op, new_output, register_autocast_lower
 from fastvit.ops.dispatch import OpDispatcher
 
 if kernels.TRITON_IMPORT_ERROR is None:
@@ -94,14 +93,14 @@ def attention_ref(
     return probs.to(v.dtype) @ v
 
 
-def attention_probs_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+def attention_probs_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """``(out, probs)`` with probs = softmax(scale * q @ k.T) (fp32 statistics) in the inputs' dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     probs = torch.softmax((q @ k.transpose(-2, -1)).float() * scale, dim=-1).to(q.dtype)
     return probs @ v, probs
 
 
-def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+def split_qkv(qkv: Tensor, num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
     """q, k, v as (B, H, N, D) strided views of a packed (B, N, 3*H*D) qkv (no copy)."""
     B, N, C3 = qkv.shape
     head_dim = C3 // (3 * num_heads)
@@ -169,18 +168,31 @@ def _no_reasons(**_: object) -> list[str]:
     return []
 
 
-def _triton_reasons(q: Tensor, k: Tensor, dropout_p: float = 0.0, **_: object) -> list[str]:
+def _triton_reasons(
+    q: Optional[Tensor] = None, k: Optional[Tensor] = None, dropout_p: float = 0.0, qkv: Optional[Tensor] = None,
+    num_heads: int = 1, **_: object,
+) -> list[str]:  # fmt: skip
     if kernels.TRITON_IMPORT_ERROR is not None:
         return []  # the environment reason already says Triton is missing
+    B, H, N_Q, D, N_K = _dims(q, k, qkv, num_heads)
+    return _triton_kernels.unsupported_reasons(D, N_Q, N_K, dropout_p, batch=B, heads=H)
+
+
+def _dims(q: Optional[Tensor], k: Optional[Tensor], qkv: Optional[Tensor], num_heads: int) -> Tuple[int, ...]:
+    """(B, H, Nq, D, Nk) of a q/k pair or of a packed qkv (no split computed)."""
+    if qkv is not None:
+        B, N, C3 = qkv.shape
+        return B, num_heads, N, C3 // (3 * num_heads), N
     B, H, N_Q, D = q.shape
-    return _triton_kernels.unsupported_reasons(D, N_Q, k.shape[-2], dropout_p, batch=B, heads=H)
+    return B, H, N_Q, D, k.shape[-2]
 
 
-_DISPATCH = OpDispatcher(
-    name="attention",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons},
-    preference=("triton", "torch"),
-)
+def _signature(
+    q: Optional[Tensor] = None, k: Optional[Tensor] = None, dropout_p: float = 0.0, qkv: Optional[Tensor] = None,
+    num_heads: int = 1, **_: object,
+) -> str:  # fmt: skip
+    B, H, N_Q, D, N_K = _dims(q, k, qkv, num_heads)
+    return f"BH={B * H} Nq={N_Q} Nk={N_K} D={D} dropout={dropout_p > 0} packed={qkv is not None}"
 
 
 def _dropout_seed(dropout_p: float, like: Tensor) -> Optional[Tensor]:
@@ -200,7 +212,7 @@ def _fp32_precision() -> str:
 @torch.library.custom_op("fastvit::attention_fwd", mutates_args=())
 def _attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor], backend: str
-) -> tuple[Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor]:
     """q (B, H, Nq, D), k and v (B, H, Nk, D), unit last stride. Returns out (B, H, Nq, D) and lse (B, H, Nq) fp32."""
     B, H, Nq, D = q.shape
     out = new_output((B, H, Nq, D), q)
@@ -219,7 +231,7 @@ def _(q, k, v, scale, dropout_p, seed, backend):
 def _attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, dropout_p: float,
     seed: Optional[Tensor], deterministic: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+) -> Tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Returns dq, dk, dv, contiguous, in q's dtype."""
     dq, dk, dv = new_output(q.shape, q), new_output(k.shape, k), new_output(v.shape, v)
     _triton_kernels.attention_bwd(
@@ -249,20 +261,21 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, seed = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(
+    dq, dk, dv = _bwd(
         _unit_last_stride(dout), q, k, v, out, lse, ctx.scale, ctx.dropout_p, seed, ctx.deterministic, ctx.backend
     )
     return dq, dk, dv, None, None, None, None
 
 
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd = eager_op(_attention_fwd, _setup_context, _backward)
+_bwd = direct(_attention_bwd)
 register_autocast_lower(_attention_fwd)
 
 
 @torch.library.custom_op("fastvit::attention_qkvpacked_fwd", mutates_args=())
 def _attention_qkvpacked_fwd(
     qkv: Tensor, num_heads: int, scale: float, dropout_p: float, seed: Optional[Tensor], backend: str
-) -> tuple[Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor]:
     """qkv (B, N, 3*H*D) with unit last stride. Returns out (B, N, H*D) and lse (B, H, N) fp32."""
     B, N, C3 = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)
@@ -316,14 +329,83 @@ def _packed_setup_context(ctx, inputs, output) -> None:
 def _packed_backward(ctx, dout, _dlse):
     qkv, out, lse, seed = ctx.saved_tensors
     dout = _unit_last_stride(dout)  # e.g. the stride-0 gradient of a sum
-    dqkv = _attention_qkvpacked_bwd(
+    dqkv = _packed_bwd(
         dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p, seed, ctx.deterministic, ctx.backend
     )
     return dqkv, None, None, None, None, None
 
 
-_attention_qkvpacked_fwd.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+_packed_fwd = eager_op(_attention_qkvpacked_fwd, _packed_setup_context, _packed_backward)
+_packed_bwd = direct(_attention_qkvpacked_bwd)
 register_autocast_lower(_attention_qkvpacked_fwd)
+
+
+def _torch_launch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], dropout_p: float) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+
+
+def _triton_launch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], dropout_p: float) -> Tensor:
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    out, _ = _fwd(q, k, v, scale, float(dropout_p), _dropout_seed(dropout_p, q), "triton")
+    return out
+
+
+def _torch_packed_launch(qkv: Tensor, num_heads: int, scale: Optional[float], dropout_p: float) -> Tensor:
+    B, N, C3 = qkv.shape
+    q, k, v = split_qkv(qkv, num_heads)  # only this backend needs the split views
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).reshape(B, N, C3 // 3)
+
+
+def _triton_packed_launch(qkv: Tensor, num_heads: int, scale: Optional[float], dropout_p: float) -> Tensor:
+    scale = _default_scale(qkv, num_heads, scale)
+    out, _ = _packed_fwd(
+        _unit_last_stride(qkv), num_heads, scale, float(dropout_p), _dropout_seed(dropout_p, qkv), "triton"
+    )
+    return out
+
+
+def _default_scale(qkv: Tensor, num_heads: int, scale: Optional[float]) -> float:
+    return (qkv.shape[-1] // (3 * num_heads)) ** -0.5 if scale is None else float(scale)
+
+
+def _check_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], dropout_p: float) -> None:
+    _check_qkv("attention", q, k, v)
+    _check_scale_dropout("attention", scale, dropout_p)
+
+
+def _check_attention_packed(qkv: Tensor, num_heads: int, scale: Optional[float], dropout_p: float) -> None:
+    _check_packed(qkv, num_heads)
+    _check_scale_dropout("attention_qkvpacked", scale, dropout_p)
+
+
+_OP = OpDispatcher(
+    name="attention",
+    reasons={"torch": _no_reasons, "triton": _triton_reasons},
+    preference=("triton", "torch"),
+    launchers={"torch": _torch_launch, "triton": _triton_launch},
+    reference=attention_ref,
+    check=_check_attention,
+    forward_op=_attention_fwd,
+    backward_op=_attention_bwd,
+    autocast="lower",
+    signature=_signature,
+)
+_PACKED = OpDispatcher(
+    name="attention_qkvpacked",
+    kernel_family="attention",
+    reasons={"torch": _no_reasons, "triton": _triton_reasons},
+    preference=("triton", "torch"),
+    launchers={"torch": _torch_packed_launch, "triton": _triton_packed_launch},
+    reference=attention_ref,
+    check=_check_attention_packed,
+    forward_op=_attention_qkvpacked_fwd,
+    backward_op=_attention_qkvpacked_bwd,
+    autocast="lower",
+    signature=_signature,
+)
+_DISPATCH = _OP  # the name tests and older callers use
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -356,15 +438,23 @@ def attention(
         TypeError / ValueError: bad dtypes, shapes, scale, dropout_p or mixed devices, naming the input.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
-    _check_qkv("attention", q, k, v)
-    _check_scale_dropout("attention", scale, dropout_p)
-    backend = _DISPATCH.select(backend, q.device, q=q, k=k, v=v, scale=scale, dropout_p=dropout_p)
-    if backend == "torch":
+    try:  # the signature: validation and the choice are cached per signature
+        key = (
+            q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device, scale, dropout_p
+        )  # fmt: skip
+        chosen = _OP.memo(key, backend, q, k, v)
+    except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
+        key, chosen = None, None
+    if chosen is None:
+        _check_attention(q, k, v, scale, dropout_p)
+
+        def run(b, q, k, v, scale, dropout_p):
+            return attention(q, k, v, scale=scale, dropout_p=dropout_p, backend=b)
+
+        chosen = _OP.resolve(key, backend, q.device, run, q=q, k=k, v=v, scale=scale, dropout_p=dropout_p)
+    if chosen == "torch":  # the common CPU case, one frame less
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-    out, _ = _attention_fwd(q, k, v, scale, float(dropout_p), _dropout_seed(dropout_p, q), backend)
-    return out
+    return _OP.launchers[chosen](q, k, v, scale, dropout_p)
 
 
 def attention_qkvpacked(
@@ -395,22 +485,24 @@ def attention_qkvpacked(
         TypeError / ValueError: bad dtype, shape, num_heads, scale or dropout_p, naming the input.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
-    _check_packed(qkv, num_heads)
-    _check_scale_dropout("attention_qkvpacked", scale, dropout_p)
-    q, k, v = split_qkv(qkv, num_heads)
-    backend = _DISPATCH.select(backend, qkv.device, q=q, k=k, v=v, scale=scale, dropout_p=dropout_p)
-    B, N, C3 = qkv.shape
-    if backend == "torch":
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-        return out.transpose(1, 2).reshape(B, N, C3 // 3)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, _ = _attention_qkvpacked_fwd(
-        _unit_last_stride(qkv), num_heads, scale, float(dropout_p), _dropout_seed(dropout_p, qkv), backend
-    )
-    return out
+    try:  # the signature: validation and the choice are cached per signature
+        key = (qkv.shape, qkv.dtype, qkv.device, num_heads, scale, dropout_p)
+        chosen = _PACKED.memo(key, backend, qkv)
+    except (AttributeError, TypeError):  # not a tensor / unhashable: the checks say what is wrong
+        key, chosen = None, None
+    if chosen is None:
+        _check_attention_packed(qkv, num_heads, scale, dropout_p)
+
+        def run(b, qkv, num_heads, scale, dropout_p):
+            return attention_qkvpacked(qkv, num_heads, scale=scale, dropout_p=dropout_p, backend=b)
+
+        chosen = _PACKED.resolve(
+            key, backend, qkv.device, run, qkv=qkv, num_heads=num_heads, scale=scale, dropout_p=dropout_p
+        )
+    return _PACKED.launchers[chosen](qkv, num_heads, scale, dropout_p)
 
 
-def attention_probs(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+def attention_probs(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """The explicit (unfused) attention that also returns the probabilities, for rollout and hooks.
 
     Args:

@@ -14,13 +14,14 @@ Dtypes: x and residual share a dtype (fp32, fp16 or bf16); weight and bias are t
 (the AMP case of fp32 parameters and low-precision activations). Under autocast the op keeps x's
 dtype (``F.layer_norm`` would return fp32).
 
-Backends and auto order on CUDA tensors: ``triton`` > ``cuda`` > ``torch``. Provisional: neither
-kernel has been timed on an H100/H200 yet (benchmarks/bench_layer_norm.py will set this order).
+Backends: ``torch`` (``F.layer_norm``), ``triton``, ``cuda``. On CUDA tensors auto dispatch times the
+eligible ones per key (fastvit.ops.dispatch); the static order ``triton`` > ``cuda`` > ``torch`` is
+unmeasured (dispatch.STATIC_ORDER_SOURCE). The measured key buckets the row count (every leading dimension
+together) to a power of two: rows are independent and identical work, so the winner is set by the width,
+dtype and the order of magnitude of the rows.
 """
 
-from __future__ import annotations
-
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,16 @@ from torch import Tensor
 
 from fastvit import _ext, kernels
 from fastvit.kernels._common import device_guard, rows_view
-from fastvit.ops._library import FLOAT_DTYPES, check_tensors, new_output, register_autocast_keep_dtype
+from fastvit.ops._library import (
+    FLOAT_DTYPES,
+    check_tensors,
+    direct,
+    eager_op,
+    new_output,
+    register_autocast_keep_dtype,
+)
 from fastvit.ops._validate import check_call
-from fastvit.ops.dispatch import OpDispatcher
+from fastvit.ops.dispatch import OpDispatcher, bucket
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import layer_norm as _triton_kernels
@@ -46,7 +54,7 @@ def layer_norm_ref(
     residual: Optional[Tensor] = None,
     *,
     upcast: bool = False,
-) -> Union[Tensor, tuple[Tensor, Tensor]]:
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """The specification, in plain torch. ``upcast=True`` computes everything in fp32 and returns fp32
     (the oracle tests compare against); otherwise y and z come back in x's dtype."""
     if upcast:
@@ -58,7 +66,8 @@ def layer_norm_ref(
         y = F.layer_norm(z, shape, weight, bias, eps)
     else:
         y = F.layer_norm(z.float(), shape, weight.float(), bias.float() if bias is not None else None, eps)
-    y = y.to(z.dtype)  # autocast runs F.layer_norm in fp32; the op keeps the input dtype
+    if y.dtype != z.dtype:
+        y = y.to(z.dtype)  # autocast runs F.layer_norm in fp32; the op keeps the input dtype
     return y if residual is None else (y, z)
 
 
@@ -67,7 +76,7 @@ def layer_norm_ref(
 
 def check_affine(
     op: str, weight: Tensor, bias: Optional[Tensor], width: int, x_dtype: torch.dtype, why: str,
-    names: tuple[str, str] = ("weight", "bias"),
+    names: Tuple[str, str] = ("weight", "bias"),
 ) -> None:  # fmt: skip
     """A LayerNorm's (width,) weight and bias: x's dtype or fp32, the bias matching the weight.
     Shared by every op that normalises (``why`` explains the expected width in the error)."""
@@ -114,11 +123,12 @@ def _triton_reasons(x: Tensor, **_: object) -> list[str]:
     return []
 
 
-_DISPATCH = OpDispatcher(
-    name="layer_norm",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _no_reasons},
-    preference=("triton", "cuda", "torch"),
-)
+def _signature(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor]) -> str:
+    rows = x.numel() // max(x.shape[-1], 1)
+    return (
+        f"rows~{bucket(rows)} width={x.shape[-1]} w={str(weight.dtype)[6:]} bias={bias is not None} "
+        f"residual={residual is not None}"
+    )
 
 
 def _fwd_kernel(
@@ -142,7 +152,7 @@ def _fwd_kernel(
 def _bwd_kernel(
     backend: str, dy: Tensor, dresidual_out: Optional[Tensor], z: Tensor, weight: Tensor, mean: Tensor,
     rstd: Tensor, dz: Tensor, has_bias: bool,
-) -> tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
     if backend == "triton":
         return _triton_kernels.layer_norm_bwd(dy, dresidual_out, z, weight, mean, rstd, dz, has_bias)
     C = _ext.require("layer_norm")
@@ -171,7 +181,7 @@ def _bwd_kernel(
 @torch.library.custom_op("fastvit::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float, backend: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """x, residual: (M, N) with unit last stride; weight, bias: contiguous (N,). Returns y, x + residual
     (empty without a residual), and the fp32 per-row mean and rstd kept for the backward."""
     M, N = x.shape
@@ -199,7 +209,7 @@ def _(x, weight, bias, residual, eps, backend):
 def _layer_norm_bwd(
     dy: Tensor, dresidual_out: Optional[Tensor], z: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
     has_bias: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+) -> Tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Returns dz (= dx = dresidual), dweight and dbias (empty without a bias)."""
     dz = new_output(z.shape, z)
     dw_part, db_part = _bwd_kernel(backend, dy, dresidual_out, z, weight, mean, rstd, dz, has_bias)
@@ -227,12 +237,47 @@ def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
     z, weight, mean, rstd = ctx.saved_tensors
     dy = rows_view(dy) if dy is not None else torch.zeros_like(z)
     dresidual_out = rows_view(dresidual_out) if ctx.has_residual and dresidual_out is not None else None
-    dz, dweight, dbias = _layer_norm_bwd(dy, dresidual_out, z, weight, mean, rstd, ctx.has_bias, ctx.backend)
+    dz, dweight, dbias = _bwd(dy, dresidual_out, z, weight, mean, rstd, ctx.has_bias, ctx.backend)
     return dz, dweight, dbias if ctx.has_bias else None, dz if ctx.has_residual else None, None, None
 
 
-_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd = eager_op(_layer_norm_fwd, _setup_context, _backward)
+_bwd = direct(_layer_norm_bwd)
 register_autocast_keep_dtype(_layer_norm_fwd)
+
+
+def _torch_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, residual: Optional[Tensor]):
+    return layer_norm_ref(x, weight, bias, eps, residual)
+
+
+def _kernel_launch(backend: str):
+    def launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, residual: Optional[Tensor]):
+        # The kernels index weight / bias as dense (C,) vectors: a strided or expanded (stride 0) one is copied
+        # (a no-op when already contiguous; differentiable, so their grads keep the caller's shapes).
+        weight = weight.contiguous()
+        bias = bias.contiguous() if bias is not None else None
+        y, residual_out, _, _ = _fwd(
+            rows_view(x), weight, bias, rows_view(residual) if residual is not None else None, float(eps), backend
+        )
+        y = y.view(x.shape)
+        return y if residual is None else (y, residual_out.view(x.shape))
+
+    return launch
+
+
+_OP = OpDispatcher(
+    name="layer_norm",
+    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _no_reasons},
+    preference=("triton", "cuda", "torch"),
+    launchers={"torch": _torch_launch, "triton": _kernel_launch("triton"), "cuda": _kernel_launch("cuda")},
+    reference=layer_norm_ref,
+    check=_check_inputs,
+    forward_op=_layer_norm_fwd,
+    backward_op=_layer_norm_bwd,
+    autocast="keep",
+    signature=_signature,
+)
+_DISPATCH = _OP  # the name tests and older callers use
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -246,7 +291,7 @@ def layer_norm(
     *,
     residual: Optional[Tensor] = None,
     backend: Optional[str] = None,
-) -> Union[Tensor, tuple[Tensor, Tensor]]:
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """LayerNorm over the last dimension, optionally of ``x + residual``, in one pass.
 
     Args:
@@ -265,17 +310,23 @@ def layer_norm(
         TypeError / ValueError: bad dtypes, shapes or mixed devices, naming the input.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
-    check_call("fastvit.ops.layer_norm", {"x": x, "weight": weight}, optional={"bias": bias}, eps={"eps": eps})
-    _check_inputs(x, weight, bias, residual, eps)
-    backend = _DISPATCH.select(backend, x.device, x=x, weight=weight, bias=bias, residual=residual)
-    if backend == "torch":
+    try:  # the signature: validation and the choice are cached per signature
+        key = (
+            x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, eps,
+            None if bias is None else (bias.shape, bias.dtype, bias.device),
+            None if residual is None else (residual.shape, residual.dtype, residual.device),
+        )  # fmt: skip
+        chosen = _OP.memo(key, backend, x, weight, bias, residual)
+    except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
+        key, chosen = None, None
+    if chosen is None:
+        check_call("fastvit.ops.layer_norm", {"x": x, "weight": weight}, optional={"bias": bias}, eps={"eps": eps})
+        _check_inputs(x, weight, bias, residual, eps)
+
+        def run(b, x, weight, bias, residual):
+            return layer_norm(x, weight, bias, eps, residual=residual, backend=b)
+
+        chosen = _OP.resolve(key, backend, x.device, run, x=x, weight=weight, bias=bias, residual=residual)
+    if chosen == "torch":  # the common CPU case, one frame less
         return layer_norm_ref(x, weight, bias, eps, residual)
-    # The kernels index weight / bias as dense (C,) vectors: a strided or expanded (stride 0) one is copied
-    # here (a no-op when already contiguous; differentiable, so their grads keep the caller's shapes).
-    weight = weight.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    y, residual_out, _, _ = _layer_norm_fwd(
-        rows_view(x), weight, bias, rows_view(residual) if residual is not None else None, float(eps), backend
-    )
-    y = y.view(x.shape)
-    return y if residual is None else (y, residual_out.view(x.shape))
+    return _OP.launchers[chosen](x, weight, bias, eps, residual)

@@ -34,14 +34,13 @@ activation) in its epilogue, fp16/bf16 "gelu_tanh" without a residual as its GEL
 the output, and the backward's act'(h) is an elementwise pass over the recomputed h fused with dbias's
 column sums.
 
-Backends and auto order on CUDA tensors: ``triton`` > ``cuda`` > ``torch``. Provisional: neither the
-Triton GEMM nor the cuBLASLt one has been timed on an H100/H200 yet (benchmarks/bench_linear.py will set
-this order).
+Backends: ``torch`` (``F.linear`` + the activation + the add), ``triton``, ``cuda``. On CUDA tensors auto
+dispatch times the eligible ones per key (fastvit.ops.dispatch): (M, N, K) exactly (a GEMM's tiling
+winner changes with every one of them), the epilogue (bias, activation, residual). The static order
+``triton`` > ``cuda`` > ``torch`` is unmeasured (dispatch.STATIC_ORDER_SOURCE).
 """
 
-from __future__ import annotations
-
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +48,15 @@ from torch import Tensor
 
 from fastvit import kernels
 from fastvit.ops import _cuda_backends as _cuda
-from fastvit.ops._library import FLOAT_DTYPES, autocast_dtype, check_tensors, new_output, register_autocast_lower
+from fastvit.ops._library import (
+    FLOAT_DTYPES,
+    autocast_dtype,
+    check_tensors,
+    direct,
+    eager_op,
+    new_output,
+    register_autocast_lower,
+)
 from fastvit.ops._validate import check_call, gemm_backend
 from fastvit.ops.dispatch import OpDispatcher
 
@@ -159,11 +166,14 @@ def _triton_reasons(x: Tensor, **_: object) -> list[str]:
     return []
 
 
-_DISPATCH = OpDispatcher(
-    name="linear",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _cuda.linear_reasons},
-    preference=("triton", "cuda", "torch"),
-)
+def _signature(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], activation: Optional[str]
+) -> str:
+    M = x.numel() // max(x.shape[-1], 1)
+    return (
+        f"M={M} N={weight.shape[0]} K={weight.shape[1]} bias={bias is not None} act={activation} "
+        f"residual={residual is not None}"
+    )
 
 
 # ------------------------------------------------------------------------------- torch.library ops
@@ -189,7 +199,7 @@ def _(x, weight, bias, residual, activation, backend):
 @torch.library.custom_op("fastvit::linear_act_grad", mutates_args=())
 def _linear_act_grad(
     dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, need_dbias: bool, backend: str
-) -> tuple[Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor]:
     """dy: (M, N). Recomputes h = x @ weight.T + bias and returns g = dy * act'(h), contiguous (M, N), and
     sum_rows(g) in bias's dtype (empty unless need_dbias)."""
     g = new_output(dy.shape, dy)
@@ -215,7 +225,7 @@ def _backward(ctx, dy):
     x, weight, bias = ctx.saved_tensors
     need_dbias = bias is not None and ctx.needs_input_grad[2]
     if ctx.activation:
-        g, dbias = _linear_act_grad(dy, x, weight, bias, ctx.activation, need_dbias, ctx.backend)
+        g, dbias = _act_grad(dy, x, weight, bias, ctx.activation, need_dbias, ctx.backend)
     else:
         g, dbias = dy, dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_dbias else None
     dx = torch.matmul(g, weight) if ctx.needs_input_grad[0] else None
@@ -225,8 +235,38 @@ def _backward(ctx, dy):
     return dx, dweight, dbias, dresidual, None, None
 
 
-_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd = eager_op(_linear_fwd, _setup_context, _backward)
+_act_grad = direct(_linear_act_grad)
 register_autocast_lower(_linear_fwd)
+
+
+def _torch_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], residual):
+    return linear_ref(x, weight, bias, activation, residual)
+
+
+def _kernel_launch(backend: str):
+    def launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], residual):
+        N = weight.shape[0]
+        residual2d = residual.reshape(-1, N) if residual is not None else None
+        y = _fwd(x.reshape(-1, x.shape[-1]), weight, bias, residual2d, activation or "", backend)
+        return y.view(*x.shape[:-1], N)
+
+    return launch
+
+
+_OP = OpDispatcher(
+    name="linear",
+    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _cuda.linear_reasons},
+    preference=("triton", "cuda", "torch"),
+    launchers={"torch": _torch_launch, "triton": _kernel_launch("triton"), "cuda": _kernel_launch("cuda")},
+    reference=linear_ref,
+    check=_check_inputs,
+    forward_op=_linear_fwd,
+    backward_op=_linear_act_grad,
+    autocast="lower",
+    signature=_signature,
+)
+_DISPATCH = _OP  # the name tests and older callers use
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -260,13 +300,27 @@ def linear(
         TypeError / ValueError: bad dtypes, shapes, an unknown activation or mixed devices, naming the input.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
-    check_call("fastvit.ops.linear", {"x": x, "weight": weight}, optional={"bias": bias, "residual": residual})
-    _check_inputs(x, weight, bias, activation, residual)
-    backend = gemm_backend("fastvit.ops.linear", x.shape[-1], backend)
-    backend = _DISPATCH.select(backend, x.device, x=x, weight=weight, bias=bias, residual=residual)
-    if backend == "torch":
+    try:  # the signature: validation and the choice are cached per signature (and autocast state)
+        key = (
+            x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, activation,
+            None if bias is None else (bias.shape, bias.dtype, bias.device),
+            None if residual is None else (residual.shape, residual.dtype, residual.device),
+            torch._C._is_any_autocast_enabled(),
+        )  # fmt: skip
+        chosen = _OP.memo(key, backend, x, weight, bias, residual)
+    except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
+        key, chosen = None, None
+    if chosen is None:
+        check_call("fastvit.ops.linear", {"x": x, "weight": weight}, optional={"bias": bias, "residual": residual})
+        _check_inputs(x, weight, bias, activation, residual)
+        backend = gemm_backend("fastvit.ops.linear", x.shape[-1], backend)
+
+        def run(b, x, weight, bias, residual):
+            return linear(x, weight, bias, activation=activation, residual=residual, backend=b)
+
+        chosen = _OP.resolve(
+            key, backend, x.device, run, x=x, weight=weight, bias=bias, residual=residual, activation=activation
+        )
+    if chosen == "torch":  # the common CPU case, one frame less
         return linear_ref(x, weight, bias, activation, residual)
-    out_shape = (*x.shape[:-1], weight.shape[0])
-    residual2d = residual.reshape(-1, weight.shape[0]) if residual is not None else None
-    y = _linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, residual2d, activation or "", backend)
-    return y.view(out_shape)
+    return _OP.launchers[chosen](x, weight, bias, activation, residual)

@@ -32,9 +32,7 @@ Backends and auto order on CUDA tensors: ``triton`` > ``cuda`` > ``torch``. Prov
 timed on an H100/H200 yet (benchmarks/bench_patch_embed.py will set this order).
 """
 
-from __future__ import annotations
-
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +40,17 @@ from torch import Tensor
 
 from fastvit import kernels
 from fastvit.ops import _cuda_backends as _cuda
-from fastvit.ops._library import FLOAT_DTYPES, autocast_dtype, check_tensors, new_output, register_autocast_lower
+from fastvit.ops._library import (
+    FLOAT_DTYPES,
+    autocast_dtype,
+    check_tensors,
+    direct,
+    eager_op,
+    new_output,
+    register_autocast_lower,
+)
 from fastvit.ops._validate import check_call
-from fastvit.ops.dispatch import OpDispatcher
+from fastvit.ops.dispatch import OpDispatcher, tensor_signature
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import patch_embed as _triton_kernels
@@ -54,7 +60,7 @@ __all__ = ["patch_embed", "patch_embed_ref"]
 _OP = "fastvit.ops.patch_embed"
 
 
-def _grid(height: int, width: int, patch: int) -> tuple[int, int]:
+def _grid(height: int, width: int, patch: int) -> Tuple[int, int]:
     return -(-height // patch), -(-width // patch)
 
 
@@ -161,11 +167,11 @@ def _check_inputs(
 # -------------------------------------------------------------------------------------- backends
 
 
-def _no_reasons(**_: object) -> list[str]:
+def _no_reasons(**_: object) -> List[str]:
     return []
 
 
-def _triton_reasons(x: Tensor, weight: Tensor, **_: object) -> list[str]:
+def _triton_reasons(x: Tensor, weight: Tensor, **_: object) -> List[str]:
     if kernels.TRITON_IMPORT_ERROR is not None:
         return []
     regions = {"image of x": (x.shape[1:], x.stride()[1:]), "weight": (weight.shape, weight.stride())}
@@ -182,13 +188,6 @@ def _triton_reasons(x: Tensor, weight: Tensor, **_: object) -> list[str]:
     return reasons
 
 
-_DISPATCH = OpDispatcher(
-    name="patch_embed",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _cuda.patch_embed_reasons},
-    preference=("triton", "cuda", "torch"),
-)
-
-
 def _rows(t: Optional[Tensor], width: int) -> Optional[Tensor]:
     """A (1, R, D) / (R, D) parameter as a 2-D (R, D) view with a unit last stride."""
     if t is None:
@@ -197,7 +196,7 @@ def _rows(t: Optional[Tensor], width: int) -> Optional[Tensor]:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _out_shape(x: Tensor, weight: Tensor, prefix: Optional[Tensor]) -> tuple[int, int, int]:
+def _out_shape(x: Tensor, weight: Tensor, prefix: Optional[Tensor]) -> Tuple[int, int, int]:
     Hp, Wp = _grid(x.shape[2], x.shape[3], weight.shape[2])
     return x.shape[0], (prefix.shape[0] if prefix is not None else 0) + Hp * Wp, weight.shape[0]
 
@@ -226,7 +225,7 @@ def _(x, weight, bias, pos_embed, prefix_tokens, backend):
 @torch.library.custom_op("fastvit::patch_embed_bwd", mutates_args=())
 def _patch_embed_bwd(
     dout: Tensor, x: Tensor, weight: Tensor, num_prefix: int, need_dx: bool, need_dweight: bool, backend: str
-) -> tuple[Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor]:
     """Returns dx (x's shape, contiguous; empty unless need_dx) and dweight (empty unless need_dweight)."""
     if backend == "cuda":
         return _cuda.patch_embed_bwd(dout, x, weight, num_prefix, need_dx, need_dweight)
@@ -262,7 +261,7 @@ def _backward(ctx, dout):
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dx = dweight = None
     if need_dx or need_dw:
-        dx, dweight = _patch_embed_bwd(dout, x, weight, P, need_dx, need_dw, ctx.backend)
+        dx, dweight = _bwd(dout, x, weight, P, need_dx, need_dw, ctx.backend)
     # One fp32 pass over dout serves the bias, the position embedding and the prefix tokens.
     dsum = torch.sum(dout, dim=0, dtype=torch.float32) if any(ctx.needs_input_grad[2:5]) else None
     dbias = dsum[P:].sum(0).to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -273,8 +272,35 @@ def _backward(ctx, dout):
     return dx if need_dx else None, dweight if need_dw else None, dbias, dpos, dprefix, None
 
 
-_patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd = eager_op(_patch_embed_fwd, _setup_context, _backward)
+_bwd = direct(_patch_embed_bwd)
 register_autocast_lower(_patch_embed_fwd)
+
+
+def _torch_launch(x, weight, bias, patch, pos_embed, prefix_tokens, pad):
+    return patch_embed_ref(x, weight, bias, patch_size=patch, pos_embed=pos_embed, prefix_tokens=prefix_tokens, pad=pad)
+
+
+def _kernel_launch(backend: str):
+    def launch(x, weight, bias, patch, pos_embed, prefix_tokens, pad):
+        D = weight.shape[0]
+        return _fwd(x, weight, bias, _rows(pos_embed, D), _rows(prefix_tokens, D), backend)
+
+    return launch
+
+
+_OP = OpDispatcher(
+    name="patch_embed",
+    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _cuda.patch_embed_reasons},
+    preference=("triton", "cuda", "torch"),
+    reference=patch_embed_ref,
+    check=_check_inputs,
+    forward_op=_patch_embed_fwd,
+    backward_op=_patch_embed_bwd,
+    autocast="lower",
+    launchers={"torch": _torch_launch, "triton": _kernel_launch("triton"), "cuda": _kernel_launch("cuda")},
+)
+_DISPATCH = _OP  # the name tests and older callers use
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -285,7 +311,7 @@ def patch_embed(
     weight: Tensor,
     bias: Optional[Tensor],
     *,
-    patch_size: Union[int, tuple[int, int]],
+    patch_size: Union[int, Tuple[int, int]],
     pos_embed: Optional[Tensor] = None,
     prefix_tokens: Optional[Tensor] = None,
     pad: bool = False,
@@ -316,7 +342,6 @@ def patch_embed(
         TypeError / ValueError: bad dtypes, shapes, patch size or mixed devices, naming the input.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
-    check_call(_OP, {"x": x, "weight": weight}, optional={"bias": bias, "pos_embed": pos_embed})
     patch = _patch_size(patch_size)
     lowered = autocast_dtype(x.device) if isinstance(x, Tensor) else None
     if lowered is not None:
@@ -326,13 +351,23 @@ def patch_embed(
             t.to(lowered) if isinstance(t, Tensor) and t.is_floating_point() else t
             for t in (x, weight, bias, pos_embed, prefix_tokens)
         )
-    _check_inputs(x, weight, bias, patch, pos_embed, prefix_tokens, pad)
-    backend = _DISPATCH.select(
-        backend, x.device, x=x, weight=weight, bias=bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens
-    )
-    if backend == "torch":
-        return patch_embed_ref(
-            x, weight, bias, patch_size=patch, pos_embed=pos_embed, prefix_tokens=prefix_tokens, pad=pad
+    try:  # the signature: validation and the choice are cached per signature
+        key = (patch, pad, *(tensor_signature(t) for t in (x, weight, bias, pos_embed, prefix_tokens)))
+        chosen = _OP.memo(key, backend, x, weight, bias, pos_embed, prefix_tokens)
+    except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
+        key, chosen = None, None
+    if chosen is None:
+        check_call(
+            "fastvit.ops.patch_embed", {"x": x, "weight": weight}, optional={"bias": bias, "pos_embed": pos_embed}
         )
-    D = weight.shape[0]
-    return _patch_embed_fwd(x, weight, bias, _rows(pos_embed, D), _rows(prefix_tokens, D), backend)
+        _check_inputs(x, weight, bias, patch, pos_embed, prefix_tokens, pad)
+
+        def run(b, x, weight, bias, pos_embed, prefix_tokens):
+            return patch_embed(
+                x, weight, bias, patch_size=patch, pos_embed=pos_embed, prefix_tokens=prefix_tokens, pad=pad, backend=b
+            )
+
+        chosen = _OP.resolve(
+            key, backend, x.device, run, x=x, weight=weight, bias=bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens
+        )
+    return _OP.launchers[chosen](x, weight, bias, patch, pos_embed, prefix_tokens, pad)

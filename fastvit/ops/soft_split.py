@@ -25,9 +25,7 @@ Backends and auto order on CUDA tensors: ``triton`` > ``cuda`` > ``torch``. Prov
 timed on an H100/H200 yet (benchmarks/bench_soft_split.py will set this order).
 """
 
-from __future__ import annotations
-
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +33,7 @@ from torch import Tensor
 
 from fastvit import kernels
 from fastvit.ops import _cuda_backends as _cuda
-from fastvit.ops._library import FLOAT_DTYPES, check_tensors, new_output, register_autocast_keep_dtype
+from fastvit.ops._library import FLOAT_DTYPES, check_tensors, direct, eager_op, new_output, register_autocast_keep_dtype
 from fastvit.ops._validate import check_call
 from fastvit.ops.dispatch import OpDispatcher
 from fastvit.ops.layer_norm import check_affine, layer_norm_ref
@@ -46,7 +44,7 @@ if kernels.TRITON_IMPORT_ERROR is None:
 __all__ = ["soft_split", "soft_split_ref"]
 
 _OP = "fastvit.ops.soft_split"
-IntPair = Union[int, tuple[int, int]]
+IntPair = Union[int, Tuple[int, int]]
 
 
 def soft_split_ref(
@@ -55,7 +53,7 @@ def soft_split_ref(
     kernel_size: IntPair,
     stride: IntPair,
     padding: IntPair,
-    hw: Optional[tuple[int, int]] = None,
+    hw: Optional[Tuple[int, int]] = None,
     norm_weight: Optional[Tensor] = None,
     norm_bias: Optional[Tensor] = None,
     norm_eps: float = 1e-5,
@@ -75,14 +73,14 @@ def soft_split_ref(
 # ---------------------------------------------------------------------------------------- checks
 
 
-def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
+def _pair(value: object, name: str, minimum: int) -> Tuple[int, int]:
     pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair):
         raise ValueError(f"{_OP}: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
     return pair  # type: ignore[return-value]
 
 
-def _geometry(x: Tensor, hw: Optional[Sequence[int]]) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+def _geometry(x: Tensor, hw: Optional[Sequence[int]]) -> Tuple[Tuple[int, int, int, int], Tuple[int, int, int, int]]:
     """(B, C, H, W) and the (b, c, h, w) strides through which x reads as an image (no copy)."""
     if not hw:
         return tuple(x.shape), tuple(x.stride())  # type: ignore[return-value]
@@ -93,7 +91,7 @@ def _geometry(x: Tensor, hw: Optional[Sequence[int]]) -> tuple[tuple[int, int, i
 
 
 def _check_inputs(
-    x: Tensor, hw: Optional[Sequence[int]], kernel: tuple[int, ...], norm_weight: Optional[Tensor],
+    x: Tensor, hw: Optional[Sequence[int]], kernel: Tuple[int, ...], norm_weight: Optional[Tensor],
     norm_bias: Optional[Tensor], norm_eps: float,
 ) -> int:  # fmt: skip
     """Validates everything; returns F, the features per output row."""
@@ -138,12 +136,12 @@ def _check_inputs(
 # -------------------------------------------------------------------------------------- backends
 
 
-def _no_reasons(**_: object) -> list[str]:
+def _no_reasons(**_: object) -> List[str]:
     return []
 
 
-def _triton_reasons(x: Tensor, channels: int, window: int, **_: object) -> list[str]:
-    reasons: list[str] = []
+def _triton_reasons(x: Tensor, channels: int, window: int, **_: object) -> List[str]:
+    reasons: List[str] = []
     if kernels.TRITON_IMPORT_ERROR is None:
         padded = _triton_kernels.padded_row_elements(channels, window)
         if padded > _triton_kernels.MAX_TILE:
@@ -159,14 +157,7 @@ def _triton_reasons(x: Tensor, channels: int, window: int, **_: object) -> list[
     return reasons
 
 
-_DISPATCH = OpDispatcher(
-    name="soft_split",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _cuda.soft_split_reasons},
-    preference=("triton", "cuda", "torch"),
-)
-
-
-def _out_shape(x: Tensor, hw: Sequence[int], kernel: Sequence[int]) -> tuple[int, int]:
+def _out_shape(x: Tensor, hw: Sequence[int], kernel: Sequence[int]) -> Tuple[int, int]:
     (B, C, H, W), _ = _geometry(x, hw)
     kh, kw, sh, sw, ph, pw = kernel
     return B * ((H + 2 * ph - kh) // sh + 1) * ((W + 2 * pw - kw) // sw + 1), C * kh * kw
@@ -177,9 +168,9 @@ def _out_shape(x: Tensor, hw: Sequence[int], kernel: Sequence[int]) -> tuple[int
 
 @torch.library.custom_op("fastvit::soft_split_fwd", mutates_args=())
 def _soft_split_fwd(
-    x: Tensor, hw: list[int], kernel: list[int], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+    x: Tensor, hw: List[int], kernel: List[int], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
     eps: float, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+) -> Tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """x: (B, C, H, W) with hw == [], or (B, L, C) tokens with hw == [H, W]; kernel = [kh, kw, sh, sw, ph, pw].
     Returns the (B * L_out, F) rows and, with LayerNorm, their fp32 mean and rstd (else empty)."""
     geometry, strides = _geometry(x, hw)
@@ -207,9 +198,9 @@ def _(x, hw, kernel, norm_weight, norm_bias, eps, backend):
 
 @torch.library.custom_op("fastvit::soft_split_bwd", mutates_args=())
 def _soft_split_bwd(
-    dy: Tensor, x: Tensor, hw: list[int], kernel: list[int], norm_weight: Optional[Tensor], mean: Tensor,
+    dy: Tensor, x: Tensor, hw: List[int], kernel: List[int], norm_weight: Optional[Tensor], mean: Tensor,
     rstd: Tensor, has_bias: bool, need_dx: bool, need_dnorm: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+) -> Tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Returns dx (x's shape, contiguous; empty unless need_dx) and, with LayerNorm and need_dnorm, the
     gradients of norm_weight and norm_bias (else empty)."""
     geometry, strides = _geometry(x, hw)
@@ -264,7 +255,7 @@ def _backward(ctx, dy, _dmean, _drstd):
     need_dnorm = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
     if not need_dx and not need_dnorm:
         return None, None, None, None, None, None, None
-    dx, dweight, dbias = _soft_split_bwd(
+    dx, dweight, dbias = _bwd(
         dy.contiguous(), x, ctx.hw, ctx.kernel, norm_weight, mean, rstd, ctx.has_bias, need_dx, need_dnorm,
         ctx.backend,
     )  # fmt: skip
@@ -275,8 +266,47 @@ def _backward(ctx, dy, _dmean, _drstd):
     )  # fmt: skip
 
 
-_soft_split_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd = eager_op(_soft_split_fwd, _setup_context, _backward)
+_bwd = direct(_soft_split_bwd)
 register_autocast_keep_dtype(_soft_split_fwd)
+
+
+def _torch_launch(x, hw, kernel, norm_weight, norm_bias, norm_eps, features):
+    kh, kw, sh, sw, ph, pw = kernel
+    return soft_split_ref(
+        x, kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw), hw=hw, norm_weight=norm_weight,
+        norm_bias=norm_bias, norm_eps=norm_eps,
+    )  # fmt: skip
+
+
+def _kernel_launch(backend: str):
+    def launch(x, hw, kernel, norm_weight, norm_bias, norm_eps, features):
+        kh, kw, sh, sw, ph, pw = kernel
+        hw_list = list(hw) if hw else []
+        (_, _, H, W), _ = _geometry(x, hw_list)
+        tokens = ((H + 2 * ph - kh) // sh + 1) * ((W + 2 * pw - kw) // sw + 1)
+        # The kernels index norm_weight / norm_bias as dense (F,) vectors: a strided or expanded (stride 0) one
+        # is copied here (a no-op when already contiguous; differentiable, so grads keep the caller's shapes).
+        norm_weight = norm_weight.contiguous() if norm_weight is not None else None
+        norm_bias = norm_bias.contiguous() if norm_bias is not None else None
+        y, _, _ = _fwd(x, hw_list, list(kernel), norm_weight, norm_bias, float(norm_eps), backend)
+        return y.view(x.shape[0], tokens, features)
+
+    return launch
+
+
+_OP = OpDispatcher(
+    name="soft_split",
+    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _cuda.soft_split_reasons},
+    preference=("triton", "cuda", "torch"),
+    reference=soft_split_ref,
+    check=_check_inputs,
+    forward_op=_soft_split_fwd,
+    backward_op=_soft_split_bwd,
+    autocast="keep",
+    launchers={"torch": _torch_launch, "triton": _kernel_launch("triton"), "cuda": _kernel_launch("cuda")},
+)
+_DISPATCH = _OP  # the name tests and older callers use
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -288,7 +318,7 @@ def soft_split(
     kernel_size: IntPair,
     stride: IntPair,
     padding: IntPair,
-    hw: Optional[tuple[int, int]] = None,
+    hw: Optional[Tuple[int, int]] = None,
     norm_weight: Optional[Tensor] = None,
     norm_bias: Optional[Tensor] = None,
     norm_eps: float = 1e-5,
@@ -319,23 +349,17 @@ def soft_split(
     (kh, kw), (sh, sw) = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1)
     ph, pw = _pair(padding, "padding", 0)
     kernel = [kh, kw, sh, sw, ph, pw]
-    check_call(_OP, {"x": x}, optional={"norm_weight": norm_weight}, eps={"norm_eps": norm_eps})
+    check_call("fastvit.ops.soft_split", {"x": x}, optional={"norm_weight": norm_weight}, eps={"norm_eps": norm_eps})
     features = _check_inputs(x, hw, tuple(kernel), norm_weight, norm_bias, norm_eps)
-    backend = _DISPATCH.select(
-        backend, x.device, x=x, norm_weight=norm_weight, norm_bias=norm_bias, hw=hw, channels=features // (kh * kw),
-        window=kh * kw,
-    )  # fmt: skip
-    if backend == "torch":
-        return soft_split_ref(
+
+    def run(b, x, norm_weight, norm_bias, **_):
+        return soft_split(
             x, kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw), hw=hw, norm_weight=norm_weight,
-            norm_bias=norm_bias, norm_eps=norm_eps,
+            norm_bias=norm_bias, norm_eps=norm_eps, backend=b,
         )  # fmt: skip
-    hw_list = list(hw) if hw else []
-    (_, _, H, W), _ = _geometry(x, hw_list)
-    tokens = ((H + 2 * ph - kh) // sh + 1) * ((W + 2 * pw - kw) // sw + 1)
-    # The kernels index norm_weight / norm_bias as dense (F,) vectors: a strided or expanded (stride 0) one
-    # is copied here (a no-op when already contiguous; differentiable, so grads keep the caller's shapes).
-    norm_weight = norm_weight.contiguous() if norm_weight is not None else None
-    norm_bias = norm_bias.contiguous() if norm_bias is not None else None
-    y, _, _ = _soft_split_fwd(x, hw_list, kernel, norm_weight, norm_bias, float(norm_eps), backend)
-    return y.view(x.shape[0], tokens, features)
+
+    backend = _OP.select(
+        backend, x.device, _run=run, x=x, norm_weight=norm_weight, norm_bias=norm_bias, hw=hw,
+        channels=features // (kh * kw), window=kh * kw,
+    )  # fmt: skip
+    return _OP.launchers[backend](x, hw, kernel, norm_weight, norm_bias, norm_eps, features)

@@ -13,6 +13,7 @@ import torch
 from fastvit import ops
 from fastvit.ops.layer_norm import _layer_norm_fwd
 from fastvit.testing import GRAD_TOLERANCE_SCALE, assert_close, poisoned_outputs
+from tests.ops.backends import kernel_backends
 
 WIDTHS = [147, 576, 768, 1023, 1024, 1280]
 
@@ -104,7 +105,7 @@ def test_non_contiguous_inputs(device):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend", kernel_backends("layer_norm", gpu_mark_cuda=True))
 def test_strided_and_expanded_weight_and_bias(backend, device):
     # The kernels read weight / bias as dense vectors: a stride-2 weight and a stride-0 (expanded) bias
     # must give the reference values and gradients in the views' own shapes.
@@ -224,7 +225,7 @@ def test_explicit_cuda_backend_on_cpu_tensors_lists_every_reason():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", kernel_backends("layer_norm"))
 @pytest.mark.parametrize("cols", [*WIDTHS, 384, 4096, 4097, 6144, 8192, 12000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True])
@@ -236,14 +237,14 @@ def test_gpu_matrix(backend, cols, dtype, residual):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", kernel_backends("layer_norm"))
 def test_gpu_fp32_weights_bf16_activations(backend):
     x, r, w, b = _inputs(2 * 197, 1024, torch.bfloat16, "cuda", residual=True, weight_dtype=torch.float32)
     _check(backend, x, r, w, b, 1e-6)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", kernel_backends("layer_norm"))
 def test_gpu_deterministic(backend):
     x, r, w, b = _inputs(50_000, 768, torch.bfloat16, "cuda", residual=True)
     runs = []
@@ -257,7 +258,7 @@ def test_gpu_deterministic(backend):
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture():
     x, r, w, b = (t.detach() for t in _inputs(394, 768, torch.float16, "cuda", residual=True))
-    for backend in ("triton", "cuda"):
+    for backend in kernel_backends("layer_norm"):
         ops.layer_norm(x, w, b, residual=r, backend=backend)  # warm-up (compilation) outside capture
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):

@@ -18,6 +18,7 @@ from torch import nn
 from fastvit import ops
 from fastvit.ops.linear import ACTIVATIONS, _linear_act_grad, _linear_fwd, linear_ref
 from fastvit.testing import assert_three_way, poisoned_outputs
+from tests.ops.backends import kernel_backends
 
 ACTS = [None, *ACTIVATIONS]
 GRAD_NAMES = ("dx", "dweight", "dbias", "dresidual")
@@ -339,7 +340,7 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("in_features, out_features, activation, residual", GPU_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("tokens", [(1, 197), (3, 197), (2, 577)])
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", kernel_backends("linear"))
 def test_gpu_matrix(in_features, out_features, activation, residual, dtype, tokens, backend):
     x, w, b, r = _inputs((*tokens, in_features), out_features, dtype, torch.device("cuda"), residual=residual)
     _check(backend, x, w, b, r, activation)

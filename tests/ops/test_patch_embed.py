@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from fastvit import ops
 from fastvit.ops.patch_embed import _patch_embed_bwd, _patch_embed_fwd, patch_embed_ref
 from fastvit.testing import assert_three_way, poisoned_outputs
+from tests.ops.backends import all_backends, kernel_backends
 
 GRAD_NAMES = ("dx", "dweight", "dbias", "dpos_embed", "dprefix_tokens")
 
@@ -171,7 +172,7 @@ def test_zero_batch(device):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", [b for b in all_backends("patch_embed") if b != "cuda"])
 @pytest.mark.parametrize("image_dtype", [torch.float32, torch.float16])
 def test_autocast_lowers_like_conv(backend, image_dtype, device):
     """fp32 parameters (and an fp32 or fp16 image) under autocast(float16) run in fp16 and return fp16 on
@@ -392,7 +393,7 @@ GPU_SHAPES = [(3, 224, 16, 768), (3, 384, 16, 768), (3, 224, 32, 768), (3, 224, 
 @pytest.mark.parametrize("C, size, patch, D", GPU_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", kernel_backends("patch_embed"))
 def test_gpu_matrix(C, size, patch, D, dtype, batch, backend):
     leaves = _inputs(batch, C, size, size, D, patch, dtype, torch.device("cuda"), prefix=1 if D != 384 else 2)
     _check(backend, leaves, patch, pad=size % patch != 0)

@@ -15,6 +15,7 @@ from torch import nn
 from fastvit import ops
 from fastvit.ops.soft_split import _soft_split_bwd, _soft_split_fwd, soft_split_ref
 from fastvit.testing import GRAD_TOLERANCE_SCALE, assert_close, poisoned_outputs
+from tests.ops.backends import kernel_backends
 
 STAGE0 = dict(kernel_size=7, stride=4, padding=2)  # on the image
 STAGE12 = dict(kernel_size=3, stride=2, padding=1)  # on the tokens of the previous stage
@@ -112,7 +113,7 @@ def test_layouts_read_in_place(device):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend", kernel_backends("soft_split", gpu_mark_cuda=True))
 def test_strided_and_expanded_norm_parameters(backend, device):
     # The kernels read norm_weight / norm_bias as dense vectors: a stride-2 weight and a stride-0
     # (expanded) bias must give the reference tokens and gradients in the views' own shapes.
@@ -272,7 +273,7 @@ GPU_CASES = [((3, 224, 224), None, STAGE0), ((3136, 64), (56, 56), STAGE12), ((7
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("fused_norm", [False, True])
 @pytest.mark.parametrize("batch", [1, 5])
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", kernel_backends("soft_split"))
 def test_gpu_t2t_shapes(shape, hw, geometry, dtype, fused_norm, batch, backend):
     cuda = torch.device("cuda")
     x = torch.randn(batch, *shape, device=cuda).to(dtype).requires_grad_()
