@@ -61,11 +61,11 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.fx._symbolic_trace import is_fx_tracing
 
 from fastvit import ops
 from fastvit.layers.attention import Attention as FastvitAttention
 from fastvit.layers.mlp import fused_activation_name
+from fastvit.layers.patch_embed import fx_symbolic_tracing
 from fastvit.ops._library import autocast_dtype
 from fastvit.ops.attention import split_qkv
 from fastvit.ops.dispatch import BACKENDS
@@ -380,7 +380,7 @@ def _falls_back(module: nn.Module, x: Any, *skipped: Optional[nn.Module]) -> boo
     dtype the kernels do not serve (logged once per class and dtype, with the reason), and when one of the
     ``skipped`` submodules, which the fused path never calls, carries hooks.
     """
-    if is_fx_tracing():
+    if fx_symbolic_tracing():
         return True
     if isinstance(x, Tensor) and x.dtype not in _KERNEL_DTYPES:
         key = (type(module).__name__, str(x.dtype))
