@@ -5,8 +5,8 @@ Loaded by tests/test_timm_suite.py in a child pytest (``-p fastvit_timm_plugin``
 - ``FASTVIT_TIMM_SUITE_MODE``: ``stock`` (timm as it is), ``patched`` (every model ``timm.create_model`` returns
   goes through ``fastvit.patch_model``) or ``fastvit`` (names fastvit registers are built by
   ``fastvit.create_model``; the rest are deselected);
-- ``FASTVIT_TIMM_SUITE_MODELS`` / ``FASTVIT_TIMM_SUITE_TESTS``: comma-separated architecture names and test
-  functions to keep (everything else is deselected);
+- ``FASTVIT_TIMM_SUITE_SELECTION``: JSON ``{test function: [architecture names]}``, the items to keep
+  (everything else is deselected);
 - ``FASTVIT_TIMM_SUITE_REPORT``: where to write ``{nodeid: outcome}`` as JSON.
 
 ``create_model`` is replaced on ``timm`` and ``timm.models`` when the plugin loads, before the test module
@@ -27,8 +27,7 @@ import fastvit
 from fastvit.fileio import atomic_write_text
 
 MODE = os.environ.get("FASTVIT_TIMM_SUITE_MODE", "stock")
-MODELS = {m for m in os.environ.get("FASTVIT_TIMM_SUITE_MODELS", "").split(",") if m}
-TESTS = {t for t in os.environ.get("FASTVIT_TIMM_SUITE_TESTS", "").split(",") if t}
+SELECTION = {t: set(models) for t, models in json.loads(os.environ.get("FASTVIT_TIMM_SUITE_SELECTION", "{}")).items()}
 REPORT = os.environ.get("FASTVIT_TIMM_SUITE_REPORT")
 if MODE not in ("stock", "patched", "fastvit"):
     raise ValueError(f"FASTVIT_TIMM_SUITE_MODE must be stock, patched or fastvit, got {MODE!r}")
@@ -64,7 +63,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     keep, drop = [], []
     for item in items:
         arch = _arch(item)
-        wanted = item.originalname in TESTS and arch in MODELS
+        wanted = arch in SELECTION.get(item.originalname, ())
         if MODE == "fastvit":
             wanted = wanted and fastvit.models.is_model(arch)
         (keep if wanted else drop).append(item)
