@@ -30,11 +30,20 @@ exactly stays unpatched and is listed in the :class:`PatchReport` with its modul
 (other block classes such as ``ParallelScalingBlock`` / ``ResPostBlock`` / ``EvaBlock``, rotary or pooling
 attention, GLU MLPs, channels-first norms, ...). A call that passes ``attn_mask`` or ``is_causal``, or that
 finds forward hooks on a submodule the fused path would skip (``timm.utils.AttentionExtract`` hooks
-``attn_drop``), runs the original forward for that call. Models built with ``fused_attn=False`` are patched
-too: both timm paths compute the same softmax attention, the kernel computes it once more in fp32.
+``attn_drop``; hooks on ``mlp.drop2`` or an Identity ``q_norm`` / ``norm`` are honoured too), runs the original
+forward for that call (or, for an Identity, calls it). So does every call under FX symbolic tracing
+(``torch.fx.symbolic_trace``, torchvision's ``create_feature_extractor``, timm's FX feature extraction and
+``AttentionExtract(method="fx")``: the graph records timm's own math) and every call with an input dtype the
+kernels do not serve (float64: logged once per class and dtype). Models built with ``fused_attn=False`` are
+patched too: both timm paths compute the same softmax attention, the kernel computes it once more in fp32.
+The attention scale is read at patch time (patch again after changing ``attn.scale``).
+
+A patched model pickles (``torch.save(model)``) and loads in a fresh process still patched; ``copy.deepcopy``
+(EMA copies) gives an independent patched copy; ``unpatch_model`` works on both.
 
 In timm's scriptable mode (``set_layer_config(scriptable=True)``) nothing is patched and the report says why:
 TorchScript cannot compile instance-bound forwards (``torch.compile`` and ``torch.export`` can).
+``torch.jit.script`` of a patched model raises :class:`PatchError` saying to unpatch first.
 
 Under ``torch.autocast`` a patched LayerNorm returns its input's dtype (``F.layer_norm`` returns fp32 there),
 as fastvit's own layers do; the block's residual adds are fused only when branch and stream dtypes agree,
@@ -56,6 +65,7 @@ from torch import Tensor, nn
 from fastvit import ops
 from fastvit.layers.attention import Attention as FastvitAttention
 from fastvit.layers.mlp import fused_activation_name
+from fastvit.layers.patch_embed import fx_symbolic_tracing
 from fastvit.ops._library import autocast_dtype
 from fastvit.ops.attention import split_qkv
 from fastvit.ops.dispatch import BACKENDS
@@ -159,17 +169,49 @@ _KINDS = ("attention", "mlp", "block", "norm", "patch_embed")
 
 @dataclass
 class _PatchState:
-    """Kept on a patched module (``module._fastvit_patch``): how to run it and what to restore."""
+    """Kept on a patched module (``module._fastvit_patch``): how to run it and what to restore.
+
+    Holds no bound method (only module-level functions and plain values), so a patched model pickles, loads
+    in a fresh process and deep-copies with its state intact.
+    """
 
     kind: str
     backend: Optional[str]
-    saved_forward: Any  # the instance-level forward that was there before (or _NO_INSTANCE_FORWARD)
-    original: Callable[..., Any]  # the forward to run on fallback calls
+    saved_forward: Any = None  # the instance-level forward that was there before, or None (the class's)
     activation: Optional[str] = None  # Mlp: the fused activation name
     fuse_norm2: bool = False  # Block: add the first residual inside norm2
+    # Attention: the scale frozen at patch time as repr(float); None = the ops' default head_dim ** -0.5. A str
+    # because torch.compile turns a float attribute symbolic on recompile (a second model with another scale),
+    # which the ops' finite-scale check cannot take, while float(str) folds to a guarded constant.
+    scale_repr: Optional[str] = None
 
 
-_NO_INSTANCE_FORWARD = object()
+class _PatchedForward:
+    """``func`` bound to ``module`` like a method, but picklable and deep-copyable: it reduces to
+    (func, module), and ``func`` is a module-level function found by name on load."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, func: Callable[..., Any], module: nn.Module):
+        self.__func__ = func
+        self.__self__ = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _PatchedForward, (self.__func__, self.__self__)
+
+    def __repr__(self) -> str:
+        return f"<fastvit patched forward {self.__func__.__name__} of {type(self.__self__).__name__}>"
+
+
+def _original(module: nn.Module) -> Callable[..., Any]:
+    """The forward a patched module runs on fallback calls: the one it had before patching."""
+    state: _PatchState = module._fastvit_patch
+    if state.saved_forward is not None:
+        return state.saved_forward
+    return types.MethodType(type(module).forward, module)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -255,6 +297,16 @@ def _attention_reason(module: nn.Module) -> Optional[str]:
     return _signature_reason(module)
 
 
+def _explicit_scale(module: nn.Module) -> Optional[str]:
+    """repr of the attention's scale, or None when it is the ops' default head_dim ** -0.5 (see _PatchState)."""
+    heads = module.num_heads
+    head_dim = getattr(module, "head_dim", module.qkv.out_features // (3 * heads))
+    scale = getattr(module, "scale", None)
+    if scale is None or float(scale) == head_dim**-0.5:
+        return None
+    return repr(float(scale))
+
+
 def _activation_name(act: nn.Module) -> Optional[str]:
     """The ``ops.linear`` epilogue equal to ``act``: torch's GELU modules (via the layers' helper) and timm's."""
     name = fused_activation_name(act)
@@ -316,27 +368,60 @@ def _patch_embed_reason(module: nn.Module) -> Optional[str]:
 # ------------------------------------------------------------------------------- patched forwards
 
 
+# Input dtypes the fused kernels serve; any other (float64, ...) runs the original forward.
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_logged_fallbacks: set[tuple[str, str]] = set()
+
+
+def _falls_back(module: nn.Module, x: Any, *skipped: Optional[nn.Module]) -> bool:
+    """Whether this call runs the module's original forward instead of the fused path.
+
+    It does under FX symbolic tracing (the graph then records timm's own, traceable math), for an input
+    dtype the kernels do not serve (logged once per class and dtype, with the reason), and when one of the
+    ``skipped`` submodules, which the fused path never calls, carries hooks.
+    """
+    if fx_symbolic_tracing():
+        return True
+    if isinstance(x, Tensor) and x.dtype not in _KERNEL_DTYPES:
+        key = (type(module).__name__, str(x.dtype))
+        if key not in _logged_fallbacks:
+            _logged_fallbacks.add(key)
+            _log.warning(
+                "fastvit.patch: %s runs its original forward for %s input: the fused kernels serve %s only "
+                "(cast the model and inputs to one of those for the fused path)",
+                key[0], key[1], ", ".join(str(d).replace("torch.", "") for d in _KERNEL_DTYPES),
+            )  # fmt: skip
+        return True
+    return _hooked(*skipped)
+
+
+def _called(module: Optional[nn.Module]) -> bool:
+    """Whether the fused path must call an optional submodule: it computes something, or hooks watch it."""
+    return not _is_identity(module) or (module is not None and _hooked(module))
+
+
 def _attention_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     state: _PatchState = self._fastvit_patch
-    if _mask_args_used(args, kwargs) or _hooked(self.qkv, self.proj, self.attn_drop):
-        return state.original(x, *args, **kwargs)
+    gate = getattr(self, "gate", None)
+    if _mask_args_used(args, kwargs) or _falls_back(self, x, self.qkv, self.proj, self.attn_drop, gate):
+        return _original(self)(x, *args, **kwargs)
     B, N, _ = x.shape
     backend = state.backend
-    gate = getattr(self, "gate", None)
+    scale = None if state.scale_repr is None else float(state.scale_repr)
     gate = ops.linear(x, gate.weight, gate.bias, backend=backend).sigmoid() if gate is not None else None
     qkv = ops.linear(x, self.qkv.weight, self.qkv.bias, backend=backend)
     dropout_p = self.attn_drop.p if self.training else 0.0
     q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
-    if _is_identity(q_norm) and _is_identity(k_norm):
-        out = ops.attention_qkvpacked(qkv, self.num_heads, scale=self.scale, dropout_p=dropout_p, backend=backend)
+    if not _called(q_norm) and not _called(k_norm):
+        out = ops.attention_qkvpacked(qkv, self.num_heads, scale=scale, dropout_p=dropout_p, backend=backend)
     else:
         q, k, v = split_qkv(qkv, self.num_heads)
-        q = q if _is_identity(q_norm) else q_norm(q)
-        k = k if _is_identity(k_norm) else k_norm(k)
-        out = ops.attention(q, k, v, scale=self.scale, dropout_p=dropout_p, backend=backend)
+        q = q_norm(q) if _called(q_norm) else q
+        k = k_norm(k) if _called(k_norm) else k
+        out = ops.attention(q, k, v, scale=scale, dropout_p=dropout_p, backend=backend)
         out = out.transpose(1, 2).reshape(B, N, qkv.shape[-1] // 3)
     norm = getattr(self, "norm", None)
-    if not _is_identity(norm):
+    if _called(norm):
         out = norm(out)
     if gate is not None:
         out = out * gate
@@ -349,31 +434,29 @@ def _mlp_run(mlp: nn.Module, x: Tensor, residual: Optional[Tensor] = None) -> Te
     h = ops.linear(x, mlp.fc1.weight, mlp.fc1.bias, activation=state.activation, backend=state.backend)
     h = mlp.drop1(h)
     norm = getattr(mlp, "norm", None)
-    if not _is_identity(norm):
+    if _called(norm):
         h = norm(h)
     if residual is None:
         return mlp.drop2(ops.linear(h, mlp.fc2.weight, mlp.fc2.bias, backend=state.backend))
     return ops.linear(h, mlp.fc2.weight, mlp.fc2.bias, residual=residual, backend=state.backend)
 
 
-def _mlp_unhooked(mlp: nn.Module) -> bool:
-    return not _hooked(mlp.fc1, mlp.act, mlp.fc2)
-
-
 def _mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
-    if not _mlp_unhooked(self):
-        return self._fastvit_patch.original(x)
+    if _falls_back(self, x, self.fc1, self.act, self.fc2):
+        return _original(self)(x)
     return _mlp_run(self, x)
 
 
 def _mlp_residual_fusable(block: nn.Module, residual: Tensor) -> bool:
+    """Whether the block may add its second residual inside fc2's epilogue: the patched Mlp would run, and
+    nothing that the fused call skips (the Mlp's own call, drop2, ls2, drop_path2) computes or is hooked."""
     mlp = block.mlp
     state = getattr(mlp, _STATE, None)
     # Under autocast the epilogue would lower an fp32 residual stream to the autocast dtype; timm keeps it fp32.
     return (
         autocast_dtype(residual.device) in (None, residual.dtype) and
         state is not None and state.kind == "mlp" and mlp.__dict__.get("forward") is not None
-        and not _hooked(mlp, block.ls2, block.drop_path2) and _mlp_unhooked(mlp)
+        and not _hooked(mlp, mlp.fc1, mlp.act, mlp.fc2, mlp.drop2, block.ls2, block.drop_path2)
         and isinstance(block.ls2, nn.Identity) and not _dropout_active(block.drop_path2)
         and not _dropout_active(mlp.drop2)
     )  # fmt: skip
@@ -381,8 +464,8 @@ def _mlp_residual_fusable(block: nn.Module, residual: Tensor) -> bool:
 
 def _block_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     state: _PatchState = self._fastvit_patch
-    if _mask_args_used(args, kwargs):
-        return state.original(x, *args, **kwargs)
+    if _mask_args_used(args, kwargs) or _falls_back(self, x):
+        return _original(self)(x, *args, **kwargs)
     a = self.drop_path1(self.ls1(self.attn(self.norm1(x))))
     norm2 = self.norm2
     if state.fuse_norm2 and a.dtype == x.dtype and not _hooked(norm2):  # autocast: bf16 branch, fp32 stream
@@ -396,6 +479,8 @@ def _block_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Ten
 
 
 def _layer_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
+    if _falls_back(self, x):
+        return _original(self)(x)
     return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=self._fastvit_patch.backend)
 
 
@@ -430,15 +515,15 @@ def _check_patch_embed_size(module: nn.Module, x: Tensor) -> None:
 
 
 def _patch_embed_forward(self: nn.Module, x: Tensor) -> Tensor:
-    if _hooked(self.proj):
-        return self._fastvit_patch.original(x)
+    if _falls_back(self, x, self.proj):
+        return _original(self)(x)
     _check_patch_embed_size(self, x)
     return self.norm(_embed_tokens(self, x))
 
 
 def _hybrid_embed_forward(self: nn.Module, x: Tensor) -> Tensor:
-    if _hooked(self.proj):
-        return self._fastvit_patch.original(x)
+    if _falls_back(self, x, self.proj):
+        return _original(self)(x)
     x = self.backbone(x)
     if isinstance(x, (list, tuple)):
         x = x[-1]  # timm takes the last feature map of a multi-output backbone
@@ -499,16 +584,27 @@ def _classify(module: nn.Module) -> Optional[_Candidate]:
     return None
 
 
+def _refuse_scripting(module: nn.Module) -> nn.Module:
+    """``torch.jit.script`` calls ``__prepare_scriptable__`` on every submodule first: a patched one stops it."""
+    raise PatchError(
+        f"fastvit: torch.jit.script cannot compile a patched model ({type(module).__name__} runs fastvit's "
+        "fused forward, bound on the instance). Unpatch first: fastvit.unpatch_model(model), then script it "
+        "(or script a stock copy); torch.compile and torch.export take the patched model as it is"
+    )
+
+
 def _bind(module: nn.Module, state: _PatchState, fn: Callable[..., Any]) -> None:
     module.__dict__[_STATE] = state
-    module.__dict__["forward"] = types.MethodType(fn, module)
+    module.__dict__["forward"] = _PatchedForward(fn, module)
+    module.__dict__["__prepare_scriptable__"] = _PatchedForward(_refuse_scripting, module)
 
 
 def _restore(module: nn.Module) -> bool:
     state = module.__dict__.pop(_STATE, None)
     if state is None:
         return False
-    if state.saved_forward is _NO_INSTANCE_FORWARD:
+    module.__dict__.pop("__prepare_scriptable__", None)
+    if state.saved_forward is None:
         module.__dict__.pop("forward", None)
     else:
         module.__dict__["forward"] = state.saved_forward
@@ -600,9 +696,10 @@ def patch_model(
         state = _PatchState(
             kind=cand.kind,
             backend=backend,
-            saved_forward=module.__dict__.get("forward", _NO_INSTANCE_FORWARD),
-            original=module.forward,
+            saved_forward=module.__dict__.get("forward"),
         )
+        if cand.kind == "attention":
+            state.scale_repr = _explicit_scale(module)
         if cand.kind == "mlp":
             state.activation = _activation_name(module.act)
         if cand.kind == "block":

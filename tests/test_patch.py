@@ -608,3 +608,185 @@ def test_gpu_compile_fullgraph_and_cuda_graph_capture():
     torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2e-2)
     runner = graph_replay(model, x)
     torch.testing.assert_close(runner(x), eager, atol=1e-3, rtol=1e-3)
+
+
+# ------------------------------------------------------------- timm ecosystem: FX, pickle, copies, hooks
+
+
+def _assert_same_outputs_and_grads(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    out_a, out_b = _logits(a(x)), _logits(b(x))
+    torch.testing.assert_close(out_b, out_a, **FP32)
+    g = torch.randn_like(out_a)
+    ga, gb = _grads(a, x, g), _grads(b, x, g)
+    assert ga.keys() == gb.keys() and ga
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], **FP32, msg=name)
+
+
+def test_fx_symbolic_trace_of_a_patched_model_matches_stock():
+    stock, patched, _ = _pair(_tiny(depth=2, qk_norm=True).eval())
+    traced = torch.fx.symbolic_trace(patched)
+    assert not any(n.op == "call_function" and "fastvit" in str(n.target) for n in traced.graph.nodes)
+    _assert_same_outputs_and_grads(stock, traced, torch.randn(2, 3, 32, 32))
+
+
+def test_fx_feature_extraction_and_attention_extract_on_patched_models():
+    from timm.utils import AttentionExtract
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    stock, patched, _ = _pair(_tiny(depth=2).eval())
+    x = torch.randn(1, 3, 32, 32)
+    nodes = {"blocks.1": "last_block"}
+    want = create_feature_extractor(stock, return_nodes=nodes)(x)["last_block"]
+    got = create_feature_extractor(patched, return_nodes=nodes)(x)["last_block"]
+    torch.testing.assert_close(got, want, **FP32)
+    for model in (stock, patched):
+        for m in model.modules():
+            if isinstance(m, TimmAttention):
+                m.fused_attn = False  # AttentionExtract reads the explicit softmax; the patch still fuses it
+    maps = AttentionExtract(patched, method="fx")(x)
+    ref = AttentionExtract(stock, method="fx")(x)
+    assert maps.keys() == ref.keys() and len(maps) == 2
+    for k in ref:
+        torch.testing.assert_close(maps[k], ref[k], **FP32)
+
+
+def test_timm_features_only_fx_wrapper_on_a_patched_model():
+    from timm.models import FeatureGraphNet
+
+    stock, patched, _ = _pair(_tiny(depth=2).eval())
+    feats = FeatureGraphNet(patched, out_indices=(0, 1), return_dict=False)
+    ref = FeatureGraphNet(stock, out_indices=(0, 1), return_dict=False)
+    x = torch.randn(1, 3, 32, 32)
+    for a, b in zip(feats(x), ref(x)):
+        torch.testing.assert_close(a, b, **FP32)
+
+
+def test_pickle_and_torch_save_load_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    model = _tiny(depth=1).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    report = patch_model(model)
+    path = tmp_path / "patched.pt"
+    torch.save({"model": model, "x": x, "ref": ref, "n": report.num_patched}, path)
+    child = f"""
+import torch, pickle
+blob = torch.load({str(path)!r}, weights_only=False)
+model = blob["model"]
+patched = [m for m in model.modules() if "_fastvit_patch" in m.__dict__]
+assert len(patched) == blob["n"], (len(patched), blob["n"])
+with torch.no_grad():
+    torch.testing.assert_close(model(blob["x"]), blob["ref"], atol=1e-5, rtol=1e-5)
+again = pickle.loads(pickle.dumps(model))
+import fastvit
+assert fastvit.unpatch_model(again) == blob["n"]
+assert not any("forward" in m.__dict__ for m in again.modules())
+with torch.no_grad():
+    torch.testing.assert_close(again(blob["x"]), blob["ref"], atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_deepcopy_ema_copies_unpatch_and_round_trip():
+    model = _tiny(depth=1, init_values=0.1).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    n = patch_model(model).num_patched
+    ema = copy.deepcopy(model)
+    for m in ema.modules():
+        fwd = m.__dict__.get("forward")
+        assert fwd is None or fwd.__self__ is m  # bound to the copy, not the source
+    with torch.no_grad():
+        torch.testing.assert_close(ema(x), ref, **FP32)
+    assert unpatch_model(ema) == n
+    assert all("forward" not in m.__dict__ for m in ema.modules())
+    with torch.no_grad():
+        assert torch.equal(ema(x), copy.deepcopy(ema)(x))
+        torch.testing.assert_close(ema(x), ref, **FP32)
+    again = copy.deepcopy(ema)
+    assert patch_model(again).num_patched == n
+    assert unpatch_model(copy.deepcopy(again)) == n
+    assert unpatch_model(model) == n  # the source is untouched by its copies
+
+
+def test_compile_fullgraph_several_widths_in_one_process():
+    torch._dynamo.reset()
+    x = torch.randn(1, 3, 32, 32)
+    for dim, heads in ((32, 2), (48, 2), (64, 4), (96, 2)):
+        model = _tiny(depth=1, embed_dim=dim, num_heads=heads).eval()
+        patch_model(model)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), **FP32)
+
+
+def test_compile_fullgraph_with_a_non_default_scale():
+    torch._dynamo.reset()
+    x = torch.randn(1, 3, 32, 32)
+    for scale in (0.1, 0.2):
+        model = _tiny(depth=1).eval()
+        model.blocks[0].attn.scale = scale
+        stock = copy.deepcopy(model)
+        stock.blocks[0].attn.fused_attn = False  # timm's SDPA path ignores .scale; its explicit path uses it
+        patch_model(model)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), stock(x), **FP32)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "blocks.0.mlp.drop2",
+        "blocks.0.attn.q_norm",
+        "blocks.0.attn.k_norm",
+        "blocks.0.attn.norm",
+        "blocks.0.mlp.norm",
+        "blocks.0.mlp.fc2",
+        "blocks.0.mlp.act",
+        "blocks.0.ls2",
+        "blocks.0.drop_path2",
+        "blocks.0.norm2",
+        "patch_embed.proj",
+    ],
+)
+def test_forward_hooks_on_every_submodule_fire(path):
+    stock, patched, _ = _pair(_tiny(depth=1).eval())
+    x = torch.randn(1, 3, 32, 32)
+    seen: dict[str, list] = {"stock": [], "patched": []}
+    for key, model in (("stock", stock), ("patched", patched)):
+        model.get_submodule(path).register_forward_hook(lambda m, i, o, _k=key: seen[_k].append(o.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), stock(x), **FP32)
+    assert seen["patched"] == seen["stock"] and len(seen["stock"]) == 1
+
+
+def test_float64_falls_back_with_a_logged_reason(caplog, op_calls):
+    stock, patched, _ = _pair(_tiny(depth=1).eval())
+    stock, patched = stock.double(), patched.double()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="fastvit.patch"), torch.no_grad():
+        out = patched(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, stock(x), atol=1e-12, rtol=1e-12)
+    assert sum(op_calls.values()) == 0
+    assert any("float64" in r.getMessage() and "original forward" in r.getMessage() for r in caplog.records)
+    with torch.no_grad():
+        patched.float()(x.float())
+    assert op_calls["linear"] > 0  # the fused path again once the dtype is served
+
+
+def test_torch_jit_script_of_a_patched_model_says_unpatch_first():
+    model = _tiny(depth=1).eval()
+    patch_model(model)
+    with pytest.raises(PatchError, match="Unpatch first: fastvit.unpatch_model"):
+        torch.jit.script(model)
+    unpatch_model(model)
+    assert all("__prepare_scriptable__" not in m.__dict__ for m in model.modules())

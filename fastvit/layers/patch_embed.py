@@ -3,13 +3,18 @@ prefix tokens prepended and the position embedding added in the same op)."""
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from torch import Tensor, nn
 
+try:  # true under torch.fx.symbolic_trace only (not torch.export / torch.compile, which trace the ops themselves)
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as fx_symbolic_tracing
+except ImportError:  # older torch: one flag for every FX-based tracer
+    from torch.fx._symbolic_trace import is_fx_tracing as fx_symbolic_tracing
+
 from fastvit import ops
 
-__all__ = ["PatchEmbed", "check_image_batch", "to_2tuple"]
+__all__ = ["PatchEmbed", "check_image_batch", "fx_symbolic_tracing", "to_2tuple", "traced_grid"]
 
 
 def to_2tuple(v: Union[int, tuple[int, int], list[int]]) -> tuple[int, int]:
@@ -47,6 +52,17 @@ def check_image_batch(x: Tensor, in_chans: int, img_size: Optional[tuple[int, in
             f"build with dynamic_img_size=True"
         )
     return H, W
+
+
+def traced_grid(embed: nn.Module, x: Tensor) -> Optional[tuple[Any, Any]]:
+    """Under FX symbolic tracing, the token grid of an embedding layer without checking ``x`` (its shapes are
+    proxies, so no control flow may depend on them): the built grid for strict layers, else the grid computed
+    from the traced shapes. None when not tracing (the caller validates ``x``)."""
+    if not fx_symbolic_tracing():
+        return None
+    if embed.strict_img_size:
+        return embed.grid_size
+    return embed.feat_size((x.shape[-2], x.shape[-1]))
 
 
 class PatchEmbed(nn.Module):
@@ -105,6 +121,9 @@ class PatchEmbed(nn.Module):
         Raises:
             ValueError: not (B, C, H, W), wrong channel count, or a size the module cannot take.
         """
+        grid = traced_grid(self, x)
+        if grid is not None:
+            return grid
         H, W = check_image_batch(x, self.in_chans, self.img_size if self.strict_img_size else None)
         p = self.patch_size[0]
         if not self.dynamic_img_pad and (H % p or W % p):

@@ -15,11 +15,12 @@ import math
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastvit import ops
-from fastvit.layers.patch_embed import check_image_batch, to_2tuple
+from fastvit.layers.patch_embed import check_image_batch, to_2tuple, traced_grid
 from fastvit.models.registry import load_weights, register_model
 from fastvit.models.vit import VisionTransformer, _cfg, _create
 
@@ -37,6 +38,10 @@ def _pad_same(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], value
     if ph == 0 and pw == 0:
         return x
     return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=value)
+
+
+# FX symbolic tracing records the padding as one call (it branches on the input size), as timm wraps its own.
+torch.fx.wrap("_pad_same")
 
 
 class StdConv2dSame(nn.Conv2d):
@@ -231,6 +236,9 @@ class HybridEmbed(nn.Module):
 
     def check_input(self, x: Tensor) -> tuple[int, int]:
         """Validates an image batch and returns its token grid (ValueError naming the fix otherwise)."""
+        grid = traced_grid(self, x)
+        if grid is not None:
+            return grid
         H, W = check_image_batch(x, self.in_chans, self.img_size if self.strict_img_size else None)
         return self.feat_size((H, W))
 

@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
+from fastvit.models._timm_compat import build_context, finish_model, pop_factory_options, scriptable_timm_model
+
 __all__ = ["create_model", "is_model", "list_models", "load_weights", "model_entrypoint", "register_model"]
 
 _ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
@@ -101,7 +103,11 @@ def create_model(
             feature extractors), or with a ``.tag`` that tag's weights' count (21843 for ``.augreg_in21k``).
         img_size: input resolution the position embedding is built for. None keeps the default.
         **overrides: further constructor arguments of the architecture (``drop_path_rate=0.1``,
-            ``global_pool="avg"``, ``dynamic_img_size=True``, ...).
+            ``global_pool="avg"``, ``dynamic_img_size=True``, ...), and timm's factory options:
+            ``features_only=True`` (with ``out_indices``, ``feature_cls="getter" | "fx"``, ``output_fmt``)
+            returns timm's feature wrapper around the model; ``device`` / ``dtype`` place the tensors (built
+            directly on ``device``, ``"meta"`` included). In timm's scriptable mode the model is timm's own
+            (see ``fastvit.models._timm_compat``).
 
     Returns:
         The model in train mode (like timm); call ``.eval()`` for inference.
@@ -113,6 +119,7 @@ def create_model(
     """
     entrypoint = model_entrypoint(name)
     kwargs = dict(overrides)
+    factory_options = pop_factory_options(kwargs)
     if num_classes is None and "." in name:
         num_classes = _tag_num_classes(name)  # timm: the tag's weights set the default head size
     if num_classes is not None:
@@ -120,7 +127,10 @@ def create_model(
     if img_size is not None:
         kwargs["img_size"] = img_size
     check_pretrained(name, pretrained)  # a bad value fails before the (possibly large) model is built
-    return load_weights(entrypoint(**kwargs), name, pretrained)
+    with build_context(factory_options):
+        model = scriptable_timm_model(name, kwargs) or entrypoint(**kwargs)
+    model = load_weights(model, name, pretrained)
+    return finish_model(model, factory_options)
 
 
 def check_pretrained(name: str, pretrained: Any) -> None:

@@ -62,6 +62,7 @@ from fastvit.layers.linear import Linear
 from fastvit.layers.mlp import Mlp
 from fastvit.layers.norm import LayerNorm
 from fastvit.layers.pos_embed import resample_abs_pos_embed
+from fastvit.models._timm_compat import TimmCfgMixin
 from fastvit.models._validate import check_model_args, image_size
 from fastvit.models.registry import load_weights, register_model
 
@@ -410,10 +411,11 @@ _PRETRAINED_CFG = {
     "num_classes": 1000,
     "first_conv": "tokens_to_token.soft_split0",
     "classifier": "head",
+    "fixed_input_size": True,
 }
 
 
-class T2TViT(nn.Module):
+class T2TViT(TimmCfgMixin, nn.Module):
     """Tokens-to-Token ViT with the official module tree and state-dict keys (see the module docstring).
 
     Args:

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastvit.layers import Attention, Block, LayerNorm, Linear, Mlp, PatchEmbed, resample_abs_pos_embed, to_2tuple
 from fastvit.layers.pos_embed import POS_EMBED_INTERPOLATIONS
+from fastvit.models._timm_compat import TimmCfgMixin
 from fastvit.models._validate import check_model_args, image_size
 from fastvit.models.registry import load_weights, register_model
 
@@ -39,7 +40,8 @@ def _cfg(
 ) -> dict[str, Any]:
     return dict(
         tag=tag, input_size=(3, img, img), crop_pct=0.9 if img == 224 else 1.0, interpolation="bicubic",
-        num_classes=num_classes, first_conv="patch_embed.proj", classifier="head", **(norm or _INCEPTION), **kwargs,
+        num_classes=num_classes, first_conv="patch_embed.proj", classifier="head", fixed_input_size=True,
+        **(norm or _INCEPTION), **kwargs,
     )  # fmt: skip
 
 
@@ -66,7 +68,7 @@ def feature_take_indices(num_blocks: int, indices: Optional[Union[int, Sequence[
     return take, max(take)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(TimmCfgMixin, nn.Module):
     """timm's ``VisionTransformer`` on fastvit layers (same constructor arguments where supported,
     same attributes, module tree and state-dict keys).
 
@@ -220,6 +222,21 @@ class VisionTransformer(nn.Module):
 
         if weight_init != "skip":
             self.init_weights()
+
+    # ------------------------------------------------------------------------------- timm metadata
+
+    @property
+    def in_chans(self) -> int:
+        """Image channels (timm's model trait)."""
+        return self.patch_embed.in_chans
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's ``feature_info``: one entry per block (module path, channels, reduction in pixels), the levels
+        ``forward_intermediates`` and ``create_model(..., features_only=True)`` return."""
+        reduction = self.patch_embed.img_size[0] // max(self.patch_embed.grid_size[0], 1)
+        depth = len(self.blocks)
+        return [dict(module=f"blocks.{i}", num_chs=self.embed_dim, reduction=reduction) for i in range(depth)]
 
     # ------------------------------------------------------------------------------- parameters
 
