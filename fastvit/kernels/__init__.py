@@ -4,8 +4,6 @@ Importing a kernel module decorates its kernels with ``triton.jit``; under ``TRI
 (read by Triton at that moment) they run on the CPU through the interpreter.
 """
 
-from __future__ import annotations
-
 import os
 from typing import Optional
 

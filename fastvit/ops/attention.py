@@ -39,8 +39,6 @@ go to ``torch`` unless ``backend="triton"`` is asked for under the Triton interp
 rollout and hooks); it is plain torch and materialises the (B, H, Nq, Nk) matrix.
 """
 
-from __future__ import annotations
-
 import math
 from typing import Optional
 

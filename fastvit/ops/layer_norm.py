@@ -18,8 +18,6 @@ Backends and auto order on CUDA tensors: ``triton`` > ``cuda`` > ``torch``. Prov
 kernel has been timed on an H100/H200 yet (benchmarks/bench_layer_norm.py will set this order).
 """
 
-from __future__ import annotations
-
 from typing import Optional, Union
 
 import torch

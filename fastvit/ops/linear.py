@@ -39,8 +39,6 @@ Triton GEMM nor the cuBLASLt one has been timed on an H100/H200 yet (benchmarks/
 this order).
 """
 
-from __future__ import annotations
-
 from typing import Optional
 
 import torch

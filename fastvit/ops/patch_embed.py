@@ -32,8 +32,6 @@ Backends and auto order on CUDA tensors: ``triton`` > ``cuda`` > ``torch``. Prov
 timed on an H100/H200 yet (benchmarks/bench_patch_embed.py will set this order).
 """
 
-from __future__ import annotations
-
 from typing import Optional, Union
 
 import torch

@@ -25,9 +25,7 @@ Backends and auto order on CUDA tensors: ``triton`` > ``cuda`` > ``torch``. Prov
 timed on an H100/H200 yet (benchmarks/bench_soft_split.py will set this order).
 """
 
-from __future__ import annotations
-
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -176,7 +174,7 @@ def _out_shape(x: Tensor, hw: Sequence[int], kernel: Sequence[int]) -> tuple[int
 
 @torch.library.custom_op("fastvit::soft_split_fwd", mutates_args=())
 def _soft_split_fwd(
-    x: Tensor, hw: list[int], kernel: list[int], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+    x: Tensor, hw: List[int], kernel: List[int], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
     eps: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """x: (B, C, H, W) with hw == [], or (B, L, C) tokens with hw == [H, W]; kernel = [kh, kw, sh, sw, ph, pw].
@@ -206,7 +204,7 @@ def _(x, hw, kernel, norm_weight, norm_bias, eps, backend):
 
 @torch.library.custom_op("fastvit::soft_split_bwd", mutates_args=())
 def _soft_split_bwd(
-    dy: Tensor, x: Tensor, hw: list[int], kernel: list[int], norm_weight: Optional[Tensor], mean: Tensor,
+    dy: Tensor, x: Tensor, hw: List[int], kernel: List[int], norm_weight: Optional[Tensor], mean: Tensor,
     rstd: Tensor, has_bias: bool, need_dx: bool, need_dnorm: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Returns dx (x's shape, contiguous; empty unless need_dx) and, with LayerNorm and need_dnorm, the
