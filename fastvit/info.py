@@ -19,7 +19,57 @@ import fastvit
 from fastvit import _ext, kernels
 from fastvit.ops import dispatch
 
-__all__ = ["collect", "main"]
+__all__ = ["SUPPORTED", "collect", "main", "version_warnings"]
+
+# The tested range, one (oldest, newest) pair of release numbers per dependency: CI runs the whole suite on
+# both ends (.ci/requirements-oldest.txt and .ci/requirements-dev.txt); pyproject.toml states the same bounds.
+SUPPORTED = {
+    "torch": ((2, 5, 1), (2, 15, 0)),
+    "triton": ((3, 1, 0), (3, 9, 0)),
+    "numpy": ((1, 26, 4), (2, 4, 6)),
+}
+
+
+def _release(version: str) -> tuple:
+    """``"2.5.1+cu124"`` -> ``(2, 5, 1)``; non-numeric fields end it (``"3.2.0rc1"`` -> ``(3, 2)``)."""
+    out = []
+    for field in version.split("+")[0].split("."):
+        if not field.isdigit():
+            break
+        out.append(int(field))
+    return tuple(out)
+
+
+def _dotted(release: tuple) -> str:
+    return ".".join(map(str, release))
+
+
+def version_warnings(versions: dict[str, str]) -> list[str]:
+    """One line per installed dependency outside the tested range, or in a known-bad pairing; [] when all is
+    tested. ``versions`` maps package name to its version string (a missing or unparsable one is skipped)."""
+    out = []
+    for name, (low, high) in SUPPORTED.items():
+        got = _release(versions.get(name) or "")
+        if not got:
+            continue
+        if got < low or got[: len(high) - 1] > high[:-1]:
+            out.append(
+                f"{name} {versions[name]} is outside the tested range {_dotted(low)} to {_dotted(high[:-1])}.x: "
+                f"install one inside it (pip install '{name}>={_dotted(low)},<{_dotted((high[0], high[1] + 1))}')"
+            )
+    triton, numpy, torch_v = (_release(versions.get(k) or "") for k in ("triton", "numpy", "torch"))
+    if triton and numpy and triton < (3, 2) and numpy >= (2,):
+        out.append(
+            f"numpy {versions['numpy']} with triton {versions['triton']}: Triton's interpreter before 3.2 is "
+            "tested with numpy 1.26 only (triton 3.0 with numpy 2 silently returns zeros): pip install 'numpy<2'"
+        )
+    if torch_v and numpy and (2, 5) <= torch_v < (2, 11) and numpy >= (2, 4):
+        out.append(
+            f"numpy {versions['numpy']} with torch {versions['torch']}: numpy 2.4 does not match the numpy ABI of "
+            "torch 2.10 and older (measured on torch 2.10: 130 test failures, none with numpy 2.3); "
+            "pip install 'numpy<2.4'"
+        )
+    return out
 
 
 def _version(module: str) -> str:
@@ -74,6 +124,11 @@ def collect() -> dict[str, Any]:
         "triton": kernels.TRITON_VERSION or f"not importable ({kernels.TRITON_IMPORT_ERROR})",
         "triton_interpreter": kernels.INTERPRET,
         "timm": _version("timm"),
+        "numpy": _version("numpy"),
+        "supported": {name: f"{_dotted(low)} to {_dotted(high[:-1])}.x" for name, (low, high) in SUPPORTED.items()},
+        "version_warnings": version_warnings(
+            {"torch": torch.__version__, "triton": kernels.TRITON_VERSION or "", "numpy": _version("numpy")}
+        ),
         "gpus": gpus,
         "device_for_ops": str(device),
         "extension": {
@@ -99,6 +154,10 @@ def main() -> None:
         + ("  [TRITON_INTERPRET=1: kernels run on the CPU]" if info["triton_interpreter"] else "")
     )
     print(f"timm    {info['timm']}")
+    print(f"numpy   {info['numpy']}")
+    print("tested  " + ", ".join(f"{name} {rng}" for name, rng in info["supported"].items()))
+    for line in info["version_warnings"]:
+        print(f"WARNING {line}")
     if info["gpus"]:
         for g in info["gpus"]:
             print(

@@ -11,7 +11,9 @@ annotations at run time and takes a string annotation for an ordinary argument.
 """
 
 import contextlib
+import copy
 import inspect
+import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -118,6 +120,25 @@ def autotuner_best_config(tuner: Any) -> Any:
         ) from None
 
 
+_WARP_SPEC_FIELDS = ("num_buffers_warp_spec", "num_consumer_groups", "reg_dec_producer", "reg_inc_consumer")
+
+
+def _without_warp_spec(config: Any) -> Any:
+    """A copy of a Triton 3.2 ``Config`` whose warp-specialisation fields are unset (left out of the launch)."""
+    config = copy.copy(config)
+    for field in _WARP_SPEC_FIELDS:
+        if hasattr(config, field):
+            setattr(config, field, None)
+    return config
+
+
+def _deferred_benchmarker(kernel_call: Callable[[], Any], quantiles: Any) -> Any:
+    """The benchmarker Triton's Autotuner uses by default, looked up when a trial is timed."""
+    from triton.runtime import driver
+
+    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
 class LazyAutotune:
     """``triton.autotune(**options)(kernel)``, built at the first launch instead of at import.
 
@@ -150,7 +171,26 @@ class LazyAutotune:
         if self.built is None:
             import triton
 
-            self.built = triton.autotune(**self.options)(self.fn)
+            options = dict(self.options)
+            if "do_bench" in inspect.signature(triton.autotune).parameters and options.get("do_bench") is None:
+                # Triton 3.2 and 3.3 look up driver.active.get_benchmarker() in Autotuner.__init__, which raises
+                # "0 active drivers" under the interpreter on a machine without a GPU; look it up at the first
+                # benchmark instead (never, with a single config). Triton 3.1 has no do_bench parameter.
+                options["do_bench"] = _deferred_benchmarker
+            if TRITON_VERSION_TUPLE[:2] == (3, 2) and os.environ.get("TRITON_INTERPRET", "0") == "1":
+                # Triton 3.2's Config.all_kwargs() passes its warp-specialisation fields (0, not None, by default)
+                # to the launch, and its interpreter hands them to the kernel as arguments (TypeError).
+                options["configs"] = [_without_warp_spec(c) for c in options["configs"]]
+            if TRITON_VERSION_TUPLE[:2] == (3, 2):
+                # Triton 3.2's triton.autotune takes do_bench but does not pass it on: build its Autotuner as
+                # the decorator would, with it.
+                from triton.runtime.autotuner import Autotuner
+
+                configs, key = options.pop("configs"), options.pop("key")
+                reset, restore = options.pop("reset_to_zero", None), options.pop("restore_value", None)
+                self.built = Autotuner(self.fn, self.fn.arg_names, configs, key, reset, restore, **options)
+            else:
+                self.built = triton.autotune(**options)(self.fn)
         return self.built
 
     def __getitem__(self, grid: Any) -> Any:
