@@ -89,7 +89,7 @@ def _record_launches(exercise) -> list[dict]:
         # A module's autotuned kernel is a LazyAutotune; the Autotuner the launch passed through is its .built.
         outer = wrappers[0] if wrappers else None
         wrapper = next(
-            (a for a, o in vars(module).items() if outer is not None and outer in (o, getattr(o, "built", None))),
+            (a for a, o in vars(module).items() if outer is not None and outer is getattr(o, "built", o)),
             None,
         )
         record = {"module": self.fn.__module__, "name": self.fn.__name__, "wrapper": wrapper, "args": described}
