@@ -30,16 +30,6 @@ SUPPORTED = {
 }
 
 
-def _release(version: str) -> tuple:
-    """``"2.5.1+cu124"`` -> ``(2, 5, 1)``; non-numeric fields end it (``"3.2.0rc1"`` -> ``(3, 2)``)."""
-    out = []
-    for field in version.split("+")[0].split("."):
-        if not field.isdigit():
-            break
-        out.append(int(field))
-    return tuple(out)
-
-
 def _dotted(release: tuple) -> str:
     return ".".join(map(str, release))
 
@@ -49,7 +39,7 @@ def version_warnings(versions: dict[str, str]) -> list[str]:
     tested. ``versions`` maps package name to its version string (a missing or unparsable one is skipped)."""
     out = []
     for name, (low, high) in SUPPORTED.items():
-        got = _release(versions.get(name) or "")
+        got = kernels.release_tuple(versions.get(name) or "")
         if not got:
             continue
         if got < low or got[: len(high) - 1] > high[:-1]:
@@ -57,7 +47,7 @@ def version_warnings(versions: dict[str, str]) -> list[str]:
                 f"{name} {versions[name]} is outside the tested range {_dotted(low)} to {_dotted(high[:-1])}.x: "
                 f"install one inside it (pip install '{name}>={_dotted(low)},<{_dotted((high[0], high[1] + 1))}')"
             )
-    triton, numpy, torch_v = (_release(versions.get(k) or "") for k in ("triton", "numpy", "torch"))
+    triton, numpy, torch_v = (kernels.release_tuple(versions.get(k) or "") for k in ("triton", "numpy", "torch"))
     if triton and numpy and triton < (3, 2) and numpy >= (2,):
         out.append(
             f"numpy {versions['numpy']} with triton {versions['triton']}: Triton's interpreter before 3.2 is "

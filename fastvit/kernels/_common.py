@@ -14,13 +14,14 @@ import contextlib
 import copy
 import inspect
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from fastvit.kernels import TRITON_VERSION_TUPLE
+
 __all__ = [
     "MAX_GRID_YZ",
-    "TRITON_VERSION_TUPLE",
     "LazyAutotune",
     "autotuner_best_config",
     "device_guard",
@@ -80,26 +81,6 @@ def launch_autotuned(tuned: "LazyAutotune", grid: Callable[[dict], tuple], *args
         return
     tuned[grid](*args, **kwargs)
     _CHOSEN[key] = tuned.best_config
-
-
-def _version_tuple(version: str) -> Tuple[int, ...]:
-    """``"3.1.0"`` / ``"3.2.0+git1a2b"`` -> ``(3, 1, 0)``: the leading numeric fields only."""
-    parts = []
-    for field in version.split("+")[0].split("."):
-        digits = "".join(ch for ch in field if ch.isdigit()) if field[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
-def _triton_version() -> Tuple[int, ...]:
-    import triton
-
-    return _version_tuple(triton.__version__)
-
-
-TRITON_VERSION_TUPLE: Tuple[int, ...] = _triton_version()
 
 
 def autotuner_best_config(tuner: Any) -> Any:
