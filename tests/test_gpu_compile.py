@@ -32,8 +32,8 @@ pytestmark = [
 
 def _astsource_takes_constexprs() -> bool:
     """Whether this Triton's ``ASTSource`` has the keyword API tests/gpu_compile_child.py compiles through
-    (``constexprs=`` and per-argument-path ``attrs``, Triton 3.3 and later; older ones take ``constants=``
-    keyed differently)."""
+    (``constexprs=`` and per-argument-path ``attrs``; Triton 3.1 and 3.2 take ``constants=``, keyed
+    differently)."""
     import inspect
 
     from triton.compiler import ASTSource
@@ -200,8 +200,8 @@ def test_every_op_family_is_exercised():
 
 @pytest.mark.skipif(
     not _astsource_takes_constexprs(),
-    reason="the compile child uses triton.compiler.ASTSource(constexprs=...), Triton >= 3.3; this older Triton's "
-    "ASTSource takes constants=, so the GPU-compile matrix runs on the newest pinned stack (.ci/run)",
+    reason="the compile child uses triton.compiler.ASTSource(constexprs=...); this older Triton's ASTSource takes "
+    "constants=, so the GPU-compile matrix runs on the newest pinned stack (.ci/run)",
 )
 @pytest.mark.parametrize("family", sorted(EXERCISES))
 def test_triton_kernels_compile_for_sm80_and_sm90(family, tmp_path):
