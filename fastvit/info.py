@@ -20,7 +20,47 @@ import fastvit
 from fastvit import _ext, kernels
 from fastvit.ops import dispatch
 
-__all__ = ["collect", "driver_version", "git_sha", "main"]
+__all__ = ["SUPPORTED", "collect", "driver_version", "git_sha", "main", "version_warnings"]
+
+# The tested range, one (oldest, newest) pair of release numbers per dependency: CI runs the whole suite on
+# both ends (.ci/requirements-oldest.txt and .ci/requirements-dev.txt); pyproject.toml states the same bounds.
+SUPPORTED = {
+    "torch": ((2, 5, 1), (2, 15, 0)),
+    "triton": ((3, 1, 0), (3, 9, 0)),
+    "numpy": ((1, 26, 4), (2, 4, 6)),
+}
+
+
+def _dotted(release: tuple) -> str:
+    return ".".join(map(str, release))
+
+
+def version_warnings(versions: dict[str, str]) -> list[str]:
+    """One line per installed dependency outside the tested range, or in a known-bad pairing; [] when all is
+    tested. ``versions`` maps package name to its version string (a missing or unparsable one is skipped)."""
+    out = []
+    for name, (low, high) in SUPPORTED.items():
+        got = kernels.release_tuple(versions.get(name) or "")
+        if not got:
+            continue
+        if got < low or got[: len(high) - 1] > high[:-1]:
+            out.append(
+                f"{name} {versions[name]} is outside the tested range {_dotted(low)} to {_dotted(high[:-1])}.x: "
+                f"install one inside it (pip install '{name}>={_dotted(low)},<{_dotted((high[0], high[1] + 1))}')"
+            )
+    triton, numpy, torch_v = (kernels.release_tuple(versions.get(k) or "") for k in ("triton", "numpy", "torch"))
+    if triton and numpy and triton < (3, 2) and numpy >= (2,):
+        out.append(
+            f"numpy {versions['numpy']} with triton {versions['triton']}: Triton's interpreter before 3.2 is "
+            "tested with numpy 1.26 only (triton 3.0 with numpy 2 silently returns zeros): pip install 'numpy<2'"
+        )
+    if torch_v and numpy and (2, 5) <= torch_v < (2, 11) and numpy >= (2, 4):
+        out.append(
+            f"numpy {versions['numpy']} with torch {versions['torch']}: numpy 2.4 does not match the numpy ABI of "
+            "torch 2.10 and older (measured on torch 2.10: 130 test failures, none with numpy 2.3); "
+            "pip install 'numpy<2.4'"
+        )
+    return out
 
 
 def _version(module: str) -> str:
@@ -100,6 +140,11 @@ def collect() -> dict[str, Any]:
         "triton": kernels.TRITON_VERSION or f"not importable ({kernels.TRITON_IMPORT_ERROR})",
         "triton_interpreter": kernels.INTERPRET,
         "timm": _version("timm"),
+        "numpy": _version("numpy"),
+        "supported": {name: f"{_dotted(low)} to {_dotted(high[:-1])}.x" for name, (low, high) in SUPPORTED.items()},
+        "version_warnings": version_warnings(
+            {"torch": torch.__version__, "triton": kernels.TRITON_VERSION or "", "numpy": _version("numpy")}
+        ),
         "gpus": gpus,
         "driver": driver_version() if gpus else None,
         "git_sha": git_sha(),
@@ -143,6 +188,10 @@ def main() -> None:
     )
     print(f"timm    {info['timm']}")
     print(f"source  {info['git_sha'] or 'not a git checkout'}")
+    print(f"numpy   {info['numpy']}")
+    print("tested  " + ", ".join(f"{name} {rng}" for name, rng in info["supported"].items()))
+    for line in info["version_warnings"]:
+        print(f"WARNING {line}")
     if info["gpus"]:
         for g in info["gpus"]:
             print(

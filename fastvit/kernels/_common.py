@@ -1,13 +1,35 @@
-"""Helpers shared by the Triton launchers."""
+"""Helpers shared by the Triton launchers, and the one place that knows Triton's ``Autotuner`` internals.
 
-from __future__ import annotations
+Kernel modules never build a ``triton.autotune`` object at import time: ``lazy_autotune`` stands in for the
+decorator and builds the real ``Autotuner`` at the first launch (on Triton 3.2 and 3.3 its constructor asks
+for an active GPU driver, so importing fastvit on a machine without one would fail). Launchers read the
+autotuner's fields only through ``LazyAutotune``'s properties: the configuration, key, prune and kernel come
+from the arguments fastvit gave, and ``best_config`` (the one field only the running autotuner knows) is read
+through ``autotuner_best_config``, which checks it for the installed Triton. No ``from __future__ import
+annotations`` here or in the kernel modules: Triton's interpreter before 3.4 reads ``tl.constexpr``
+annotations at run time and takes a string annotation for an ordinary argument.
+"""
 
 import contextlib
-from typing import Any, Callable
+import copy
+import inspect
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["MAX_GRID_YZ", "device_guard", "graph_capturing", "launch_autotuned", "rows_view"]
+from fastvit.kernels import TRITON_VERSION_TUPLE
+
+__all__ = [
+    "MAX_GRID_YZ",
+    "LazyAutotune",
+    "autotuner_best_config",
+    "device_guard",
+    "graph_capturing",
+    "launch_autotuned",
+    "lazy_autotune",
+    "rows_view",
+]
 
 # CUDA's limit on a launch grid's y and z sizes (x goes to 2**31 - 1): launchers that put the batch or the
 # heads on those axes must refuse larger ones.
@@ -38,11 +60,11 @@ def graph_capturing(t: torch.Tensor) -> bool:
 
 
 # (kernel name, device index, dtype, *autotune key values) -> the config its autotuner chose outside capture.
-_CHOSEN: dict[tuple, Any] = {}
+_CHOSEN: Dict[tuple, Any] = {}
 
 
-def launch_autotuned(tuned: Any, grid: Callable[[dict], tuple], *args: Any, **kwargs: Any) -> None:
-    """Launches the ``triton.autotune``-wrapped kernel ``tuned`` as ``tuned[grid](*args, **kwargs)``, except
+def launch_autotuned(tuned: "LazyAutotune", grid: Callable[[dict], tuple], *args: Any, **kwargs: Any) -> None:
+    """Launches the ``lazy_autotune``-wrapped kernel ``tuned`` as ``tuned[grid](*args, **kwargs)``, except
     during CUDA-graph capture, where autotuning must not run (its trial launches would be recorded into the
     graph): there it launches the config chosen earlier for this key, or, for a key first seen inside the
     capture, the first config that survives the kernel's ``early_config_prune`` (called as Triton calls it:
@@ -59,3 +81,114 @@ def launch_autotuned(tuned: Any, grid: Callable[[dict], tuple], *args: Any, **kw
         return
     tuned[grid](*args, **kwargs)
     _CHOSEN[key] = tuned.best_config
+
+
+def autotuner_best_config(tuner: Any) -> Any:
+    """The config ``tuner`` (a built ``triton.runtime.autotuner.Autotuner``) launched last.
+
+    ``best_config`` is set by ``Autotuner.run`` on every Triton fastvit supports (3.1 through 3.9); a Triton
+    that renamed it gets an error naming the version and the fix instead of an AttributeError deep in a
+    launch.
+    """
+    try:
+        return tuner.best_config
+    except AttributeError:
+        import triton
+
+        raise RuntimeError(
+            f"fastvit: triton {triton.__version__}'s Autotuner has no 'best_config' after a launch (fastvit "
+            f"reads it on triton 3.1 to 3.9); install a triton in the range `python -m fastvit.info` prints"
+        ) from None
+
+
+_WARP_SPEC_FIELDS = ("num_buffers_warp_spec", "num_consumer_groups", "reg_dec_producer", "reg_inc_consumer")
+
+
+def _without_warp_spec(config: Any) -> Any:
+    """A copy of a Triton 3.2 ``Config`` whose warp-specialisation fields are unset (left out of the launch)."""
+    config = copy.copy(config)
+    for field in _WARP_SPEC_FIELDS:
+        if hasattr(config, field):
+            setattr(config, field, None)
+    return config
+
+
+def _deferred_benchmarker(kernel_call: Callable[[], Any], quantiles: Any) -> Any:
+    """The benchmarker Triton's Autotuner uses by default, looked up when a trial is timed."""
+    from triton.runtime import driver
+
+    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
+class LazyAutotune:
+    """``triton.autotune(**options)(kernel)``, built at the first launch instead of at import.
+
+    Indexing (``tuned[grid](*args)``) launches through the real autotuner. The fields launchers and tests
+    read are answered from fastvit's own arguments, the same on every Triton and without building it:
+    ``configs``, ``keys`` (the key argument names; Triton 3.2+ calls the field ``keys``, 3.1 keeps only
+    ``key_idx``), ``early_config_prune``, ``fn`` (the wrapped kernel), ``base_fn`` (the Python function
+    under the jit and heuristics wrappers) and ``arg_names``. ``best_config`` needs the running autotuner.
+    """
+
+    def __init__(self, kernel: Any, options: Dict[str, Any]) -> None:
+        self.fn = kernel
+        self.options = dict(options)
+        self.configs: List[Any] = list(options["configs"])
+        self.keys: List[str] = list(options["key"])
+        self.early_config_prune: Optional[Callable] = (options.get("prune_configs_by") or {}).get("early_config_prune")
+        self.arg_names: List[str] = list(kernel.arg_names)  # what triton.autotune hands its Autotuner
+        base = kernel
+        while not inspect.isfunction(base):  # through heuristics and jit wrappers, as Autotuner does
+            base = base.fn
+        self.base_fn = base
+        missing = [k for k in self.keys if k not in self.arg_names]
+        if missing:
+            raise ValueError(f"lazy_autotune({base.__name__}): key {missing} names no argument of the kernel")
+        self.built: Any = None  # the triton Autotuner, once a launch needed it
+
+    @property
+    def tuner(self) -> Any:
+        """The real ``Autotuner`` (built on first use; this is where Triton may ask for a driver)."""
+        if self.built is None:
+            import triton
+
+            options = dict(self.options)
+            if "do_bench" in inspect.signature(triton.autotune).parameters and options.get("do_bench") is None:
+                # Triton 3.2 and 3.3 look up driver.active.get_benchmarker() in Autotuner.__init__, which raises
+                # "0 active drivers" under the interpreter on a machine without a GPU; look it up at the first
+                # benchmark instead (never, with a single config). Triton 3.1 has no do_bench parameter.
+                options["do_bench"] = _deferred_benchmarker
+            if TRITON_VERSION_TUPLE[:2] == (3, 2) and os.environ.get("TRITON_INTERPRET", "0") == "1":
+                # Triton 3.2's Config.all_kwargs() passes its warp-specialisation fields (0, not None, by default)
+                # to the launch, and its interpreter hands them to the kernel as arguments (TypeError).
+                options["configs"] = [_without_warp_spec(c) for c in options["configs"]]
+            if TRITON_VERSION_TUPLE[:2] == (3, 2):
+                # Triton 3.2's triton.autotune takes do_bench but does not pass it on: build its Autotuner as
+                # the decorator would, with it.
+                from triton.runtime.autotuner import Autotuner
+
+                configs, key = options.pop("configs"), options.pop("key")
+                reset, restore = options.pop("reset_to_zero", None), options.pop("restore_value", None)
+                self.built = Autotuner(self.fn, self.fn.arg_names, configs, key, reset, restore, **options)
+            else:
+                self.built = triton.autotune(**options)(self.fn)
+        return self.built
+
+    def __getitem__(self, grid: Any) -> Any:
+        return self.tuner[grid]
+
+    @property
+    def best_config(self) -> Any:
+        if self.built is None:
+            raise RuntimeError(f"{self.base_fn.__name__}: best_config read before the autotuner's first launch")
+        return autotuner_best_config(self.built)
+
+    def __repr__(self) -> str:
+        state = "built" if self.built is not None else "not built yet"
+        return f"LazyAutotune({self.base_fn.__name__}, {len(self.configs)} configs, key={self.keys}, {state})"
+
+
+def lazy_autotune(configs: Sequence[Any], key: Sequence[str], **options: Any) -> Callable[[Any], LazyAutotune]:
+    """Drop-in for the ``@triton.autotune(configs=..., key=..., ...)`` decorator that defers building the
+    autotuner to the first launch (see :class:`LazyAutotune`)."""
+    return lambda kernel: LazyAutotune(kernel, {"configs": list(configs), "key": list(key), **options})

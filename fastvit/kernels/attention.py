@@ -31,8 +31,6 @@ by N; one config under the interpreter. Inside CUDA-graph capture the autotuner 
 already chosen for that key (or the first config that survives pruning) is launched directly.
 """
 
-from __future__ import annotations
-
 from typing import Any, Optional
 
 import torch
@@ -40,7 +38,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels import INTERPRET
-from fastvit.kernels._common import MAX_GRID_YZ, device_guard, launch_autotuned
+from fastvit.kernels._common import MAX_GRID_YZ, LazyAutotune, device_guard, launch_autotuned, lazy_autotune
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -439,10 +437,10 @@ def _prune(configs: list, named_args: dict, **kwargs: Any) -> list:
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-def _autotuned(kernel: Any, configs: list) -> Any:
+def _autotuned(kernel: Any, configs: list) -> LazyAutotune:
     if INTERPRET:
-        return triton.autotune(configs=_INTERPRET_CONFIGS, key=["N_BUCKET", "HEAD_DIM"])(kernel)
-    return triton.autotune(
+        return lazy_autotune(configs=_INTERPRET_CONFIGS, key=["N_BUCKET", "HEAD_DIM"])(kernel)
+    return lazy_autotune(
         configs=configs, key=["N_BUCKET", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune}
     )(kernel)
 

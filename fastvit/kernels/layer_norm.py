@@ -10,8 +10,6 @@ reduces the (programs, cols) partials. dz = rstd * (w*dy - xhat*mean(w*dy*xhat) 
 incoming gradient of the residual stream is both dx and dresidual.
 """
 
-from __future__ import annotations
-
 from typing import Optional
 
 import torch

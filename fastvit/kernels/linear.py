@@ -19,8 +19,6 @@ being captured an untuned key gets a fixed default config instead of benchmarkin
 Under the interpreter there is one small config.
 """
 
-from __future__ import annotations
-
 from typing import Optional
 
 import torch
@@ -28,7 +26,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels import INTERPRET
-from fastvit.kernels._common import device_guard, graph_capturing
+from fastvit.kernels._common import device_guard, graph_capturing, lazy_autotune
 
 __all__ = ["ACTIVATION_CODES", "linear_act_grad", "linear_fwd"]
 
@@ -190,7 +188,7 @@ _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] 
 _linear_fixed = _even_k(_linear_kernel)  # launched with an explicit config
 # DB is zeroed before every trial: a taller trial tile writes fewer partial rows than a shorter one did,
 # and the stale rows would otherwise be summed into dbias.
-_linear_tuned = triton.autotune(
+_linear_tuned = lazy_autotune(
     configs=_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["DB"]
 )(_linear_fixed)
 # (device index, dtype, *key values) -> the tuned config, so later launches (and graph captures) skip the autotuner.

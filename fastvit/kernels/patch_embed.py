@@ -26,8 +26,6 @@ Every kernel is autotuned per (N, D, K, p, dtype); inside CUDA-graph capture the
 (``launch_autotuned``): the config chosen earlier for the key, or the first that fits, is launched.
 """
 
-from __future__ import annotations
-
 from typing import Optional
 
 import torch
@@ -35,7 +33,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels import INTERPRET
-from fastvit.kernels._common import MAX_GRID_YZ, device_guard, launch_autotuned
+from fastvit.kernels._common import MAX_GRID_YZ, device_guard, launch_autotuned, lazy_autotune
 
 __all__ = ["MAX_BATCH", "int32_extent_ok", "patch_embed_dweight", "patch_embed_dx", "patch_embed_fwd"]
 
@@ -125,7 +123,7 @@ def _weight_offsets(n, k, sw_d, sw_c, sw_h, sw_w, PATCH: tl.constexpr, ROW_PAD: 
     return n[:, None] * sw_d + (c * sw_c + ki * sw_h + kj * sw_w)[None, :], valid
 
 
-@triton.autotune(
+@lazy_autotune(
     configs=_configs(_GEMM_SHAPES), key=["N", "D", "K", "PATCH"],
     prune_configs_by={"early_config_prune": _fits_shared_memory("MK,NK")},
 )  # fmt: skip
@@ -195,7 +193,7 @@ def _patch_embed_fwd_kernel(
             tl.store(out_img + p.to(tl.int64)[:, None] * D + n[None, :], tok.to(OUT.dtype.element_ty), mask=p_mask)
 
 
-@triton.autotune(
+@lazy_autotune(
     configs=_configs(_GEMM_SHAPES), key=["N", "D", "K", "PATCH"],
     prune_configs_by={"early_config_prune": _fits_shared_memory("MN,NK")},
 )  # fmt: skip
@@ -237,7 +235,7 @@ def _patch_embed_dx_kernel(
     tl.store(DX + b * sx_b + offs, acc.to(DX.dtype.element_ty), mask=in_img & m_ok[:, None] & k_ok[None, :])
 
 
-@triton.autotune(
+@lazy_autotune(
     configs=_configs(_GEMM_SHAPES), key=["N", "D", "K", "PATCH", "rows_per_split"],
     prune_configs_by={"early_config_prune": _fits_shared_memory("NM,MK")},
 )  # fmt: skip

@@ -17,8 +17,6 @@ c2 = mean(w * dy) and fp32 partials of dweight / dbias; the fold then forms
 du = rstd * (w * dy - xhat * c1 - c2) on the fly from the pixel it is writing, so du is never stored.
 """
 
-from __future__ import annotations
-
 from typing import Optional
 
 import torch
