@@ -65,6 +65,7 @@ from fastvit.layers.pos_embed import resample_abs_pos_embed
 from fastvit.models._timm_compat import TimmCfgMixin
 from fastvit.models._validate import check_model_args, image_size
 from fastvit.models.registry import load_weights, register_model
+from fastvit.models.vit import VisionTransformer
 
 __all__ = [
     "T2TModule",
@@ -464,6 +465,7 @@ class T2TViT(TimmCfgMixin, nn.Module):
         self.in_chans = in_chans
         self.num_features = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
+        self.grad_checkpointing = False
         self.pretrained_cfg = dict(_PRETRAINED_CFG, input_size=(in_chans, *_pair(img_size)))
         self.tokens_to_token = T2TModule(img_size, tokens_type, in_chans, embed_dim, token_dim)
         self.img_size = self.tokens_to_token.img_size
@@ -575,15 +577,26 @@ class T2TViT(TimmCfgMixin, nn.Module):
                 f"which resizes the table"
             )
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) image -> (B, 1 + num_patches, D) tokens after the final LayerNorm (cls first)."""
+    def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Image -> (B, 1 + N, D) tokens (cls token and position table included) and the token grid."""
         self._check_input(x)
         x = self.tokens_to_token(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1) + self.pos_embed.to(x.dtype)
-        x = self.pos_drop(x)
+        return self.pos_drop(x), self.tokens_to_token.grid_size
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) image -> (B, 1 + num_patches, D) tokens after the final LayerNorm (cls first)."""
+        x, _ = self._embed(x)
         for block in self.blocks:
-            x = block(x)
+            x = self._run_block(block, x)
         return self.norm(x)
+
+    # The encoder is ViT's (blocks, final norm, one prefix token): the same functions serve it, on the grid
+    # the soft splits leave. grad checkpointing recomputes each encoder block (the T2T stages are small).
+    set_grad_checkpointing = VisionTransformer.set_grad_checkpointing
+    _run_block = VisionTransformer._run_block
+    forward_intermediates = VisionTransformer.forward_intermediates
+    get_intermediate_layers = VisionTransformer.get_intermediate_layers
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Class token of ``forward_features``' output -> logits (or the (B, D) token when ``pre_logits``)."""

@@ -585,3 +585,36 @@ def test_flops_performer_t2t(name, readme_gmacs):
         model = fastvit.create_model(name)
     assert count_macs(model, img_size=224) == analytic_macs(name)
     assert round(count_flops(model, img_size=224)["full"], 1) == readme_gmacs
+
+
+def test_forward_intermediates_and_intermediate_layers_match_a_manual_block_loop():
+    torch.manual_seed(0)
+    model = fastvit.create_model("t2t_vit_t_14", img_size=64, depth=3, num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens, grid = model._embed(x)
+        outs = []
+        for block in model.blocks:
+            tokens = block(tokens)
+            outs.append(tokens)
+        final, feats = model.forward_intermediates(x, indices=[0, 2])
+        torch.testing.assert_close(final, model.norm(outs[-1]), rtol=0, atol=0)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+        h, w = grid
+        for got, want in zip(feats, (outs[0], outs[2])):
+            assert got.shape == (2, 384, h, w)
+            torch.testing.assert_close(got, want[:, 1:].reshape(2, h, w, -1).permute(0, 3, 1, 2), rtol=0, atol=0)
+        last2 = model.get_intermediate_layers(x, n=2, norm=True)
+        torch.testing.assert_close(last2[1], model.norm(outs[2])[:, 1:], rtol=0, atol=0)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = fastvit.create_model("t2t_vit_t_14", img_size=64, depth=2, num_classes=5)
+    copy_ = copy.deepcopy(model)
+    copy_.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 64)
+    model(x).square().sum().backward()
+    copy_(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), copy_.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
