@@ -330,8 +330,15 @@ def compile_all(specs: list, workers: Optional[int] = None, cache: Optional[str]
 
     from fastvit.fileio import atomic_write_text
 
+    def source_key(kernel_attr: str) -> str:  # the kernel's source and its helpers' (Triton's own cache key)
+        mod_name, attr = kernel_attr.split("|")[0].rsplit(".", 1)
+        return unwrap(getattr(importlib.import_module(mod_name), attr))[0].cache_key
+
+    sources = {spec[0]: source_key(spec[0]) for spec in specs}
+
     def digest(spec: tuple) -> str:
-        return hashlib.sha256(json.dumps([triton.__version__, *spec], default=str).encode()).hexdigest()[:24]
+        text = json.dumps([triton.__version__, sources[spec[0]], *spec], default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     known: dict = {}
     if cache and os.path.exists(cache):
@@ -635,6 +642,49 @@ def markdown(rows: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _config_key(config: Optional[str]) -> str:
+    """A config's tile, warps and stages (not the kernel-specific extras such as BLOCK_TAIL)."""
+    keep = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    return ", ".join(f"{k}={v}" for k, v in re.findall(r"(\w+): (\w+)", config or "") if k in keep)
+
+
+def compare(before: list, after: list) -> str:
+    """Markdown: per (launch, kernel, target), the summary figures before and after, then every config
+    present in both reports with its registers, spills and derived figures side by side."""
+    lines = ["# Compile report: before -> after", "", "## Per launch, kernel and target", ""]
+    old = {(r["kind"], r["launch"], r["kernel"], r["sm"]): r for r in summary(before)}
+    columns = ["compiles", "spilling", "max_spills", "registers", "instructions_per_score",
+               "epilogue_instructions_per_element"]  # fmt: skip
+    rows = []
+    for r in summary(after):
+        o = old.get((r["kind"], r["launch"], r["kernel"], r["sm"]), {})
+        rows.append({**{k: r[k] for k in ("launch", "kernel", "sm")},
+                     **{c: f"{o.get(c, '-')} -> {r.get(c, '-')}" for c in columns}})  # fmt: skip
+    lines += _table(rows, ["launch", "kernel", "sm", *columns], lambda r, c: str(r.get(c, "")))
+    lines += ["", "## Configs in both", ""]
+
+    def key(r: dict) -> tuple:
+        return r["shape"], r["launch"], r["fn"], r["sm"], _config_key(r.get("config"))
+
+    index = {key(r): r for r in before if r.get("ok")}
+    detail = []
+    for r in after:
+        o = index.get(key(r))
+        if not (r.get("ok") and o):
+            continue
+        line = {"shape": r["shape"], "launch": r["launch"], "kernel": r["fn"].rsplit(".", 1)[1], "sm": r["sm"],
+                "config": _config_key(r.get("config"))}  # fmt: skip
+        for key in ("registers", "spills", "instructions_per_score", "epilogue_instructions_per_element"):
+            if key in r or key in o:
+                line[key] = f"{o.get(key, '-')} -> {r.get(key, '-')}"
+        line["loop"] = f"{o['sass'].get('loop_instructions', '-')} -> {r['sass'].get('loop_instructions', '-')}"
+        detail.append(line)
+    cols = ["shape", "launch", "kernel", "sm", "config", "registers", "spills", "loop", "instructions_per_score",
+            "epilogue_instructions_per_element"]  # fmt: skip
+    lines += _table(detail, cols, lambda r, c: str(r.get(c, "")))
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for kernel_report.json and kernel_report.md")
@@ -643,6 +693,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: CPUs)")
     parser.add_argument("--cache", default=None, help="JSON cache of compile results (default: <out>/cache.json)")
+    parser.add_argument("--compare", metavar="BEFORE_JSON", help="also write kernel_report_compare.md against it")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 is set: unset it, the report compiles kernels for GPU targets")
@@ -656,6 +707,10 @@ def main(argv: Optional[list] = None) -> int:
     payload = {"triton": triton.__version__, "dtype": args.dtype, "rows": rows}
     atomic_write_text(os.path.join(args.out, "kernel_report.json"), json.dumps(payload, indent=1))
     atomic_write_text(os.path.join(args.out, "kernel_report.md"), markdown(rows))
+    if args.compare:
+        with open(args.compare) as f:
+            before = json.load(f)["rows"]
+        atomic_write_text(os.path.join(args.out, "kernel_report_compare.md"), compare(before, rows))
     ok = [r for r in rows if r.get("ok")]
     print(f"{len(ok)} compiles, {sum(1 for r in ok if r['spills'])} with spills, {len(rows) - len(ok)} failed; "
           f"wrote {args.out}/kernel_report.md")  # fmt: skip

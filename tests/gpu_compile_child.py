@@ -16,11 +16,11 @@ import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# benchmarks/ itself, not the package: tests/benchmarks (this script's folder is first on sys.path) shadows it.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
+from kernel_report import compile_all, launch_spec, launched, pruned, unwrap  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
-
-from benchmarks.kernel_report import compile_all, launch_spec, launched, pruned, unwrap  # noqa: E402
 
 
 def _autotuners(record: dict) -> list[str]:

@@ -12,6 +12,7 @@ and checks shared memory against each target's per-block limit.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,25 +24,20 @@ import torch
 from fastvit import kernels, ops
 from fastvit.ops.attention import attention_dropout_mask
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# benchmarks/kernel_report.py by path: the name "benchmarks" is also the tests/benchmarks package.
+_spec = importlib.util.spec_from_file_location(
+    "fastvit_kernel_report", os.path.join(_ROOT, "benchmarks", "kernel_report.py")
+)
+kernel_report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kernel_report)
+describe = kernel_report.describe
+
 pytestmark = [
     pytest.mark.interpreter,
     pytest.mark.slow,
     pytest.mark.skipif(not kernels.INTERPRET, reason="records launches through the Triton interpreter (no-GPU runs)"),
 ]
-
-
-def _describe(value) -> dict:
-    if isinstance(value, torch.Tensor):
-        return {"kind": "tensor", "dtype": str(value.dtype).replace("torch.", "")}
-    if isinstance(value, bool):
-        return {"kind": "bool", "value": value}
-    if isinstance(value, int):
-        return {"kind": "int", "value": value}
-    if isinstance(value, float):
-        return {"kind": "float", "value": value}
-    if value is None:
-        return {"kind": "none", "value": None}
-    return {"kind": "constexpr", "value": value if isinstance(value, (str, int, float)) else str(value)}
 
 
 def _record_launches(exercise) -> list[dict]:
@@ -67,9 +63,9 @@ def _record_launches(exercise) -> list[dict]:
 
     def recording_run(self, *args, grid, warmup, **kwargs):
         names = list(inspect.signature(self.fn).parameters)
-        described = {name: _describe(v) for name, v in zip(names, args)}
+        described = {name: describe(v) for name, v in zip(names, args)}
         # Keyword arguments are kept apart: Triton hands them to prune functions separately.
-        described.update({k: dict(_describe(v), keyword=True) for k, v in kwargs.items()})
+        described.update({k: dict(describe(v), keyword=True) for k, v in kwargs.items()})
         module = _sys.modules[self.fn.__module__]
         wrapper = next((a for a, o in vars(module).items() if wrappers and o is wrappers[0]), None)
         record = {"module": self.fn.__module__, "name": self.fn.__name__, "wrapper": wrapper, "args": described}
@@ -201,6 +197,11 @@ def test_triton_kernels_compile_for_sm80_and_sm90(family, tmp_path):
     assert not over_shared, "configs over the shared-memory limit (prune them):\n" + "\n".join(
         f"  {r['kernel']} sm_{r['sm']} {r['config']}: {r['shared']} bytes" for r in over_shared
     )
+    spilling = [r for r in compiled if r["spills"]]
+    assert not spilling, "configs that spill registers (ptxas -v; split the epilogue or prune them):\n" + "\n".join(
+        f"  {r['kernel']} sm_{r['sm']} {r['config']}: {r['registers']} registers, {r['spills']} spill bytes"
+        for r in spilling
+    )
     assert {r["sm"] for r in compiled} == {80, 90}
     # Hopper: every kernel with a 16-bit matmul must reach wgmma in at least one of its configurations.
     no_wgmma = sorted(
@@ -208,3 +209,31 @@ def test_triton_kernels_compile_for_sm80_and_sm90(family, tmp_path):
         - {r["fn"] for r in compiled if r["sm"] == 90 and r["wgmma"]}
     )
     assert not no_wgmma, f"16-bit matmul kernels that never use wgmma on sm_90: {no_wgmma}"
+
+
+def test_no_spills_at_the_goal_shapes(tmp_path):
+    """benchmarks/kernel_report.py at the models' shapes (ViT-B/16, ViT-L/16@384, DeiT-S at batch 256, ViT-H/14
+    attention at D = 80, T2T-ViT's N = 3137 attention, LayerNorm at C = 768 / 1024 / 1280; bf16, forward and
+    backward): every config the prunes keep for sm_90a and sm_80 compiles, fits the target's shared memory
+    and spills no register."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    script = os.path.join(root, "benchmarks", "kernel_report.py")
+    proc = subprocess.run([sys.executable, script, "--out", str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=3000)  # fmt: skip
+    rows = json.loads((tmp_path / "kernel_report.json").read_text())["rows"] if proc.returncode in (0, 1) else []
+    assert rows, proc.stderr[-4000:]
+    failed = [r for r in rows if not r.get("ok")]
+    assert not failed, "compiles that failed:\n" + "\n".join(
+        f"  {r['kernel']} sm_{r['sm']}: {r['error'][:400]}" for r in failed
+    )
+    spilling = [r for r in rows if r["spills"] or not r["shared_ok"]]
+    assert not spilling, "configs that spill or exceed shared memory at the goal shapes:\n" + "\n".join(
+        f"  {r['shape']} {r['launch']} {r['fn']} sm_{r['sm']} {r['config']}: {r['registers']} registers, "
+        f"{r['spills']} spill bytes, {r['shared']} B shared"
+        for r in spilling
+    )
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"gemm", "attention", "layer_norm"} and {r["sm"] for r in rows} == {80, 90}
