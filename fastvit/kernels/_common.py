@@ -15,6 +15,7 @@ __all__ = [
     "launch_autotuned",
     "rows_view",
     "shared_memory_limit",
+    "target_capability",
 ]
 
 # CUDA's limit on a launch grid's y and z sizes (x goes to 2**31 - 1): launchers that put the batch or the
@@ -100,3 +101,12 @@ def shared_memory_limit(t: torch.Tensor) -> int:
 
 
 _SHARED_BY_DEVICE: dict[int, int] = {}
+
+
+def target_capability(t: torch.Tensor) -> int:
+    """Compute capability (major * 10 + minor) of ``t``'s GPU; for other tensors the compile_target()'s,
+    else 80 (the oldest target the configs are pruned for)."""
+    if t.is_cuda:
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return major * 10 + minor
+    return _COMPILE_TARGET[-1] if _COMPILE_TARGET else 80

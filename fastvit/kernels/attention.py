@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels import INTERPRET
-from fastvit.kernels._common import MAX_GRID_YZ, device_guard, launch_autotuned
+from fastvit.kernels._common import MAX_GRID_YZ, device_guard, launch_autotuned, target_capability
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -443,7 +443,7 @@ _BWD_CONFIGS = [
 ]
 
 
-def _fits(config: triton.Config, head_dim: int, backward: bool) -> bool:
+def _fits(config: triton.Config, head_dim: int, backward: bool, capability: int = 90) -> bool:
     """False for the (tile, warps) choices that spill registers at this head dim (see the table's comment)."""
     m, n, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
     if backward:
@@ -451,6 +451,10 @@ def _fits(config: triton.Config, head_dim: int, backward: bool) -> bool:
             return m * n <= 32 * 64
         if head_dim > 80:
             return m == n == 64 and warps == 8
+        if capability < 90 and m * n // warps > 64 * 64 // 8:
+            # sm_80's mma.sync fragments (no wgmma): 64 x 64 with 4 warps and 64 x 128 with 8 warps spill
+            # (8-60 bytes per thread at D = 64 / 80, ptxas -v); 64 x 64 with 8 warps does not.
+            return False
         return m >= 64 and n >= 64
     if head_dim > 64 and m == 128 and warps == 4:
         return False
@@ -468,9 +472,10 @@ def _prune(configs: list, named_args: dict, **kwargs: Any) -> list:
     head_dim = named_args["HEAD_DIM"]
     backward = "DQ" in named_args
     cap = max(64, n_pow2)
+    capability = target_capability(named_args["Q"])
     kept = [
         c for c in configs
-        if _fits(c, head_dim, backward) and c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap
+        if _fits(c, head_dim, backward, capability) and c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap
     ]  # fmt: skip
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
