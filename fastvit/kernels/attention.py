@@ -456,8 +456,8 @@ def _fits(config: triton.Config, head_dim: int, backward: bool, capability: int 
             # (8-60 bytes per thread at D = 64 / 80, ptxas -v); 64 x 64 with 8 warps does not.
             return False
         return m >= 64 and n >= 64
-    if head_dim > 64 and m == 128 and warps == 4:
-        return False
+    if (head_dim > 64 or capability < 90) and m == 128 and warps == 4:
+        return False  # sm_80 at D = 64 too: 255 registers, 8 spill bytes (ptxas -v) with the peeled tail loop
     return not (head_dim > 96 and m * n > 128 * 64)
 
 
