@@ -663,13 +663,13 @@ def compare(before: list, after: list) -> str:
     lines += _table(rows, ["launch", "kernel", "sm", *columns], lambda r, c: str(r.get(c, "")))
     lines += ["", "## Configs in both", ""]
 
-    def key(r: dict) -> tuple:
+    def match(r: dict) -> tuple:
         return r["shape"], r["launch"], r["fn"], r["sm"], _config_key(r.get("config"))
 
-    index = {key(r): r for r in before if r.get("ok")}
+    index = {match(r): r for r in before if r.get("ok")}
     detail = []
     for r in after:
-        o = index.get(key(r))
+        o = index.get(match(r))
         if not (r.get("ok") and o):
             continue
         line = {"shape": r["shape"], "launch": r["launch"], "kernel": r["fn"].rsplit(".", 1)[1], "sm": r["sm"],
