@@ -258,12 +258,18 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
     163 KB on sm_80), or whose rows mostly fall past M."""
     elsize = named_args["X"].element_size()
     limit = shared_memory_limit(named_args["X"])
+    max_k, max_tile = 64, 256 * 128
     if elsize == 4:
-        # fp32 operands keep Ampere's tile space on Hopper too: 64 x 128 x 64 in 4 stages fits 227 KB but
-        # spills on sm_90 (ptxas -v: 16 bytes with TF32, 34,920 with exact fp32 FMA products).
-        limit = min(limit, 163 * 1024)
+        # fp32 operands (not the fast path: bf16 / fp16 are) take 64 x 64 x 32 tiles only. Larger ones spill
+        # on sm_90 (ptxas -v): 64 x 128 x 64 in 4 stages 16 bytes with TF32 and 34,920 with exact fp32 FMA
+        # products, 64 x 64 x 64 140 bytes, 128 x 128 x 32 592 bytes (exact products).
+        max_k, max_tile = 32, 64 * 64
     max_m = max(64, triton.next_power_of_2(named_args["M"]))
-    kept = [c for c in configs if _shared_bytes(c, elsize) <= limit and c.kwargs["BLOCK_M"] <= max_m]
+    kept = [
+        c for c in configs
+        if _shared_bytes(c, elsize) <= limit and c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_K"] <= max_k
+        and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
+    ]  # fmt: skip
     return kept or [_DEFAULT_CONFIG]
 
 
