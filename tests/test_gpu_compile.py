@@ -12,6 +12,7 @@ and checks shared memory against each target's per-block limit.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,6 +23,15 @@ import torch
 
 from fastvit import kernels, ops
 from fastvit.ops.attention import attention_dropout_mask
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# benchmarks/kernel_report.py by path: the name "benchmarks" is also the tests/benchmarks package.
+_spec = importlib.util.spec_from_file_location(
+    "fastvit_kernel_report", os.path.join(_ROOT, "benchmarks", "kernel_report.py")
+)
+kernel_report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kernel_report)
+describe = kernel_report.describe
 
 pytestmark = [
     pytest.mark.interpreter,
@@ -39,20 +49,6 @@ def _astsource_takes_constexprs() -> bool:
     from triton.compiler import ASTSource
 
     return "constexprs" in inspect.signature(ASTSource.__init__).parameters
-
-
-def _describe(value) -> dict:
-    if isinstance(value, torch.Tensor):
-        return {"kind": "tensor", "dtype": str(value.dtype).replace("torch.", "")}
-    if isinstance(value, bool):
-        return {"kind": "bool", "value": value}
-    if isinstance(value, int):
-        return {"kind": "int", "value": value}
-    if isinstance(value, float):
-        return {"kind": "float", "value": value}
-    if value is None:
-        return {"kind": "none", "value": None}
-    return {"kind": "constexpr", "value": value if isinstance(value, (str, int, float)) else str(value)}
 
 
 def _record_launches(exercise) -> list[dict]:
@@ -79,12 +75,10 @@ def _record_launches(exercise) -> list[dict]:
         return run
 
     def recording_call(self, *args, **kwargs):
-        described = {name: _describe(v) for name, v in zip(self.arg_names, args)}
+        described = {name: describe(v) for name, v in zip(self.arg_names, args)}
         # Keyword arguments are kept apart: Triton hands them to prune functions separately. Triton < 3.2
         # passes the launch's grid and warmup flag down to here too; they are not kernel arguments.
-        described.update(
-            {k: dict(_describe(v), keyword=True) for k, v in kwargs.items() if k not in ("grid", "warmup")}
-        )
+        described.update({k: dict(describe(v), keyword=True) for k, v in kwargs.items() if k not in ("grid", "warmup")})
         module = _sys.modules[self.fn.__module__]
         # A module's autotuned kernel is a LazyAutotune; the Autotuner the launch passed through is its .built.
         outer = wrappers[0] if wrappers else None
@@ -191,6 +185,9 @@ EXERCISES = {
 }
 
 
+SPILL_FREE = {"linear", "attention", "layer_norm"}  # families whose recorded launches must not spill
+
+
 def test_every_op_family_is_exercised():
     """A new op family with Triton kernels must be added to EXERCISES, or its kernels go unchecked."""
     with_triton = {op.kernel_family for op in ops.dispatch.registered_ops().values() if "triton" in op.reasons}
@@ -227,6 +224,19 @@ def test_triton_kernels_compile_for_sm80_and_sm90(family, tmp_path):
     assert not over_shared, "configs over the shared-memory limit (prune them):\n" + "\n".join(
         f"  {r['kernel']} sm_{r['sm']} {r['config']}: {r['shared']} bytes" for r in over_shared
     )
+    # 16-bit launches (the fast path, and the goal shapes' dtype) must not spill. Known gap, not hidden: fp32
+    # attention with exact fp32 products (FMA dots, no tensor cores) spills in every kept tile on sm_90
+    # (up to ~136 KB per thread at 64 x 64); the fp32 GEMM prune already keeps only spill-free tiles.
+    # Checked for the families issue 15 made spill-free; patch_embed and soft_split still spill at the launch
+    # options their launchers record under the interpreter (to be done there).
+    spilling = [
+        r for r in compiled
+        if family in SPILL_FREE and r["spills"] and (r["half"] or "attention" not in r["kernel"])
+    ]  # fmt: skip
+    assert not spilling, "configs that spill registers (ptxas -v; split the epilogue or prune them):\n" + "\n".join(
+        f"  {r['kernel']} sm_{r['sm']} {r['config']}: {r['registers']} registers, {r['spills']} spill bytes"
+        for r in spilling
+    )
     assert {r["sm"] for r in compiled} == {80, 90}
     # Hopper: every kernel with a 16-bit matmul must reach wgmma in at least one of its configurations.
     no_wgmma = sorted(
@@ -234,3 +244,31 @@ def test_triton_kernels_compile_for_sm80_and_sm90(family, tmp_path):
         - {r["fn"] for r in compiled if r["sm"] == 90 and r["wgmma"]}
     )
     assert not no_wgmma, f"16-bit matmul kernels that never use wgmma on sm_90: {no_wgmma}"
+
+
+def test_no_spills_at_the_goal_shapes(tmp_path):
+    """benchmarks/kernel_report.py at the models' shapes (ViT-B/16, ViT-L/16@384, DeiT-S at batch 256, ViT-H/14
+    attention at D = 80, T2T-ViT's N = 3137 attention, LayerNorm at C = 768 / 1024 / 1280; bf16, forward and
+    backward): every config the prunes keep for sm_90a and sm_80 compiles, fits the target's shared memory
+    and spills no register."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    script = os.path.join(root, "benchmarks", "kernel_report.py")
+    proc = subprocess.run([sys.executable, script, "--out", str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=3000)  # fmt: skip
+    rows = json.loads((tmp_path / "kernel_report.json").read_text())["rows"] if proc.returncode in (0, 1) else []
+    assert rows, proc.stderr[-4000:]
+    failed = [r for r in rows if not r.get("ok")]
+    assert not failed, "compiles that failed:\n" + "\n".join(
+        f"  {r['kernel']} sm_{r['sm']}: {r['error'][:400]}" for r in failed
+    )
+    spilling = [r for r in rows if r["spills"] or not r["shared_ok"]]
+    assert not spilling, "configs that spill or exceed shared memory at the goal shapes:\n" + "\n".join(
+        f"  {r['shape']} {r['launch']} {r['fn']} sm_{r['sm']} {r['config']}: {r['registers']} registers, "
+        f"{r['spills']} spill bytes, {r['shared']} B shared"
+        for r in spilling
+    )
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"gemm", "attention", "layer_norm"} and {r["sm"] for r in rows} == {80, 90}

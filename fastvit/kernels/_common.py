@@ -24,11 +24,14 @@ __all__ = [
     "MAX_GRID_YZ",
     "LazyAutotune",
     "autotuner_best_config",
+    "compile_target",
     "device_guard",
     "graph_capturing",
     "launch_autotuned",
     "lazy_autotune",
     "rows_view",
+    "shared_memory_limit",
+    "target_capability",
 ]
 
 # CUDA's limit on a launch grid's y and z sizes (x goes to 2**31 - 1): launchers that put the batch or the
@@ -192,3 +195,45 @@ def lazy_autotune(configs: Sequence[Any], key: Sequence[str], **options: Any) ->
     """Drop-in for the ``@triton.autotune(configs=..., key=..., ...)`` decorator that defers building the
     autotuner to the first launch (see :class:`LazyAutotune`)."""
     return lambda kernel: LazyAutotune(kernel, {"configs": list(configs), "key": list(key), **options})
+
+
+# ------------------------------------------------------------------ shared memory of the target GPU
+# Largest dynamic shared memory one block may opt into (bytes), by compute capability (major * 10 + minor).
+SHARED_MEMORY_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+_COMPILE_TARGET: list = []  # compute capabilities set by compile_target(), innermost last
+
+
+@contextlib.contextmanager
+def compile_target(capability: int) -> Any:
+    """Within the block, prunes asked about tensors that are not on a GPU (meta tensors in the compile
+    report and tests/gpu_compile_child.py) answer for compute capability ``capability`` (e.g. 90)."""
+    _COMPILE_TARGET.append(capability)
+    try:
+        yield
+    finally:
+        _COMPILE_TARGET.pop()
+
+
+def shared_memory_limit(t: torch.Tensor) -> int:
+    """Shared memory (bytes) one block may use on ``t``'s GPU: the device's opt-in limit (227 KB on
+    sm_90, 163 KB on sm_80); for other tensors the compile_target()'s, else sm_80's (fits both)."""
+    if t.is_cuda:
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        if index not in _SHARED_BY_DEVICE:
+            props = torch.cuda.get_device_properties(index)
+            limit = getattr(props, "shared_memory_per_block_optin", 0)
+            _SHARED_BY_DEVICE[index] = limit or SHARED_MEMORY_PER_BLOCK.get(props.major * 10 + props.minor, 99 * 1024)
+        return _SHARED_BY_DEVICE[index]
+    return SHARED_MEMORY_PER_BLOCK.get(_COMPILE_TARGET[-1] if _COMPILE_TARGET else 80, 99 * 1024)
+
+
+_SHARED_BY_DEVICE: dict[int, int] = {}
+
+
+def target_capability(t: torch.Tensor) -> int:
+    """Compute capability (major * 10 + minor) of ``t``'s GPU; for other tensors the compile_target()'s,
+    else 80 (the oldest target the configs are pruned for)."""
+    if t.is_cuda:
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return major * 10 + minor
+    return _COMPILE_TARGET[-1] if _COMPILE_TARGET else 80

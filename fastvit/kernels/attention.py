@@ -6,8 +6,10 @@ written straight into (B, N, H*D) / (B, N, 3*H*D) buffers. Grids are (token bloc
 of one head run next to each other and share K/V in L2; batch and head offsets are int64.
 
 Forward, one program per BLOCK_M queries of one (b, h): loop over BLOCK_N keys keeping the running max
-m and sum l of exp2(scale*log2(e) * q.k - m) (base-2 exponentials fold the log2(e) into the scale), the
-fp32 accumulator rescaled by exp2(m_old - m_new); key blocks are bounds-checked, so any N works. Stores out in
+m and sum l of exp2(scale*log2(e) * q.k - m) (base-2 exponentials fold the log2(e) into the scale; the
+row max is taken on the raw scores, so each score's scale and shift is one FFMA), the fp32 accumulator
+rescaled by exp2(m_old - m_new). Full key blocks are mask-free; the ragged rest runs in bounds-checked
+blocks of BLOCK_TAIL = 16 keys, so any N works and N = 197 computes 208 keys, not 256. Stores out in
 the input dtype and lse = m + log(l) (natural log, fp32) for the backward.
 
 Backward (FlashAttention-2 structure): a pre-pass stores Delta = rowsum(dout * out) in fp32; then one
@@ -38,7 +40,14 @@ import triton
 import triton.language as tl
 
 from fastvit.kernels import INTERPRET
-from fastvit.kernels._common import MAX_GRID_YZ, LazyAutotune, device_guard, launch_autotuned, lazy_autotune
+from fastvit.kernels._common import (
+    MAX_GRID_YZ,
+    LazyAutotune,
+    device_guard,
+    launch_autotuned,
+    lazy_autotune,
+    target_capability,
+)
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -121,29 +130,51 @@ def _fwd_key_block(
     q0, q1, k_base, v_base, start_n, offs_m, cols0, cols1, stride_kn, stride_vn,
     N_K, qk_scale, SEED, bh, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D1: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, NEG_SCALE: tl.constexpr,
 ):  # fmt: skip
-    """One online-softmax step over keys [start_n, start_n + BLOCK_N), bounds-checked against N_K."""
+    """One online-softmax step over keys [start_n, start_n + BLOCK_N). Only the tail block masks keys
+    (MASK_KEYS); m_i is the running max of the scaled base-2 scores, so each score costs one FFMA
+    (qk * scale - m) before its exp2: the row max is taken on the raw scores and scaled once per row."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k0 = _load_tile(k_base, offs_n, cols0, stride_kn, N_K, HEAD_DIM, False)
+    k0 = _load_keys(k_base, offs_n, cols0, stride_kn, N_K, HEAD_DIM, False, MASK_KEYS)
     qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
     if BLOCK_D1 > 0:
-        k1 = _load_tile(k_base, offs_n, cols1, stride_kn, N_K, HEAD_DIM, True)
+        k1 = _load_keys(k_base, offs_n, cols1, stride_kn, N_K, HEAD_DIM, True, MASK_KEYS)
         qk = tl.dot(q1, tl.trans(k1), qk, input_precision=PRECISION)
-    qk = tl.where(offs_n[None, :] < N_K, qk * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A negative scale turns the smallest raw score into the largest scaled one. In the tail block the keys
+    # past N_K (zero rows: finite scores) are left out of the row statistic and their weights zeroed.
+    valid = offs_n[None, :] < N_K
+    if NEG_SCALE:
+        stat = tl.min(tl.where(valid, qk, float("inf")) if MASK_KEYS else qk, 1)
+    else:
+        stat = tl.max(tl.where(valid, qk, float("-inf")) if MASK_KEYS else qk, 1)
+    m_new = tl.maximum(m_i, stat * qk_scale)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    if MASK_KEYS:
+        p = tl.where(valid, p, 0.0)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
         keep = _dropout_keep(SEED, bh, offs_m[:, None] * N_K + offs_n[None, :], dropout_p)
         p = tl.where(keep, p, 0.0)
-    v0 = _load_tile(v_base, offs_n, cols0, stride_vn, N_K, HEAD_DIM, False)
+    v0 = _load_keys(v_base, offs_n, cols0, stride_vn, N_K, HEAD_DIM, False, MASK_KEYS)
     acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=PRECISION)
     if BLOCK_D1 > 0:
-        v1 = _load_tile(v_base, offs_n, cols1, stride_vn, N_K, HEAD_DIM, True)
+        v1 = _load_keys(v_base, offs_n, cols1, stride_vn, N_K, HEAD_DIM, True, MASK_KEYS)
         acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=PRECISION)
     return acc0, acc1, m_new, l_i
+
+
+@triton.jit
+def _load_keys(base, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constexpr, MASK_COLS: tl.constexpr,
+               MASK_ROWS: tl.constexpr):  # fmt: skip
+    """A key / value tile; rows are bounds-checked only in the tail block."""
+    if MASK_ROWS:
+        return _load_tile(base, rows, cols, stride_row, n_rows, HEAD_DIM, MASK_COLS)
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    if MASK_COLS:
+        return tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+    return tl.load(ptrs)
 
 
 @triton.jit
@@ -162,8 +193,8 @@ def _attn_fwd_kernel(
     N_BUCKET,  # autotune key only
     scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, NEG_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -185,14 +216,20 @@ def _attn_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     qk_scale = scale * _LOG2E
     bh = b * H + h
-    # Every key block is bounds-checked: peeling the ragged last block into its own copy of the loop body
-    # raised register use past the spill point at D >= 80 on sm_90 (ptxas report), for a saving of one
-    # select per score.
-    for start_n in range(0, N_K, BLOCK_N):
+    # Full key blocks run mask-free; the ragged rest runs in blocks of BLOCK_TAIL (<= BLOCK_N) keys with the
+    # bounds check, so N = 197 at BLOCK_N = 64 computes 192 + 16 keys, not 256.
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
         acc0, acc1, m_i, l_i = _fwd_key_block(
             acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, start_n, offs_m, cols0, cols1, stride_kn, stride_vn,
             N_K, qk_scale, SEED, bh, dropout_p,
-            HEAD_DIM, BLOCK_D1, DROPOUT, PRECISION, BLOCK_N,
+            HEAD_DIM, BLOCK_D1, DROPOUT, PRECISION, BLOCK_N, False, NEG_SCALE,
+        )  # fmt: skip
+    for start_n in range(n_full, N_K, BLOCK_TAIL):
+        acc0, acc1, m_i, l_i = _fwd_key_block(
+            acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, start_n, offs_m, cols0, cols1, stride_kn, stride_vn,
+            N_K, qk_scale, SEED, bh, dropout_p,
+            HEAD_DIM, BLOCK_D1, DROPOUT, PRECISION, BLOCK_TAIL, True, NEG_SCALE,
         )  # fmt: skip
     inv_l = 1.0 / l_i
     if DROPOUT:
@@ -375,12 +412,18 @@ def _dropout_mask_kernel(
 # -------------------------------------------------------------------------------- autotune configs
 
 
-def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+def _config(block_m: int, block_n: int, warps: int, stages: int, **extra: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, **extra}, num_warps=warps, num_stages=stages)
+
+
+def _fwd_config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    """Forward tiles also name the tail's key block: 16 keys (the smallest tensor-core tile)."""
+    return _config(block_m, block_n, warps, stages, BLOCK_TAIL=min(block_n, 16))
 
 
 # One small config under the interpreter: 32 x 32 tiles so even the tiny test shapes cross block edges.
 _INTERPRET_CONFIGS = [_config(32, 32, 1, 1)]
+_INTERPRET_FWD_CONFIGS = [_fwd_config(32, 32, 1, 1)]
 # Candidates for Ampere/Hopper. Static facts behind the pruning (sm_90 cubins, ptxas resource report, bf16):
 # the forward at 128 x 64 with 4 warps spills for D > 64 (8 warps does not); the backward holds k, v, dk, dv
 # for its key block plus q, dout for the query block, so at D = 128 only tiles of <= 32 x 64 avoid spills,
@@ -388,12 +431,12 @@ _INTERPRET_CONFIGS = [_config(32, 32, 1, 1)]
 # 32-row tiles spill at D = 80/96.
 # Timings on an H100/H200 (benchmarks/bench_attention.py) are still to decide between the survivors.
 _FWD_CONFIGS = [
-    _config(128, 64, 4, 3),
-    _config(128, 64, 8, 3),
-    _config(128, 128, 8, 3),
-    _config(128, 64, 8, 2),
-    _config(64, 64, 4, 3),
-    _config(64, 32, 4, 2),
+    _fwd_config(128, 64, 4, 3),
+    _fwd_config(128, 64, 8, 3),
+    _fwd_config(128, 128, 8, 3),
+    _fwd_config(128, 64, 8, 2),
+    _fwd_config(64, 64, 4, 3),
+    _fwd_config(64, 32, 4, 2),
 ]
 _BWD_CONFIGS = [
     _config(64, 64, 4, 2),
@@ -405,7 +448,7 @@ _BWD_CONFIGS = [
 ]
 
 
-def _fits(config: triton.Config, head_dim: int, backward: bool) -> bool:
+def _fits(config: triton.Config, head_dim: int, backward: bool, capability: int = 90) -> bool:
     """False for the (tile, warps) choices that spill registers at this head dim (see the table's comment)."""
     m, n, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
     if backward:
@@ -413,9 +456,13 @@ def _fits(config: triton.Config, head_dim: int, backward: bool) -> bool:
             return m * n <= 32 * 64
         if head_dim > 80:
             return m == n == 64 and warps == 8
+        if capability < 90 and m * n // warps > 64 * 64 // 8:
+            # sm_80's mma.sync fragments (no wgmma): 64 x 64 with 4 warps and 64 x 128 with 8 warps spill
+            # (8-60 bytes per thread at D = 64 / 80, ptxas -v); 64 x 64 with 8 warps does not.
+            return False
         return m >= 64 and n >= 64
-    if head_dim > 64 and m == 128 and warps == 4:
-        return False
+    if (head_dim > 64 or capability < 90) and m == 128 and warps == 4:
+        return False  # sm_80 at D = 64 too: 255 registers, 8 spill bytes (ptxas -v) with the peeled tail loop
     return not (head_dim > 96 and m * n > 128 * 64)
 
 
@@ -430,23 +477,24 @@ def _prune(configs: list, named_args: dict, **kwargs: Any) -> list:
     head_dim = named_args["HEAD_DIM"]
     backward = "DQ" in named_args
     cap = max(64, n_pow2)
+    capability = target_capability(named_args["Q"])
     kept = [
         c for c in configs
-        if _fits(c, head_dim, backward) and c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap
+        if _fits(c, head_dim, backward, capability) and c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap
     ]  # fmt: skip
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-def _autotuned(kernel: Any, configs: list) -> LazyAutotune:
+def _autotuned(kernel: Any, configs: list, interpret_configs: list) -> LazyAutotune:
     if INTERPRET:
-        return lazy_autotune(configs=_INTERPRET_CONFIGS, key=["N_BUCKET", "HEAD_DIM"])(kernel)
+        return lazy_autotune(configs=interpret_configs, key=["N_BUCKET", "HEAD_DIM"])(kernel)
     return lazy_autotune(
         configs=configs, key=["N_BUCKET", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune}
     )(kernel)
 
 
-_attn_fwd = _autotuned(_attn_fwd_kernel, _FWD_CONFIGS)
-_attn_bwd = _autotuned(_attn_bwd_kernel, _BWD_CONFIGS)
+_attn_fwd = _autotuned(_attn_fwd_kernel, _FWD_CONFIGS, _INTERPRET_FWD_CONFIGS)
+_attn_bwd = _autotuned(_attn_bwd_kernel, _BWD_CONFIGS, _INTERPRET_CONFIGS)
 
 
 # ---------------------------------------------------------------------------------------- launchers
@@ -498,7 +546,7 @@ def attention_fwd(
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
             H, N_Q, N_K, n_bucket, float(scale), float(dropout_p),
             HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, DROPOUT=dropout_p > 0,
-            PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32",
+            PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32", NEG_SCALE=scale < 0,
         )  # fmt: skip
 
 

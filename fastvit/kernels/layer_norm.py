@@ -1,10 +1,12 @@
 """Triton LayerNorm with an optional fused residual add, forward and backward.
 
-Forward, one program per row (the row is held in registers, so rows up to ``MAX_COLS`` wide):
+Forward, one program per ROWS rows (a (ROWS, BLOCK_N) tile in registers, weight and bias loaded once per
+program; rows up to ``MAX_COLS`` wide):
     z = x + residual   (rounded to x's dtype and stored: the transformer's residual stream)
     y = (z - mean) * rstd * weight + bias,   rstd = 1 / sqrt(var(z) + eps), statistics in fp32
 
-Backward, each program walks a contiguous chunk of rows and keeps fp32 running sums of
+Backward, 8 programs per SM each walk a contiguous chunk of rows (a software-pipelined loop: the next
+rows' loads are in flight while one row is reduced) and keep fp32 running sums of
 dweight = sum(dy * xhat) and dbias = sum(dy) in registers, written once as a partial row; the launcher
 reduces the (programs, cols) partials. dz = rstd * (w*dy - xhat*mean(w*dy*xhat) - mean(w*dy)) plus the
 incoming gradient of the residual stream is both dx and dresidual.
@@ -16,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvit.kernels import INTERPRET
 from fastvit.kernels._common import device_guard
 
 __all__ = ["MAX_COLS", "layer_norm_bwd", "layer_norm_fwd"]
@@ -24,8 +25,16 @@ __all__ = ["MAX_COLS", "layer_norm_bwd", "layer_norm_fwd"]
 MAX_COLS = 32768  # one row in registers: 32768 fp32 values is the most a program holds sensibly
 
 
-def _num_warps(block_n: int) -> int:
-    return 1 if INTERPRET else min(max(block_n // 256, 1), 16)
+def _num_warps(block: int) -> int:
+    """Warps for a tile of ``block`` values: 8 values per thread, 1 to 16 warps. The same under the
+    interpreter (which ignores it), so tests/test_gpu_compile.py compiles recorded launches as a GPU runs them."""
+    return min(max(block // 256, 1), 16)
+
+
+def _rows_per_program(block_n: int) -> int:
+    """Forward rows per program: a tile of up to 4096 values (4 rows at C = 768 / 1024, 2 at 1280), at
+    most 8 rows; wide rows (C > 4096) one at a time."""
+    return max(1, min(8, 4096 // block_n))
 
 
 @triton.jit
@@ -38,6 +47,7 @@ def _layer_norm_fwd_kernel(
     RO,  # (M, N) x + residual, written when HAS_RESIDUAL
     MEAN,  # (M,) fp32
     RSTD,  # (M,) fp32
+    M,
     N,
     stride_x,
     stride_r,
@@ -46,27 +56,31 @@ def _layer_norm_fwd_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,  # rows per program: one (ROWS, BLOCK_N) tile, weight and bias loaded once for them
     BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    z = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        z_stored = (z + r).to(RO.dtype.element_ty)
-        tl.store(RO + row * stride_ro + cols, z_stored, mask=mask)
-        z = z_stored.to(tl.float32)
-    mean = tl.sum(z, axis=0) / N
-    diff = tl.where(mask, z - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / N + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    y = diff * rstd * w
+    col_mask = cols < N
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+        b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+    z = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        z_stored = (z + r).to(RO.dtype.element_ty)
+        tl.store(RO + rows[:, None] * stride_ro + cols[None, :], z_stored, mask=mask)
+        z = z_stored.to(tl.float32)
+    mean = tl.sum(z, axis=1) / N
+    diff = tl.where(col_mask[None, :], z - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / N + eps)
+    y = diff * rstd[:, None] * w[None, :]
+    if HAS_BIAS:
+        y += b[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=rows < M)
+    tl.store(RSTD + rows, rstd, mask=rows < M)
 
 
 @triton.jit
@@ -90,6 +104,7 @@ def _layer_norm_bwd_kernel(
     HAS_DRO: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # row-loop pipeline depth
 ):
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -99,7 +114,7 @@ def _layer_norm_bwd_kernel(
     acc_db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for row in range(row_start, row_end):
+    for row in tl.range(row_start, row_end, num_stages=NUM_STAGES):
         z = tl.load(Z + row * stride_z + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + row)
@@ -135,21 +150,22 @@ def layer_norm_fwd(
     if M == 0:
         return
     block_n = triton.next_power_of_2(N)
+    rows = _rows_per_program(block_n)
     with device_guard(x):
-        _layer_norm_fwd_kernel[(M,)](
+        _layer_norm_fwd_kernel[(triton.cdiv(M, rows),)](
             x, residual if residual is not None else x, weight, bias if bias is not None else weight,
             y, residual_out if residual_out is not None else y, mean, rstd,
-            N, x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+            M, N, x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
             residual_out.stride(0) if residual_out is not None else 0, eps,
-            HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-            num_warps=_num_warps(block_n),
+            HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, ROWS=rows, BLOCK_N=block_n,
+            num_warps=_num_warps(rows * block_n),
         )  # fmt: skip
 
 
 def _num_programs(x: torch.Tensor, rows: int) -> int:
     if x.is_cuda:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        return max(1, min(rows, 4 * sms))
+        return max(1, min(rows, 8 * sms))
     return max(1, min(rows, 4))
 
 
@@ -182,6 +198,6 @@ def layer_norm_bwd(
             M, N, dy.stride(0), dresidual_out.stride(0) if dresidual_out is not None else 0,
             z.stride(0), dz.stride(0), rows_per_program,
             HAS_DRO=dresidual_out is not None, HAS_BIAS=has_bias, BLOCK_N=block_n,
-            num_warps=_num_warps(block_n),
+            NUM_STAGES=3, num_warps=_num_warps(block_n),
         )  # fmt: skip
     return dw_part, db_part

@@ -24,9 +24,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from fastvit.kernels import INTERPRET
-from fastvit.kernels._common import device_guard, graph_capturing, lazy_autotune
+from fastvit.kernels._common import device_guard, graph_capturing, lazy_autotune, shared_memory_limit
 
 __all__ = ["ACTIVATION_CODES", "linear_act_grad", "linear_fwd"]
 
@@ -34,13 +35,38 @@ ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
 _SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
 _INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
 _SQRT_2_OVER_PI = 0.7978845608028654
-_SMEM_LIMIT = 160 * 1024  # sm_80's 163 KB opt-in shared memory, so pruned lists also fit an A100
+# Compiled kernels evaluate the forward GELU with libdevice's approximate divide and flush-to-zero exp2
+# (one MUFU each, no denormal fix-ups); the interpreter cannot call libdevice and uses tl.math's.
+_FAST_MATH = tl.constexpr(not INTERPRET)
+
+
+@triton.jit
+def _gelu(h, FAST_MATH: tl.constexpr):
+    """Exact GELU h * Phi(h) as max(h, 0) - |h| Q(|h|), with the normal tail Q(a) = 1 - Phi(a) from
+    Abramowitz & Stegun 26.2.17: Q(a) = phi(a) t (b1 + t (b2 + t (b3 + t (b4 + t b5)))), t = 1 / (1 + p a),
+    |error| < 7.5e-8. The GELU's absolute error is below 3.4e-7 over all fp32 inputs (fp32 evaluation
+    included; torch's own fp32 GELU is 1.2e-6 from the fp64 value), at one divide, one exp2 and eight
+    FMA-class instructions instead of libdevice erff's polynomial pair and fix-ups (half the SASS)."""
+    a = tl.abs(h)
+    d = 1.0 + 0.2316419 * a
+    if FAST_MATH:
+        t = libdevice.fast_dividef(1.0, d)
+    else:
+        t = 1.0 / d
+    poly = t * (0.319381530 + t * (-0.356563782 + t * (1.781477937 + t * (-1.821255978 + t * 1.330274429))))
+    # phi(a) = exp2(-a^2 / (2 ln 2) + log2(1 / sqrt(2 pi)))
+    z = -0.7213475204444817 * a * a - 1.3257480647361593
+    if FAST_MATH:
+        phi = libdevice.exp2(z)  # ex2.approx.ftz: the result is 0 below 2**-126, where |h| Q(|h|) < 1e-37
+    else:
+        phi = tl.exp2(z)
+    return tl.maximum(h, 0.0) - a * (poly * phi)
 
 
 @triton.jit
 def _activation(h, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:  # exact GELU: h * Phi(h)
-        return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        return _gelu(h, _FAST_MATH)
     elif ACTIVATION == 2:  # tanh GELU: 0.5 h (1 + tanh(u)) == h * sigmoid(2u)
         u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
         return h * tl.sigmoid(2.0 * u)
@@ -92,6 +118,7 @@ def _linear_kernel(
     ACT_GRAD: tl.constexpr,
     WRITE_DBIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,  # 1, 2 or 4 column sub-tiles for the epilogue (heuristic, from the tile)
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; only fp32 operands read it
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -131,9 +158,50 @@ def _linear_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
+    if EPILOGUE_SPLIT == 1:
+        _epilogue(acc, offs_m, pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N), pid_m, B, R, Y, DB, M, N,
+                  stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R)  # fmt: skip
+    else:
+        # The epilogue in column sub-tiles (tl.split of the accumulator): the bias, activation, residual and
+        # dy tiles of a 128 x 256 accumulator do not fit the register file beside it at once.
+        half: tl.constexpr = BLOCK_N // 2
+        quarter: tl.constexpr = BLOCK_N // 4
+        n0 = pid_n.to(tl.int64) * BLOCK_N
+        a0, a1 = _halves(acc, BLOCK_M, half)
+        if EPILOGUE_SPLIT == 2:
+            _epilogue(a0, offs_m, n0 + tl.arange(0, half), pid_m, B, R, Y, DB, M, N,
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R)  # fmt: skip
+            _epilogue(a1, offs_m, n0 + half + tl.arange(0, half), pid_m, B, R, Y, DB, M, N,
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R)  # fmt: skip
+        else:
+            a00, a01 = _halves(a0, BLOCK_M, quarter)
+            a10, a11 = _halves(a1, BLOCK_M, quarter)
+            _epilogue(a00, offs_m, n0 + tl.arange(0, quarter), pid_m, B, R, Y, DB, M, N,
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R)  # fmt: skip
+            _epilogue(a01, offs_m, n0 + quarter + tl.arange(0, quarter), pid_m, B, R, Y, DB, M, N,
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R)  # fmt: skip
+            _epilogue(a10, offs_m, n0 + 2 * quarter + tl.arange(0, quarter), pid_m, B, R, Y, DB, M, N,
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R)  # fmt: skip
+            _epilogue(a11, offs_m, n0 + 3 * quarter + tl.arange(0, quarter), pid_m, B, R, Y, DB, M, N,
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R)  # fmt: skip
+
+
+@triton.jit
+def _halves(acc, BLOCK_M: tl.constexpr, HALF: tl.constexpr):
+    """The left and right column halves of a (BLOCK_M, 2 * HALF) tile."""
+    return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+
+
+@triton.jit
+def _epilogue(
+    acc, offs_m, offs_n, pid_m, B, R, Y, DB, M, N, stride_rm, stride_rn, stride_ym,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_GRAD: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+    HAS_R: tl.constexpr,
+):  # fmt: skip
+    """Bias, activation (or its gradient times dy), residual and the masked store of one column sub-tile."""
     h = acc
     if HAS_BIAS:
-        h += tl.load(B + cols).to(tl.float32)[None, :]
+        h += tl.load(B + offs_n % N).to(tl.float32)[None, :]
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     r_ptrs = R + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
     if ACT_GRAD:
@@ -155,10 +223,17 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8
 
 
 # Hopper/Ampere tiles: big tiles for the large-batch ViT GEMMs, smaller ones for batch 1 (M = 197) and
-# narrow N; BLOCK_K = 32 keeps fp32 (TF32) tiles inside shared memory.
+# narrow N; BLOCK_K = 32 keeps fp32 (TF32) tiles inside shared memory. The 4-stage large tiles (192 KB
+# at 16 bits) fit only Hopper's 227 KB per block; the 96 KB 128 x 128 x 64 three-stage tiles run two CTAs
+# per SM (registers and shared memory), so one CTA's epilogue overlaps the other's K loop on the K = 768
+# GEMMs (qkv, proj, fc1), which have only 12 k-steps per tile.
 _CONFIGS = [
     _config(128, 256, 64, 8, 3),
+    _config(128, 256, 64, 8, 4),
     _config(256, 128, 64, 8, 3),
+    _config(256, 128, 64, 8, 4),
+    _config(128, 128, 64, 8, 3),
+    _config(128, 128, 64, 4, 3),
     _config(128, 128, 64, 4, 4),
     _config(128, 128, 32, 4, 4),
     _config(128, 64, 64, 4, 4),
@@ -171,20 +246,43 @@ _INTERPRET_CONFIG = _config(32, 32, 32, 1, 1, group_m=4)
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in [*_CONFIGS, _DEFAULT_CONFIG, _INTERPRET_CONFIG])
 
 
+def _shared_bytes(config: triton.Config, elsize: int) -> int:
+    """The K loop's operand buffers: one (BLOCK_M + BLOCK_N) x BLOCK_K pair per pipeline stage."""
+    return config.num_stages * (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]) * config.kwargs["BLOCK_K"] * elsize
+
+
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
-    """Drop tiles that cannot fit shared memory at this dtype, or whose rows mostly fall past M."""
+    """Drop tiles that cannot fit the target GPU's shared memory per block at this dtype (227 KB on sm_90,
+    163 KB on sm_80), or whose rows mostly fall past M."""
     elsize = named_args["X"].element_size()
+    limit = shared_memory_limit(named_args["X"])
+    max_k, max_tile = 64, 256 * 128
+    if elsize == 4:
+        # fp32 operands (not the fast path: bf16 / fp16 are) take 64 x 64 x 32 tiles only. Larger ones spill
+        # on sm_90 (ptxas -v): 64 x 128 x 64 in 4 stages 16 bytes with TF32 and 34,920 with exact fp32 FMA
+        # products, 64 x 64 x 64 140 bytes, 128 x 128 x 32 592 bytes (exact products).
+        max_k, max_tile = 32, 64 * 64
     max_m = max(64, triton.next_power_of_2(named_args["M"]))
     kept = [
         c for c in configs
-        if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * elsize <= _SMEM_LIMIT
-        and c.kwargs["BLOCK_M"] <= max_m
+        if _shared_bytes(c, elsize) <= limit and c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_K"] <= max_k
+        and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
     ]  # fmt: skip
     return kept or [_DEFAULT_CONFIG]
 
 
+def _epilogue_split(args: dict) -> int:
+    """Column sub-tiles for the epilogue: at most 32 accumulator values per thread at a time for the GELU
+    gradient (it also holds dy), 64 otherwise (ptxas -v: no spills on sm_80 / sm_90 at these counts)."""
+    per_thread = args["BLOCK_M"] * args["BLOCK_N"] // (32 * args.get("num_warps", 4))
+    budget = 32 if args["ACT_GRAD"] else 64
+    return max(1, min(4, per_thread // budget))
+
+
 _KEY = ["M_BUCKET", "N", "K", "ACTIVATION", "HAS_BIAS", "HAS_R", "ACT_GRAD", "WRITE_DBIAS", "DOT_PRECISION"]
-_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+_even_k = triton.heuristics(
+    {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0, "EPILOGUE_SPLIT": _epilogue_split}
+)
 _linear_fixed = _even_k(_linear_kernel)  # launched with an explicit config
 # DB is zeroed before every trial: a taller trial tile writes fewer partial rows than a shorter one did,
 # and the stale rows would otherwise be summed into dbias.

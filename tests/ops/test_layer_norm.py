@@ -61,6 +61,19 @@ def test_triton_matches_reference(cols, dtype, residual, device):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("rows, cols", [(13, 40), (9, 768), (3, 1280)])
+def test_several_rows_per_program(rows, cols, device):
+    """The forward's (ROWS, BLOCK_N) tiles (8 rows at C = 40, 4 at 768, 2 at 1280) with a ragged last
+    program: rows past M are neither read nor written, weight and bias are shared by the tile's rows."""
+    from fastvit.kernels.layer_norm import _rows_per_program
+
+    block = 1 << (cols - 1).bit_length()
+    assert rows % _rows_per_program(block) != 0 and rows > _rows_per_program(block)
+    x, r, w, b = _inputs(rows, cols, torch.float32, device, residual=True)
+    _check("triton", x, r, w, b, 1e-6)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("eps", [1e-5, 1e-6])
 def test_eps_and_no_bias(eps, device):
     x, r, w, _ = _inputs(3, 147, torch.float32, device, residual=True, bias=False)

@@ -90,6 +90,39 @@ def test_triton_matches_reference(activation, dtype, device):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("block_m, block_n, splits", [(32, 64, (1, 2)), (64, 64, (2, 4))])
+def test_epilogue_sub_tiles(block_m, block_n, splits, monkeypatch, device):
+    """The epilogue split into 2 and 4 column sub-tiles (tl.split of the accumulator), forward and the GELU
+    backward with its dbias partials, on a ragged M and N (one warp: the split follows values per thread)."""
+    from fastvit.kernels import linear as kernels
+
+    config = kernels._config(block_m, block_n, 32, 1, 1, group_m=4)
+    fwd_args, grad_args = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 1, "ACT_GRAD": False}, None
+    grad_args = dict(fwd_args, ACT_GRAD=True)
+    assert (kernels._epilogue_split(fwd_args), kernels._epilogue_split(grad_args)) == splits
+    monkeypatch.setattr(kernels, "_INTERPRET_CONFIG", config)
+    monkeypatch.setattr(kernels, "_MIN_BLOCK_M", block_m)
+    x, w, b, r = _inputs((70, 40), 100, torch.float32, device)
+    _check("triton", x, w, b, r, "gelu")
+    _check("triton", x, w, b, None, "gelu")
+
+
+@pytest.mark.interpreter
+def test_gelu_matches_nn_gelu_in_fp32_tolerance(device):
+    """The kernels' GELU (A&S 26.2.17 normal tail) over fp32 inputs in [-12, 12]: within testing.py's fp32
+    tolerance of nn.GELU(), and its worst absolute error below 4e-7 of the fp64 GELU."""
+    from fastvit.testing import assert_close
+
+    h = torch.linspace(-12, 12, 3 * 1024 + 7, device=device)
+    x = h[:, None].contiguous()
+    w = torch.ones(1, 1, device=device)
+    y = ops.linear(x, w, None, activation="gelu", backend="triton")[:, 0]
+    assert_close(y, nn.GELU()(h), torch.float32, name="gelu")
+    err = (y.double() - F.gelu(h.double())).abs().max().item()
+    assert err < 4e-7, f"GELU max abs error {err:.3g} vs fp64"
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_ragged_tokens(dtype, device):
     """(batch, 197 tokens, C): M = 394 is not a multiple of any row tile."""
