@@ -596,6 +596,16 @@ class T2TViT(TimmCfgMixin, nn.Module):
     set_grad_checkpointing = VisionTransformer.set_grad_checkpointing
     _run_block = VisionTransformer._run_block
     forward_intermediates = VisionTransformer.forward_intermediates
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's ``feature_info``: one entry per encoder block (module path, channels, reduction in pixels),
+        the levels ``forward_intermediates`` and ``create_model(..., features_only=True)`` return."""
+        reduction = self.img_size[0] // max(self.tokens_to_token.grid_size[0], 1)
+        return [
+            dict(module=f"blocks.{i}", num_chs=self.embed_dim, reduction=reduction) for i in range(len(self.blocks))
+        ]
+
     get_intermediate_layers = VisionTransformer.get_intermediate_layers
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

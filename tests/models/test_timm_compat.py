@@ -62,8 +62,14 @@ def test_feature_options_need_features_only_and_unknown_feature_cls_is_named():
         fastvit.create_model("vit_tiny_patch16_224", out_indices=(1,))
     with pytest.raises(ValueError, match="feature_cls='hook' is not supported"):
         fastvit.create_model("vit_tiny_patch16_224", **SMALL, features_only=True, feature_cls="hook")
-    with pytest.raises(TypeError, match="forward_intermediates"):
-        fastvit.create_model("t2t_vit_7", features_only=True)
+
+
+def test_t2t_features_only_gives_the_encoder_block_maps():
+    model = fastvit.create_model("t2t_vit_7", img_size=64, depth=3, features_only=True, out_indices=(0, 2)).eval()
+    assert model.feature_info.channels() == [256, 256] and model.feature_info.reduction() == [16, 16]
+    with torch.no_grad():
+        maps = model(torch.randn(2, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps] == [(2, 256, 4, 4), (2, 256, 4, 4)]
 
 
 def test_device_and_dtype_factory_options():
