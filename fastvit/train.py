@@ -833,6 +833,11 @@ def _check_config(cfg: TrainConfig, ctx: DistContext) -> None:
         problems.append(f"--workers must be >= 0, got {cfg.workers}")
     if cfg.fsdp and not ctx.distributed:
         problems.append("--fsdp shards over several processes: run it under torchrun with --nproc-per-node >= 2")
+    if cfg.fsdp and ctx.device.type == "cpu" and _torch_release() < (2, 6):
+        problems.append(
+            f"--fsdp on CPU needs torch >= 2.6 (torch {torch.__version__}'s fully_shard sets up CUDA streams): "
+            "leave out --fsdp (DDP replicas over gloo), or run on GPUs, or upgrade torch"
+        )
     if cfg.fsdp and cfg.recipe.ema_decay:
         problems.append("--ema-decay with --fsdp is not supported (the EMA copy would not be sharded)")
     if cfg.pretrained and not Path(cfg.pretrained).expanduser().is_file():
@@ -860,6 +865,11 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, amp: Option
     model.train(was_training)
     n = max(sums[3].item(), 1.0)
     return {"loss": sums[0].item() / n, "top1": sums[1].item() / n, "top5": sums[2].item() / n}
+
+
+def _torch_release() -> tuple:
+    """torch's (major, minor) release, e.g. (2, 5) for 2.5.1+cu124."""
+    return tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def train(
@@ -935,7 +945,11 @@ def _train(
     raw = model
     if cfg.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch 2.5: FSDP2 is still under _composable (public from 2.6)
+            from torch.distributed._composable.fsdp import fully_shard
 
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         for block in getattr(model, "blocks", []):

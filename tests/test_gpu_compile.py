@@ -246,6 +246,11 @@ def test_triton_kernels_compile_for_sm80_and_sm90(family, tmp_path):
     assert not no_wgmma, f"16-bit matmul kernels that never use wgmma on sm_90: {no_wgmma}"
 
 
+@pytest.mark.skipif(
+    not _astsource_takes_constexprs(),
+    reason="benchmarks/kernel_report.py compiles through triton.compiler.ASTSource(constexprs=...), which this older "
+    "Triton lacks; the spill check runs on the newest pinned stack (.ci/run)",
+)
 def test_no_spills_at_the_goal_shapes(tmp_path):
     """benchmarks/kernel_report.py at the models' shapes (ViT-B/16, ViT-L/16@384, DeiT-S at batch 256, ViT-H/14
     attention at D = 80, T2T-ViT's N = 3137 attention, LayerNorm at C = 768 / 1024 / 1280; bf16, forward and

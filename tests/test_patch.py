@@ -25,6 +25,7 @@ import fastvit
 from fastvit import ops
 from fastvit.patch import PatchError, PatchReport, patch_model, return_attention, unpatch_model
 from fastvit.testing import assert_three_way
+from tests._timm_fx import require_stock_fx
 
 FP32 = dict(atol=1e-5, rtol=1e-5)
 
@@ -624,6 +625,7 @@ def _assert_same_outputs_and_grads(a: nn.Module, b: nn.Module, x: torch.Tensor) 
 
 
 def test_fx_symbolic_trace_of_a_patched_model_matches_stock():
+    require_stock_fx()
     stock, patched, _ = _pair(_tiny(depth=2, qk_norm=True).eval())
     traced = torch.fx.symbolic_trace(patched)
     assert not any(n.op == "call_function" and "fastvit" in str(n.target) for n in traced.graph.nodes)
@@ -631,6 +633,7 @@ def test_fx_symbolic_trace_of_a_patched_model_matches_stock():
 
 
 def test_fx_feature_extraction_and_attention_extract_on_patched_models():
+    require_stock_fx()
     from timm.utils import AttentionExtract
     from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -652,6 +655,7 @@ def test_fx_feature_extraction_and_attention_extract_on_patched_models():
 
 
 def test_timm_features_only_fx_wrapper_on_a_patched_model():
+    require_stock_fx()
     from timm.models import FeatureGraphNet
 
     stock, patched, _ = _pair(_tiny(depth=2).eval())

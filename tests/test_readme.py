@@ -9,6 +9,8 @@ from typing import Optional
 
 import pytest
 
+from tests._timm_fx import require_stock_fx
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 # What makes a block unrunnable here, with the reason shown for it.
@@ -49,4 +51,6 @@ def test_the_classifier_sees_gpu_and_weight_blocks():
 
 @pytest.mark.parametrize("line, code", RUNNABLE, ids=[f"README.md:{line}" for line, _ in RUNNABLE])
 def test_readme_block_runs(line, code, capsys):
+    if "fx.symbolic_trace" in code:
+        require_stock_fx()
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})  # noqa: S102

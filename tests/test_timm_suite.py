@@ -28,6 +28,7 @@ import pytest
 import timm
 
 import fastvit
+from tests._timm_fx import stock_fx_problem
 
 pytestmark = pytest.mark.timeout(1800)  # three child suites on a CPU; each item is small
 
@@ -130,7 +131,10 @@ def test_selection_covers_every_test_and_model_and_stock_passes(stock):
     assert {_test_of(nodeid) for nodeid in stock} == set(FASTVIT_TESTS)
     assert {_model_of(nodeid) for nodeid in stock} == set(PATCH_MODELS + FASTVIT_MODELS)
     assert len(stock) >= sum(len(m) for m in STOCK_SELECTION.values())  # tagged cfg names add items
-    assert _passed(stock) == set(stock), f"stock timm fails its own tests here: {_counts(stock)}"
+    failing = set(stock) - _passed(stock)
+    if stock_fx_problem() is not None:  # then timm's FX tests fail stock, and patched / fastvit are held to that
+        failing -= {k for k in failing if _test_of(k) in ("test_model_forward_fx", "test_model_backward_fx")}
+    assert not failing, f"stock timm fails its own tests here: {_counts(stock)}: {sorted(failing)}"
 
 
 def test_patched_timm_models_pass_what_stock_passes(stock, tmp_path_factory):

@@ -163,26 +163,18 @@ def _ddp_worker(rank: int, world: int, port: int, runs: list[tuple[TrainConfig, 
         torch.distributed.destroy_process_group()
 
 
-def test_two_process_gloo_ddp_and_fsdp_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
+_KW_2PROC = dict(batch_size=16, steps=4, eval_every=4, log_every=2, synthetic_samples=260)
+CPU_FSDP = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6)
+
+
+def test_two_process_gloo_ddp_equals_one_process_on_the_global_batch(tmp_path: Path) -> None:
     # 65 eval samples: shards of 33 and 32 (+1 padding item), all-reduced to the one-process numbers.
-    kw = dict(batch_size=16, steps=4, eval_every=4, log_every=2, synthetic_samples=260)
-    single = train(tiny(tmp_path / "one", **kw), log=quiet)
-    part = tmp_path / "fsdp_part"
-    runs = [
-        (tiny(tmp_path / "two", **kw), None),
-        (tiny(tmp_path / "fsdp", fsdp=True, **kw), None),
-        (tiny(part, fsdp=True, **kw), 2),  # Ctrl-C on every rank at step 2, then --resume: sharded states reloaded
-        (tiny(part, fsdp=True, resume=str(part), **kw), None),
-    ]
-    mp.spawn(_ddp_worker, args=(2, _free_port(), runs), nprocs=2, join=True)
-    one = weights(tmp_path / "one" / "last.pth")
-    for run in ("two", "fsdp"):  # DDP replicas; fully_shard'ed blocks gathered into a full state dict
-        two = weights(tmp_path / run / "last.pth")
-        assert two.keys() == one.keys()
-        for k in one:
-            torch.testing.assert_close(two[k], one[k], atol=2e-6, rtol=1e-5, msg=f"{run}: {k}")
-    fsdp, resumed = weights(tmp_path / "fsdp" / "last.pth"), weights(part / "last.pth")
-    assert all(torch.equal(fsdp[k], resumed[k]) for k in fsdp)
+    single = train(tiny(tmp_path / "one", **_KW_2PROC), log=quiet)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), [(tiny(tmp_path / "two", **_KW_2PROC), None)]), nprocs=2, join=True)
+    one, two = weights(tmp_path / "one" / "last.pth"), weights(tmp_path / "two" / "last.pth")
+    assert two.keys() == one.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=2e-6, rtol=1e-5, msg=f"ddp: {k}")
     # Metrics are all-reduced: the 2-process eval covers every eval sample once, like one process.
     import json
 
@@ -193,6 +185,30 @@ def test_two_process_gloo_ddp_and_fsdp_equal_one_process_on_the_global_batch(tmp
     t1 = [r["loss"] for r in single.records if r["split"] == "train"]
     t2 = [r["loss"] for r in rec2 if r["split"] == "train"]
     assert t2 == pytest.approx(t1, rel=1e-5)
+
+
+@pytest.mark.skipif(not CPU_FSDP, reason=f"fully_shard on CPU (gloo) needs torch >= 2.6; this is {torch.__version__}")
+def test_two_process_gloo_fsdp_equals_one_process_and_resumes_exactly(tmp_path: Path) -> None:
+    train(tiny(tmp_path / "one", **_KW_2PROC), log=quiet)
+    part = tmp_path / "fsdp_part"
+    runs = [
+        (tiny(tmp_path / "fsdp", fsdp=True, **_KW_2PROC), None),
+        (tiny(part, fsdp=True, **_KW_2PROC), 2),  # Ctrl-C on every rank at step 2, then --resume
+        (tiny(part, fsdp=True, resume=str(part), **_KW_2PROC), None),
+    ]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), runs), nprocs=2, join=True)
+    one, fsdp = weights(tmp_path / "one" / "last.pth"), weights(tmp_path / "fsdp" / "last.pth")
+    assert fsdp.keys() == one.keys()
+    for k in one:  # fully_shard'ed blocks gathered into a full state dict
+        torch.testing.assert_close(fsdp[k], one[k], atol=2e-6, rtol=1e-5, msg=f"fsdp: {k}")
+    resumed = weights(part / "last.pth")
+    assert all(torch.equal(fsdp[k], resumed[k]) for k in fsdp)
+
+
+@pytest.mark.skipif(CPU_FSDP, reason="this torch runs fully_shard on CPU; the refusal is for torch < 2.6")
+def test_fsdp_on_cpu_with_old_torch_is_refused_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--fsdp on CPU needs torch >= 2.6"):
+        train(tiny(tmp_path / "x", fsdp=True, **_KW_2PROC), log=quiet)
 
 
 def write_fake_cifar10(root: Path, n_train: int = 64, n_test: int = 16) -> Path:
