@@ -57,6 +57,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fastvit.fileio import atomic_save, atomic_write_bytes, atomic_write_text
+from fastvit.kernels import release_tuple
 
 __all__ = [
     "DatasetNotFoundError",
@@ -833,7 +834,7 @@ def _check_config(cfg: TrainConfig, ctx: DistContext) -> None:
         problems.append(f"--workers must be >= 0, got {cfg.workers}")
     if cfg.fsdp and not ctx.distributed:
         problems.append("--fsdp shards over several processes: run it under torchrun with --nproc-per-node >= 2")
-    if cfg.fsdp and ctx.device.type == "cpu" and _torch_release() < (2, 6):
+    if cfg.fsdp and ctx.device.type == "cpu" and release_tuple(torch.__version__) < (2, 6):
         problems.append(
             f"--fsdp on CPU needs torch >= 2.6 (torch {torch.__version__}'s fully_shard sets up CUDA streams): "
             "leave out --fsdp (DDP replicas over gloo), or run on GPUs, or upgrade torch"
@@ -865,11 +866,6 @@ def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, amp: Option
     model.train(was_training)
     n = max(sums[3].item(), 1.0)
     return {"loss": sums[0].item() / n, "top1": sums[1].item() / n, "top5": sums[2].item() / n}
-
-
-def _torch_release() -> tuple:
-    """torch's (major, minor) release, e.g. (2, 5) for 2.5.1+cu124."""
-    return tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def train(

@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 import fastvit
+from fastvit.kernels import release_tuple
 from fastvit.train import (
     DatasetNotFoundError,
     Recipe,
@@ -164,7 +165,7 @@ def _ddp_worker(rank: int, world: int, port: int, runs: list[tuple[TrainConfig, 
 
 
 _KW_2PROC = dict(batch_size=16, steps=4, eval_every=4, log_every=2, synthetic_samples=260)
-CPU_FSDP = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6)
+CPU_FSDP = release_tuple(torch.__version__) >= (2, 6)
 
 
 def test_two_process_gloo_ddp_equals_one_process_on_the_global_batch(tmp_path: Path) -> None:

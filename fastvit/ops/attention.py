@@ -405,7 +405,6 @@ _PACKED = OpDispatcher(
     autocast="lower",
     signature=_signature,
 )
-_DISPATCH = _OP  # the name tests and older callers use
 
 
 # ------------------------------------------------------------------------------------ public API

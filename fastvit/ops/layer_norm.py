@@ -277,7 +277,6 @@ _OP = OpDispatcher(
     autocast="keep",
     signature=_signature,
 )
-_DISPATCH = _OP  # the name tests and older callers use
 
 
 # ------------------------------------------------------------------------------------ public API

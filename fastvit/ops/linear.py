@@ -266,7 +266,6 @@ _OP = OpDispatcher(
     autocast="lower",
     signature=_signature,
 )
-_DISPATCH = _OP  # the name tests and older callers use
 
 
 # ------------------------------------------------------------------------------------ public API

@@ -300,7 +300,6 @@ _OP = OpDispatcher(
     autocast="lower",
     launchers={"torch": _torch_launch, "triton": _kernel_launch("triton"), "cuda": _kernel_launch("cuda")},
 )
-_DISPATCH = _OP  # the name tests and older callers use
 
 
 # ------------------------------------------------------------------------------------ public API

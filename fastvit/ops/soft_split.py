@@ -306,7 +306,6 @@ _OP = OpDispatcher(
     autocast="keep",
     launchers={"torch": _torch_launch, "triton": _kernel_launch("triton"), "cuda": _kernel_launch("cuda")},
 )
-_DISPATCH = _OP  # the name tests and older callers use
 
 
 # ------------------------------------------------------------------------------------ public API

@@ -569,7 +569,7 @@ def test_gpu_inductor_compile_fullgraph():
 @pytest.mark.gpu
 def test_gpu_auto_dispatch_prefers_triton():
     q, k, v = _qkv(2, 2, 64, 64, torch.float16)
-    assert attn_mod._DISPATCH.select(None, q.device, q=q, k=k, v=v, scale=None, dropout_p=0.0) == "triton"
+    assert attn_mod._OP.select(None, q.device, q=q, k=k, v=v, scale=None, dropout_p=0.0) == "triton"
 
 
 @pytest.mark.gpu
