@@ -5,10 +5,9 @@
 
 #include <cstdint>
 
-namespace fastvit {
+#include "codes.h"
 
-// Must match fastvit/ops/_cuda_backends.py::ACTIVATION_CODES.
-enum ActivationCode : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActQuickGelu = 3 };
+namespace fastvit {
 
 struct GeluLinearFwdArgs {
   std::uintptr_t x, weight, bias, residual, y;  // (M, K), (N, K), (N,), (M, N), (M, N)
