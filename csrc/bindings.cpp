@@ -7,7 +7,7 @@
 #include <array>
 
 #include "cublaslt.h"
-#include "gelu_linear.h"
+#include "linear.h"
 #include "layer_norm.h"
 #include "patch_embed.h"
 #include "codes.h"
@@ -184,21 +184,21 @@ PYBIND11_MODULE(_C, m) {
       py::arg("workspace_bytes"), py::arg("stream"),
       "Patch embedding backward: dweight = dout^T @ cols and dx = scatter(dout @ weight) (either pointer 0: skipped).");
 
-  // -------------------------------------------------------------------------------------- gelu_linear
+  // -------------------------------------------------------------------------------------- linear
   m.def(
-      "gelu_linear_fwd",
+      "linear_fwd",
       [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t residual, std::uintptr_t y,
          std::int64_t m_rows, std::int64_t n, std::int64_t k, std::int64_t x_stride, std::int64_t weight_stride,
          std::int64_t residual_stride, std::int64_t y_stride, int activation, int dtype, bool allow_tf32,
          std::uintptr_t workspace, std::int64_t workspace_bytes, std::uintptr_t stream) {
-        fastvit::GeluLinearFwdArgs a{.x = x, .weight = weight, .bias = bias, .residual = residual, .y = y,
+        fastvit::LinearFwdArgs a{.x = x, .weight = weight, .bias = bias, .residual = residual, .y = y,
                                      .m = m_rows, .n = n, .k = k, .x_stride = x_stride,
                                      .weight_stride = weight_stride, .residual_stride = residual_stride,
                                      .y_stride = y_stride, .activation = activation, .dtype = dtype,
                                      .allow_tf32 = allow_tf32, .workspace = workspace,
                                      .workspace_bytes = workspace_bytes, .stream = stream};
         py::gil_scoped_release release;
-        fastvit::gelu_linear_fwd(a);
+        fastvit::linear_fwd(a);
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("y"), py::arg("m"), py::arg("n"),
       py::arg("k"), py::arg("x_stride"), py::arg("weight_stride"), py::arg("residual_stride"), py::arg("y_stride"),
@@ -207,12 +207,12 @@ PYBIND11_MODULE(_C, m) {
       "y = act(x @ weight^T + bias) + residual through cuBLASLt (activation: 0 none, 1 gelu, 2 gelu_tanh, 3 quick_gelu).");
 
   m.def(
-      "gelu_linear_act_grad",
+      "linear_act_grad",
       [](std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t g,
          std::uintptr_t dbias_partial, std::int64_t m_rows, std::int64_t n, std::int64_t k, std::int64_t dy_stride,
          std::int64_t x_stride, std::int64_t weight_stride, std::int64_t g_stride, int num_partials, int activation,
          int dtype, bool allow_tf32, std::uintptr_t workspace, std::int64_t workspace_bytes, std::uintptr_t stream) {
-        fastvit::GeluLinearActGradArgs a{.dy = dy, .x = x, .weight = weight, .bias = bias, .g = g,
+        fastvit::LinearActGradArgs a{.dy = dy, .x = x, .weight = weight, .bias = bias, .g = g,
                                          .dbias_partial = dbias_partial, .m = m_rows, .n = n, .k = k,
                                          .dy_stride = dy_stride, .x_stride = x_stride,
                                          .weight_stride = weight_stride, .g_stride = g_stride,
@@ -220,7 +220,7 @@ PYBIND11_MODULE(_C, m) {
                                          .allow_tf32 = allow_tf32, .workspace = workspace,
                                          .workspace_bytes = workspace_bytes, .stream = stream};
         py::gil_scoped_release release;
-        fastvit::gelu_linear_act_grad(a);
+        fastvit::linear_act_grad(a);
       },
       py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("g"), py::arg("dbias_partial"),
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("dy_stride"), py::arg("x_stride"), py::arg("weight_stride"),

@@ -1,4 +1,4 @@
-"""fastvit._C's soft_split, patch_embed and gelu_linear kernels (csrc/) and their launchers
+"""fastvit._C's soft_split, patch_embed and linear kernels (csrc/) and their launchers
 (fastvit/ops/_cuda_backends.py).
 
 Without a GPU: the module carries the entry points, argument errors are ValueErrors raised before any
@@ -33,8 +33,8 @@ from tests.conftest import HAS_GPU
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_ENTRY_POINTS = (
-    "soft_split_fwd", "soft_split_bwd", "patch_embed_fwd", "patch_embed_bwd", "gelu_linear_fwd",
-    "gelu_linear_act_grad", "load_cublaslt", "cublaslt_status", "set_cublaslt_search_dirs",
+    "soft_split_fwd", "soft_split_bwd", "patch_embed_fwd", "patch_embed_bwd", "linear_fwd",
+    "linear_act_grad", "load_cublaslt", "cublaslt_status", "set_cublaslt_search_dirs",
 )  # fmt: skip
 
 
@@ -104,8 +104,8 @@ CALLS = {
     "soft_split_bwd": _soft_split_bwd_args,
     "patch_embed_fwd": _patch_embed_fwd_args,
     "patch_embed_bwd": _patch_embed_bwd_args,
-    "gelu_linear_fwd": _linear_fwd_args,
-    "gelu_linear_act_grad": _linear_grad_args,
+    "linear_fwd": _linear_fwd_args,
+    "linear_act_grad": _linear_grad_args,
 }
 
 
@@ -143,12 +143,12 @@ VALIDATION_CASES = [
     ("patch_embed_fwd", dict(dtype=3), "dtype: unsupported dtype code 3"),
     ("patch_embed_bwd", dict(dout_stride=32), "dout_stride must be >= embed_dim"),
     ("patch_embed_bwd", dict(cols=0), "must be non-null device pointers"),
-    ("gelu_linear_fwd", dict(activation=7), "unknown activation code 7"),
-    ("gelu_linear_fwd", dict(k=0), "K > 0"),
-    ("gelu_linear_fwd", dict(x_stride=8), "row strides of x and weight must be >= K"),
-    ("gelu_linear_fwd", dict(m=1 << 31), "32-bit matrix sizes"),
-    ("gelu_linear_act_grad", dict(activation=0), "needs an activation"),
-    ("gelu_linear_act_grad", dict(num_partials=0), "num_partials must be > 0"),
+    ("linear_fwd", dict(activation=7), "unknown activation code 7"),
+    ("linear_fwd", dict(k=0), "K > 0"),
+    ("linear_fwd", dict(x_stride=8), "row strides of x and weight must be >= K"),
+    ("linear_fwd", dict(m=1 << 31), "32-bit matrix sizes"),
+    ("linear_act_grad", dict(activation=0), "needs an activation"),
+    ("linear_act_grad", dict(num_partials=0), "num_partials must be > 0"),
 ]
 
 
@@ -325,8 +325,8 @@ def _marshalling_calls():
         ),
         "patch_embed_fwd": lambda: cuda.patch_embed_fwd(img, w, b, pos, cls, torch.empty(2, 17, 64, dtype=h)),
         "patch_embed_bwd": lambda: cuda.patch_embed_bwd(torch.randn(2, 17, 64, dtype=h), img, w, 1, True, True),
-        "gelu_linear_fwd": lambda: cuda.linear_fwd(x, lw, lb, res, "gelu", torch.empty(33, 96, dtype=h)),
-        "gelu_linear_act_grad": lambda: cuda.linear_act_grad(res, x, lw, lb, "quick_gelu", torch.empty_like(res), True),
+        "linear_fwd": lambda: cuda.linear_fwd(x, lw, lb, res, "gelu", torch.empty(33, 96, dtype=h)),
+        "linear_act_grad": lambda: cuda.linear_act_grad(res, x, lw, lb, "quick_gelu", torch.empty_like(res), True),
         "layer_norm_fwd": lambda: cuda.layer_norm_fwd(
             x, lw[0, :64], None, x, 1e-5, torch.empty(33, 64, dtype=h), torch.empty(33, 64, dtype=h), mean, rstd
         ),
@@ -352,7 +352,7 @@ def test_launchers_pass_the_extension_checks(name, monkeypatch):
     """The launchers' keyword arguments match the bindings and their values pass every C++ check: each
     call gets as far as the device check (the stream handle is the only thing a CPU cannot give)."""
     _extension()
-    if name.startswith(("patch_embed", "gelu_linear")) and cuda.cublaslt_reasons():
+    if name.startswith(("patch_embed", "linear")) and cuda.cublaslt_reasons():
         pytest.skip(f"cuBLASLt cannot be loaded here: {cuda.cublaslt_reasons()}")
     monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
     with pytest.raises(RuntimeError, match=rf"fastvit\._C\.{name}: no usable CUDA device"):

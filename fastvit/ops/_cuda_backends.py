@@ -1,6 +1,6 @@
 """Launchers for the ``cuda`` backends of soft_split, patch_embed and linear (fastvit._C).
 
-The kernels live in csrc/soft_split.cu, csrc/patch_embed.cu and csrc/gelu_linear.cu and take raw
+The kernels live in csrc/soft_split.cu, csrc/patch_embed.cu and csrc/linear.cu and take raw
 pointers, sizes, strides, dtype codes and a stream; these functions turn tensors into those arguments,
 allocate outputs with :func:`fastvit.ops._library.new_output` and workspaces with ``torch.empty``, and
 say (``*_reasons``) when the backend cannot serve an input. Each launcher has the signature of the
@@ -47,7 +47,7 @@ __all__ = [
     "soft_split_reasons",
 ]
 
-# Activation name -> csrc/gelu_linear.h::ActivationCode, read from the extension (None and "" mean "none");
+# Activation name -> csrc/linear.h::ActivationCode, read from the extension (None and "" mean "none");
 # empty when the extension did not load (the launchers then stop at _ext.require first).
 _C_ACTIVATIONS: dict = getattr(_ext.module(), "ACTIVATION_CODES", {})
 ACTIVATION_CODES: dict[Optional[str], int] = {
@@ -357,7 +357,7 @@ def patch_embed_bwd(
 
 
 def linear_reasons(x: Tensor, weight: Optional[Tensor] = None, **_: object) -> list[str]:
-    """Why csrc/gelu_linear.cu cannot serve ``x`` (..., K) @ ``weight`` (N, K)^T."""
+    """Why csrc/linear.cu cannot serve ``x`` (..., K) @ ``weight`` (N, K)^T."""
     reasons = []
     if x.dtype not in _KERNEL_DTYPES:
         reasons.append(f"dtype {x.dtype} is not supported by the cuBLASLt GEMM (float32 via TF32, float16, bfloat16)")
@@ -386,7 +386,7 @@ def linear_fwd(
     bias = bias.contiguous() if bias is not None else None
     workspace = _workspace(x)
     with device_guard(x):
-        C.gelu_linear_fwd(
+        C.linear_fwd(
             x=_ext.ptr(x), weight=_ext.ptr(weight), bias=_ext.ptr(bias), residual=_ext.ptr(residual), y=_ext.ptr(y),
             m=M, n=N, k=K, x_stride=x.stride(0), weight_stride=weight.stride(0),
             residual_stride=residual.stride(0) if residual is not None else 0, y_stride=y.stride(0),
@@ -405,12 +405,12 @@ def linear_act_grad(
     N = weight.shape[0]
     x, weight, dy = _gemm_operand(x), _gemm_operand(weight), _gemm_operand(dy)
     bias = bias.contiguous() if bias is not None else None
-    column_tiles = -(-N // 256)  # csrc/gelu_linear.cu: 256 columns per block
+    column_tiles = -(-N // 256)  # csrc/linear.cu: 256 columns per block
     programs = max(1, min(M, -(-4 * _sm_count(x) // column_tiles)))
     part = torch.empty((programs, N), device=x.device, dtype=torch.float32) if need_dbias else None
     workspace = _workspace(x)
     with device_guard(x):
-        C.gelu_linear_act_grad(
+        C.linear_act_grad(
             dy=_ext.ptr(dy), x=_ext.ptr(x), weight=_ext.ptr(weight), bias=_ext.ptr(bias), g=_ext.ptr(g),
             dbias_partial=_ext.ptr(part), m=M, n=N, k=K, dy_stride=dy.stride(0), x_stride=x.stride(0),
             weight_stride=weight.stride(0), g_stride=g.stride(0), num_partials=programs,
