@@ -1,5 +1,5 @@
 // pybind11 module fastvit._C. Every entry point takes device pointers as integers, sizes and strides
-// in elements, dtype codes (see common.h) and the CUDA stream handle; none touches torch. Argument
+// in elements, dtype codes (DTYPE_CODES, from codes.h) and the CUDA stream handle; none touches torch. Argument
 // errors raise ValueError, CUDA errors (including "no GPU") raise RuntimeError.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -7,9 +7,10 @@
 #include <array>
 
 #include "cublaslt.h"
-#include "gelu_linear.h"
+#include "linear.h"
 #include "layer_norm.h"
 #include "patch_embed.h"
+#include "codes.h"
 #include "runtime.h"
 #include "soft_split.h"
 
@@ -22,8 +23,9 @@ using I64x6 = std::array<std::int64_t, 6>;
 namespace {
 
 fastvit::SoftSplitGeometry soft_split_geometry(const I64x4& shape, const I64x4& strides, const I64x6& kernel) {
-  return {shape[0],  shape[1],  shape[2],  shape[3],  strides[0], strides[1], strides[2],
-          strides[3], kernel[0], kernel[1], kernel[2], kernel[3], kernel[4],  kernel[5]};
+  return {.batch = shape[0], .channels = shape[1], .height = shape[2], .width = shape[3],
+          .stride_b = strides[0], .stride_c = strides[1], .stride_h = strides[2], .stride_w = strides[3],
+          .kh = kernel[0], .kw = kernel[1], .sh = kernel[2], .sw = kernel[3], .ph = kernel[4], .pw = kernel[5]};
 }
 
 }  // namespace
@@ -31,6 +33,14 @@ fastvit::SoftSplitGeometry soft_split_geometry(const I64x4& shape, const I64x4& 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastvit CUDA kernels (torch-independent; called through fastvit.ops)";
   m.attr("CUDART_VERSION") = fastvit::cudart_version();
+  // The code tables fastvit/_ext.py and fastvit/ops/_cuda_backends.py read (no copies on the Python side).
+  py::dict dtype_codes;
+  for (int code : {fastvit::kFloat32, fastvit::kFloat16, fastvit::kBFloat16}) dtype_codes[fastvit::dtype_name(code)] = code;
+  m.attr("DTYPE_CODES") = dtype_codes;
+  py::dict activation_codes;
+  for (int code : {fastvit::kActNone, fastvit::kActGelu, fastvit::kActGeluTanh, fastvit::kActQuickGelu})
+    activation_codes[fastvit::activation_name(code)] = code;
+  m.attr("ACTIVATION_CODES") = activation_codes;
   m.def("device_status", &fastvit::device_status, "What the CUDA runtime sees (never raises).");
   m.def("device_problem", &fastvit::device_problem,
         "Why the kernels cannot use a GPU on this machine, with the fix; '' when they can (never raises).");
@@ -41,9 +51,11 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t residual_out, std::uintptr_t mean, std::uintptr_t rstd, std::int64_t rows, std::int64_t cols,
          std::int64_t x_stride, std::int64_t residual_stride, std::int64_t y_stride, std::int64_t residual_out_stride,
          double eps, int x_dtype, int w_dtype, std::uintptr_t stream) {
-        LayerNormFwdArgs a{x,     residual, weight,          bias,     y,        residual_out,        mean,
-                           rstd,  rows,     cols,            x_stride, residual_stride, y_stride, residual_out_stride,
-                           eps,   x_dtype,  w_dtype,         stream};
+        LayerNormFwdArgs a{.x = x, .residual = residual, .weight = weight, .bias = bias, .y = y,
+                           .residual_out = residual_out, .mean = mean, .rstd = rstd, .rows = rows, .cols = cols,
+                           .x_stride = x_stride, .residual_stride = residual_stride, .y_stride = y_stride,
+                           .residual_out_stride = residual_out_stride, .eps = eps, .x_dtype = x_dtype,
+                           .w_dtype = w_dtype, .stream = stream};
         py::gil_scoped_release release;
         fastvit::layer_norm_fwd(a);
       },
@@ -60,9 +72,11 @@ PYBIND11_MODULE(_C, m) {
          std::int64_t rows, std::int64_t cols, std::int64_t dy_stride, std::int64_t dresidual_out_stride,
          std::int64_t z_stride, std::int64_t dz_stride, int num_partials, int x_dtype, int w_dtype,
          std::uintptr_t stream) {
-        LayerNormBwdArgs a{dy,   dresidual_out, z,         weight,    mean,    rstd,
-                           dz,   dweight_partial, dbias_partial, rows, cols, dy_stride,
-                           dresidual_out_stride, z_stride, dz_stride, num_partials, x_dtype, w_dtype, stream};
+        LayerNormBwdArgs a{.dy = dy, .dresidual_out = dresidual_out, .z = z, .weight = weight, .mean = mean,
+                           .rstd = rstd, .dz = dz, .dweight_partial = dweight_partial, .dbias_partial = dbias_partial,
+                           .rows = rows, .cols = cols, .dy_stride = dy_stride,
+                           .dresidual_out_stride = dresidual_out_stride, .z_stride = z_stride, .dz_stride = dz_stride,
+                           .num_partials = num_partials, .x_dtype = x_dtype, .w_dtype = w_dtype, .stream = stream};
         py::gil_scoped_release release;
         fastvit::layer_norm_bwd(a);
       },
@@ -85,8 +99,10 @@ PYBIND11_MODULE(_C, m) {
       [](std::uintptr_t x, std::uintptr_t norm_weight, std::uintptr_t norm_bias, std::uintptr_t y, std::uintptr_t mean,
          std::uintptr_t rstd, const I64x4& shape, const I64x4& strides, const I64x6& kernel, double eps, int x_dtype,
          int w_dtype, std::uintptr_t stream) {
-        fastvit::SoftSplitFwdArgs a{x,   norm_weight, norm_bias, y, mean, rstd, soft_split_geometry(shape, strides, kernel),
-                                    eps, x_dtype,     w_dtype,   stream};
+        fastvit::SoftSplitFwdArgs a{.x = x, .norm_weight = norm_weight, .norm_bias = norm_bias, .y = y,
+                                    .mean = mean, .rstd = rstd,
+                                    .geometry = soft_split_geometry(shape, strides, kernel), .eps = eps,
+                                    .x_dtype = x_dtype, .w_dtype = w_dtype, .stream = stream};
         py::gil_scoped_release release;
         fastvit::soft_split_fwd(a);
       },
@@ -102,24 +118,14 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t row_coefs, std::uintptr_t dx, std::uintptr_t dweight_partial, std::uintptr_t dbias_partial,
          const I64x4& shape, const I64x4& strides, const I64x6& kernel, const I64x4& dx_strides, int num_partials,
          int x_dtype, int w_dtype, std::uintptr_t stream) {
-        fastvit::SoftSplitBwdArgs a{dy,
-                                    x,
-                                    norm_weight,
-                                    mean,
-                                    rstd,
-                                    row_coefs,
-                                    dx,
-                                    dweight_partial,
-                                    dbias_partial,
-                                    soft_split_geometry(shape, strides, kernel),
-                                    dx_strides[0],
-                                    dx_strides[1],
-                                    dx_strides[2],
-                                    dx_strides[3],
-                                    num_partials,
-                                    x_dtype,
-                                    w_dtype,
-                                    stream};
+        fastvit::SoftSplitBwdArgs a{.dy = dy, .x = x, .norm_weight = norm_weight, .mean = mean, .rstd = rstd,
+                                    .row_coefs = row_coefs, .dx = dx, .dweight_partial = dweight_partial,
+                                    .dbias_partial = dbias_partial,
+                                    .geometry = soft_split_geometry(shape, strides, kernel),
+                                    .dx_stride_b = dx_strides[0], .dx_stride_c = dx_strides[1],
+                                    .dx_stride_h = dx_strides[2], .dx_stride_w = dx_strides[3],
+                                    .num_partials = num_partials, .x_dtype = x_dtype, .w_dtype = w_dtype,
+                                    .stream = stream};
         py::gil_scoped_release release;
         fastvit::soft_split_bwd(a);
       },
@@ -137,10 +143,14 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t cols, std::uintptr_t out, const I64x4& shape, const I64x4& strides, std::int64_t patch,
          std::int64_t embed_dim, std::int64_t num_prefix, std::int64_t pos_rows, int dtype, bool allow_tf32,
          std::uintptr_t workspace, std::int64_t workspace_bytes, std::uintptr_t stream) {
-        fastvit::PatchEmbedFwdArgs a{x,          weight,     bias,       pos_embed,  prefix,    cols,
-                                     out,        shape[0],   shape[1],   shape[2],   shape[3],  strides[0],
-                                     strides[1], strides[2], strides[3], patch,      embed_dim, num_prefix,
-                                     pos_rows,   dtype,      allow_tf32, workspace,  workspace_bytes, stream};
+        fastvit::PatchEmbedFwdArgs a{.x = x, .weight = weight, .bias = bias, .pos_embed = pos_embed,
+                                     .prefix = prefix, .cols = cols, .out = out, .batch = shape[0],
+                                     .channels = shape[1], .height = shape[2], .width = shape[3],
+                                     .x_stride_b = strides[0], .x_stride_c = strides[1], .x_stride_h = strides[2],
+                                     .x_stride_w = strides[3], .patch = patch, .embed_dim = embed_dim,
+                                     .num_prefix = num_prefix, .pos_rows = pos_rows, .dtype = dtype,
+                                     .allow_tf32 = allow_tf32, .workspace = workspace,
+                                     .workspace_bytes = workspace_bytes, .stream = stream};
         py::gil_scoped_release release;
         fastvit::patch_embed_fwd(a);
       },
@@ -156,11 +166,15 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t dweight, const I64x4& shape, const I64x4& strides, const I64x4& dx_strides, std::int64_t patch,
          std::int64_t embed_dim, std::int64_t dout_stride, int dtype, bool allow_tf32, std::uintptr_t workspace,
          std::int64_t workspace_bytes, std::uintptr_t stream) {
-        fastvit::PatchEmbedBwdArgs a{dout,          x,          weight,        cols,          dx,         dweight,
-                                     shape[0],      shape[1],   shape[2],      shape[3],      strides[0], strides[1],
-                                     strides[2],    strides[3], dx_strides[0], dx_strides[1], dx_strides[2],
-                                     dx_strides[3], patch,      embed_dim,     dout_stride,   dtype,      allow_tf32,
-                                     workspace,     workspace_bytes, stream};
+        fastvit::PatchEmbedBwdArgs a{.dout = dout, .x = x, .weight = weight, .cols = cols, .dx = dx,
+                                     .dweight = dweight, .batch = shape[0], .channels = shape[1],
+                                     .height = shape[2], .width = shape[3], .x_stride_b = strides[0],
+                                     .x_stride_c = strides[1], .x_stride_h = strides[2], .x_stride_w = strides[3],
+                                     .dx_stride_b = dx_strides[0], .dx_stride_c = dx_strides[1],
+                                     .dx_stride_h = dx_strides[2], .dx_stride_w = dx_strides[3], .patch = patch,
+                                     .embed_dim = embed_dim, .dout_stride = dout_stride, .dtype = dtype,
+                                     .allow_tf32 = allow_tf32, .workspace = workspace,
+                                     .workspace_bytes = workspace_bytes, .stream = stream};
         py::gil_scoped_release release;
         fastvit::patch_embed_bwd(a);
       },
@@ -170,19 +184,21 @@ PYBIND11_MODULE(_C, m) {
       py::arg("workspace_bytes"), py::arg("stream"),
       "Patch embedding backward: dweight = dout^T @ cols and dx = scatter(dout @ weight) (either pointer 0: skipped).");
 
-  // -------------------------------------------------------------------------------------- gelu_linear
+  // -------------------------------------------------------------------------------------- linear
   m.def(
-      "gelu_linear_fwd",
+      "linear_fwd",
       [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t residual, std::uintptr_t y,
          std::int64_t m_rows, std::int64_t n, std::int64_t k, std::int64_t x_stride, std::int64_t weight_stride,
          std::int64_t residual_stride, std::int64_t y_stride, int activation, int dtype, bool allow_tf32,
          std::uintptr_t workspace, std::int64_t workspace_bytes, std::uintptr_t stream) {
-        fastvit::GeluLinearFwdArgs a{x,        weight,          bias,          residual,        y,
-                                     m_rows,   n,               k,             x_stride,        weight_stride,
-                                     residual_stride, y_stride, activation,    dtype,           allow_tf32,
-                                     workspace, workspace_bytes, stream};
+        fastvit::LinearFwdArgs a{.x = x, .weight = weight, .bias = bias, .residual = residual, .y = y,
+                                     .m = m_rows, .n = n, .k = k, .x_stride = x_stride,
+                                     .weight_stride = weight_stride, .residual_stride = residual_stride,
+                                     .y_stride = y_stride, .activation = activation, .dtype = dtype,
+                                     .allow_tf32 = allow_tf32, .workspace = workspace,
+                                     .workspace_bytes = workspace_bytes, .stream = stream};
         py::gil_scoped_release release;
-        fastvit::gelu_linear_fwd(a);
+        fastvit::linear_fwd(a);
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("y"), py::arg("m"), py::arg("n"),
       py::arg("k"), py::arg("x_stride"), py::arg("weight_stride"), py::arg("residual_stride"), py::arg("y_stride"),
@@ -191,17 +207,20 @@ PYBIND11_MODULE(_C, m) {
       "y = act(x @ weight^T + bias) + residual through cuBLASLt (activation: 0 none, 1 gelu, 2 gelu_tanh, 3 quick_gelu).");
 
   m.def(
-      "gelu_linear_act_grad",
+      "linear_act_grad",
       [](std::uintptr_t dy, std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t g,
          std::uintptr_t dbias_partial, std::int64_t m_rows, std::int64_t n, std::int64_t k, std::int64_t dy_stride,
          std::int64_t x_stride, std::int64_t weight_stride, std::int64_t g_stride, int num_partials, int activation,
          int dtype, bool allow_tf32, std::uintptr_t workspace, std::int64_t workspace_bytes, std::uintptr_t stream) {
-        fastvit::GeluLinearActGradArgs a{dy,        x,          weight,        bias,          g,
-                                         dbias_partial, m_rows, n,             k,             dy_stride,
-                                         x_stride,  weight_stride, g_stride,   num_partials,  activation,
-                                         dtype,     allow_tf32, workspace,     workspace_bytes, stream};
+        fastvit::LinearActGradArgs a{.dy = dy, .x = x, .weight = weight, .bias = bias, .g = g,
+                                         .dbias_partial = dbias_partial, .m = m_rows, .n = n, .k = k,
+                                         .dy_stride = dy_stride, .x_stride = x_stride,
+                                         .weight_stride = weight_stride, .g_stride = g_stride,
+                                         .num_partials = num_partials, .activation = activation, .dtype = dtype,
+                                         .allow_tf32 = allow_tf32, .workspace = workspace,
+                                         .workspace_bytes = workspace_bytes, .stream = stream};
         py::gil_scoped_release release;
-        fastvit::gelu_linear_act_grad(a);
+        fastvit::linear_act_grad(a);
       },
       py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("g"), py::arg("dbias_partial"),
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("dy_stride"), py::arg("x_stride"), py::arg("weight_stride"),

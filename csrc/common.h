@@ -10,19 +10,9 @@
 #include <stdexcept>
 #include <string>
 
+#include "codes.h"
+
 namespace fastvit {
-
-// Must match fastvit/_ext.py::DTYPE_CODES.
-enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-inline const char* dtype_name(int code) {
-  switch (code) {
-    case kFloat32: return "float32";
-    case kFloat16: return "float16";
-    case kBFloat16: return "bfloat16";
-    default: return "unknown";
-  }
-}
 
 // A CUDA version number (cudaDriverGetVersion, CUDART_VERSION: 1000 * major + 10 * minor) as "major.minor".
 inline std::string cuda_version_text(int v) { return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10); }

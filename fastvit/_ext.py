@@ -29,8 +29,6 @@ __all__ = [
     "stream_handle",
 ]
 
-# Must match csrc/common.h::DTypeCode.
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _BUILD_INFO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_build_info.json")
 
 _module: Optional[ModuleType] = None
@@ -41,6 +39,17 @@ except ModuleNotFoundError as exc:
     _load_error = f"no compiled fastvit._C module in {os.path.dirname(_BUILD_INFO)} ({exc})"
 except Exception as exc:  # a broken or mismatched shared library
     _load_error = f"{type(exc).__name__}: {exc}"
+if _module is not None and not hasattr(_module, "DTYPE_CODES"):
+    _module = None
+    _load_error = (
+        f"fastvit._C in {os.path.dirname(_BUILD_INFO)} predates the DTYPE_CODES table this package reads; "
+        "rebuild it (`pip install -e .`)"
+    )
+
+# torch dtype -> csrc/common.h::DTypeCode, read from the extension (empty when it did not load: nothing calls it).
+DTYPE_CODES: dict[torch.dtype, int] = (
+    {getattr(torch, name): code for name, code in _module.DTYPE_CODES.items()} if _module is not None else {}
+)
 
 
 def build_info() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""fastvit._C's soft_split, patch_embed and gelu_linear kernels (csrc/) and their launchers
+"""fastvit._C's soft_split, patch_embed and linear kernels (csrc/) and their launchers
 (fastvit/ops/_cuda_backends.py).
 
 Without a GPU: the module carries the entry points, argument errors are ValueErrors raised before any
@@ -12,6 +12,7 @@ shapes, layouts and all three dtypes, plus one compute-sanitizer memcheck run of
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,9 +31,10 @@ from fastvit.ops.soft_split import _geometry, soft_split_ref
 from fastvit.testing import GRAD_TOLERANCE_SCALE, assert_close, assert_three_way, poisoned_outputs
 from tests.conftest import HAS_GPU
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_ENTRY_POINTS = (
-    "soft_split_fwd", "soft_split_bwd", "patch_embed_fwd", "patch_embed_bwd", "gelu_linear_fwd",
-    "gelu_linear_act_grad", "load_cublaslt", "cublaslt_status", "set_cublaslt_search_dirs",
+    "soft_split_fwd", "soft_split_bwd", "patch_embed_fwd", "patch_embed_bwd", "linear_fwd",
+    "linear_act_grad", "load_cublaslt", "cublaslt_status", "set_cublaslt_search_dirs",
 )  # fmt: skip
 
 
@@ -102,8 +104,8 @@ CALLS = {
     "soft_split_bwd": _soft_split_bwd_args,
     "patch_embed_fwd": _patch_embed_fwd_args,
     "patch_embed_bwd": _patch_embed_bwd_args,
-    "gelu_linear_fwd": _linear_fwd_args,
-    "gelu_linear_act_grad": _linear_grad_args,
+    "linear_fwd": _linear_fwd_args,
+    "linear_act_grad": _linear_grad_args,
 }
 
 
@@ -141,12 +143,12 @@ VALIDATION_CASES = [
     ("patch_embed_fwd", dict(dtype=3), "dtype: unsupported dtype code 3"),
     ("patch_embed_bwd", dict(dout_stride=32), "dout_stride must be >= embed_dim"),
     ("patch_embed_bwd", dict(cols=0), "must be non-null device pointers"),
-    ("gelu_linear_fwd", dict(activation=7), "unknown activation code 7"),
-    ("gelu_linear_fwd", dict(k=0), "K > 0"),
-    ("gelu_linear_fwd", dict(x_stride=8), "row strides of x and weight must be >= K"),
-    ("gelu_linear_fwd", dict(m=1 << 31), "32-bit matrix sizes"),
-    ("gelu_linear_act_grad", dict(activation=0), "needs an activation"),
-    ("gelu_linear_act_grad", dict(num_partials=0), "num_partials must be > 0"),
+    ("linear_fwd", dict(activation=7), "unknown activation code 7"),
+    ("linear_fwd", dict(k=0), "K > 0"),
+    ("linear_fwd", dict(x_stride=8), "row strides of x and weight must be >= K"),
+    ("linear_fwd", dict(m=1 << 31), "32-bit matrix sizes"),
+    ("linear_act_grad", dict(activation=0), "needs an activation"),
+    ("linear_act_grad", dict(num_partials=0), "num_partials must be > 0"),
 ]
 
 
@@ -227,7 +229,79 @@ def test_launcher_reasons():
     x64 = torch.randn(2, 8, dtype=torch.float64)
     w64 = torch.randn(4, 8, dtype=torch.float64)
     assert any("float64 is not supported" in r for r in cuda.linear_reasons(x64, w64))
-    assert cuda.ACTIVATION_CODES == {None: 0, "": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
+    if _ext.available():
+        assert cuda.ACTIVATION_CODES == {None: 0, "": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
+
+
+def test_codes_are_read_from_the_extension():
+    """fastvit._ext.DTYPE_CODES and _cuda_backends.ACTIVATION_CODES come from fastvit._C's own tables: a
+    stand-in extension with other codes changes them (no Python copy of the C++ enums is left)."""
+    code = (
+        "import sys, types\n"
+        "fake = types.ModuleType('fastvit._C')\n"
+        "fake.DTYPE_CODES = {'float32': 10, 'float16': 11, 'bfloat16': 12}\n"
+        "fake.ACTIVATION_CODES = {'none': 20, 'gelu': 21, 'gelu_tanh': 22, 'quick_gelu': 23}\n"
+        "sys.modules['fastvit._C'] = fake\n"
+        "import torch\n"
+        "from fastvit import _ext\n"
+        "from fastvit.ops import _cuda_backends as cuda\n"
+        "assert _ext.DTYPE_CODES == {torch.float32: 10, torch.float16: 11, torch.bfloat16: 12}, _ext.DTYPE_CODES\n"
+        "assert _ext.dtype_code(torch.ones(1, dtype=torch.bfloat16)) == 12\n"
+        "want = {None: 20, '': 20, 'gelu': 21, 'gelu_tanh': 22, 'quick_gelu': 23}\n"
+        "assert cuda.ACTIVATION_CODES == want, cuda.ACTIVATION_CODES\n"
+        "del fake.DTYPE_CODES\n"
+        "import importlib\n"
+        "importlib.reload(_ext)\n"
+        "assert not _ext.available() and 'predates the DTYPE_CODES table' in _ext.load_error(), _ext.load_error()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for path in ("fastvit/_ext.py", "fastvit/ops/_cuda_backends.py"):
+        with open(os.path.join(REPO, path)) as f:
+            assert "must match" not in f.read().lower(), f"{path} still keeps a copy of a C++ code table"
+
+
+_BY_NAME_CASES = {
+    "in order": ("", None),
+    "two strides swapped": (".y_stride = 8, .x_stride = 8", "designator order"),
+    "a field missing": ("", "missing initializer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BY_NAME_CASES))
+def test_args_structs_are_bound_by_name(case, tmp_path):
+    """csrc/bindings.cpp builds every Args struct with designated initializers, compiled as C++20 with
+    -Werror=missing-field-initializers (CMakeLists.txt): swapped or missing fields do not compile."""
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH to compile the by-name check with")
+    with open(os.path.join(REPO, "csrc", "bindings.cpp")) as f:
+        bindings = f.read()
+    structs = re.findall(r"(\w+Args) a\{(.)", bindings)
+    assert len(structs) == 8 and all(first == "." for _, first in structs), structs
+    strides = {
+        "in order": ".x_stride = 8, .residual_stride = 0, .y_stride = 8",
+        "two strides swapped": ".y_stride = 8, .residual_stride = 0, .x_stride = 8",
+        "a field missing": ".x_stride = 8, .y_stride = 8",
+    }[case]
+    src = tmp_path / "by_name.cpp"
+    src.write_text(
+        '#include "layer_norm.h"\n'
+        "fastvit::LayerNormFwdArgs make() {\n"
+        "  return {.x = 1, .residual = 0, .weight = 1, .bias = 0, .y = 1, .residual_out = 0, .mean = 1, .rstd = 1,\n"
+        f"          .rows = 4, .cols = 8, {strides}, .residual_out_stride = 0, .eps = 1e-6,\n"
+        "          .x_dtype = 0, .w_dtype = 0, .stream = 0};\n"
+        "}\n"
+    )
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-Werror=missing-field-initializers", "-I", os.path.join(REPO, "csrc")]
+    out = subprocess.run([*cmd, str(src)], capture_output=True, text=True, timeout=120)
+    expected = _BY_NAME_CASES[case][1]
+    if expected is None:
+        assert out.returncode == 0, out.stderr
+    else:
+        assert out.returncode != 0, f"{case} compiled"
+        assert expected in out.stderr, out.stderr
 
 
 def _marshalling_calls():
@@ -251,18 +325,34 @@ def _marshalling_calls():
         ),
         "patch_embed_fwd": lambda: cuda.patch_embed_fwd(img, w, b, pos, cls, torch.empty(2, 17, 64, dtype=h)),
         "patch_embed_bwd": lambda: cuda.patch_embed_bwd(torch.randn(2, 17, 64, dtype=h), img, w, 1, True, True),
-        "gelu_linear_fwd": lambda: cuda.linear_fwd(x, lw, lb, res, "gelu", torch.empty(33, 96, dtype=h)),
-        "gelu_linear_act_grad": lambda: cuda.linear_act_grad(res, x, lw, lb, "quick_gelu", torch.empty_like(res), True),
+        "linear_fwd": lambda: cuda.linear_fwd(x, lw, lb, res, "gelu", torch.empty(33, 96, dtype=h)),
+        "linear_act_grad": lambda: cuda.linear_act_grad(res, x, lw, lb, "quick_gelu", torch.empty_like(res), True),
+        "layer_norm_fwd": lambda: cuda.layer_norm_fwd(
+            x, lw[0, :64], None, x, 1e-5, torch.empty(33, 64, dtype=h), torch.empty(33, 64, dtype=h), mean, rstd
+        ),
+        "layer_norm_bwd": lambda: cuda.layer_norm_bwd(
+            x,
+            None,
+            torch.empty(33, 64, dtype=h),
+            lw[0, :64],
+            torch.empty(33),
+            torch.empty(33),
+            torch.empty(33, 64, dtype=h),
+            True,
+        ),
     }
 
 
+LAUNCHERS = sorted([*CALLS, "layer_norm_fwd", "layer_norm_bwd"])
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU error path; this machine has a GPU")
-@pytest.mark.parametrize("name", sorted(CALLS))
+@pytest.mark.parametrize("name", LAUNCHERS)
 def test_launchers_pass_the_extension_checks(name, monkeypatch):
     """The launchers' keyword arguments match the bindings and their values pass every C++ check: each
     call gets as far as the device check (the stream handle is the only thing a CPU cannot give)."""
     _extension()
-    if name.startswith(("patch_embed", "gelu_linear")) and cuda.cublaslt_reasons():
+    if name.startswith(("patch_embed", "linear")) and cuda.cublaslt_reasons():
         pytest.skip(f"cuBLASLt cannot be loaded here: {cuda.cublaslt_reasons()}")
     monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
     with pytest.raises(RuntimeError, match=rf"fastvit\._C\.{name}: no usable CUDA device"):

@@ -1,6 +1,6 @@
 """Launchers for the ``cuda`` backends of soft_split, patch_embed and linear (fastvit._C).
 
-The kernels live in csrc/soft_split.cu, csrc/patch_embed.cu and csrc/gelu_linear.cu and take raw
+The kernels live in csrc/soft_split.cu, csrc/patch_embed.cu and csrc/linear.cu and take raw
 pointers, sizes, strides, dtype codes and a stream; these functions turn tensors into those arguments,
 allocate outputs with :func:`fastvit.ops._library.new_output` and workspaces with ``torch.empty``, and
 say (``*_reasons``) when the backend cannot serve an input. Each launcher has the signature of the
@@ -33,6 +33,8 @@ __all__ = [
     "MAX_SOFT_SPLIT_FEATURES",
     "cublaslt_reasons",
     "cublaslt_search_dirs",
+    "layer_norm_bwd",
+    "layer_norm_fwd",
     "linear_act_grad",
     "linear_fwd",
     "linear_reasons",
@@ -45,8 +47,13 @@ __all__ = [
     "soft_split_reasons",
 ]
 
-# Must match csrc/gelu_linear.h::ActivationCode.
-ACTIVATION_CODES = {None: 0, "": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
+# Activation name -> csrc/linear.h::ActivationCode, read from the extension (None and "" mean "none");
+# empty when the extension did not load (the launchers then stop at _ext.require first).
+_C_ACTIVATIONS: dict = getattr(_ext.module(), "ACTIVATION_CODES", {})
+ACTIVATION_CODES: dict[Optional[str], int] = {
+    **{name: code for name, code in _C_ACTIVATIONS.items() if name != "none"},
+    **({None: _C_ACTIVATIONS["none"], "": _C_ACTIVATIONS["none"]} if "none" in _C_ACTIVATIONS else {}),
+}
 # csrc/soft_split.cu stages one output row (C * kh * kw fp32 values) in 48 KB of shared memory.
 MAX_SOFT_SPLIT_FEATURES = 12000
 # cuBLASLt's workspace; NVIDIA recommends 32 MiB on Hopper. Taken from torch's caching allocator per call.
@@ -132,6 +139,54 @@ def _gemm_operand(t: Tensor) -> Tensor:
 
 def _sm_count(t: Tensor) -> int:
     return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 1
+
+
+# ---------------------------------------------------------------------------------------- layer_norm
+
+
+def layer_norm_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float,
+    y: Tensor, residual_out: Optional[Tensor], mean: Tensor, rstd: Tensor,
+) -> None:  # fmt: skip
+    """Writes y (and residual_out = x + residual) and the fp32 row mean / rstd of the 2-D rows ``x``: the
+    signature of fastvit.kernels.layer_norm.layer_norm_fwd."""
+    C = _ext.require("layer_norm")
+    with device_guard(x):
+        C.layer_norm_fwd(
+            x=_ext.ptr(x), residual=_ext.ptr(residual), weight=_ext.ptr(weight), bias=_ext.ptr(bias),
+            y=_ext.ptr(y), residual_out=_ext.ptr(residual_out), mean=_ext.ptr(mean), rstd=_ext.ptr(rstd),
+            rows=x.shape[0], cols=x.shape[1], x_stride=x.stride(0),
+            residual_stride=residual.stride(0) if residual is not None else 0, y_stride=y.stride(0),
+            residual_out_stride=residual_out.stride(0) if residual_out is not None else 0, eps=float(eps),
+            x_dtype=_ext.dtype_code(x), w_dtype=_ext.dtype_code(weight), stream=_ext.stream_handle(x.device),
+        )  # fmt: skip
+
+
+def layer_norm_bwd(
+    dy: Tensor, dresidual_out: Optional[Tensor], z: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+    dz: Tensor, has_bias: bool,
+) -> tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+    """Writes dz and returns the fp32 per-block partials of dweight (and dbias with ``has_bias``): the
+    signature of fastvit.kernels.layer_norm.layer_norm_bwd."""
+    C = _ext.require("layer_norm")
+    M, N = z.shape
+    programs = max(1, min(M, 4 * _sm_count(z)))
+    dw_part = torch.empty((programs, N), device=z.device, dtype=torch.float32)
+    db_part = torch.empty((programs, N), device=z.device, dtype=torch.float32) if has_bias else None
+    with device_guard(z):
+        C.layer_norm_bwd(
+            dy=_ext.ptr(dy), dresidual_out=_ext.ptr(dresidual_out), z=_ext.ptr(z), weight=_ext.ptr(weight),
+            mean=_ext.ptr(mean), rstd=_ext.ptr(rstd), dz=_ext.ptr(dz), dweight_partial=_ext.ptr(dw_part),
+            dbias_partial=_ext.ptr(db_part), rows=M, cols=N, dy_stride=dy.stride(0),
+            dresidual_out_stride=dresidual_out.stride(0) if dresidual_out is not None else 0,
+            z_stride=z.stride(0), dz_stride=dz.stride(0), num_partials=programs,
+            x_dtype=_ext.dtype_code(z), w_dtype=_ext.dtype_code(weight), stream=_ext.stream_handle(z.device),
+        )  # fmt: skip
+    if M == 0:
+        dw_part.zero_()
+        if db_part is not None:
+            db_part.zero_()
+    return dw_part, db_part
 
 
 # ---------------------------------------------------------------------------------------- soft_split
@@ -302,7 +357,7 @@ def patch_embed_bwd(
 
 
 def linear_reasons(x: Tensor, weight: Optional[Tensor] = None, **_: object) -> list[str]:
-    """Why csrc/gelu_linear.cu cannot serve ``x`` (..., K) @ ``weight`` (N, K)^T."""
+    """Why csrc/linear.cu cannot serve ``x`` (..., K) @ ``weight`` (N, K)^T."""
     reasons = []
     if x.dtype not in _KERNEL_DTYPES:
         reasons.append(f"dtype {x.dtype} is not supported by the cuBLASLt GEMM (float32 via TF32, float16, bfloat16)")
@@ -331,7 +386,7 @@ def linear_fwd(
     bias = bias.contiguous() if bias is not None else None
     workspace = _workspace(x)
     with device_guard(x):
-        C.gelu_linear_fwd(
+        C.linear_fwd(
             x=_ext.ptr(x), weight=_ext.ptr(weight), bias=_ext.ptr(bias), residual=_ext.ptr(residual), y=_ext.ptr(y),
             m=M, n=N, k=K, x_stride=x.stride(0), weight_stride=weight.stride(0),
             residual_stride=residual.stride(0) if residual is not None else 0, y_stride=y.stride(0),
@@ -350,12 +405,12 @@ def linear_act_grad(
     N = weight.shape[0]
     x, weight, dy = _gemm_operand(x), _gemm_operand(weight), _gemm_operand(dy)
     bias = bias.contiguous() if bias is not None else None
-    column_tiles = -(-N // 256)  # csrc/gelu_linear.cu: 256 columns per block
+    column_tiles = -(-N // 256)  # csrc/linear.cu: 256 columns per block
     programs = max(1, min(M, -(-4 * _sm_count(x) // column_tiles)))
     part = torch.empty((programs, N), device=x.device, dtype=torch.float32) if need_dbias else None
     workspace = _workspace(x)
     with device_guard(x):
-        C.gelu_linear_act_grad(
+        C.linear_act_grad(
             dy=_ext.ptr(dy), x=_ext.ptr(x), weight=_ext.ptr(weight), bias=_ext.ptr(bias), g=_ext.ptr(g),
             dbias_partial=_ext.ptr(part), m=M, n=N, k=K, dy_stride=dy.stride(0), x_stride=x.stride(0),
             weight_stride=weight.stride(0), g_stride=g.stride(0), num_partials=programs,

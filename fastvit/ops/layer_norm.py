@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastvit import _ext, kernels
-from fastvit.kernels._common import device_guard, rows_view
+from fastvit import kernels
+from fastvit.kernels._common import rows_view
+from fastvit.ops import _cuda_backends as _cuda
 from fastvit.ops._library import (
     FLOAT_DTYPES,
     check_tensors,
@@ -138,15 +139,7 @@ def _fwd_kernel(
     if backend == "triton":
         _triton_kernels.layer_norm_fwd(x, weight, bias, residual, eps, y, residual_out, mean, rstd)
         return
-    C = _ext.require("layer_norm")
-    with device_guard(x):
-        C.layer_norm_fwd(
-            _ext.ptr(x), _ext.ptr(residual), _ext.ptr(weight), _ext.ptr(bias), _ext.ptr(y), _ext.ptr(residual_out),
-            _ext.ptr(mean), _ext.ptr(rstd), x.shape[0], x.shape[1], x.stride(0),
-            residual.stride(0) if residual is not None else 0, y.stride(0),
-            residual_out.stride(0) if residual_out is not None else 0, eps,
-            _ext.dtype_code(x), _ext.dtype_code(weight), _ext.stream_handle(x.device),
-        )  # fmt: skip
+    _cuda.layer_norm_fwd(x, weight, bias, residual, eps, y, residual_out, mean, rstd)
 
 
 def _bwd_kernel(
@@ -155,24 +148,7 @@ def _bwd_kernel(
 ) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
     if backend == "triton":
         return _triton_kernels.layer_norm_bwd(dy, dresidual_out, z, weight, mean, rstd, dz, has_bias)
-    C = _ext.require("layer_norm")
-    M, N = z.shape
-    sms = torch.cuda.get_device_properties(z.device).multi_processor_count if z.is_cuda else 1
-    programs = max(1, min(M, 4 * sms))
-    dw_part = torch.empty((programs, N), device=z.device, dtype=torch.float32)
-    db_part = torch.empty((programs, N), device=z.device, dtype=torch.float32) if has_bias else None
-    with device_guard(z):
-        C.layer_norm_bwd(
-            _ext.ptr(dy), _ext.ptr(dresidual_out), _ext.ptr(z), _ext.ptr(weight), _ext.ptr(mean), _ext.ptr(rstd),
-            _ext.ptr(dz), _ext.ptr(dw_part), _ext.ptr(db_part), M, N, dy.stride(0),
-            dresidual_out.stride(0) if dresidual_out is not None else 0, z.stride(0), dz.stride(0), programs,
-            _ext.dtype_code(z), _ext.dtype_code(weight), _ext.stream_handle(z.device),
-        )  # fmt: skip
-    if M == 0:
-        dw_part.zero_()
-        if db_part is not None:
-            db_part.zero_()
-    return dw_part, db_part
+    return _cuda.layer_norm_bwd(dy, dresidual_out, z, weight, mean, rstd, dz, has_bias)
 
 
 # ------------------------------------------------------------------------------- torch.library ops

@@ -28,7 +28,7 @@ default, keeps exact fp32 products (no tensor cores, so slow). Under the Triton 
 exact. float64 is served by the "torch" backend only. Under autocast the op lowers its floating-point
 inputs to the autocast dtype, as ``F.linear`` does (a fp32 residual stream is lowered too).
 
-The ``cuda`` backend (csrc/gelu_linear.cu) runs the GEMMs in cuBLASLt: bias (and a residual without
+The ``cuda`` backend (csrc/linear.cu) runs the GEMMs in cuBLASLt: bias (and a residual without
 activation) in its epilogue, fp16/bf16 "gelu_tanh" without a residual as its GELU_BIAS epilogue; "gelu"
 (erf), "quick_gelu", fp32 and activations followed by a residual take one extra elementwise pass over
 the output, and the backward's act'(h) is an elementwise pass over the recomputed h fused with dbias's

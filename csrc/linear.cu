@@ -20,7 +20,7 @@
 #include "common.h"
 #include "cublaslt.h"
 #include "dtype_dispatch.h"
-#include "gelu_linear.h"
+#include "linear.h"
 
 namespace fastvit {
 namespace {
@@ -107,10 +107,27 @@ void check_gemm(const char* op, std::int64_t m, std::int64_t n, std::int64_t k, 
   require(workspace_bytes >= 0, op, "workspace_bytes must be >= 0");
 }
 
+// out (M, N) = x @ weight^T (+ bias through the epilogue the caller picks) for either entry point's Args.
+template <class Args>
+MatmulArgs x_weight_t(const Args& a, std::uintptr_t out, std::int64_t out_stride) {
+  MatmulArgs mm;
+  mm.lhs = {a.x, a.m, a.k, a.x_stride, 0};
+  mm.rhs = {a.weight, a.n, a.k, a.weight_stride, 0};
+  mm.rhs_t = true;
+  mm.out = {out, a.m, a.n, out_stride, 0};
+  mm.dtype = a.dtype;
+  mm.allow_tf32 = a.allow_tf32;
+  mm.bias = a.bias;
+  mm.workspace = a.workspace;
+  mm.workspace_bytes = a.workspace_bytes;
+  mm.stream = a.stream;
+  return mm;
+}
+
 }  // namespace
 
-void gelu_linear_fwd(const GeluLinearFwdArgs& a) {
-  const char* op = "gelu_linear_fwd";
+void linear_fwd(const LinearFwdArgs& a) {
+  const char* op = "linear_fwd";
   check_gemm(op, a.m, a.n, a.k, a.x_stride, a.weight_stride, a.activation, a.dtype, a.workspace_bytes);
   require(a.x && a.weight && a.y, op, "x, weight and y must be non-null device pointers");
   require(a.y_stride >= a.n && (!a.residual || a.residual_stride >= a.n), op,
@@ -118,17 +135,7 @@ void gelu_linear_fwd(const GeluLinearFwdArgs& a) {
   require_cuda_device(op);
   if (a.m == 0) return;
 
-  MatmulArgs mm;
-  mm.lhs = {a.x, a.m, a.k, a.x_stride, 0};
-  mm.rhs = {a.weight, a.n, a.k, a.weight_stride, 0};
-  mm.rhs_t = true;
-  mm.out = {a.y, a.m, a.n, a.y_stride, 0};
-  mm.dtype = a.dtype;
-  mm.allow_tf32 = a.allow_tf32;
-  mm.bias = a.bias;
-  mm.workspace = a.workspace;
-  mm.workspace_bytes = a.workspace_bytes;
-  mm.stream = a.stream;
+  MatmulArgs mm = x_weight_t(a, a.y, a.y_stride);
   // fp32 keeps the exact elementwise pass: the accuracy of cuBLASLt's GELU is not documented, and fp32
   // results are held to torch's fp32 error; for fp16/bf16 the output rounding dominates either way.
   const bool fused_tanh = a.activation == kActGeluTanh && !a.residual && a.dtype != kFloat32;
@@ -154,8 +161,8 @@ void gelu_linear_fwd(const GeluLinearFwdArgs& a) {
   }
 }
 
-void gelu_linear_act_grad(const GeluLinearActGradArgs& a) {
-  const char* op = "gelu_linear_act_grad";
+void linear_act_grad(const LinearActGradArgs& a) {
+  const char* op = "linear_act_grad";
   check_gemm(op, a.m, a.n, a.k, a.x_stride, a.weight_stride, a.activation, a.dtype, a.workspace_bytes);
   require(a.activation != kActNone, op, "the activation gradient needs an activation (code 1, 2 or 3)");
   require(a.dy && a.x && a.weight && a.g, op, "dy, x, weight and g must be non-null device pointers");
@@ -172,18 +179,8 @@ void gelu_linear_act_grad(const GeluLinearActGradArgs& a) {
     }
     return;
   }
-  MatmulArgs mm;
-  mm.lhs = {a.x, a.m, a.k, a.x_stride, 0};
-  mm.rhs = {a.weight, a.n, a.k, a.weight_stride, 0};
-  mm.rhs_t = true;
-  mm.out = {a.g, a.m, a.n, a.g_stride, 0};
-  mm.dtype = a.dtype;
-  mm.allow_tf32 = a.allow_tf32;
+  MatmulArgs mm = x_weight_t(a, a.g, a.g_stride);
   mm.epilogue = a.bias ? Epilogue::kBias : Epilogue::kNone;
-  mm.bias = a.bias;
-  mm.workspace = a.workspace;
-  mm.workspace_bytes = a.workspace_bytes;
-  mm.stream = a.stream;
   matmul(op, mm);
   const int partials = a.dbias_partial ? a.num_partials : static_cast<int>(a.m < 1024 ? a.m : 1024);
   const dim3 grid(static_cast<unsigned>(partials), static_cast<unsigned>((a.n + kGradThreads - 1) / kGradThreads));

@@ -1,16 +1,15 @@
-// Host entry points of csrc/gelu_linear.cu: Linear with a fused bias + activation + residual epilogue.
+// Host entry points of csrc/linear.cu: Linear with a fused bias + activation + residual epilogue.
 // Pointers are device addresses as integers (0: absent); strides in elements; every 2-D operand is
 // row-major with a unit last stride.
 #pragma once
 
 #include <cstdint>
 
+#include "codes.h"
+
 namespace fastvit {
 
-// Must match fastvit/ops/_cuda_backends.py::ACTIVATION_CODES.
-enum ActivationCode : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActQuickGelu = 3 };
-
-struct GeluLinearFwdArgs {
+struct LinearFwdArgs {
   std::uintptr_t x, weight, bias, residual, y;  // (M, K), (N, K), (N,), (M, N), (M, N)
   std::int64_t m, n, k;
   std::int64_t x_stride, weight_stride, residual_stride, y_stride;
@@ -22,7 +21,7 @@ struct GeluLinearFwdArgs {
   std::uintptr_t stream;
 };
 
-struct GeluLinearActGradArgs {
+struct LinearActGradArgs {
   std::uintptr_t dy, x, weight, bias, g, dbias_partial;  // dy, g (M, N); dbias_partial (num_partials, N) fp32
   std::int64_t m, n, k;
   std::int64_t dy_stride, x_stride, weight_stride, g_stride;
@@ -35,8 +34,8 @@ struct GeluLinearActGradArgs {
 };
 
 // y = act(x @ weight^T + bias) + residual.
-void gelu_linear_fwd(const GeluLinearFwdArgs& a);
+void linear_fwd(const LinearFwdArgs& a);
 // g = dy * act'(h), h = x @ weight^T + bias recomputed; per-block fp32 partial column sums of g (dbias).
-void gelu_linear_act_grad(const GeluLinearActGradArgs& a);
+void linear_act_grad(const LinearActGradArgs& a);
 
 }  // namespace fastvit
