@@ -7,9 +7,18 @@ marked ``gpu`` are skipped with the reason when torch sees no GPU.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
+
+# The suite never reads or writes the user's dispatch cache (~/.cache/fastvit/dispatch.json): it gets a
+# per-session temp file (tests that need their own cache file still set FASTVIT_DISPATCH_CACHE themselves).
+_DISPATCH_CACHE_DIR = tempfile.mkdtemp(prefix="fastvit-test-dispatch-")
+atexit.register(shutil.rmtree, _DISPATCH_CACHE_DIR, ignore_errors=True)
+os.environ["FASTVIT_DISPATCH_CACHE"] = os.path.join(_DISPATCH_CACHE_DIR, "dispatch.json")
 
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:

@@ -477,7 +477,6 @@ class OpDispatcher:
         static_source: the measurement the static order comes from (today: unmeasured).
         kernel_family: the kernels' name (``fastvit/kernels/<family>.py``); default ``name``. Two rows
             may share one family (attention and attention_qkvpacked run the same kernels).
-        notes: backend -> a line for ``fastvit.info``.
     """
 
     name: str
@@ -492,7 +491,6 @@ class OpDispatcher:
     launchers: Dict[str, Callable[..., Any]] = field(default_factory=dict)
     static_source: str = STATIC_ORDER_SOURCE
     kernel_family: str = ""
-    notes: Dict[str, str] = field(default_factory=dict)
     _memo: Dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
