@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from fastvit.checkpoints import mmseg as _mmseg_keys
 from fastvit.layers import LayerNorm, resample_abs_pos_embed, to_2tuple
-from fastvit.models.registry import load_weights, register_model
+from fastvit.models.registry import register_variant
 from fastvit.models.vit import VisionTransformer
 
 __all__ = [
@@ -1103,13 +1103,10 @@ backbone: timm, DeiT, ``.npz``, ...).
 
 
 def _entry(name: str, builder: Callable[..., EncoderDecoder], what: str, config: str, **cfg: Any) -> None:
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> EncoderDecoder:
-        return load_weights(builder(**{**cfg, **kwargs}), name, pretrained)
+    def build(**kwargs: Any) -> EncoderDecoder:
+        return builder(**{**cfg, **kwargs})
 
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = _ENTRY_DOC.format(name=name, what=what, config=config)
-    register_model(entrypoint)
+    register_variant(name, build, _ENTRY_DOC.format(name=name, what=what, config=config), __name__)
 
 
 _VIT_B = dict(embed_dim=768, num_heads=12)
