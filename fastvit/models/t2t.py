@@ -639,9 +639,8 @@ _CONFIGS: dict[str, tuple[str, int, int, int, float]] = {
 }
 
 
-def _build(tokens_type: str, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, **kwargs: Any) -> T2TViT:
-    config = dict(tokens_type=tokens_type, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
-    return T2TViT(**{**config, **kwargs})
+def _build(config: dict[str, Any], **kwargs: Any) -> T2TViT:
+    return T2TViT(**{**config, **kwargs})  # the caller's overrides win
 
 
 # Parameter counts of the official released weights, where the docstring states them.
@@ -653,6 +652,11 @@ for _name, (_tokens, _dim, _depth, _heads, _ratio) in _CONFIGS.items():
         f" ({_PARAMS[_name]} parameters)." if _name in _PARAMS else "."
     )
     # Also a module attribute, as the explicit entrypoints of earlier releases were (``t2t.t2t_vit_t_14()``).
-    globals()[_name] = register_variant(_name, partial(_build, *_CONFIGS[_name]), _doc, __name__)
+    globals()[_name] = register_variant(
+        _name,
+        partial(_build, dict(tokens_type=_tokens, embed_dim=_dim, depth=_depth, num_heads=_heads, mlp_ratio=_ratio)),
+        _doc,
+        __name__,
+    )
 
 del _name, _tokens, _dim, _depth, _heads, _ratio, _title, _doc
