@@ -24,14 +24,24 @@ are reported as ignored. mmseg resamples position embeddings bicubically without
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Mapping
+from typing import Any, Mapping, Optional, Union
 
 import torch
 
 from fastvit.checkpoints._common import StateDict, rename_keys
+from fastvit.checkpoints._io import read_container
 
-__all__ = ["SEGMENTOR_PARTS", "is_mmseg", "mmseg_to_timm", "split_segmentor", "timm_to_mmseg"]
+__all__ = [
+    "SEGMENTOR_PARTS",
+    "is_mmseg",
+    "mmseg_to_timm",
+    "read_segmentor",
+    "segmentor_state_dict",
+    "split_segmentor",
+    "timm_to_mmseg",
+]
 
 SEGMENTOR_PARTS = ("decode_head.", "auxiliary_head.", "neck.", "data_preprocessor.")
 _IN_PROJ = re.compile(r"^(backbone\.)?layers\.\d+\.attn\.attn\.in_proj_weight$")
@@ -97,3 +107,30 @@ _TO_TIMM = [
 def mmseg_to_timm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """mmseg ViT backbone keys (``backbone.`` already removed) -> timm / fastvit names."""
     return rename_keys(state_dict, _TO_TIMM)
+
+
+def segmentor_state_dict(content: Any) -> Optional[StateDict]:
+    """The tensors of an mmseg segmentor checkpoint (``state_dict`` unwrapped, a DDP ``module.`` prefix
+    removed), or None when ``content`` has no ``backbone.`` keys."""
+    if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
+        content = content["state_dict"]
+    if not isinstance(content, Mapping):
+        return None
+    sd = {str(k).removeprefix("module."): v for k, v in content.items() if isinstance(v, torch.Tensor)}
+    return sd if any(k.startswith("backbone.") for k in sd) else None
+
+
+def read_segmentor(
+    source: Union[str, "os.PathLike[str]", Mapping[str, Any]],
+) -> tuple[str, Optional[str], Any, Optional[StateDict]]:
+    """Reads a segmentor checkpoint the way every fastvit reader does (``read_container``: zip CRCs, safe
+    unpickling, safetensors, ``.npz``).
+
+    Returns:
+        (name for messages, container kind or None for an in-memory mapping, the loaded content, its mmseg
+        segmentor state dict or None when it has no ``backbone.`` keys).
+    """
+    if isinstance(source, Mapping):
+        return "<state dict>", None, source, segmentor_state_dict(source)
+    container, content = read_container(source)
+    return os.fspath(source), container, content, segmentor_state_dict(content)

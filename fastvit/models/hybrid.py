@@ -11,6 +11,7 @@ State-dict keys: ``patch_embed.backbone.stem.{conv,norm}``, ``patch_embed.backbo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from fastvit import ops
 from fastvit.layers.patch_embed import check_image_batch, to_2tuple, traced_grid
-from fastvit.models.registry import load_weights, register_model
+from fastvit.models.registry import register_variant
 from fastvit.models.vit import VisionTransformer, _cfg, _create
 
 __all__ = ["HybridEmbed", "ResNetV2", "StdConv2dSame"]
@@ -258,22 +259,20 @@ class HybridEmbed(nn.Module):
         return {"linear": input_shape[0] * h * w * self.embed_dim * self.proj.in_channels * ph * pw}
 
 
+def _build_hybrid(cfg: dict[str, Any], img: int, **kwargs: Any) -> VisionTransformer:
+    backbone = ResNetV2((3, 4, 9), in_chans=kwargs.get("in_chans", 3))
+
+    def embed_layer(**embed_kwargs: Any) -> HybridEmbed:
+        return HybridEmbed(backbone, **embed_kwargs)
+
+    model_args = dict(img_size=img, patch_size=1, embed_dim=768, depth=12, num_heads=12, embed_layer=embed_layer)
+    return _create(VisionTransformer, cfg, model_args, **kwargs)
+
+
 def _hybrid_entry(name: str, img: int, tag: str, num_classes: int) -> None:
     cfg = _cfg(tag, img, num_classes) | dict(first_conv="patch_embed.backbone.stem.conv")
-
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        backbone = ResNetV2((3, 4, 9), in_chans=kwargs.get("in_chans", 3))
-
-        def embed_layer(**embed_kwargs: Any) -> HybridEmbed:
-            return HybridEmbed(backbone, **embed_kwargs)
-
-        model_args = dict(img_size=img, patch_size=1, embed_dim=768, depth=12, num_heads=12, embed_layer=embed_layer)
-        return load_weights(_create(VisionTransformer, cfg, model_args, kwargs), name, pretrained)
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__doc__ = f"``{name}``: R50 (3, 4, 9) + ViT-B/16 at {img}x{img} (timm's configuration)."
-    entrypoint.__module__ = __name__
-    register_model(entrypoint)
+    doc = f"``{name}``: R50 (3, 4, 9) + ViT-B/16 at {img}x{img} (timm's configuration)."
+    register_variant(name, functools.partial(_build_hybrid, cfg, img), doc, __name__)
 
 
 _hybrid_entry("vit_base_r50_s16_224", 224, "orig_in21k", 0)

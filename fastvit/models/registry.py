@@ -17,7 +17,15 @@ from torch import nn
 
 from fastvit.models._timm_compat import build_context, finish_model, pop_factory_options, scriptable_timm_model
 
-__all__ = ["create_model", "is_model", "list_models", "load_weights", "model_entrypoint", "register_model"]
+__all__ = [
+    "create_model",
+    "is_model",
+    "list_models",
+    "load_weights",
+    "model_entrypoint",
+    "register_model",
+    "register_variant",
+]
 
 _ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -35,6 +43,29 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         )
     _ENTRYPOINTS[name] = fn
     return fn
+
+
+def register_variant(name: str, build: Callable[..., nn.Module], doc: str, module: str) -> Callable[..., nn.Module]:
+    """Registers the entrypoint ``name(pretrained=False, **kwargs)`` of one configuration of an architecture:
+    the one way every model family (ViT / DeiT, the R50 hybrid, T2T-ViT, the segmentors) registers.
+
+    ``build(**kwargs)`` builds the architecture with the caller's overrides; ``pretrained`` is honoured (or
+    refused) for every family alike by :func:`load_weights`.
+
+    Args:
+        name: the model name (timm's, where timm has the model).
+        build: builds the random-init model from the overrides.
+        doc: the entrypoint's docstring (what the configuration is).
+        module: the defining module's ``__name__``, so the entrypoint reports where it lives.
+    """
+
+    def entrypoint(pretrained: Union[bool, str, os.PathLike, None] = False, **kwargs: Any) -> nn.Module:
+        return load_weights(build(**kwargs), name, pretrained)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = doc
+    entrypoint.__module__ = module
+    return register_model(entrypoint)
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -64,7 +64,7 @@ from fastvit.layers.norm import LayerNorm
 from fastvit.layers.pos_embed import resample_abs_pos_embed
 from fastvit.models._timm_compat import TimmCfgMixin
 from fastvit.models._validate import check_model_args, image_size
-from fastvit.models.registry import load_weights, register_model
+from fastvit.models.registry import register_variant
 from fastvit.models.vit import VisionTransformer
 
 __all__ = [
@@ -75,15 +75,6 @@ __all__ = [
     "TokenPerformer",
     "TokenTransformer",
     "sinusoid_position_table",
-    "t2t_vit_7",
-    "t2t_vit_10",
-    "t2t_vit_12",
-    "t2t_vit_14",
-    "t2t_vit_19",
-    "t2t_vit_24",
-    "t2t_vit_t_14",
-    "t2t_vit_t_19",
-    "t2t_vit_t_24",
 ]
 
 TOKENS_TYPES = ("transformer", "performer")
@@ -648,61 +639,24 @@ _CONFIGS: dict[str, tuple[str, int, int, int, float]] = {
 }
 
 
-def _create(name: str, pretrained: Union[bool, str], kwargs: dict[str, Any]) -> T2TViT:
-    tokens_type, embed_dim, depth, num_heads, mlp_ratio = _CONFIGS[name]
-    config = dict(tokens_type=tokens_type, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
-    return load_weights(T2TViT(**{**config, **kwargs}), name, pretrained)
+def _build(config: dict[str, Any], **kwargs: Any) -> T2TViT:
+    return T2TViT(**{**config, **kwargs})  # the caller's overrides win
 
 
-@register_model
-def t2t_vit_7(pretrained: Union[bool, str] = False, **kwargs: Any) -> T2TViT:
-    """T2T-ViT-7: performer T2T, D=256, 7 blocks, 4 heads, MLP 512."""
-    return _create("t2t_vit_7", pretrained, kwargs)
+# Parameter counts of the official released weights, where the docstring states them.
+_PARAMS = {"t2t_vit_t_14": "21,465,422", "t2t_vit_t_19": "39,084,686", "t2t_vit_t_24": "64,000,590"}
 
+for _name, (_tokens, _dim, _depth, _heads, _ratio) in _CONFIGS.items():
+    _title = "T2T-ViT" + ("_t-" if _name.startswith("t2t_vit_t_") else "-") + _name.rsplit("_", 1)[1]
+    _doc = f"{_title}: {_tokens} T2T, D={_dim}, {_depth} blocks, {_heads} heads, MLP {int(_dim * _ratio)}" + (
+        f" ({_PARAMS[_name]} parameters)." if _name in _PARAMS else "."
+    )
+    # Also a module attribute, as the explicit entrypoints of earlier releases were (``t2t.t2t_vit_t_14()``).
+    globals()[_name] = register_variant(
+        _name,
+        partial(_build, dict(tokens_type=_tokens, embed_dim=_dim, depth=_depth, num_heads=_heads, mlp_ratio=_ratio)),
+        _doc,
+        __name__,
+    )
 
-@register_model
-def t2t_vit_10(pretrained: Union[bool, str] = False, **kwargs: Any) -> T2TViT:
-    """T2T-ViT-10: performer T2T, D=256, 10 blocks, 4 heads, MLP 512."""
-    return _create("t2t_vit_10", pretrained, kwargs)
-
-
-@register_model
-def t2t_vit_12(pretrained: Union[bool, str] = False, **kwargs: Any) -> T2TViT:
-    """T2T-ViT-12: performer T2T, D=256, 12 blocks, 4 heads, MLP 512."""
-    return _create("t2t_vit_12", pretrained, kwargs)
-
-
-@register_model
-def t2t_vit_14(pretrained: Union[bool, str] = False, **kwargs: Any) -> T2TViT:
-    """T2T-ViT-14: performer T2T, D=384, 14 blocks, 6 heads, MLP 1152."""
-    return _create("t2t_vit_14", pretrained, kwargs)
-
-
-@register_model
-def t2t_vit_19(pretrained: Union[bool, str] = False, **kwargs: Any) -> T2TViT:
-    """T2T-ViT-19: performer T2T, D=448, 19 blocks, 7 heads, MLP 1344."""
-    return _create("t2t_vit_19", pretrained, kwargs)
-
-
-@register_model
-def t2t_vit_24(pretrained: Union[bool, str] = False, **kwargs: Any) -> T2TViT:
-    """T2T-ViT-24: performer T2T, D=512, 24 blocks, 8 heads, MLP 1536."""
-    return _create("t2t_vit_24", pretrained, kwargs)
-
-
-@register_model
-def t2t_vit_t_14(pretrained: Union[bool, str] = False, **kwargs: Any) -> T2TViT:
-    """T2T-ViT_t-14: transformer T2T, D=384, 14 blocks, 6 heads, MLP 1152 (21,465,422 parameters)."""
-    return _create("t2t_vit_t_14", pretrained, kwargs)
-
-
-@register_model
-def t2t_vit_t_19(pretrained: Union[bool, str] = False, **kwargs: Any) -> T2TViT:
-    """T2T-ViT_t-19: transformer T2T, D=448, 19 blocks, 7 heads, MLP 1344 (39,084,686 parameters)."""
-    return _create("t2t_vit_t_19", pretrained, kwargs)
-
-
-@register_model
-def t2t_vit_t_24(pretrained: Union[bool, str] = False, **kwargs: Any) -> T2TViT:
-    """T2T-ViT_t-24: transformer T2T, D=512, 24 blocks, 8 heads, MLP 1536 (64,000,590 parameters)."""
-    return _create("t2t_vit_t_24", pretrained, kwargs)
+del _name, _tokens, _dim, _depth, _heads, _ratio, _title, _doc

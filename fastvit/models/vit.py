@@ -13,6 +13,7 @@ Registered names are timm's (``fastvit.list_models("vit_*")``, ``"deit_*"``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -24,7 +25,7 @@ from fastvit.layers import Attention, Block, LayerNorm, Linear, Mlp, PatchEmbed,
 from fastvit.layers.pos_embed import POS_EMBED_INTERPOLATIONS
 from fastvit.models._timm_compat import TimmCfgMixin
 from fastvit.models._validate import check_model_args, image_size
-from fastvit.models.registry import load_weights, register_model
+from fastvit.models.registry import register_variant
 
 __all__ = ["VisionTransformer", "VisionTransformerDistilled", "feature_take_indices"]
 
@@ -597,8 +598,7 @@ class VisionTransformerDistilled(VisionTransformer):
 # ------------------------------------------------------------------------------------- registry
 
 
-def _create(cls: type, cfg: dict[str, Any], model_args: dict[str, Any], kwargs: dict[str, Any]) -> VisionTransformer:
-    kwargs.pop("pretrained", None)  # the entrypoints hand pretrained= to registry.load_weights
+def _create(cls: type, cfg: dict[str, Any], model_args: dict[str, Any], **kwargs: Any) -> VisionTransformer:
     # Like timm, the default head size is that of the architecture's default weights (0 for the
     # in21k feature extractors such as vit_huge_patch14_224.orig_in21k).
     kwargs.setdefault("num_classes", cfg["num_classes"])
@@ -607,16 +607,9 @@ def _create(cls: type, cfg: dict[str, Any], model_args: dict[str, Any], kwargs: 
     return model
 
 
-def _vit_entry(
-    name: str, cfg: dict[str, Any], cls: type = VisionTransformer, **model_args: Any
-) -> Callable[..., nn.Module]:
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        return load_weights(_create(cls, cfg, dict(model_args), kwargs), name, pretrained)
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__doc__ = f"``{name}``: {', '.join(f'{k}={v}' for k, v in model_args.items())} (timm's configuration)."
-    entrypoint.__module__ = __name__
-    return register_model(entrypoint)
+def _vit_entry(name: str, cfg: dict[str, Any], cls: type = VisionTransformer, **model_args: Any) -> None:
+    doc = f"``{name}``: {', '.join(f'{k}={v}' for k, v in model_args.items())} (timm's configuration)."
+    register_variant(name, functools.partial(_create, cls, cfg, model_args), doc, __name__)
 
 
 _TINY = dict(embed_dim=192, depth=12, num_heads=3)

@@ -12,7 +12,7 @@ import torch
 
 import fastvit
 from fastvit.models import registry
-from fastvit.models.registry import create_model, is_model, list_models, register_model
+from fastvit.models.registry import create_model, is_model, list_models, model_entrypoint, register_model
 
 # ViT-Ti/S/B/L/H at patch 14/16/32 and 224/384 (plain names, no suffix variants).
 _VIT_NAME = re.compile(r"^vit_(tiny|small|base|large|huge)_patch(14|16|32)_(224|384)$")
@@ -102,3 +102,22 @@ def test_pretrained_without_a_loader_fails_loudly(monkeypatch):
         create_model("vit_tiny_patch16_224", pretrained=True, depth=1, img_size=32)
     with pytest.raises(TypeError, match="pretrained must be"):
         registry.create_model("vit_tiny_patch16_224", pretrained=3, depth=1, img_size=32)
+
+
+def test_every_family_registers_and_honours_pretrained_one_way(monkeypatch):
+    """ViT / DeiT, the hybrid, T2T-ViT and the segmentors all register through ``register_variant``: one
+    entrypoint body, so ``pretrained=`` means the same for every name (handed to the checkpoint loader with the
+    name; a bad value refused before the model is built)."""
+    bodies = {model_entrypoint(name).__code__ for name in list_models()}
+    assert bodies == {registry.register_variant("_probe", torch.nn.Identity, "", __name__).__code__}
+    registry._ENTRYPOINTS.pop("_probe")
+    calls = []
+    fake = types.ModuleType("fastvit.checkpoints")
+    fake.load_pretrained = lambda model, name, pretrained: calls.append((name, pretrained)) or model
+    monkeypatch.setitem(sys.modules, "fastvit.checkpoints", fake)
+    for name in list_models():
+        with pytest.raises(TypeError, match="pretrained must be"):
+            create_model(name, pretrained=3)
+        model = create_model(name, pretrained=f"/weights/{name}.pth", device="meta")
+        assert isinstance(model, torch.nn.Module)
+    assert calls == [(name, f"/weights/{name}.pth") for name in list_models()]
