@@ -382,7 +382,7 @@ def soft_split(
     inputs = dict(
         x=x, norm_weight=norm_weight, norm_bias=norm_bias, hw=hw, channels=features // (kh * kw), window=kh * kw
     )
-    if key is None:
+    if key is None or torch.compiler.is_compiling():  # nothing is remembered inside a trace
         chosen = _OP.select(backend, x.device, _run=run, **inputs)
     else:
         _PLANS[key] = (kernel, features)
