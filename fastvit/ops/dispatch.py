@@ -123,6 +123,7 @@ def _env(name: str) -> Optional[str]:
 
 
 _ENV_KEY = ENV_VAR.encode()
+_is_compiling = torch.compiler.is_compiling  # bound once: the memo hit pays no attribute lookups
 
 
 def _raw_env_backend() -> Any:
@@ -508,9 +509,9 @@ class OpDispatcher:
         """The backend remembered for a call signature ``key`` (shapes, dtypes, devices, flags) under the
         current explicit / environment backend, or None: then call :meth:`resolve`. ``tensors``: the
         call's tensors (whether grad is required picks the measured slot on CUDA)."""
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             return None  # traced: the full checks and select run (on values cached outside the trace)
-        hit = self._memo.get((key, backend, _raw_env_backend()))
+        hit = self._memo.get((key, backend, _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else _raw_env_backend()))
         if hit is None or type(hit) is str:
             return hit
         return hit.get(_grad_required(tensors))

@@ -25,7 +25,7 @@ Backends and auto order on CUDA tensors: ``triton`` > ``cuda`` > ``torch``. Prov
 timed on an H100/H200 yet (benchmarks/bench_soft_split.py will set this order).
 """
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -310,6 +310,9 @@ _OP = OpDispatcher(
 
 # ------------------------------------------------------------------------------------ public API
 
+# signature key -> (kernel, features) of a call that passed the checks (a function of the key alone)
+_PLANS: Dict[Any, Tuple[List[int], int]] = {}
+
 
 def soft_split(
     x: Tensor,
@@ -345,6 +348,25 @@ def soft_split(
         TypeError / ValueError: bad dtypes, shapes, geometry or mixed devices, naming the input.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
+    key, chosen = None, None
+    # The signature: validation (shapes, dtypes, devices only) and the choice are cached per signature. Only
+    # for exactly-typed geometry (True == 1 and 8.0 == 8 would otherwise share a key with a valid call).
+    if (
+        type(kernel_size) is int and type(stride) is int and type(padding) is int and type(norm_eps) is float
+        and (hw is None or (type(hw) is tuple and len(hw) == 2 and type(hw[0]) is int and type(hw[1]) is int))
+    ):  # fmt: skip
+        try:
+            key = (
+                x.shape, x.dtype, x.device, kernel_size, stride, padding, hw, norm_eps,
+                None if norm_weight is None else (norm_weight.shape, norm_weight.dtype, norm_weight.device),
+                None if norm_bias is None else (norm_bias.shape, norm_bias.dtype, norm_bias.device),
+            )  # fmt: skip
+            chosen = _OP.memo(key, backend, x, norm_weight, norm_bias)
+        except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
+            key, chosen = None, None
+    if chosen is not None:
+        kernel, features = _PLANS[key]
+        return _OP.launchers[chosen](x, hw, kernel, norm_weight, norm_bias, norm_eps, features)
     (kh, kw), (sh, sw) = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1)
     ph, pw = _pair(padding, "padding", 0)
     kernel = [kh, kw, sh, sw, ph, pw]
@@ -357,8 +379,12 @@ def soft_split(
             norm_bias=norm_bias, norm_eps=norm_eps, backend=b,
         )  # fmt: skip
 
-    backend = _OP.select(
-        backend, x.device, _run=run, x=x, norm_weight=norm_weight, norm_bias=norm_bias, hw=hw,
-        channels=features // (kh * kw), window=kh * kw,
-    )  # fmt: skip
-    return _OP.launchers[backend](x, hw, kernel, norm_weight, norm_bias, norm_eps, features)
+    inputs = dict(
+        x=x, norm_weight=norm_weight, norm_bias=norm_bias, hw=hw, channels=features // (kh * kw), window=kh * kw
+    )
+    if key is None or torch.compiler.is_compiling():  # nothing is remembered inside a trace
+        chosen = _OP.select(backend, x.device, _run=run, **inputs)
+    else:
+        _PLANS[key] = (kernel, features)
+        chosen = _OP.resolve(key, backend, x.device, run, **inputs)
+    return _OP.launchers[chosen](x, hw, kernel, norm_weight, norm_bias, norm_eps, features)

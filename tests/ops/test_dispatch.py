@@ -391,6 +391,30 @@ def test_dispatch_choice_and_checks_are_cached_per_signature(monkeypatch):
         ops.layer_norm([1.0], w, b)
 
 
+def test_soft_split_checks_and_choice_are_cached_per_signature(monkeypatch):
+    row = dispatch.registered_ops()["soft_split"]
+    calls = []
+    real = row.select
+    monkeypatch.setattr(row, "select", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tok = torch.randn(1, 64, 8)
+    first = ops.soft_split(tok, kernel_size=3, stride=2, padding=1, hw=(8, 8))
+    for _ in range(2):
+        again = ops.soft_split(tok, kernel_size=3, stride=2, padding=1, hw=(8, 8))
+    assert len(calls) == 1, "a repeated signature must neither check nor select again"
+    assert torch.equal(first, again)
+    ops.soft_split(tok, kernel_size=3, stride=1, padding=1, hw=(8, 8))  # another geometry: a new signature
+    assert len(calls) == 2
+    # values equal to a cached call's but of the wrong type never share its key: the checks still refuse them
+    with pytest.raises(ValueError, match="kernel_size must be an int >= 1"):
+        ops.soft_split(tok, kernel_size=True, stride=2, padding=1, hw=(8, 8))
+    with pytest.raises(ValueError, match="hw must be a pair of positive ints"):
+        ops.soft_split(tok, kernel_size=3, stride=2, padding=1, hw=(8.0, 8))
+    with pytest.raises(ValueError, match="L = H \\* W"):
+        ops.soft_split(torch.randn(1, 63, 8), kernel_size=3, stride=2, padding=1, hw=(8, 8))
+    # list geometry is valid, just not memoised
+    assert torch.equal(ops.soft_split(tok, kernel_size=[3, 3], stride=2, padding=1, hw=[8, 8]), first)
+
+
 # ------------------------------------------------------------------------------------ lean eager path
 
 
