@@ -221,9 +221,16 @@ def main(argv: Sequence[str] = ()) -> List[Dict[str, Any]]:
                 f"{r['vs_torch']:.2f}x"
             )
     if args.json:
-        from fastvit.info import collect
+        from _harness.report import environment
 
-        payload = {"benchmark": "bench_overhead", "args": vars(args), "environment": collect(), "rows": rows}
+        payload = {
+            "benchmark": "bench_overhead",
+            "args": vars(args),
+            "environment": environment(
+                device, "python benchmarks/bench_overhead.py " + " ".join(list(argv) or sys.argv[1:])
+            ),
+            "rows": rows,
+        }
         atomic_write_text(args.json, json.dumps(payload, indent=2, default=str))
     return rows
 

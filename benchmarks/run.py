@@ -60,6 +60,7 @@ import argparse
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -339,7 +340,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     from tqdm import tqdm
 
-    meta = report.environment(argv, device)
+    meta = report.environment(device, "python " + shlex.join(["benchmarks/run.py", *argv]))
     meta["cpu_note"] = busy_note
     results: dict[str, Any] = {
         "schema": report.SCHEMA,
