@@ -22,17 +22,14 @@ a .csv beside it. Without a GPU it says so and exits 0.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from bench_utils import markdown_table, median_ms, require_gpu, write_results
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import markdown_table, median_ms, require_gpu, write_results  # noqa: E402
-
-from fastvit._timing import matmul_ceiling_tflops  # noqa: E402
+from fastvit._timing import matmul_ceiling_tflops
 
 # (name, heads, tokens, head_dim, batch that fills an 80 GB GPU with work)
 SHAPES = [

@@ -67,12 +67,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-from _harness import report  # noqa: E402
-from _harness.measure import METRICS, Settings, plan_for, run_cell, status_result  # noqa: E402
-from _harness.providers import (  # noqa: E402
+import torch
+from _harness import report
+from _harness.measure import METRICS, Settings, plan_for, run_cell, status_result
+from _harness.providers import (
     CPU_PROVIDERS,
     PROVIDERS,
     Provider,
@@ -81,12 +79,12 @@ from _harness.providers import (  # noqa: E402
     provider_by_key,
     unavailable_reason,
 )
-from _harness.rows import CPU_QUICK_BATCH, CPU_QUICK_MODELS, SUITES, ModelRow, select_rows  # noqa: E402
-from published import published_for  # noqa: E402
+from _harness.rows import CPU_QUICK_BATCH, CPU_QUICK_MODELS, SUITES, ModelRow, select_rows
+from published import published_for
 
-from fastvit._cli import ArgumentParser, add_debug_flag, run_main  # noqa: E402
-from fastvit._timing import MIN_TIMED_ITERS  # noqa: E402
-from fastvit.fileio import atomic_write_text  # noqa: E402
+from fastvit._cli import ArgumentParser, add_debug_flag, run_main
+from fastvit._timing import MIN_TIMED_ITERS
+from fastvit.fileio import atomic_write_text
 
 __all__ = ["main", "parse_args"]
 
