@@ -15,7 +15,8 @@ the first call (``cold_ms``: for fastvit that includes autotuning and compilatio
 FLOPs: forward 4*B*H*N^2*D; forward+backward 3.5x that (the backward's five matmuls vs the forward's two).
 TFLOP/s are reported with their fraction of the matmul ceiling measured in the same run (8192^3
 torch.matmul in the benchmark's dtype), and fastvit's speedup over the fastest non-math SDPA backend.
-Results: benchmarks/results/attention_<gpu>_<date>.json (with fastvit.info's environment and git sha) and
+Results: benchmarks/results/attention_<gpu>_<date>.json (with the environment record of
+_harness.report.environment, as benchmarks/run.py writes it) and
 a .csv beside it. Without a GPU it says so and exits 0.
 """
 
