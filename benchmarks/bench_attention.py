@@ -15,26 +15,22 @@ the first call (``cold_ms``: for fastvit that includes autotuning and compilatio
 FLOPs: forward 4*B*H*N^2*D; forward+backward 3.5x that (the backward's five matmuls vs the forward's two).
 TFLOP/s are reported with their fraction of the matmul ceiling measured in the same run (8192^3
 torch.matmul in the benchmark's dtype), and fastvit's speedup over the fastest non-math SDPA backend.
-Results: benchmarks/results/attention_<gpu>_<date>.json (with fastvit.info's environment and git sha) and
+Results: benchmarks/results/attention_<gpu>_<date>.json (with the environment record of
+_harness.report.environment, as benchmarks/run.py writes it) and
 a .csv beside it. Without a GPU it says so and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import sys
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from bench_utils import markdown_table, median_ms, require_gpu, write_results
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import markdown_table, median_ms, require_gpu, write_results  # noqa: E402
-
-from fastvit._timing import matmul_ceiling_tflops  # noqa: E402
-from fastvit.info import driver_version  # noqa: E402
+from fastvit._timing import matmul_ceiling_tflops
 
 # (name, heads, tokens, head_dim, batch that fills an 80 GB GPU with work)
 SHAPES = [
@@ -145,16 +141,6 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], float]:
     return rows, ceiling
 
 
-def _write_csv(json_path: str, rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
-    path = json_path[: -len(".json")] + ".csv"
-    fields = sorted({k for r in rows for k in r}) + sorted(env)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows({**r, **env} for r in rows)
-    return path
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -164,23 +150,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/*.json/.csv")
     args = parser.parse_args(argv)
     require_gpu("bench_attention.py")
-    import triton
 
     rows, ceiling = run(args)
     columns = ["shape", "B", "H", "N", "D", "mode", "provider", "ms", "cold_ms", "TFLOP/s", "of_matmul",
                "vs_fastest_sdpa", "note"]  # fmt: skip
     print(markdown_table(rows, columns))
     if not args.no_save:
-        env = {
-            "gpu": torch.cuda.get_device_name(),
-            "driver": driver_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(),
-            "triton": triton.__version__,
-        }
-        path = write_results("attention", rows, {"matmul_ceiling_tflops": ceiling, **env})
-        print("wrote", path, "and", _write_csv(path, rows, env))
+        path = write_results("attention", rows, {"matmul_ceiling_tflops": ceiling}, csv_too=True)
+        print("wrote", path, "and", path[: -len(".json")] + ".csv")
     return 0
 
 

@@ -11,14 +11,10 @@ that bandwidth as a fraction of the device copy bandwidth measured in the same r
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import (  # noqa: E402
+from bench_utils import (
     copy_bandwidth_gbps,
     kernel_backends,
     markdown_table,

@@ -19,15 +19,11 @@ backward times.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import kernel_backends, markdown_table, median_ms, require_gpu, write_results  # noqa: E402
+from bench_utils import kernel_backends, markdown_table, median_ms, require_gpu, write_results
 
 TOKENS = 197
 BACKENDS = kernel_backends("linear")  # fastvit backends timed beside the torch composition

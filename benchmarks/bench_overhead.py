@@ -20,7 +20,6 @@ load on a shared machine does not inflate it.
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -29,11 +28,9 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import fastvit  # noqa: E402
-from fastvit import ops  # noqa: E402
-from fastvit.fileio import atomic_write_text  # noqa: E402
+import fastvit
+from fastvit import ops
+from fastvit.fileio import atomic_write_text
 
 PROXY = {"img_size": 32, "patch_size": 16, "embed_dim": 16, "depth": 12, "num_heads": 1, "num_classes": 10}
 
@@ -221,9 +218,16 @@ def main(argv: Sequence[str] = ()) -> List[Dict[str, Any]]:
                 f"{r['vs_torch']:.2f}x"
             )
     if args.json:
-        from fastvit.info import collect
+        from _harness.report import environment
 
-        payload = {"benchmark": "bench_overhead", "args": vars(args), "environment": collect(), "rows": rows}
+        payload = {
+            "benchmark": "bench_overhead",
+            "args": vars(args),
+            "environment": environment(
+                device, "python benchmarks/bench_overhead.py " + " ".join(list(argv) or sys.argv[1:])
+            ),
+            "rows": rows,
+        }
         atomic_write_text(args.json, json.dumps(payload, indent=2, default=str))
     return rows
 

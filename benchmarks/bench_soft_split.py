@@ -23,15 +23,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import (  # noqa: E402
+from bench_utils import (
     copy_bandwidth_gbps,
     kernel_backends,
     markdown_table,

@@ -3,11 +3,12 @@
 Timing is ``fastvit._timing.median_ms`` (``triton.testing.do_bench``: median over repeated runs after
 warm-up, L2 flushed between runs; shared with ``python -m fastvit.selftest``, re-exported here for the
 scripts), the ceiling is a device-to-device copy measured in the same run, and results are written as
-JSON beside a markdown table, tagged with the GPU, versions and git sha.
+JSON (optionally a CSV beside it) with the environment record of benchmarks/run.py (``_harness.report``).
 """
 
 from __future__ import annotations
 
+import csv
 import datetime
 import json
 import os
@@ -15,9 +16,9 @@ import sys
 from typing import Any, Sequence
 
 import torch
+from _harness.report import environment
 
 from fastvit._timing import copy_bandwidth_gbps, median_ms  # noqa: F401  (re-exported for bench_<op>.py)
-from fastvit.info import git_sha
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -48,24 +49,34 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     return "\n".join(lines)
 
 
-def write_results(name: str, rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> str:
-    """Writes benchmarks/results/<name>_<gpu>_<date>.json with the environment; returns the path."""
-    from fastvit.info import collect
+# The environment columns every row of a bench_<op>.py CSV carries (the JSON holds the whole record).
+CSV_ENV_KEYS = ("gpu", "driver", "torch", "cuda", "cudnn", "triton")
 
-    info = collect()
-    gpu = info["gpus"][0]["name"].replace(" ", "_") if info["gpus"] else "cpu"
+
+def write_results(name: str, rows: Sequence[dict[str, Any]], extra: dict[str, Any], csv_too: bool = False) -> str:
+    """Writes benchmarks/results/<name>_<gpu>_<date>.json with the environment (``_harness.report.environment``,
+    the record benchmarks/run.py writes too) and, with ``csv_too``, a .csv beside it (one line per row, plus the
+    CSV_ENV_KEYS columns); returns the JSON path."""
+    env = environment(torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    gpu = (env["gpu"] or "cpu").replace(" ", "_")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{name}_{gpu}_{stamp}.json")
     payload = {
         "benchmark": name,
-        "command": " ".join(sys.argv),
+        "command": env["command"],
         "date": stamp,
-        "git_sha": git_sha(),
-        "environment": info,
+        "git_sha": env["fastvit_info"]["git_sha"],
+        "environment": env,
         **extra,
         "rows": list(rows),
     }
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
+    if csv_too:
+        columns = sorted({k for r in rows for k in r}) + list(CSV_ENV_KEYS)
+        with open(path[: -len(".json")] + ".csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows({**r, **{k: env[k] for k in CSV_ENV_KEYS}} for r in rows)
     return path

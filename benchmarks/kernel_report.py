@@ -51,7 +51,6 @@ _DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i
            "int8": "i8", "uint8": "u8", "bool": "i1"}  # fmt: skip
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------ autotuner plumbing
@@ -724,5 +723,4 @@ def main(argv: Optional[list] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, _ROOT)
     sys.exit(main())

@@ -60,18 +60,17 @@ import argparse
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-from _harness import report  # noqa: E402
-from _harness.measure import METRICS, Settings, plan_for, run_cell, status_result  # noqa: E402
-from _harness.providers import (  # noqa: E402
+import torch
+from _harness import report
+from _harness.measure import METRICS, Settings, plan_for, run_cell, status_result
+from _harness.providers import (
     CPU_PROVIDERS,
     PROVIDERS,
     Provider,
@@ -80,12 +79,12 @@ from _harness.providers import (  # noqa: E402
     provider_by_key,
     unavailable_reason,
 )
-from _harness.rows import CPU_QUICK_BATCH, CPU_QUICK_MODELS, SUITES, ModelRow, select_rows  # noqa: E402
-from published import published_for  # noqa: E402
+from _harness.rows import CPU_QUICK_BATCH, CPU_QUICK_MODELS, SUITES, ModelRow, select_rows
+from published import published_for
 
-from fastvit._cli import ArgumentParser, add_debug_flag, run_main  # noqa: E402
-from fastvit._timing import MIN_TIMED_ITERS  # noqa: E402
-from fastvit.fileio import atomic_write_text  # noqa: E402
+from fastvit._cli import ArgumentParser, add_debug_flag, run_main
+from fastvit._timing import MIN_TIMED_ITERS
+from fastvit.fileio import atomic_write_text
 
 __all__ = ["main", "parse_args"]
 
@@ -339,7 +338,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     from tqdm import tqdm
 
-    meta = report.environment(argv, device)
+    meta = report.environment(device, "python " + shlex.join(["benchmarks/run.py", *argv]))
     meta["cpu_note"] = busy_note
     results: dict[str, Any] = {
         "schema": report.SCHEMA,

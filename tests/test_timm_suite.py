@@ -30,7 +30,7 @@ import timm
 import fastvit
 from tests._timm_fx import stock_fx_problem
 
-pytestmark = pytest.mark.timeout(1800)  # three child suites on a CPU; each item is small
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.slow]  # three child suites on a CPU; each item is small
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = Path(__file__).resolve().parent / "timm_suite"

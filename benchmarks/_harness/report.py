@@ -12,9 +12,9 @@ import json
 import math
 import os
 import shlex
-import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -68,42 +68,33 @@ CSV_FIELDS = (
     "git_sha",
     "date",
 )
-REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(cmd: Sequence[str]) -> Optional[str]:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=REPO)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def environment(argv: Sequence[str], device: torch.device) -> dict[str, Any]:
-    """Where and with what the run happened: GPU, driver, versions, fastvit git sha, date, command line."""
+def environment(device: torch.device, command: Optional[str] = None) -> dict[str, Any]:
+    """The one environment record of every benchmark result (benchmarks/run.py, bench_<op>.py, bench_overhead.py):
+    GPU, driver, versions, fastvit git sha, date, command line (``command``; default: this process's), the torch
+    settings that change timings, and all of ``fastvit.info.collect()`` under ``fastvit_info``."""
     from fastvit import info
 
     collected = info.collect()
     gpu = collected["gpus"][0] if collected["gpus"] else None
-    driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if gpu else None
-    sha = _run(["git", "rev-parse", "HEAD"])
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    sha = collected["git_sha"]  # "<sha>" or "<sha>-dirty" (tracked files changed), None outside a checkout
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": "python " + shlex.join(["benchmarks/run.py", *argv]),
+        "command": command if command is not None else "python " + shlex.join(sys.argv),
         "device": str(device),
         "gpu": gpu["name"] if gpu else None,
         "gpu_capability": gpu["capability"] if gpu else None,
         "gpu_memory_gib": gpu["memory_gib"] if gpu else None,
-        "driver": (driver.splitlines()[0] if driver else None) if gpu else None,
+        "driver": collected["driver"],
         "torch": collected["torch"],
         "cuda": collected["torch_cuda"],
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "triton": collected["triton"],
         "timm": collected["timm"],
         "fastvit": collected["fastvit"],
-        "fastvit_git_sha": sha,
-        "git_dirty": bool(dirty) if sha else None,
+        "fastvit_git_sha": sha[: -len("-dirty")] if sha and sha.endswith("-dirty") else sha,
+        "git_dirty": sha.endswith("-dirty") if sha else None,
         "cpu_threads": torch.get_num_threads(),
         "timm_fused_attn": _timm_fused_attn(),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,

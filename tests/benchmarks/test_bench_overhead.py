@@ -1,14 +1,9 @@
 """benchmarks/bench_overhead.py runs on the CPU: every op row checks fastvit against the torch ops it replaces."""
 
 import json
-import os
-import sys
 
+import bench_overhead
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-
-import bench_overhead  # noqa: E402
 
 
 def test_op_rows_compare_every_op_with_the_torch_ops_it_replaces(tmp_path):

@@ -11,21 +11,18 @@ import csv
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from _harness import measure, providers, report, rows  # benchmarks/ is on sys.path: pyproject.toml [tool.pytest]
+from _harness.measure import Settings, run_cell
+from published import PUBLISHED, published_for
+
+from fastvit._timing import time_calls
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from _harness import measure, providers, report, rows  # noqa: E402
-from _harness.measure import Settings, run_cell  # noqa: E402
-from published import PUBLISHED, published_for  # noqa: E402
-
-from fastvit._timing import time_calls  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("fastvit_benchmarks_run", ROOT / "benchmarks" / "run.py")
 run = importlib.util.module_from_spec(_spec)
