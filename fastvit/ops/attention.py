@@ -48,7 +48,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit import kernels
-from fastvit.ops._library import FLOAT_DTYPES, check_tensors, direct, eager_op, new_output, register_autocast_lower
+from fastvit.ops._library import (
+    FLOAT_DTYPES,
+    check_tensors,
+    direct,
+    eager_op,
+    new_output,
+    no_reasons,
+    register_autocast_lower,
+)
 from fastvit.ops.dispatch import OpDispatcher
 
 if kernels.TRITON_IMPORT_ERROR is None:
@@ -162,10 +170,6 @@ def _check_packed(qkv: Tensor, num_heads: int) -> None:
 
 
 # -------------------------------------------------------------------------------------- backends
-
-
-def _no_reasons(**_: object) -> list[str]:
-    return []
 
 
 def _triton_reasons(
@@ -382,7 +386,7 @@ def _check_attention_packed(qkv: Tensor, num_heads: int, scale: Optional[float],
 
 _OP = OpDispatcher(
     name="attention",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons},
+    reasons={"torch": no_reasons, "triton": _triton_reasons},
     preference=("triton", "torch"),
     launchers={"torch": _torch_launch, "triton": _triton_launch},
     reference=attention_ref,
@@ -395,7 +399,7 @@ _OP = OpDispatcher(
 _PACKED = OpDispatcher(
     name="attention_qkvpacked",
     kernel_family="attention",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons},
+    reasons={"torch": no_reasons, "triton": _triton_reasons},
     preference=("triton", "torch"),
     launchers={"torch": _torch_packed_launch, "triton": _triton_packed_launch},
     reference=attention_ref,

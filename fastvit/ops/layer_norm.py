@@ -36,6 +36,7 @@ from fastvit.ops._library import (
     direct,
     eager_op,
     new_output,
+    no_reasons,
     register_autocast_keep_dtype,
 )
 from fastvit.ops._validate import check_call
@@ -112,10 +113,6 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: O
 
 
 # -------------------------------------------------------------------------------------- backends
-
-
-def _no_reasons(**_: object) -> list[str]:
-    return []
 
 
 def _triton_reasons(x: Tensor, **_: object) -> list[str]:
@@ -243,7 +240,7 @@ def _kernel_launch(backend: str):
 
 _OP = OpDispatcher(
     name="layer_norm",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _no_reasons},
+    reasons={"torch": no_reasons, "triton": _triton_reasons, "cuda": no_reasons},
     preference=("triton", "cuda", "torch"),
     launchers={"torch": _torch_launch, "triton": _kernel_launch("triton"), "cuda": _kernel_launch("cuda")},
     reference=layer_norm_ref,

@@ -55,6 +55,7 @@ from fastvit.ops._library import (
     direct,
     eager_op,
     new_output,
+    no_reasons,
     register_autocast_lower,
 )
 from fastvit.ops._validate import check_call, gemm_backend
@@ -156,10 +157,6 @@ def _check_inputs(
 # -------------------------------------------------------------------------------------- backends
 
 
-def _no_reasons(**_: object) -> list[str]:
-    return []
-
-
 def _triton_reasons(x: Tensor, **_: object) -> list[str]:
     if x.dtype not in FLOAT_DTYPES:
         return [f"dtype {x.dtype} is not supported by the Triton GEMM (float32 via TF32, float16, bfloat16)"]
@@ -256,7 +253,7 @@ def _kernel_launch(backend: str):
 
 _OP = OpDispatcher(
     name="linear",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _cuda.linear_reasons},
+    reasons={"torch": no_reasons, "triton": _triton_reasons, "cuda": _cuda.linear_reasons},
     preference=("triton", "cuda", "torch"),
     launchers={"torch": _torch_launch, "triton": _kernel_launch("triton"), "cuda": _kernel_launch("cuda")},
     reference=linear_ref,
