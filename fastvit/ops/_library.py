@@ -25,7 +25,6 @@ __all__ = [
     "autocast_dtype",
     "check_tensors",
     "new_output",
-    "no_reasons",
     "register_autocast_keep_dtype",
     "register_autocast_lower",
 ]
@@ -117,11 +116,6 @@ def new_output(shape: Sequence[int], like: torch.Tensor, dtype: Optional[torch.d
     if POISON_OUTPUTS:
         out.fill_(float("nan"))
     return out
-
-
-def no_reasons(**_: object) -> List[str]:
-    """The ``unsupported_reasons`` of a backend that serves every valid call (the torch reference)."""
-    return []
 
 
 def check_tensors(op: str, named: dict[str, Optional[torch.Tensor]]) -> None:

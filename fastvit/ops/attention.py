@@ -48,16 +48,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit import kernels
-from fastvit.ops._library import (
-    FLOAT_DTYPES,
-    check_tensors,
-    direct,
-    eager_op,
-    new_output,
-    no_reasons,
-    register_autocast_lower,
-)
-from fastvit.ops.dispatch import OpDispatcher
+from fastvit.ops._library import FLOAT_DTYPES, check_tensors, direct, eager_op, new_output, register_autocast_lower
+from fastvit.ops.dispatch import OpDispatcher, no_reasons
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import attention as _triton_kernels

@@ -36,11 +36,10 @@ from fastvit.ops._library import (
     direct,
     eager_op,
     new_output,
-    no_reasons,
     register_autocast_keep_dtype,
 )
 from fastvit.ops._validate import check_call
-from fastvit.ops.dispatch import OpDispatcher, bucket
+from fastvit.ops.dispatch import OpDispatcher, bucket, no_reasons
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import layer_norm as _triton_kernels

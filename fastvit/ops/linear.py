@@ -55,11 +55,10 @@ from fastvit.ops._library import (
     direct,
     eager_op,
     new_output,
-    no_reasons,
     register_autocast_lower,
 )
 from fastvit.ops._validate import check_call, gemm_backend
-from fastvit.ops.dispatch import OpDispatcher
+from fastvit.ops.dispatch import OpDispatcher, no_reasons
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import linear as _triton_kernels

@@ -48,11 +48,10 @@ from fastvit.ops._library import (
     direct,
     eager_op,
     new_output,
-    no_reasons,
     register_autocast_lower,
 )
 from fastvit.ops._validate import check_call
-from fastvit.ops.dispatch import OpDispatcher, tensor_signature
+from fastvit.ops.dispatch import OpDispatcher, no_reasons, tensor_signature
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import patch_embed as _triton_kernels

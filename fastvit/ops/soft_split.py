@@ -35,17 +35,9 @@ from torch import Tensor
 from fastvit import kernels
 from fastvit._geometry import int_pair, unfold_grid
 from fastvit.ops import _cuda_backends as _cuda
-from fastvit.ops._library import (
-    FLOAT_DTYPES,
-    check_tensors,
-    direct,
-    eager_op,
-    new_output,
-    no_reasons,
-    register_autocast_keep_dtype,
-)
+from fastvit.ops._library import FLOAT_DTYPES, check_tensors, direct, eager_op, new_output, register_autocast_keep_dtype
 from fastvit.ops._validate import check_call
-from fastvit.ops.dispatch import OpDispatcher
+from fastvit.ops.dispatch import OpDispatcher, no_reasons
 from fastvit.ops.layer_norm import check_affine, layer_norm_ref
 
 if kernels.TRITON_IMPORT_ERROR is None:
