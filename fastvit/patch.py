@@ -63,6 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from fastvit import ops
+from fastvit._geometry import patch_grid
 from fastvit.layers.attention import Attention as FastvitAttention
 from fastvit.layers.mlp import fused_activation_name
 from fastvit.layers.patch_embed import fx_symbolic_tracing
@@ -495,7 +496,7 @@ def _embed_tokens(module: nn.Module, x: Tensor) -> Tensor:
         x = x[..., : H - H % p, : W - W % p]  # a k = s conv ignores the remainder rows/columns
     tokens = ops.patch_embed(x, conv.weight, conv.bias, patch_size=p, pad=pad, backend=state.backend)
     if _output_layout(module) == "NHWC":
-        tokens = tokens.view(x.shape[0], -(-x.shape[-2] // p), -(-x.shape[-1] // p), tokens.shape[-1])
+        tokens = tokens.view(x.shape[0], *patch_grid(x.shape[-2], x.shape[-1], p), tokens.shape[-1])
     return tokens
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from fastvit._cli import ArgumentParser, add_debug_flag, check_device, run_main
+from fastvit._geometry import patch_grid
 from fastvit.patch import return_attention
 
 __all__ = [
@@ -89,7 +90,7 @@ def _token_grid(model: nn.Module, num_patches: int, image_hw: tuple[int, int]) -
     patch = getattr(embed, "patch_size", None)
     if patch is not None and getattr(embed, "backbone", None) is None:
         p = patch if isinstance(patch, int) else patch[0]
-        candidates.append((-(-image_hw[0] // p), -(-image_hw[1] // p)))
+        candidates.append(patch_grid(image_hw[0], image_hw[1], p))
     side = math.isqrt(num_patches)
     candidates.append((side, side))
     for h, w in candidates:

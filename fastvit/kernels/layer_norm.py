@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvit._geometry import num_programs
 from fastvit.kernels._common import device_guard
 
 __all__ = ["MAX_COLS", "layer_norm_bwd", "layer_norm_fwd"]
@@ -162,13 +163,6 @@ def layer_norm_fwd(
         )  # fmt: skip
 
 
-def _num_programs(x: torch.Tensor, rows: int) -> int:
-    if x.is_cuda:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        return max(1, min(rows, 8 * sms))
-    return max(1, min(rows, 4))
-
-
 def layer_norm_bwd(
     dy: torch.Tensor,
     dresidual_out: Optional[torch.Tensor],
@@ -181,7 +175,7 @@ def layer_norm_bwd(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Launches the backward; writes dz and returns the fp32 (programs, N) partials of dweight, dbias."""
     M, N = z.shape
-    programs = _num_programs(z, M)
+    programs = num_programs(z, M, per_sm=8 if z.is_cuda else 4)  # 4 under the CPU interpreter, as before
     dw_part = torch.empty((programs, N), device=z.device, dtype=torch.float32)
     db_part = torch.empty((programs, N), device=z.device, dtype=torch.float32) if has_bias else None
     if M == 0:

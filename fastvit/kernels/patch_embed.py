@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvit._geometry import sm_count
 from fastvit.kernels import INTERPRET
 from fastvit.kernels._common import MAX_GRID_YZ, device_guard, launch_autotuned, lazy_autotune
 
@@ -363,7 +364,7 @@ def patch_embed_dx(dout: torch.Tensor, weight: torch.Tensor, num_prefix: int, dx
 
 def _num_splits(x: torch.Tensor, rows: int, tiles: int) -> int:
     """Row chunks for the weight gradient: about two waves of programs, each chunk >= 512 rows."""
-    programs = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+    programs = 2 * sm_count(x)
     return max(1, min(triton.cdiv(programs, tiles), triton.cdiv(rows, 512)))
 
 

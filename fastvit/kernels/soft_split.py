@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvit._geometry import num_programs, unfold_grid
 from fastvit.kernels import INTERPRET
 from fastvit.kernels._common import MAX_GRID_YZ, device_guard
 
@@ -252,7 +253,7 @@ def soft_split_fwd(
     ``geometry`` = (B, C, H, W); ``kernel`` = (kh, kw, sh, sw, ph, pw)."""
     B, C, H, W = geometry
     kh, kw, sh, sw, ph, pw = kernel
-    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    Ho, Wo = unfold_grid(H, W, kernel)
     rows = y.shape[0]
     if rows == 0:
         return
@@ -265,12 +266,6 @@ def soft_split_fwd(
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, HAS_LN=norm_weight is not None, HAS_BIAS=norm_bias is not None,
             BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_KK=block_kk, num_warps=warps,
         )  # fmt: skip
-
-
-def _num_programs(x: torch.Tensor, rows: int) -> int:
-    if x.is_cuda:
-        return max(1, min(rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count))
-    return max(1, min(rows, 4))
 
 
 def soft_split_ln_bwd_stats(
@@ -288,9 +283,9 @@ def soft_split_ln_bwd_stats(
     of dweight and dbias (None without a bias)."""
     B, C, H, W = geometry
     kh, kw, sh, sw, ph, pw = kernel
-    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    Ho, Wo = unfold_grid(H, W, kernel)
     rows, F = dy.shape
-    programs = _num_programs(dy, rows)
+    programs = num_programs(dy, rows)
     c1 = torch.empty((rows,), device=dy.device, dtype=torch.float32)
     c2 = torch.empty((rows,), device=dy.device, dtype=torch.float32)
     dw_part = torch.zeros((programs, F), device=dy.device, dtype=torch.float32)
@@ -323,7 +318,7 @@ def soft_split_bwd(
     ``stats`` = (mean, rstd, c1, c2) and dy is the gradient of the normalised rows."""
     B, C, H, W = geometry
     kh, kw, sh, sw, ph, pw = kernel
-    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    Ho, Wo = unfold_grid(H, W, kernel)
     F = dy.shape[1]
     if B * C * H * W == 0:
         return

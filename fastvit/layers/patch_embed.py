@@ -13,17 +13,9 @@ except ImportError:  # older torch: one flag for every FX-based tracer
     from torch.fx._symbolic_trace import is_fx_tracing as fx_symbolic_tracing
 
 from fastvit import ops
+from fastvit._geometry import patch_grid, to_2tuple  # to_2tuple: re-exported, timm-style code imports it here
 
 __all__ = ["PatchEmbed", "check_image_batch", "fx_symbolic_tracing", "to_2tuple", "traced_grid"]
-
-
-def to_2tuple(v: Union[int, tuple[int, int], list[int]]) -> tuple[int, int]:
-    """``v`` as an (h, w) pair of ints."""
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"fastvit: expected an int or an (h, w) pair, got {v!r}")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
 
 
 def check_image_batch(x: Tensor, in_chans: int, img_size: Optional[tuple[int, int]]) -> tuple[int, int]:
@@ -112,7 +104,7 @@ class PatchEmbed(nn.Module):
         """The token grid (h, w) for an (H, W) image (rounded up when padding is on)."""
         p = self.patch_size[0]
         if self.dynamic_img_pad:
-            return -(-img_size[0] // p), -(-img_size[1] // p)
+            return patch_grid(img_size[0], img_size[1], p)
         return img_size[0] // p, img_size[1] // p
 
     def check_input(self, x: Tensor) -> tuple[int, int]:

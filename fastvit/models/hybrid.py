@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastvit import ops
+from fastvit._geometry import ceil_div
 from fastvit.layers.patch_embed import check_image_batch, to_2tuple, traced_grid
 from fastvit.models.registry import register_variant
 from fastvit.models.vit import VisionTransformer, _cfg, _create
@@ -185,7 +186,7 @@ class ResNetV2(nn.Module):
         """The output map size for an (H, W) input: every stride-2 step of SAME padding rounds up."""
         h, w = img_size
         for _ in range(int(math.log2(self.reduction))):
-            h, w = -(-h // 2), -(-w // 2)
+            h, w = ceil_div(h, 2), ceil_div(w, 2)
         return h, w
 
     def forward(self, x: Tensor) -> Tensor:

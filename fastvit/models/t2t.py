@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from fastvit import ops
+from fastvit._geometry import int_pair, unfold_size
 from fastvit.layers.block import Block
 from fastvit.layers.linear import Linear
 from fastvit.layers.mlp import Mlp
@@ -101,10 +102,6 @@ def sinusoid_position_table(num_positions: int, dim: int) -> Tensor:
     return table.to(torch.float32).unsqueeze(0)
 
 
-def _split_grid(size: int, kernel_size: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel_size) // stride + 1
-
-
 def _fp32_region(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast switched off for ``device`` (a no-op on devices autocast does not know, e.g. meta)."""
     if device.type in ("cuda", "cpu"):
@@ -133,7 +130,7 @@ class SoftSplit(nn.Module):
 
     def output_grid(self, hw: tuple[int, int]) -> tuple[int, int]:
         """The (H, W) grid of patch positions for an (H, W) input."""
-        return tuple(_split_grid(s, self.kernel_size, self.stride, self.padding) for s in hw)  # type: ignore[return-value]
+        return tuple(unfold_size(s, self.kernel_size, self.stride, self.padding) for s in hw)  # type: ignore[return-value]
 
     def forward(
         self, x: Tensor, hw: Optional[tuple[int, int]] = None, norm: Optional[LayerNorm] = None
@@ -385,12 +382,12 @@ class T2TModule(nn.Module):
         return self.project(x)
 
 
+def _img_size_error(size: object) -> Exception:
+    return TypeError(f"T2T-ViT: img_size must be an int or an (H, W) pair of ints, got {size!r}")
+
+
 def _pair(size: Union[int, tuple[int, int]]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
-        return (size[0], size[1])
-    raise TypeError(f"T2T-ViT: img_size must be an int or an (H, W) pair of ints, got {size!r}")
+    return int_pair(size, _img_size_error)
 
 
 # Preprocessing of the official weights (their timm-0.3 default_cfg): bicubic resize to img / 0.9, center crop.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import math
 import os
 from types import ModuleType
 from typing import Optional, Sequence
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fastvit import _ext
+from fastvit._geometry import ceil_div, num_programs, patch_grid, sm_count
 from fastvit.kernels._common import device_guard
 from fastvit.ops._library import new_output
 
@@ -137,10 +139,6 @@ def _gemm_operand(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-def _sm_count(t: Tensor) -> int:
-    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 1
-
-
 # ---------------------------------------------------------------------------------------- layer_norm
 
 
@@ -170,7 +168,7 @@ def layer_norm_bwd(
     signature of fastvit.kernels.layer_norm.layer_norm_bwd."""
     C = _ext.require("layer_norm")
     M, N = z.shape
-    programs = max(1, min(M, 4 * _sm_count(z)))
+    programs = num_programs(z, M)
     dw_part = torch.empty((programs, N), device=z.device, dtype=torch.float32)
     db_part = torch.empty((programs, N), device=z.device, dtype=torch.float32) if has_bias else None
     with device_guard(z):
@@ -248,7 +246,7 @@ def soft_split_bwd(
     C = _ext.require("soft_split")
     rows, features = dy.shape
     has_ln = norm_weight is not None
-    programs = max(1, min(rows, 4 * _sm_count(x)))
+    programs = num_programs(x, rows)
     dw_part = torch.empty((programs, features), device=x.device, dtype=torch.float32) if has_ln and need_dnorm else None
     db_part = (
         torch.empty((programs, features), device=x.device, dtype=torch.float32)
@@ -279,7 +277,7 @@ def patch_embed_reasons(x: Tensor, weight: Tensor, **_: object) -> list[str]:
     reasons = cublaslt_reasons()
     B, C, H, W = x.shape
     D, _, p, _ = weight.shape
-    rows = B * -(-H // p) * -(-W // p)
+    rows = B * math.prod(patch_grid(H, W, p))
     if rows >= _INT32_LIMIT or C * p * p >= _INT32_LIMIT or D >= _INT32_LIMIT:
         reasons.append(f"B * N = {rows}, C * p * p or D reaches 2^31; cuBLASLt takes 32-bit sizes")
     return reasons
@@ -288,7 +286,7 @@ def patch_embed_reasons(x: Tensor, weight: Tensor, **_: object) -> list[str]:
 def _patch_geometry(x: Tensor, patch: int) -> tuple[int, int]:
     """(N, K): patches per image (ceil grid) and features per patch."""
     B, C, H, W = x.shape
-    return -(-H // patch) * -(-W // patch), C * patch * patch
+    return math.prod(patch_grid(H, W, patch)), C * patch * patch
 
 
 def patch_embed_fwd(
@@ -405,8 +403,8 @@ def linear_act_grad(
     N = weight.shape[0]
     x, weight, dy = _gemm_operand(x), _gemm_operand(weight), _gemm_operand(dy)
     bias = bias.contiguous() if bias is not None else None
-    column_tiles = -(-N // 256)  # csrc/linear.cu: 256 columns per block
-    programs = max(1, min(M, -(-4 * _sm_count(x) // column_tiles)))
+    column_tiles = ceil_div(N, 256)  # csrc/linear.cu: 256 columns per block
+    programs = max(1, min(M, ceil_div(4 * sm_count(x), column_tiles)))
     part = torch.empty((programs, N), device=x.device, dtype=torch.float32) if need_dbias else None
     workspace = _workspace(x)
     with device_guard(x):

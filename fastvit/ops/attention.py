@@ -49,7 +49,7 @@ from torch import Tensor
 
 from fastvit import kernels
 from fastvit.ops._library import FLOAT_DTYPES, check_tensors, direct, eager_op, new_output, register_autocast_lower
-from fastvit.ops.dispatch import OpDispatcher
+from fastvit.ops.dispatch import OpDispatcher, no_reasons
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import attention as _triton_kernels
@@ -162,10 +162,6 @@ def _check_packed(qkv: Tensor, num_heads: int) -> None:
 
 
 # -------------------------------------------------------------------------------------- backends
-
-
-def _no_reasons(**_: object) -> list[str]:
-    return []
 
 
 def _triton_reasons(
@@ -382,7 +378,7 @@ def _check_attention_packed(qkv: Tensor, num_heads: int, scale: Optional[float],
 
 _OP = OpDispatcher(
     name="attention",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons},
+    reasons={"torch": no_reasons, "triton": _triton_reasons},
     preference=("triton", "torch"),
     launchers={"torch": _torch_launch, "triton": _triton_launch},
     reference=attention_ref,
@@ -395,7 +391,7 @@ _OP = OpDispatcher(
 _PACKED = OpDispatcher(
     name="attention_qkvpacked",
     kernel_family="attention",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons},
+    reasons={"torch": no_reasons, "triton": _triton_reasons},
     preference=("triton", "torch"),
     launchers={"torch": _torch_packed_launch, "triton": _triton_packed_launch},
     reference=attention_ref,

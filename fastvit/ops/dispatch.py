@@ -71,6 +71,7 @@ __all__ = [
     "fallback_log",
     "format_cache",
     "measured_table",
+    "no_reasons",
     "registered_ops",
     "reset",
     "set_timer",
@@ -206,6 +207,11 @@ def environment_reasons(backend: str, device: torch.device) -> List[str]:
         if backend != "torch":
             reasons.append(f"device type {device.type!r} is only served by the 'torch' backend")
     return reasons
+
+
+def no_reasons(**_: object) -> List[str]:
+    """The ``reasons`` entry of a backend that serves every valid call (the torch reference): never any."""
+    return []
 
 
 def _index(device: torch.device) -> int:

@@ -39,7 +39,7 @@ from fastvit.ops._library import (
     register_autocast_keep_dtype,
 )
 from fastvit.ops._validate import check_call
-from fastvit.ops.dispatch import OpDispatcher, bucket
+from fastvit.ops.dispatch import OpDispatcher, bucket, no_reasons
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import layer_norm as _triton_kernels
@@ -112,10 +112,6 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: O
 
 
 # -------------------------------------------------------------------------------------- backends
-
-
-def _no_reasons(**_: object) -> list[str]:
-    return []
 
 
 def _triton_reasons(x: Tensor, **_: object) -> list[str]:
@@ -243,7 +239,7 @@ def _kernel_launch(backend: str):
 
 _OP = OpDispatcher(
     name="layer_norm",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _no_reasons},
+    reasons={"torch": no_reasons, "triton": _triton_reasons, "cuda": no_reasons},
     preference=("triton", "cuda", "torch"),
     launchers={"torch": _torch_launch, "triton": _kernel_launch("triton"), "cuda": _kernel_launch("cuda")},
     reference=layer_norm_ref,

@@ -58,7 +58,7 @@ from fastvit.ops._library import (
     register_autocast_lower,
 )
 from fastvit.ops._validate import check_call, gemm_backend
-from fastvit.ops.dispatch import OpDispatcher
+from fastvit.ops.dispatch import OpDispatcher, no_reasons
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import linear as _triton_kernels
@@ -154,10 +154,6 @@ def _check_inputs(
 
 
 # -------------------------------------------------------------------------------------- backends
-
-
-def _no_reasons(**_: object) -> list[str]:
-    return []
 
 
 def _triton_reasons(x: Tensor, **_: object) -> list[str]:
@@ -256,7 +252,7 @@ def _kernel_launch(backend: str):
 
 _OP = OpDispatcher(
     name="linear",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _cuda.linear_reasons},
+    reasons={"torch": no_reasons, "triton": _triton_reasons, "cuda": _cuda.linear_reasons},
     preference=("triton", "cuda", "torch"),
     launchers={"torch": _torch_launch, "triton": _kernel_launch("triton"), "cuda": _kernel_launch("cuda")},
     reference=linear_ref,

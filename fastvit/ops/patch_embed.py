@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit import kernels
+from fastvit._geometry import patch_grid
 from fastvit.ops import _cuda_backends as _cuda
 from fastvit.ops._library import (
     FLOAT_DTYPES,
@@ -50,7 +51,7 @@ from fastvit.ops._library import (
     register_autocast_lower,
 )
 from fastvit.ops._validate import check_call
-from fastvit.ops.dispatch import OpDispatcher, tensor_signature
+from fastvit.ops.dispatch import OpDispatcher, no_reasons, tensor_signature
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import patch_embed as _triton_kernels
@@ -58,10 +59,6 @@ if kernels.TRITON_IMPORT_ERROR is None:
 __all__ = ["patch_embed", "patch_embed_ref"]
 
 _OP = "fastvit.ops.patch_embed"
-
-
-def _grid(height: int, width: int, patch: int) -> Tuple[int, int]:
-    return -(-height // patch), -(-width // patch)
 
 
 def patch_embed_ref(
@@ -79,7 +76,7 @@ def patch_embed_ref(
     Shapes as in :func:`patch_embed`; inputs are assumed valid. Computes in x's dtype (pass fp32/fp64
     tensors for an oracle)."""
     B, _, H, W = x.shape
-    Hp, Wp = _grid(H, W, patch_size)
+    Hp, Wp = patch_grid(H, W, patch_size)
     if pad and (Hp * patch_size != H or Wp * patch_size != W):
         x = F.pad(x, (0, Wp * patch_size - W, 0, Hp * patch_size - H))
     tokens = F.conv2d(x, weight, bias, stride=patch_size).flatten(2).transpose(1, 2)
@@ -151,7 +148,7 @@ def _check_inputs(
             )
         P = prefix_tokens.shape[-2]
     if pos_embed is not None:
-        Hp, Wp = _grid(H, W, patch)
+        Hp, Wp = patch_grid(H, W, patch)
         N = Hp * Wp
         rows = (N, N + P) if P else (N,)
         ok_dims = pos_embed.dim() == 2 or (pos_embed.dim() == 3 and pos_embed.shape[0] == 1)
@@ -165,10 +162,6 @@ def _check_inputs(
 
 
 # -------------------------------------------------------------------------------------- backends
-
-
-def _no_reasons(**_: object) -> List[str]:
-    return []
 
 
 def _triton_reasons(x: Tensor, weight: Tensor, **_: object) -> List[str]:
@@ -197,7 +190,7 @@ def _rows(t: Optional[Tensor], width: int) -> Optional[Tensor]:
 
 
 def _out_shape(x: Tensor, weight: Tensor, prefix: Optional[Tensor]) -> Tuple[int, int, int]:
-    Hp, Wp = _grid(x.shape[2], x.shape[3], weight.shape[2])
+    Hp, Wp = patch_grid(x.shape[2], x.shape[3], weight.shape[2])
     return x.shape[0], (prefix.shape[0] if prefix is not None else 0) + Hp * Wp, weight.shape[0]
 
 
@@ -291,7 +284,7 @@ def _kernel_launch(backend: str):
 
 _OP = OpDispatcher(
     name="patch_embed",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _cuda.patch_embed_reasons},
+    reasons={"torch": no_reasons, "triton": _triton_reasons, "cuda": _cuda.patch_embed_reasons},
     preference=("triton", "cuda", "torch"),
     reference=patch_embed_ref,
     check=_check_inputs,

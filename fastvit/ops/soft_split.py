@@ -25,6 +25,7 @@ Backends and auto order on CUDA tensors: ``triton`` > ``cuda`` > ``torch``. Prov
 timed on an H100/H200 yet (benchmarks/bench_soft_split.py will set this order).
 """
 
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -32,10 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit import kernels
+from fastvit._geometry import int_pair, unfold_grid
 from fastvit.ops import _cuda_backends as _cuda
 from fastvit.ops._library import FLOAT_DTYPES, check_tensors, direct, eager_op, new_output, register_autocast_keep_dtype
 from fastvit.ops._validate import check_call
-from fastvit.ops.dispatch import OpDispatcher
+from fastvit.ops.dispatch import OpDispatcher, no_reasons
 from fastvit.ops.layer_norm import check_affine, layer_norm_ref
 
 if kernels.TRITON_IMPORT_ERROR is None:
@@ -74,10 +76,10 @@ def soft_split_ref(
 
 
 def _pair(value: object, name: str, minimum: int) -> Tuple[int, int]:
-    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair):
-        raise ValueError(f"{_OP}: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
-    return pair  # type: ignore[return-value]
+    def error(v: object) -> Exception:
+        return ValueError(f"{_OP}: {name} must be an int >= {minimum} or a pair of them, got {v!r}")
+
+    return int_pair(value, error, minimum=minimum)
 
 
 def _geometry(x: Tensor, hw: Optional[Sequence[int]]) -> Tuple[Tuple[int, int, int, int], Tuple[int, int, int, int]]:
@@ -136,10 +138,6 @@ def _check_inputs(
 # -------------------------------------------------------------------------------------- backends
 
 
-def _no_reasons(**_: object) -> List[str]:
-    return []
-
-
 def _triton_reasons(x: Tensor, channels: int, window: int, **_: object) -> List[str]:
     reasons: List[str] = []
     if kernels.TRITON_IMPORT_ERROR is None:
@@ -159,8 +157,8 @@ def _triton_reasons(x: Tensor, channels: int, window: int, **_: object) -> List[
 
 def _out_shape(x: Tensor, hw: Sequence[int], kernel: Sequence[int]) -> Tuple[int, int]:
     (B, C, H, W), _ = _geometry(x, hw)
-    kh, kw, sh, sw, ph, pw = kernel
-    return B * ((H + 2 * ph - kh) // sh + 1) * ((W + 2 * pw - kw) // sw + 1), C * kh * kw
+    kh, kw = kernel[:2]
+    return B * math.prod(unfold_grid(H, W, kernel)), C * kh * kw
 
 
 # ------------------------------------------------------------------------------- torch.library ops
@@ -281,10 +279,9 @@ def _torch_launch(x, hw, kernel, norm_weight, norm_bias, norm_eps, features):
 
 def _kernel_launch(backend: str):
     def launch(x, hw, kernel, norm_weight, norm_bias, norm_eps, features):
-        kh, kw, sh, sw, ph, pw = kernel
         hw_list = list(hw) if hw else []
         (_, _, H, W), _ = _geometry(x, hw_list)
-        tokens = ((H + 2 * ph - kh) // sh + 1) * ((W + 2 * pw - kw) // sw + 1)
+        tokens = math.prod(unfold_grid(H, W, kernel))
         # The kernels index norm_weight / norm_bias as dense (F,) vectors: a strided or expanded (stride 0) one
         # is copied here (a no-op when already contiguous; differentiable, so grads keep the caller's shapes).
         norm_weight = norm_weight.contiguous() if norm_weight is not None else None
@@ -297,7 +294,7 @@ def _kernel_launch(backend: str):
 
 _OP = OpDispatcher(
     name="soft_split",
-    reasons={"torch": _no_reasons, "triton": _triton_reasons, "cuda": _cuda.soft_split_reasons},
+    reasons={"torch": no_reasons, "triton": _triton_reasons, "cuda": _cuda.soft_split_reasons},
     preference=("triton", "cuda", "torch"),
     reference=soft_split_ref,
     check=_check_inputs,
