@@ -200,7 +200,7 @@ def unwrap_kernel(obj: Any) -> tuple:
     while is_autotuner(obj) or is_heuristics(obj):
         if is_autotuner(obj):
             configs = autotuner_configs(obj) if configs is None else configs
-        elif is_heuristics(obj):
+        else:
             heuristics.append(heuristics_values(obj))
         obj = autotuner_fn(obj)
     return obj, configs, heuristics
