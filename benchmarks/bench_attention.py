@@ -46,10 +46,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _sdpa_backends() -> dict[str, Any]:
-    try:
-        from torch.nn.attention import SDPBackend
-    except ImportError:  # torch < 2.3
-        return {}
+    from torch.nn.attention import SDPBackend
+
     names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
     return {k: getattr(SDPBackend, v) for k, v in names.items() if hasattr(SDPBackend, v)}
 

@@ -54,21 +54,14 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, 
 
 
 # ------------------------------------------------------------------------------ autotuner plumbing
-# Private Triton fields (``configs``, ``fn``, ``values``, ``early_config_prune``) are read only here.
+# Private Triton fields are read only through the adapter in fastvit.kernels._common.
 
 
 def unwrap(obj: Any) -> tuple:
     """(JITFunction, autotune configs or None, heuristics dicts outermost first) behind the wrappers."""
-    from triton.runtime.jit import JITFunction
+    from fastvit.kernels._common import unwrap_kernel
 
-    configs, heuristics = None, []
-    while not isinstance(obj, JITFunction):
-        if hasattr(obj, "configs") and configs is None:
-            configs = list(obj.configs)
-        if hasattr(obj, "values") and isinstance(obj.values, dict):
-            heuristics.append(obj.values)
-        obj = obj.fn
-    return obj, configs, heuristics
+    return unwrap_kernel(obj)
 
 
 def launched(record: dict) -> Any:
@@ -84,9 +77,9 @@ def pruned(obj: Any, record: dict, configs: list, target_cc: int) -> list:
     :func:`fastvit.kernels._common.compile_target`."""
     import torch
 
-    from fastvit.kernels._common import compile_target
+    from fastvit.kernels._common import autotuner_prune, compile_target, is_autotuner
 
-    prune = getattr(obj, "early_config_prune", None)
+    prune = autotuner_prune(obj) if is_autotuner(obj) else None
     if prune is None:
         return configs
     config_keys = {k for c in configs for k in c.kwargs}
@@ -366,7 +359,9 @@ def compile_all(specs: list, workers: Optional[int] = None, cache: Optional[str]
 def _is_launch_point(module_attr: Any, wrapper: Any) -> bool:
     """Whether a kernel module's attribute is ``wrapper``: the object itself, or a
     ``fastvit.kernels._common.LazyAutotune`` whose built Autotuner it is."""
-    return module_attr is wrapper or getattr(module_attr, "built", None) is wrapper
+    from fastvit.kernels._common import launch_wrapper
+
+    return module_attr is wrapper or launch_wrapper(module_attr) is wrapper
 
 
 def record_launches(exercise: Callable[[], None]) -> list:
@@ -378,26 +373,29 @@ def record_launches(exercise: Callable[[], None]) -> list:
     from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.jit import JITFunction
 
+    from fastvit.kernels._common import autotuner_set_best_config, is_autotuner, kernel_function
+
     records = {}
     originals = {cls: cls.run for cls in (JITFunction, Autotuner, Heuristics)}
 
     def record(self, args, kwargs):
         fn, configs, _ = unwrap(self)
-        names = list(inspect.signature(fn.fn).parameters)
+        py_fn = kernel_function(fn)
+        names = list(inspect.signature(py_fn).parameters)
         described = {name: describe(v) for name, v in zip(names, args)}
         described.update({k: dict(describe(v), keyword=True) for k, v in kwargs.items() if k not in ("grid", "warmup")})
-        module = sys.modules[fn.fn.__module__]
+        module = sys.modules[py_fn.__module__]
         wrapper = next((a for a, o in vars(module).items() if _is_launch_point(o, self)), None)
-        entry = {"module": fn.fn.__module__, "name": fn.fn.__name__, "wrapper": wrapper, "args": described}
+        entry = {"module": py_fn.__module__, "name": py_fn.__name__, "wrapper": wrapper, "args": described}
         records[json.dumps(entry, sort_keys=True)] = entry
-        if configs:
-            self.best_config = configs[0]  # the launchers read it after a tuned launch
+        if configs and is_autotuner(self):
+            autotuner_set_best_config(self, configs[0])  # the launchers read it after a tuned launch
 
     def fake_run(self, *args, **kwargs):
         record(self, args, kwargs)
 
     def heuristics_run(self, *args, **kwargs):  # a heuristics wrapper named in the module is the launch point
-        module = sys.modules[unwrap(self)[0].fn.__module__]
+        module = sys.modules[kernel_function(self).__module__]
         if any(_is_launch_point(o, self) for o in vars(module).values()):
             return fake_run(self, *args, **kwargs)
         return originals[Heuristics](self, *args, **kwargs)

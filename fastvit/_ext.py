@@ -71,13 +71,12 @@ def device_problem() -> Optional[str]:
 
     A driver older than the CUDA runtime the extension was built with (static cudart) fails every kernel
     call even where torch's own runtime works. Asked once per process (one cudaGetDeviceCount) and never
-    raises; None as well when the extension is not loaded (``load_error()`` says why) or predates this check.
+    raises; None as well when the extension is not loaded (``load_error()`` says why).
     """
-    fn = getattr(_module, "device_problem", None)
-    if fn is None:
+    if _module is None:
         return None
     try:
-        return fn() or None
+        return _module.device_problem() or None
     except Exception as exc:  # a broken build: report it as the problem rather than raise from dispatch
         return f"fastvit._C.device_problem() failed: {type(exc).__name__}: {exc}"
 

@@ -105,7 +105,7 @@ def _cublaslt_status() -> str:
 
         reasons = _cuda_backends.cublaslt_reasons()  # loads it with fastvit's search directories
         return "; ".join(reasons) if reasons else _ext.module().cublaslt_status()
-    except Exception as exc:  # e.g. an older build without cublaslt_status: report it, keep printing
+    except Exception as exc:  # a failing status call: report it, keep printing
         return f"unknown ({type(exc).__name__}: {exc})"
 
 
@@ -152,7 +152,7 @@ def collect() -> dict[str, Any]:
         "extension": {
             "loaded": _ext.available(),
             "load_error": _ext.load_error(),
-            "cudart": getattr(_ext.module(), "CUDART_VERSION", None),
+            "cudart": _ext.module().CUDART_VERSION if _ext.available() else None,
             "device_status": _ext.module().device_status() if _ext.available() else None,
             "build": _ext.build_info(),
             "cublaslt": _cublaslt_status(),

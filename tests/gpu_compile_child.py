@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from kernel_report import compile_all, launch_spec, launched, pruned, unwrap  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from fastvit.kernels._common import is_autotuner, is_heuristics, kernel_function  # noqa: E402
+
 
 def _autotuners(record: dict) -> list[str]:
     """Module attributes that autotune the recorded kernel. Their GPU configuration lists are what a GPU
@@ -29,10 +31,8 @@ def _autotuners(record: dict) -> list[str]:
     module = importlib.import_module(record["module"])
     names = []
     for attr, obj in vars(module).items():
-        if hasattr(obj, "configs") and hasattr(obj, "fn"):
-            fn, _, _ = unwrap(obj)
-            if fn.fn.__name__ == record["name"]:
-                names.append(attr)
+        if is_autotuner(obj) and kernel_function(obj).__name__ == record["name"]:
+            names.append(attr)
     return names
 
 
@@ -96,14 +96,11 @@ def main() -> None:
     for mod_name in sorted({r["module"] for r in records}):
         module = importlib.import_module(mod_name)
         for attr, obj in vars(module).items():
-            if not (isinstance(obj, JITFunction) or hasattr(obj, "configs") or type(obj).__name__ == "Heuristics"):
+            if not (isinstance(obj, JITFunction) or is_autotuner(obj) or is_heuristics(obj)):
                 continue
-            try:
-                fn, _, _ = unwrap(obj)
-            except AttributeError:
-                continue
+            py_fn = kernel_function(obj)
             launchable = attr.endswith("_kernel") or not isinstance(obj, JITFunction)
-            if launchable and fn.fn.__module__ == mod_name and f"{mod_name}.{fn.fn.__name__}" not in compiled:
+            if launchable and py_fn.__module__ == mod_name and f"{mod_name}.{py_fn.__name__}" not in compiled:
                 print(json.dumps({"kernel": f"{mod_name}.{attr}", "unexercised": True}), flush=True)
 
 

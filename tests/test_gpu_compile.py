@@ -57,6 +57,8 @@ def _record_launches(exercise) -> list[dict]:
     from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.interpreter import GridExecutor
 
+    from fastvit.kernels._common import autotuner_arg_names, kernel_function, launch_wrapper
+
     records: dict[str, dict] = {}
     wrappers: list = []  # the autotune / heuristics objects a launch is passing through, outermost first
     # Every interpreted launch ends in GridExecutor.__call__ (InterpretedFunction.run is an instance attribute
@@ -75,18 +77,16 @@ def _record_launches(exercise) -> list[dict]:
         return run
 
     def recording_call(self, *args, **kwargs):
-        described = {name: describe(v) for name, v in zip(self.arg_names, args)}
+        described = {name: describe(v) for name, v in zip(autotuner_arg_names(self), args)}
         # Keyword arguments are kept apart: Triton hands them to prune functions separately. Triton < 3.2
         # passes the launch's grid and warmup flag down to here too; they are not kernel arguments.
         described.update({k: dict(describe(v), keyword=True) for k, v in kwargs.items() if k not in ("grid", "warmup")})
-        module = _sys.modules[self.fn.__module__]
+        fn = kernel_function(self)
+        module = _sys.modules[fn.__module__]
         # A module's autotuned kernel is a LazyAutotune; the Autotuner the launch passed through is its .built.
         outer = wrappers[0] if wrappers else None
-        wrapper = next(
-            (a for a, o in vars(module).items() if outer is not None and outer is getattr(o, "built", o)),
-            None,
-        )
-        record = {"module": self.fn.__module__, "name": self.fn.__name__, "wrapper": wrapper, "args": described}
+        wrapper = next((a for a, o in vars(module).items() if outer is not None and outer is launch_wrapper(o)), None)
+        record = {"module": fn.__module__, "name": fn.__name__, "wrapper": wrapper, "args": described}
         records[json.dumps(record, sort_keys=True)] = record
         return execute(self, *args, **kwargs)
 

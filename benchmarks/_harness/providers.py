@@ -210,26 +210,14 @@ def count_params(provider: Provider, row: ModelRow) -> dict[str, Any]:
     return {"value": int(value), "source": f"trainable parameters of the {provider.library} model"}
 
 
-def _count_flops_fn() -> Any:
-    try:
-        from fastvit import utils  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return getattr(utils, "count_flops", None)
-
-
 def count_gmacs(provider: Provider, row: ModelRow) -> dict[str, Any]:
     """GMACs of the row's model through ``fastvit.utils.count_flops``, in its labelled conventions.
 
     Returns {"full": ..., "linear_norm": ..., "source": ...} as the counter gives them, or
     {"reason": ...}. The harness never counts MACs itself: one counter serves the whole project.
     """
-    count_flops = _count_flops_fn()
-    if count_flops is None:
-        return {
-            "reason": "n/a: fastvit.utils.count_flops does not exist yet (issue 3); "
-            "the harness does not count MACs itself"
-        }
+    from fastvit.utils import count_flops
+
     counted, errors = _on_meta_then_cpu(provider, row, lambda m: count_flops(m, img_size=row.img_size))
     if counted is None:
         return {"reason": "error: fastvit.utils.count_flops failed " + " | ".join(errors)}

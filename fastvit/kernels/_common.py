@@ -5,13 +5,17 @@ decorator and builds the real ``Autotuner`` at the first launch (on Triton 3.2 a
 for an active GPU driver, so importing fastvit on a machine without one would fail). Launchers read the
 autotuner's fields only through ``LazyAutotune``'s properties: the configuration, key, prune and kernel come
 from the arguments fastvit gave, and ``best_config`` (the one field only the running autotuner knows) is read
-through ``autotuner_best_config``, which checks it for the installed Triton. No ``from __future__ import
+through the adapter below. Every read of a private field of Triton's runtime wrappers (``Autotuner``,
+``Heuristics``, ``JITFunction``: ``configs``, ``fn``, ``values``, ``early_config_prune``, ``best_config``,
+``arg_names``), here, in the benchmarks and in the tests, goes through the ``autotuner_*`` / ``kernel_*``
+functions, which raise an error naming the installed Triton when a field is missing. No ``from __future__ import
 annotations`` here or in the kernel modules: Triton's interpreter before 3.4 reads ``tl.constexpr``
 annotations at run time and takes a string annotation for an ordinary argument.
 """
 
 import contextlib
 import copy
+import functools
 import inspect
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -22,8 +26,20 @@ from fastvit.kernels import TRITON_VERSION_TUPLE
 
 __all__ = [
     "MAX_GRID_YZ",
+    "TESTED_TRITON",
     "LazyAutotune",
+    "autotuner_arg_names",
     "autotuner_best_config",
+    "autotuner_configs",
+    "autotuner_fn",
+    "autotuner_prune",
+    "autotuner_set_best_config",
+    "heuristics_values",
+    "is_autotuner",
+    "is_heuristics",
+    "kernel_function",
+    "launch_wrapper",
+    "unwrap_kernel",
     "compile_target",
     "device_guard",
     "graph_capturing",
@@ -86,22 +102,115 @@ def launch_autotuned(tuned: "LazyAutotune", grid: Callable[[dict], tuple], *args
     _CHOSEN[key] = tuned.best_config
 
 
-def autotuner_best_config(tuner: Any) -> Any:
-    """The config ``tuner`` (a built ``triton.runtime.autotuner.Autotuner``) launched last.
+# ------------------------------------------------- the adapter to Triton's private autotuner fields
+# The fields read: Autotuner's arg_names, best_config, configs, early_config_prune and fn; Heuristics' fn and
+# values; JITFunction's (and the interpreter's) arg_names and fn. Each is set by its class's __init__
+# (best_config by Autotuner.run) on every Triton in TESTED_TRITON; CI runs the tests at both ends.
+TESTED_TRITON = ((3, 1), (3, 9))
 
-    ``best_config`` is set by ``Autotuner.run`` on every Triton fastvit supports (3.1 through 3.9); a Triton
-    that renamed it gets an error naming the version and the fix instead of an AttributeError deep in a
-    launch.
-    """
+
+@functools.lru_cache(maxsize=None)
+def _triton_release() -> str:
+    """The installed Triton and whether it is in TESTED_TRITON, for the adapter's errors (looked up once)."""
+    import triton
+
+    (low, high), got = TESTED_TRITON, TRITON_VERSION_TUPLE[:2]
+    where = "inside" if low <= got <= high else "outside"
+    return (
+        f"triton {triton.__version__} ({where} the range fastvit reads these fields on, "
+        f"{low[0]}.{low[1]} to {high[0]}.{high[1]})"
+    )
+
+
+def _field(obj: Any, name: str) -> Any:
+    """``obj.name`` for a Triton runtime wrapper, or a RuntimeError naming the installed Triton and the fix."""
     try:
-        return tuner.best_config
+        return getattr(obj, name)
     except AttributeError:
-        import triton
-
         raise RuntimeError(
-            f"fastvit: triton {triton.__version__}'s Autotuner has no 'best_config' after a launch (fastvit "
-            f"reads it on triton 3.1 to 3.9); install a triton in the range `python -m fastvit.info` prints"
+            f"fastvit: the {type(obj).__name__} of {_triton_release()} has no field {name!r}; install a triton "
+            f"in the range `python -m fastvit.info` prints"
         ) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_wrappers() -> tuple:
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    return Autotuner, Heuristics
+
+
+def is_autotuner(obj: Any) -> bool:
+    """Whether ``obj`` autotunes a kernel: a ``LazyAutotune`` or a built Triton ``Autotuner``."""
+    return isinstance(obj, (LazyAutotune, _triton_wrappers()[0]))
+
+
+def is_heuristics(obj: Any) -> bool:
+    """Whether ``obj`` is a Triton ``Heuristics`` wrapper (``triton.heuristics(...)(kernel)``)."""
+    return isinstance(obj, _triton_wrappers()[1])
+
+
+def autotuner_configs(obj: Any) -> List[Any]:
+    """The configurations ``obj`` (a ``LazyAutotune`` or a Triton ``Autotuner``) chooses among."""
+    return list(obj.configs if isinstance(obj, LazyAutotune) else _field(obj, "configs"))
+
+
+def autotuner_prune(obj: Any) -> Optional[Callable]:
+    """``obj``'s ``early_config_prune`` (None when it has none)."""
+    return obj.early_config_prune if isinstance(obj, LazyAutotune) else _field(obj, "early_config_prune")
+
+
+def autotuner_fn(obj: Any) -> Any:
+    """What ``obj`` wraps: the kernel under an autotuner or heuristics wrapper, the Python function under a
+    ``JITFunction``."""
+    return obj.fn if isinstance(obj, LazyAutotune) else _field(obj, "fn")
+
+
+def autotuner_arg_names(obj: Any) -> List[str]:
+    """The kernel's argument names, in order, as ``obj`` (any wrapper or ``JITFunction``) passes them."""
+    return list(obj.arg_names if isinstance(obj, LazyAutotune) else _field(obj, "arg_names"))
+
+
+def heuristics_values(obj: Any) -> Dict[str, Callable]:
+    """A Triton ``Heuristics`` wrapper's {argument name: function of the named arguments}."""
+    return _field(obj, "values")
+
+
+def autotuner_best_config(tuner: Any) -> Any:
+    """The config ``tuner`` (a built ``triton.runtime.autotuner.Autotuner``) launched last."""
+    return _field(tuner, "best_config")
+
+
+def autotuner_set_best_config(tuner: Any, config: Any) -> None:
+    """Sets what ``autotuner_best_config`` reads (for a stand-in ``Autotuner.run`` that launches nothing)."""
+    _field(tuner, "configs")  # the class is the Autotuner these fields were checked for
+    tuner.best_config = config
+
+
+def launch_wrapper(obj: Any) -> Any:
+    """The Triton object a launch through the module attribute ``obj`` passes through: a ``LazyAutotune``'s
+    built ``Autotuner`` (None before its first launch), else ``obj`` itself."""
+    return obj.built if isinstance(obj, LazyAutotune) else obj
+
+
+def unwrap_kernel(obj: Any) -> tuple:
+    """(the jit function, autotune configs or None, heuristics dicts outermost first) behind ``obj``'s autotune
+    and heuristics wrappers (a ``JITFunction``, or the interpreter's stand-in under TRITON_INTERPRET=1)."""
+    configs, heuristics = None, []
+    while is_autotuner(obj) or is_heuristics(obj):
+        if is_autotuner(obj):
+            configs = autotuner_configs(obj) if configs is None else configs
+        else:
+            heuristics.append(heuristics_values(obj))
+        obj = autotuner_fn(obj)
+    return obj, configs, heuristics
+
+
+def kernel_function(obj: Any) -> Callable:
+    """The Python function under ``obj``'s jit, heuristics and autotune wrappers (its name is the kernel's)."""
+    while not inspect.isfunction(obj):
+        obj = autotuner_fn(obj)
+    return obj
 
 
 _WARP_SPEC_FIELDS = ("num_buffers_warp_spec", "num_consumer_groups", "reg_dec_producer", "reg_inc_consumer")
@@ -139,14 +248,11 @@ class LazyAutotune:
         self.configs: List[Any] = list(options["configs"])
         self.keys: List[str] = list(options["key"])
         self.early_config_prune: Optional[Callable] = (options.get("prune_configs_by") or {}).get("early_config_prune")
-        self.arg_names: List[str] = list(kernel.arg_names)  # what triton.autotune hands its Autotuner
-        base = kernel
-        while not inspect.isfunction(base):  # through heuristics and jit wrappers, as Autotuner does
-            base = base.fn
-        self.base_fn = base
+        self.arg_names: List[str] = autotuner_arg_names(kernel)  # what triton.autotune hands its Autotuner
+        self.base_fn = kernel_function(kernel)  # through heuristics and jit wrappers, as Autotuner does
         missing = [k for k in self.keys if k not in self.arg_names]
         if missing:
-            raise ValueError(f"lazy_autotune({base.__name__}): key {missing} names no argument of the kernel")
+            raise ValueError(f"lazy_autotune({self.base_fn.__name__}): key {missing} names no argument of the kernel")
         self.built: Any = None  # the triton Autotuner, once a launch needed it
 
     @property

@@ -563,14 +563,9 @@ def attention_bwd(
     scale: float,
     dropout_p: float,
     seed: Optional[torch.Tensor],
-    deterministic: bool = True,
     fp32_precision: str = "ieee",
 ) -> None:
-    """Writes dq, dk, dv ((B, H, N, D) views, e.g. of one dqkv buffer).
-
-    ``deterministic`` is accepted for the API: this backward has no atomics and is always bitwise
-    reproducible, so every request is met.
-    """
+    """Writes dq, dk, dv ((B, H, N, D) views, e.g. of one dqkv buffer)."""
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     if dq.numel() == 0 and dk.numel() == 0:

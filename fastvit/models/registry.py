@@ -104,10 +104,8 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
 def _tag_num_classes(name: str) -> Optional[int]:
     """The class count of the weights ``name``'s ``.tag`` picks (``vit_base_patch16_224.augreg_in21k``: 21843),
     or None when no pretrained config says."""
-    try:
-        from fastvit.checkpoints.pretrained import pretrained_cfg_for
-    except ImportError:  # an installation without fastvit.checkpoints: the entrypoint's default stands
-        return None
+    from fastvit.checkpoints.pretrained import pretrained_cfg_for  # lazy: fastvit.checkpoints imports the models
+
     num_classes = (pretrained_cfg_for(name) or {}).get("num_classes")
     return None if num_classes is None else int(num_classes)
 
@@ -183,12 +181,6 @@ def load_weights(model: nn.Module, name: str, pretrained: Union[bool, str, os.Pa
         return model
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
-    try:
-        from fastvit.checkpoints import load_pretrained
-    except ImportError as err:
-        raise RuntimeError(
-            f"fastvit.create_model({name!r}, pretrained={pretrained!r}): pretrained weights need "
-            f"fastvit.checkpoints.load_pretrained, which this installation lacks ({err}); "
-            f"build with pretrained=False and load weights with your own code"
-        ) from err
+    from fastvit.checkpoints import load_pretrained
+
     return load_pretrained(model, name, pretrained)

@@ -51,7 +51,7 @@ __all__ = [
 
 # Activation name -> csrc/linear.h::ActivationCode, read from the extension (None and "" mean "none");
 # empty when the extension did not load (the launchers then stop at _ext.require first).
-_C_ACTIVATIONS: dict = getattr(_ext.module(), "ACTIVATION_CODES", {})
+_C_ACTIVATIONS: dict = _ext.module().ACTIVATION_CODES if _ext.available() else {}
 ACTIVATION_CODES: dict[Optional[str], int] = {
     **{name: code for name, code in _C_ACTIVATIONS.items() if name != "none"},
     **({None: _C_ACTIVATIONS["none"], "": _C_ACTIVATIONS["none"]} if "none" in _C_ACTIVATIONS else {}),

@@ -226,18 +226,16 @@ def _(q, k, v, scale, dropout_p, seed, backend):
 @torch.library.custom_op("fastvit::attention_bwd", mutates_args=())
 def _attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, dropout_p: float,
-    seed: Optional[Tensor], deterministic: bool, backend: str,
+    seed: Optional[Tensor], backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Returns dq, dk, dv, contiguous, in q's dtype."""
     dq, dk, dv = new_output(q.shape, q), new_output(k.shape, k), new_output(v.shape, v)
-    _triton_kernels.attention_bwd(
-        dout, q, k, v, out, lse, dq, dk, dv, scale, dropout_p, seed, deterministic, _fp32_precision()
-    )
+    _triton_kernels.attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, scale, dropout_p, seed, _fp32_precision())
     return dq, dk, dv
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, scale, dropout_p, seed, deterministic, backend):
+def _(dout, q, k, v, out, lse, scale, dropout_p, seed, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -250,16 +248,11 @@ def _setup_context(ctx, inputs, output) -> None:
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, seed)
     ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
-    # Passed down so a backend with a faster non-deterministic backward (a later CUDA one) can honour
-    # torch.use_deterministic_algorithms; the Triton backward has no atomics and is always deterministic.
-    ctx.deterministic = torch.are_deterministic_algorithms_enabled()
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, seed = ctx.saved_tensors
-    dq, dk, dv = _bwd(
-        _unit_last_stride(dout), q, k, v, out, lse, ctx.scale, ctx.dropout_p, seed, ctx.deterministic, ctx.backend
-    )
+    dq, dk, dv = _bwd(_unit_last_stride(dout), q, k, v, out, lse, ctx.scale, ctx.dropout_p, seed, ctx.backend)
     return dq, dk, dv, None, None, None, None
 
 
@@ -296,7 +289,7 @@ def _heads_view(x: Tensor, num_heads: int) -> Tensor:
 @torch.library.custom_op("fastvit::attention_qkvpacked_bwd", mutates_args=())
 def _attention_qkvpacked_bwd(
     dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: float, dropout_p: float,
-    seed: Optional[Tensor], deterministic: bool, backend: str,
+    seed: Optional[Tensor], backend: str,
 ) -> Tensor:  # fmt: skip
     """dout and out (B, N, H*D) with unit last stride. Returns dqkv (B, N, 3*H*D) written in place by the kernels."""
     dqkv = new_output(qkv.shape, qkv)
@@ -304,13 +297,13 @@ def _attention_qkvpacked_bwd(
     dq, dk, dv = split_qkv(dqkv, num_heads)
     _triton_kernels.attention_bwd(
         _heads_view(dout, num_heads), q, k, v, _heads_view(out, num_heads), lse, dq, dk, dv, scale, dropout_p, seed,
-        deterministic, _fp32_precision(),
+        _fp32_precision(),
     )  # fmt: skip
     return dqkv
 
 
 @_attention_qkvpacked_bwd.register_fake
-def _(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, deterministic, backend):
+def _(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, backend):
     return qkv.new_empty(qkv.shape)
 
 
@@ -319,15 +312,12 @@ def _packed_setup_context(ctx, inputs, output) -> None:
     out, lse = output
     ctx.save_for_backward(qkv, out, lse, seed)
     ctx.num_heads, ctx.scale, ctx.dropout_p, ctx.backend = num_heads, scale, dropout_p, backend
-    ctx.deterministic = torch.are_deterministic_algorithms_enabled()
 
 
 def _packed_backward(ctx, dout, _dlse):
     qkv, out, lse, seed = ctx.saved_tensors
     dout = _unit_last_stride(dout)  # e.g. the stride-0 gradient of a sum
-    dqkv = _packed_bwd(
-        dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p, seed, ctx.deterministic, ctx.backend
-    )
+    dqkv = _packed_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p, seed, ctx.backend)
     return dqkv, None, None, None, None, None
 
 

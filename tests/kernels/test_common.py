@@ -82,3 +82,57 @@ def test_release_tuple():
     assert release_tuple("2.5.1+cu124") == (2, 5, 1)
     assert release_tuple("3.2.0rc1") == (3, 2)
     assert release_tuple("") == ()
+
+
+# ------------------------------------------------------------------- the adapter to Triton's private fields
+
+
+_heuristic_kernel = triton.heuristics({"BLOCK_N": lambda args: 16})(_scale_kernel)
+
+
+def test_adapter_reads_the_lazy_wrapper_and_tritons_wrappers():
+    from fastvit.kernels import _common as c
+
+    tuned = lazy_autotune(configs=_CONFIGS, key=["n"], prune_configs_by={"early_config_prune": _prune})(
+        _heuristic_kernel
+    )
+    assert c.is_autotuner(tuned) and not c.is_heuristics(tuned) and c.is_heuristics(_heuristic_kernel)
+    assert c.autotuner_configs(tuned) == _CONFIGS and c.autotuner_prune(tuned) is _prune
+    assert c.autotuner_fn(tuned) is _heuristic_kernel and c.autotuner_arg_names(tuned) == ["X", "Y", "n", "BLOCK_N"]
+    assert c.kernel_function(tuned).__name__ == "_scale_kernel" and c.launch_wrapper(tuned) is None
+    assert list(c.heuristics_values(_heuristic_kernel)) == ["BLOCK_N"]
+    jit, configs, heuristics = c.unwrap_kernel(tuned)
+    assert jit is _scale_kernel and configs == _CONFIGS and [list(h) for h in heuristics] == [["BLOCK_N"]]
+    assert c.unwrap_kernel(_scale_kernel) == (_scale_kernel, None, [])
+    assert c.launch_wrapper(_scale_kernel) is _scale_kernel
+
+
+def test_adapter_reads_a_built_autotuner_on_this_triton():
+    """The real Autotuner of the installed Triton (built without a GPU: a single config benchmarks nothing)."""
+    from fastvit.kernels import _common as c
+
+    tuned = lazy_autotune(configs=_CONFIGS[:1], key=["n"], prune_configs_by={"early_config_prune": _prune})(
+        _scale_kernel
+    )
+    built = tuned.tuner
+    assert c.is_autotuner(built) and c.launch_wrapper(tuned) is built
+    assert [cfg.kwargs for cfg in c.autotuner_configs(built)] == [{"BLOCK_N": 16}]
+    assert c.autotuner_prune(built) is _prune and c.autotuner_fn(built) is _scale_kernel
+    assert c.autotuner_arg_names(built) == ["X", "Y", "n", "BLOCK_N"]
+    c.autotuner_set_best_config(built, _CONFIGS[0])
+    assert c.autotuner_best_config(built) is _CONFIGS[0] and tuned.best_config is _CONFIGS[0]
+
+
+def test_adapter_names_the_triton_version_when_a_field_is_missing():
+    from fastvit.kernels import _common as c
+
+    class Autotuner:  # a Triton whose Autotuner renamed its fields
+        pass
+
+    for read in (c.autotuner_best_config, c.autotuner_fn, c.autotuner_arg_names, c.heuristics_values):
+        with pytest.raises(RuntimeError, match=rf"Autotuner of triton {triton.__version__} \(inside the range"):
+            read(Autotuner())
+    with pytest.raises(RuntimeError, match="has no field 'best_config'; install a triton in the range"):
+        c.autotuner_best_config(Autotuner())
+    with pytest.raises(RuntimeError, match="has no field 'configs'"):
+        c.autotuner_set_best_config(Autotuner(), _CONFIGS[0])

@@ -270,13 +270,13 @@ def test_opcheck_forward_and_backward_ops():
     out, lse = (t.detach() for t in fwd(q, k, v, 0.25, 0.0, None, "triton"))
     dout = torch.randn_like(out)
     # The backward op has no autograd of its own (no double backward, like FlashAttention): plain tensors.
-    bwd_args = (dout, q.detach(), k.detach(), v.detach(), out, lse, 0.25, 0.0, None, True, "triton")
+    bwd_args = (dout, q.detach(), k.detach(), v.detach(), out, lse, 0.25, 0.0, None, "triton")
     torch.library.opcheck(torch.ops.fastvit.attention_bwd.default, bwd_args)
     qkv = torch.randn(2, 5, 3 * 2 * 16, device=DEVICE, requires_grad=True)
     packed_fwd = torch.ops.fastvit.attention_qkvpacked_fwd.default
     torch.library.opcheck(packed_fwd, (qkv, 2, 0.25, 0.0, None, "triton"))
     out, lse = (t.detach() for t in packed_fwd(qkv, 2, 0.25, 0.0, None, "triton"))
-    packed_bwd_args = (torch.randn_like(out), qkv.detach(), out, lse, 2, 0.25, 0.0, None, True, "triton")
+    packed_bwd_args = (torch.randn_like(out), qkv.detach(), out, lse, 2, 0.25, 0.0, None, "triton")
     torch.library.opcheck(torch.ops.fastvit.attention_qkvpacked_bwd.default, packed_bwd_args)
 
 
