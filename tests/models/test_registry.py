@@ -106,8 +106,9 @@ def test_every_family_registers_and_honours_pretrained_one_way(monkeypatch):
     entrypoint body, so ``pretrained=`` means the same for every name (handed to the checkpoint loader with the
     name; a bad value refused before the model is built)."""
     bodies = {model_entrypoint(name).__code__ for name in list_models()}
-    assert bodies == {registry.register_variant("_probe", torch.nn.Identity, "", __name__).__code__}
-    registry._ENTRYPOINTS.pop("_probe")
+    probe = registry.register_variant("_probe", torch.nn.Identity, "", __name__)
+    registry._ENTRYPOINTS.pop("_probe")  # before the assert, so a failure leaves the registry clean
+    assert bodies == {probe.__code__}
     calls = []
     fake = types.ModuleType("fastvit.checkpoints")
     fake.load_pretrained = lambda model, name, pretrained: calls.append((name, pretrained)) or model
