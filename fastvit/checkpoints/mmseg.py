@@ -185,10 +185,15 @@ def load_backbone(backbone: nn.Module, source: Union[PathLike, Mapping[str, Any]
             checkpoint (two prefix tokens), a position table that is not on a square grid, or keys that do
             not fit (another width / depth).
     """
-    from fastvit.checkpoints.loader import check_dtypes  # loader -> reader -> this module: import when called
-    from fastvit.checkpoints.reader import read_checkpoint
+    from fastvit.checkpoints.reader import read_checkpoint  # reader imports this module: import when called
 
-    ckpt = read_checkpoint(source, format)
+    return _load_into_backbone(backbone, read_checkpoint(source, format))
+
+
+def _load_into_backbone(backbone: nn.Module, ckpt: Any) -> list[str]:
+    """:func:`load_backbone` of a :class:`~fastvit.checkpoints.Checkpoint` already read."""
+    from fastvit.checkpoints.loader import check_dtypes
+
     sd = dict(ckpt.state_dict)
     check_dtypes(ckpt.source, sd, dict(backbone.named_parameters()))  # module names, as sd (not mmseg's keys)
     if "dist_token" in sd:
@@ -313,10 +318,12 @@ def load_segmentor_pretrained(
     Raises:
         CheckpointError / ValueError: as the two loaders raise.
     """
+    from fastvit.checkpoints import reader
+
     name, container, content, sd = read_segmentor(source)
-    if container == "npz":
-        return load_backbone(model.backbone, source, format)
     if sd is not None and any(k.startswith("decode_head.") for k in sd):
         return load_segmentor_state_dict(model, sd, name, strict=True)
-    # Classification weights (or an mmseg backbone alone): read_checkpoint reads every format.
-    return load_backbone(model.backbone, content if isinstance(source, Mapping) else source, format)
+    # Classification weights (or an mmseg backbone alone), in any format; a file's content is not read again.
+    if container is None:
+        return load_backbone(model.backbone, source, format)
+    return _load_into_backbone(model.backbone, reader._from_content(name, container, content, format))

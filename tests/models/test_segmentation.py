@@ -490,6 +490,35 @@ def test_load_pretrained_dispatches_segmentor_and_classification_checkpoints(tmp
     torch.testing.assert_close(model.decode_head.conv_seg.weight, src.decode_head.conv_seg.weight)
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".npz"])
+def test_load_pretrained_reads_a_classification_file_once(tmp_path, monkeypatch, suffix):
+    """EncoderDecoder.load_pretrained looks at the file's keys to tell a segmentor from classification
+    weights; the backbone then loads that same content instead of reading the file a second time."""
+    from fastvit.checkpoints import _io, mmseg, reader
+
+    theirs = tiny_timm(img_size=224)
+    path = tmp_path / f"vit{suffix}"
+    if suffix == ".npz":
+        save_npz(timm_to_npz(theirs.state_dict(), num_heads=2), path)
+    else:
+        torch.save({"state_dict": theirs.state_dict()}, path)
+    reads = []
+
+    def counting(p):
+        reads.append(p)
+        return _io.read_container(p)
+
+    monkeypatch.setattr(mmseg, "read_container", counting)
+    monkeypatch.setattr(reader, "read_container", counting)
+    model = fastvit.create_model("upernet_deit_s16_512", **SMALL_UPERNET)
+    left_out = model.load_pretrained(path)
+    assert reads == [path]
+    assert left_out == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    torch.testing.assert_close(model.backbone.blocks[9].attn.qkv.weight, theirs.blocks[9].attn.qkv.weight)
+    with pytest.raises(CheckpointError, match=f"{path}.*it does not fit this backbone"):
+        fastvit.create_model("upernet_deit_b16_512", **{**SMALL_UPERNET, "embed_dim": 64}).load_pretrained(path)
+
+
 def test_create_model_pretrained_path_uses_the_segmentor_loader(tmp_path):
     """create_model(..., pretrained=PATH) hands a segmentor checkpoint to model.load_pretrained (whole model)."""
     src = randomize(fastvit.create_model("upernet_vit_b16_mln_512", **SMALL_UPERNET), seed=6)
