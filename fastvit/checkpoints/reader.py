@@ -154,10 +154,16 @@ def read_checkpoint(
         raise CheckpointError(f"unknown format {format!r}; choose one of {sorted(FORMATS)} or 'auto'")
     if isinstance(source, Mapping):
         arrays = len(source) > 0 and all(isinstance(v, np.ndarray) for v in source.values())
-        name, container, content = "<state dict>", "npz" if arrays else "torch", source
-    else:
-        name = os.fspath(source)
-        container, content = read_container(source)
+        return _from_content("<state dict>", "npz" if arrays else "torch", source, format, use_ema)
+    container, content = read_container(source)
+    return _from_content(os.fspath(source), container, content, format, use_ema)
+
+
+def _from_content(name: str, container: str, content: Any, format: str = "auto", use_ema: bool = True) -> Checkpoint:
+    """:func:`read_checkpoint` of content already read (``read_container``'s ``(container, content)``),
+    so a caller that looked at a file's content first does not read the file twice."""
+    if format != "auto" and format not in FORMATS:
+        raise CheckpointError(f"unknown format {format!r}; choose one of {sorted(FORMATS)} or 'auto'")
     if container == "npz":
         if format not in ("auto", "npz"):
             raise CheckpointError(

@@ -20,6 +20,7 @@ import fastvit
 from fastvit.checkpoints import CheckpointError
 from fastvit.checkpoints.mmseg import timm_to_mmseg
 from fastvit.checkpoints.npz import save_npz, timm_to_npz
+from fastvit.layers import resample_abs_pos_embed
 from fastvit.models.segmentation import EncoderDecoder, ViTBackbone
 
 UPERNET = {
@@ -489,6 +490,35 @@ def test_load_pretrained_dispatches_segmentor_and_classification_checkpoints(tmp
     torch.testing.assert_close(model.decode_head.conv_seg.weight, src.decode_head.conv_seg.weight)
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".npz"])
+def test_load_pretrained_reads_a_classification_file_once(tmp_path, monkeypatch, suffix):
+    """EncoderDecoder.load_pretrained looks at the file's keys to tell a segmentor from classification
+    weights; the backbone then loads that same content instead of reading the file a second time."""
+    from fastvit.checkpoints import _io, mmseg, reader
+
+    theirs = tiny_timm(img_size=224)
+    path = tmp_path / f"vit{suffix}"
+    if suffix == ".npz":
+        save_npz(timm_to_npz(theirs.state_dict(), num_heads=2), path)
+    else:
+        torch.save({"state_dict": theirs.state_dict()}, path)
+    reads = []
+
+    def counting(p):
+        reads.append(p)
+        return _io.read_container(p)
+
+    monkeypatch.setattr(mmseg, "read_container", counting)
+    monkeypatch.setattr(reader, "read_container", counting)
+    model = fastvit.create_model("upernet_deit_s16_512", **SMALL_UPERNET)
+    left_out = model.load_pretrained(path)
+    assert reads == [path]
+    assert left_out == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    torch.testing.assert_close(model.backbone.blocks[9].attn.qkv.weight, theirs.blocks[9].attn.qkv.weight)
+    with pytest.raises(CheckpointError, match=f"{path}.*it does not fit this backbone"):
+        fastvit.create_model("upernet_deit_b16_512", **{**SMALL_UPERNET, "embed_dim": 64}).load_pretrained(path)
+
+
 def test_create_model_pretrained_path_uses_the_segmentor_loader(tmp_path):
     """create_model(..., pretrained=PATH) hands a segmentor checkpoint to model.load_pretrained (whole model)."""
     src = randomize(fastvit.create_model("upernet_vit_b16_mln_512", **SMALL_UPERNET), seed=6)
@@ -590,6 +620,50 @@ def test_backbone_rejects_distilled_and_other_widths():
     )
     with pytest.raises(CheckpointError, match="does not fit this backbone"):
         backbone.load_pretrained(wider.state_dict())
+
+
+def test_backbone_refuses_a_non_square_pos_table_with_the_fix():
+    """A table whose grid cannot be inferred (not a square) names the resampling call that fixes it."""
+    backbone = ViTBackbone(img_size=64, embed_dim=32, num_heads=2)
+    sd = tiny_timm(img_size=(32, 64)).state_dict()  # a 2x4 grid: 8 rows + the class token
+    with pytest.raises(
+        CheckpointError,
+        match=r"pos_embed \(1, 9, 32\) cannot be resampled.*square grid only.*"
+        r"resample_abs_pos_embed\(pos_embed, \(4, 4\), old_size=\(h, w\), interp='mmseg'\)",
+    ):
+        backbone.load_pretrained(sd)
+    # The fix the message gives works: resampled by hand, the table loads (and is taken as it is).
+    sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], (4, 4), old_size=(2, 4), interp="mmseg")
+    backbone.load_pretrained(sd)
+    torch.testing.assert_close(backbone.pos_embed.detach(), sd["pos_embed"])
+
+
+def test_model_loaders_are_the_checkpoints_mmseg_functions(tmp_path):
+    """The model methods are thin calls: fastvit.checkpoints.mmseg's public loaders give the same result."""
+    from fastvit.checkpoints import mmseg
+
+    src = randomize(fastvit.create_model("upernet_deit_s16_512", **SMALL_UPERNET), seed=8)
+    path = tmp_path / "seg.pth"
+    torch.save({"meta": {}, "state_dict": {**src.state_dict(), "data_preprocessor.mean": torch.zeros(3)}}, path)
+    by_method = fastvit.create_model("upernet_deit_s16_512", **SMALL_UPERNET).eval()
+    by_function = fastvit.create_model("upernet_deit_s16_512", **SMALL_UPERNET).eval()
+    assert by_method.load_mmseg_checkpoint(path) == ["data_preprocessor.mean"]
+    assert mmseg.load_segmentor_checkpoint(by_function, path) == ["data_preprocessor.mean"]
+    assert mmseg.load_segmentor_pretrained(by_function, path) == ["data_preprocessor.mean"]
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(by_function(x), by_method(x), rtol=0, atol=0)
+        torch.testing.assert_close(by_function(x), src(x), rtol=0, atol=0)
+    theirs = tiny_timm().state_dict()
+    left_out = mmseg.load_backbone(by_function.backbone, theirs)
+    assert (
+        left_out
+        == by_method.backbone.load_pretrained(theirs)
+        == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    )
+    torch.testing.assert_close(by_function.backbone.blocks[4].mlp.fc1.weight, theirs["blocks.4.mlp.fc1.weight"])
+    with pytest.raises(CheckpointError, match="not an mmseg segmentor checkpoint.*backbone.load_pretrained"):
+        mmseg.load_segmentor_checkpoint(by_function, theirs)
 
 
 def test_bad_labels(small_mln):

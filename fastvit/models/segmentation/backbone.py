@@ -10,8 +10,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from fastvit.checkpoints import mmseg as _mmseg_keys
-from fastvit.layers import LayerNorm, resample_abs_pos_embed
+from fastvit.checkpoints import mmseg
+from fastvit.layers import LayerNorm
 from fastvit.models.segmentation._common import _POS_CACHE_SIZE, Features, _is_compiling
 from fastvit.models.vit import VisionTransformer
 
@@ -22,7 +22,7 @@ def _to_mmseg_keys(module: nn.Module, state_dict: dict, prefix: str, local_metad
     """state_dict hook: this backbone's timm-named entries -> mmseg's names, in place, order kept."""
     items = list(state_dict.items())
     ours = {k[len(prefix) :]: v for k, v in items if k.startswith(prefix)}
-    renamed = iter(_mmseg_keys.timm_to_mmseg(ours).items())
+    renamed = iter(mmseg.timm_to_mmseg(ours).items())
     for k, _ in items:
         del state_dict[k]
     done = False
@@ -40,7 +40,7 @@ def _from_mmseg_keys(module: nn.Module, state_dict: dict, prefix: str, *args: An
     rule and pass unchanged, so both layouts load."""
     ours = [k for k in state_dict if k.startswith(prefix)]
     sub = {k[len(prefix) :]: state_dict.pop(k) for k in ours}
-    for k, v in _mmseg_keys.mmseg_to_timm(sub).items():
+    for k, v in mmseg.mmseg_to_timm(sub).items():
         state_dict[prefix + k] = v
 
 
@@ -209,10 +209,10 @@ class ViTBackbone(VisionTransformer):
         self, source: Union[str, os.PathLike[str], Mapping[str, Any]], format: str = "auto"
     ) -> list[str]:
         """Loads classification weights (timm, DeiT, Google ``.npz``, mmpretrain, an mmseg backbone or
-        segmentor file; anything :func:`fastvit.checkpoints.read_checkpoint` reads) into this backbone,
-        as mmseg's ``init_weights`` does: the position table is resampled bicubically to the backbone's
-        grid, the classifier (and the final norm, or the patch bias, when this backbone has none) is left
-        out; every other key must fit.
+        segmentor file; anything :func:`fastvit.checkpoints.read_checkpoint` reads) into this backbone
+        (:func:`fastvit.checkpoints.mmseg.load_backbone`), as mmseg's ``init_weights`` does: the position
+        table is resampled bicubically to the backbone's grid, the classifier (and the final norm, or the
+        patch bias, when this backbone has none) is left out; every other key must fit.
 
         Args:
             source: checkpoint path or an already loaded state dict.
@@ -225,35 +225,4 @@ class ViTBackbone(VisionTransformer):
             CheckpointError: an unreadable file, a distilled DeiT checkpoint (two prefix tokens), or keys
                 that do not fit (another width / depth).
         """
-        from fastvit.checkpoints import CheckpointError, check_dtypes, read_checkpoint
-
-        ckpt = read_checkpoint(source, format)
-        sd = dict(ckpt.state_dict)
-        check_dtypes(ckpt.source, sd, dict(self.named_parameters()))  # module names, as sd (not mmseg's keys)
-        if "dist_token" in sd:
-            raise CheckpointError(
-                f"{ckpt.source}: a distilled DeiT checkpoint (dist_token, two prefix tokens); mmseg's ViT backbone has "
-                f"one class token. Use the non-distilled weights (e.g. deit_base_patch16_224)"
-            )
-        skip_roots = ("head", "head_dist", "fc_norm", "pre_logits") + (() if self.has_final_norm else ("norm",))
-        left_out = sorted(k for k in sd if k.split(".", 1)[0] in skip_roots)
-        if self.patch_embed.proj.bias is None and "patch_embed.proj.bias" in sd:
-            left_out.append("patch_embed.proj.bias")  # a patch_bias=False backbone, as mmseg 1.2 drops it
-        for k in left_out:
-            del sd[k]
-        pos = sd.get("pos_embed")
-        if isinstance(pos, Tensor) and pos.shape != self.pos_embed.shape:
-            try:
-                sd["pos_embed"] = resample_abs_pos_embed(pos, self.patch_embed.grid_size, None, 1, "mmseg")
-            except ValueError as err:
-                raise CheckpointError(
-                    f"{ckpt.source}: pos_embed {tuple(pos.shape)} cannot be resampled: {err}"
-                ) from err
-        try:
-            self.load_state_dict(sd, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(
-                f"{ckpt.source}: {ckpt.description}; it does not fit this backbone "
-                f"(embed_dim={self.embed_dim}, depth={len(self.blocks)}): {err}"
-            ) from err
-        return sorted(left_out + list(ckpt.ignored))
+        return mmseg.load_backbone(self, source, format)

@@ -9,8 +9,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from fastvit.checkpoints import CheckpointError
-from fastvit.checkpoints.mmseg import read_segmentor
+from fastvit.checkpoints import mmseg
 from fastvit.layers import to_2tuple
 from fastvit.models.segmentation._common import Features, _is_compiling, _resize
 from fastvit.models.segmentation.backbone import ViTBackbone
@@ -165,7 +164,8 @@ class EncoderDecoder(nn.Module):
         self, source: Union[str, os.PathLike[str], Mapping[str, Any]], strict: bool = True
     ) -> list[str]:
         """Loads an mmseg segmentor checkpoint (``{'meta', 'state_dict', ...}`` from mmseg's model zoo, or
-        a bare state dict with ``backbone.`` / ``neck.`` / ``decode_head.`` / ``auxiliary_head.`` keys).
+        a bare state dict with ``backbone.`` / ``neck.`` / ``decode_head.`` / ``auxiliary_head.`` keys):
+        :func:`fastvit.checkpoints.mmseg.load_segmentor_checkpoint`.
 
         Args:
             source: a file (read with fastvit's restricted unpickler) or a loaded dict.
@@ -179,38 +179,15 @@ class EncoderDecoder(nn.Module):
             CheckpointError: unreadable file, or keys that do not fit (the message lists them).
             ValueError: a classifier with another number of classes.
         """
-        name, _, _, sd = read_segmentor(source)
-        if sd is None:
-            raise CheckpointError(
-                f"{name}: not an mmseg segmentor checkpoint (no 'backbone.' keys); for classification weights use "
-                f"model.load_pretrained(path) or model.backbone.load_pretrained(path)"
-            )
-        return self._load_segmentor(sd, name, strict)
-
-    def _load_segmentor(self, sd: dict[str, Tensor], name: str, strict: bool) -> list[str]:
-        drop = ("data_preprocessor.",) + (("auxiliary_head.",) if self.auxiliary_head is None else ())
-        left_out = sorted(k for k in sd if k.startswith(drop))
-        sd = {k: v for k, v in sd.items() if k not in left_out}
-        bias_key = "backbone.patch_embed.projection.bias"
-        has_bias = self.backbone.patch_embed.proj.bias is not None
-        if strict and (bias_key in sd) != has_bias:
-            raise CheckpointError(
-                f"{name}: the checkpoint {'has' if bias_key in sd else 'has no'} {bias_key} and this model "
-                f"{'has one' if has_bias else 'has none'}; build the model with patch_bias={bias_key in sd} "
-                f"(mmseg 1.2's ViT default is patch_bias=False, its model-zoo checkpoints have the bias)"
-            )
-        try:
-            self.load_state_dict(sd, strict=strict)
-        except RuntimeError as err:
-            raise CheckpointError(f"{name}: does not fit {type(self).__name__}: {err}") from err
-        return left_out
+        return mmseg.load_segmentor_checkpoint(self, source, strict)
 
     def load_pretrained(
         self, source: Union[str, os.PathLike[str], Mapping[str, Any]], format: str = "auto"
     ) -> list[str]:
         """Loads any checkpoint a user of these models holds: an mmseg segmentor checkpoint into the
         whole model (:meth:`load_mmseg_checkpoint`, strict), classification weights (timm, DeiT, Google
-        ``.npz``, mmpretrain, an mmseg backbone) into the backbone alone (:meth:`ViTBackbone.load_pretrained`).
+        ``.npz``, mmpretrain, an mmseg backbone) into the backbone alone (:meth:`ViTBackbone.load_pretrained`);
+        :func:`fastvit.checkpoints.mmseg.load_segmentor_pretrained`.
 
         Args:
             source: checkpoint path or loaded dict.
@@ -222,10 +199,4 @@ class EncoderDecoder(nn.Module):
         Raises:
             CheckpointError / ValueError: as the two loaders raise.
         """
-        name, container, content, sd = read_segmentor(source)
-        if container == "npz":
-            return self.backbone.load_pretrained(source, format)
-        if sd is not None and any(k.startswith("decode_head.") for k in sd):
-            return self._load_segmentor(sd, name, strict=True)
-        # Classification weights (or an mmseg backbone alone): fastvit.checkpoints reads every format.
-        return self.backbone.load_pretrained(content if isinstance(source, Mapping) else source, format)
+        return mmseg.load_segmentor_pretrained(self, source, format)
