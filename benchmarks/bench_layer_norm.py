@@ -29,8 +29,12 @@ def cases(args, dtype):
     for batch in args.batches:
         for width in args.widths:
             m = batch * TOKENS
-            yield Case({"rows": m, "width": width}, lambda dev, dt, m=m, w=width: _inputs(m, w, dev, dt),
-                       bytes={"fwd": 4 * m * width * dtype.itemsize}, leaves=("x", "residual", "weight", "bias"))  # fmt: skip
+            yield Case(
+                {"rows": m, "width": width},
+                lambda dev, dt, m=m, w=width: _inputs(m, w, dev, dt),
+                bytes={"fwd": 4 * m * width * dtype.itemsize},
+                leaves=("x", "residual", "weight", "bias"),
+            )
 
 
 def providers(case, t, backends):
@@ -42,10 +46,17 @@ def providers(case, t, backends):
 
 
 SPEC = OpSpec(
-    name="layer_norm", op="layer_norm", doc=__doc__, cases=cases, providers=providers, ceiling="copy",
-    options=(Option(("--batches",), {"type": int, "nargs": "+", "default": [64, 256]}),
-             Option(("--widths",), {"type": int, "nargs": "+", "default": [384, 768, 1024, 1280]})),
-)  # fmt: skip
+    name="layer_norm",
+    op="layer_norm",
+    doc=__doc__,
+    cases=cases,
+    providers=providers,
+    ceiling="copy",
+    options=(
+        Option(("--batches",), {"type": int, "nargs": "+", "default": [64, 256]}),
+        Option(("--widths",), {"type": int, "nargs": "+", "default": [384, 768, 1024, 1280]}),
+    ),
+)
 
 if __name__ == "__main__":
     raise SystemExit(run(SPEC))

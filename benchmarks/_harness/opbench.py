@@ -149,13 +149,28 @@ def _all_backends(op: str) -> list[str]:
 def parser_for(spec: OpSpec) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=spec.doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = parser.add_argument_group("common to every bench_<op>.py (benchmarks/_harness/opbench.py)")
-    common.add_argument("--dtypes", "--dtype", nargs="+", type=_dtype_name, default=list(spec.dtypes),
-                        help=f"default: {' '.join(spec.dtypes)} (bf16/fp16/fp32 or torch names)")  # fmt: skip
-    common.add_argument("--modes", nargs="+", choices=MODES, default=list(spec.modes),
-                        help=f"fwd (under no_grad) and/or fwd_bwd; default: {' '.join(spec.modes)}")  # fmt: skip
+    common.add_argument(
+        "--dtypes",
+        "--dtype",
+        nargs="+",
+        type=_dtype_name,
+        default=list(spec.dtypes),
+        help=f"default: {' '.join(spec.dtypes)} (bf16/fp16/fp32 or torch names)",
+    )
+    common.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(spec.modes),
+        help=f"fwd (under no_grad) and/or fwd_bwd; default: {' '.join(spec.modes)}",
+    )
     common.add_argument("--backward", action="store_true", help="also time forward + backward (adds fwd_bwd)")
-    common.add_argument("--backends", nargs="+", default=None,
-                        help=f"fastvit backends to time (default: those of {spec.op} except torch)")  # fmt: skip
+    common.add_argument(
+        "--backends",
+        nargs="+",
+        default=None,
+        help=f"fastvit backends to time (default: those of {spec.op} except torch)",
+    )
     common.add_argument("--device", default="cuda", help="cuda (default; exits 0 without a GPU) or cpu")
     common.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/*.json")
     common.add_argument("--csv", action="store_true", default=spec.csv, help="also write a .csv beside the JSON")
@@ -210,8 +225,9 @@ def _time(call: Call, device: torch.device) -> tuple[float, float]:
     cold_ms = (time.perf_counter() - t0) * 1e3
     if device.type == "cuda":
         return cold_ms, _timing.median_ms(call)
-    timing = _timing.time_calls(lambda _: call(), [None], iters=max(CPU_ITERS, _timing.MIN_TIMED_ITERS),
-                                warmup=CPU_WARMUP_CALLS, device=device)  # fmt: skip
+    timing = _timing.time_calls(
+        lambda _: call(), [None], iters=max(CPU_ITERS, _timing.MIN_TIMED_ITERS), warmup=CPU_WARMUP_CALLS, device=device
+    )
     return cold_ms, timing.median_ms
 
 
@@ -315,8 +331,11 @@ def _measure_case(spec: OpSpec, args: argparse.Namespace, case: Case, dtype_name
                 row["GB/s"] = case.bytes[mode] / (ms * 1e-3) / 1e9
             ceiling = reference if (mode == "fwd" and reference) else ceilings.get(dtype_name)
             if ceiling is not None and ceiling[1] in row:
-                row.update(ceiling=f"{ceiling[0]} {ceiling[1]}", ceiling_value=ceiling[2],
-                           of_ceiling=row[ceiling[1]] / ceiling[2])  # fmt: skip
+                row.update(
+                    ceiling=f"{ceiling[0]} {ceiling[1]}",
+                    ceiling_value=ceiling[2],
+                    of_ceiling=row[ceiling[1]] / ceiling[2],
+                )
             mode_rows.append(row)
         _add_baseline(spec, mode_rows)
         rows.extend(mode_rows)
@@ -355,8 +374,9 @@ COLUMNS = ("dtype", "mode", "provider", "ms", "cold_ms", "TFLOP/s", "GB/s", "of_
 
 def table_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The case label columns (in order of appearance), then the runner's columns that some row has."""
-    label = [k for r in rows for k in r if k not in COLUMNS and k not in ("status", "baseline", "ceiling",
-                                                                           "ceiling_value")]  # fmt: skip
+    label = [
+        k for r in rows for k in r if k not in COLUMNS and k not in ("status", "baseline", "ceiling", "ceiling_value")
+    ]
     present = {k for r in rows for k in r}
     return list(dict.fromkeys(label)) + [c for c in COLUMNS if c in present]
 
@@ -367,8 +387,10 @@ def run(spec: OpSpec, argv: Optional[Sequence[str]] = None) -> int:
 
     args = parse_args(spec, argv)
     if args.device.type == "cuda" and not torch.cuda.is_available():
-        print(f"bench_{spec.name}.py: no GPU visible to torch (torch.cuda.is_available() is False); this benchmark "
-              "times GPU kernels. Run it on an NVIDIA GPU machine, or pass --device cpu for a CPU run.")  # fmt: skip
+        print(
+            f"bench_{spec.name}.py: no GPU visible to torch (torch.cuda.is_available() is False); this benchmark "
+            "times GPU kernels. Run it on an NVIDIA GPU machine, or pass --device cpu for a CPU run."
+        )
         return 0
     rows, record = measure(spec, args)
     print(markdown_table(rows, table_columns(rows)))
