@@ -47,16 +47,10 @@ def _batch(text: str) -> str:
 
 
 def _inputs(B, H, N, D, device, dtype):
-    def rand(*shape):
-        return torch.randn(*shape, device=device, dtype=dtype)
-
-    return {
-        "q": rand(B, H, N, D),
-        "k": rand(B, H, N, D),
-        "v": rand(B, H, N, D),
-        "qkv": rand(B, N, 3 * H * D),
-        "qkv5": rand(B, N, 3, H, D),
-    }
+    """q, k, v (B, H, N, D) and the same values packed as the model holds them: (B, N, 3*H*D) and (B, N, 3, H, D)."""
+    q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(3))
+    qkv5 = torch.stack((q, k, v), dim=2).transpose(1, 3).contiguous()  # (B, N, 3, H, D)
+    return {"q": q, "k": k, "v": v, "qkv": qkv5.reshape(B, N, 3 * H * D).clone(), "qkv5": qkv5}
 
 
 def cases(args, dtype):

@@ -185,7 +185,7 @@ def parse_args(spec: OpSpec, argv: Optional[Sequence[str]] = None) -> argparse.N
     args = parser.parse_args(argv)
     if args.backward and "fwd_bwd" not in args.modes:
         args.modes = [*args.modes, "fwd_bwd"]
-    args.dtypes = list(dict.fromkeys(args.dtypes))
+    args.dtypes = list(dict.fromkeys(_dtype_name(d) for d in args.dtypes))  # the defaults skip argparse's type
     known = _all_backends(spec.op)
     if args.backends is None:
         args.backends = [b for b in known if b != "torch"]
