@@ -11,7 +11,7 @@ import csv
 import datetime
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from _harness.report import environment
@@ -32,11 +32,19 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 CSV_ENV_KEYS = ("gpu", "driver", "torch", "cuda", "cudnn", "triton")
 
 
-def write_results(name: str, rows: Sequence[dict[str, Any]], extra: dict[str, Any], csv_too: bool = False) -> str:
+def write_results(
+    name: str,
+    rows: Sequence[dict[str, Any]],
+    extra: dict[str, Any],
+    csv_too: bool = False,
+    device: Optional[torch.device] = None,
+) -> str:
     """Writes benchmarks/results/<name>_<gpu>_<date>.json with the environment (``_harness.report.environment``,
     the record benchmarks/run.py writes too) and, with ``csv_too``, a .csv beside it (one line per row, plus the
-    CSV_ENV_KEYS columns); returns the JSON path."""
-    env = environment(torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    CSV_ENV_KEYS columns); returns the JSON path. ``device``: what the rows ran on (default: GPU 0, else the CPU)."""
+    if device is None:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    env = environment(device)
     gpu = (env["gpu"] or "cpu").replace(" ", "_")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     os.makedirs(RESULTS_DIR, exist_ok=True)

@@ -291,6 +291,8 @@ def _measure_case(spec: OpSpec, args: argparse.Namespace, case: Case, dtype_name
         inputs = case.inputs(device, dtype)
         providers = spec.providers(case, inputs, args.backends)
     except Exception as exc:  # e.g. out of memory: the whole case is reported, not hidden
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         return [{**head, "mode": m, "provider": "*", "status": "not run", "reason": _reason(exc)} for m in args.modes]
     reference = None
     if case.reference is not None and "fwd" in args.modes:
@@ -395,6 +397,6 @@ def run(spec: OpSpec, argv: Optional[Sequence[str]] = None) -> int:
     rows, record = measure(spec, args)
     print(markdown_table(rows, table_columns(rows)))
     if not args.no_save:
-        path = write_results(spec.name, rows, record, csv_too=args.csv)
+        path = write_results(spec.name, rows, record, csv_too=args.csv, device=args.device)
         print("wrote", path, *(["and", path[: -len(".json")] + ".csv"] if args.csv else []))
     return 0

@@ -204,6 +204,7 @@ def test_run_writes_json_and_csv_with_the_environment_record(tiny, tmp_path, mon
     data = json.loads(path.read_text())
     assert data["benchmark"] == "soft_split" and data["op"] == "soft_split" and data["modes"] == ["fwd"]
     assert set(data["environment"]) == set(report.environment(torch.device("cpu"), "c"))
+    assert data["environment"]["device"] == "cpu" and data["environment"]["command"].startswith("python ")
     assert [(r["batch"], r["provider"], r["status"]) for r in data["rows"]] == [
         (2, "torch", "ok"),
         (2, "fastvit_torch", "ok"),
