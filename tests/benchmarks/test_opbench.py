@@ -213,3 +213,16 @@ def test_run_writes_json_and_csv_with_the_environment_record(tiny, tmp_path, mon
     with open(path.with_suffix(".csv"), newline="") as f:
         lines = list(csv.DictReader(f))
     assert [r["provider"] for r in lines] == ["torch", "fastvit_torch"] and float(lines[1]["vs_baseline"]) > 0
+
+
+@pytest.mark.parametrize("op, unit", [("layer_norm", "GB/s"), ("attention", "TFLOP/s")])
+def test_the_specs_ceiling_is_the_fraction_of_the_matching_metric(tiny, monkeypatch, op, unit):
+    """The GPU-only ceiling (copy GB/s, matmul TFLOP/s) stood in for by a fixed value: of_ceiling is that metric's."""
+    spec = tiny[op].SPEC
+    monkeypatch.setattr(opbench, "_ceiling", lambda kind, dtype, device: (f"probe {kind}", unit, 1e-6))
+    args = opbench.parse_args(spec, [*TINY[op], *CPU, "--backends", "torch", "--modes", "fwd"])
+    rows, record = opbench.measure(spec, args)
+    assert record["ceilings"] == {"float32": {"name": f"probe {spec.ceiling}", "unit": unit, "value": 1e-6}}
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok and all(r["ceiling"] == f"probe {spec.ceiling} {unit}" for r in ok)
+    assert all(r["of_ceiling"] == pytest.approx(r[unit] / 1e-6) for r in ok)
