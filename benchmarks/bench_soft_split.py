@@ -1,4 +1,6 @@
-"""T2T-ViT soft split (+ the LayerNorm that follows it): fastvit vs the torch composition.
+"""T2T-ViT soft split (+ the LayerNorm that follows it): fastvit (per backend) vs torch
+(``fastvit.ops.soft_split_ref``: tokens -> image, F.unfold, transpose, F.layer_norm with eps 1e-5, the T2T
+Token_transformer's norm1).
 
 The three soft splits of T2T-ViT at 224 and their inputs:
 
@@ -6,35 +8,20 @@ The three soft splits of T2T-ViT at 224 and their inputs:
 * stage 1: tokens (B, 3136, 64) on a 56 x 56 grid, Unfold(3, 2, 1) -> (B, 784, 576)
 * stage 2: tokens (B, 784, 64) on a 28 x 28 grid, Unfold(3, 2, 1) -> (B, 196, 576)
 
-torch: ``x.transpose(1, 2).reshape(B, C, H, W)`` (token stages) -> ``nn.Unfold`` -> ``.transpose(1, 2)``
--> ``F.layer_norm`` (eps 1e-5; the T2T Token_transformer's norm1); fastvit:
-``ops.soft_split(x, ..., hw=..., norm_weight=..., norm_bias=...)``. ``--no-norm`` times the unfold alone
-(torch then returns a transposed view; ``.contiguous()`` is added so both produce the same tensor).
+``--no-norm`` times the unfold alone (the torch ref then returns a transposed view; ``.contiguous()`` makes both
+produce the same tensor). GB/s count the bytes that must move (read the input once, write the output) against
+the device copy bandwidth measured in the same run (the issue's goal with LayerNorm: >= 2x torch).
+``fwd_bwd`` takes gradients for the token input and the LayerNorm parameters (stage 0's image needs none).
 
-Reports median ms, GB/s against the bytes that must move (read the input once, write the output) and
-that as a fraction of the device copy bandwidth measured in the same run, and the speedup over torch
-(the issue's goal with LayerNorm: >= 2x). ``--backward`` adds forward + backward (gradients for the
-token input and the LayerNorm parameters; stage 0's image needs none).
-
-    python benchmarks/bench_soft_split.py [--stages 0 1 2] [--batches 1 64 256] [--dtypes bfloat16 float16]
+    python benchmarks/bench_soft_split.py [--stages 0 1 2] [--batches 1 64 256] [--no-norm] [--backward]
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
-from typing import Callable
-
 import torch
-import torch.nn.functional as F
-from bench_utils import (
-    copy_bandwidth_gbps,
-    kernel_backends,
-    markdown_table,
-    median_ms,
-    require_gpu,
-    write_results,
-)
+from _harness.opbench import Case, OpSpec, Option, run
+
+from fastvit import ops
 
 # stage -> (input shape without batch, hw for token input or None, kernel, stride, padding)
 STAGES = {
@@ -44,102 +31,59 @@ STAGES = {
 }
 
 
-def _time(fn: Callable[[], object]) -> float:
-    fn()  # compile / autotune outside the timed region
-    return median_ms(fn)
+def _geometry(stage: int) -> tuple[int, int, int]:
+    shape, hw, k, s, p = STAGES[stage]
+    channels, (height, width) = (shape[0], shape[1:]) if hw is None else (shape[1], hw)
+    tokens = ((height + 2 * p - k) // s + 1) * ((width + 2 * p - k) // s + 1)
+    return channels, tokens, channels * k * k
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2], choices=sorted(STAGES))
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
-    parser.add_argument("--no-norm", action="store_true", help="time the unfold without the fused LayerNorm")
-    parser.add_argument("--backward", action="store_true", help="also time forward + backward")
-    parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/*.json")
-    args = parser.parse_args()
-    require_gpu("bench_soft_split.py")
+def _inputs(batch, stage, device, dtype):
+    features = _geometry(stage)[2]
+    return {
+        "x": torch.randn(batch, *STAGES[stage][0], device=device, dtype=dtype),
+        "norm_weight": 1 + 0.1 * torch.randn(features, device=device, dtype=dtype),
+        "norm_bias": 0.1 * torch.randn(features, device=device, dtype=dtype),
+    }
 
-    from fastvit import ops
 
-    ceiling = copy_bandwidth_gbps()
-    print(f"device copy bandwidth (ceiling): {ceiling:.0f} GB/s")
-    rows = []
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        for stage in args.stages:
-            shape, hw, k, s, p = STAGES[stage]
-            channels = shape[0] if hw is None else shape[1]
-            height, width = (shape[1], shape[2]) if hw is None else hw
-            features = channels * k * k
-            tokens = ((height + 2 * p - k) // s + 1) * ((width + 2 * p - k) // s + 1)
-            for batch in args.batches:
-                x = torch.randn(batch, *shape, device="cuda", dtype=dtype).requires_grad_(hw is not None)
-                nw = (1 + 0.1 * torch.randn(features, device="cuda", dtype=dtype)).requires_grad_()
-                nb = (0.1 * torch.randn(features, device="cuda", dtype=dtype)).requires_grad_()
-                norm = not args.no_norm
-                leaves = ([x] if hw is not None else []) + ([nw, nb] if norm else [])
+def cases(args, dtype):
+    for stage in args.stages:
+        _, tokens, features = _geometry(stage)
+        leaves = (("x",) if STAGES[stage][1] else ()) + (() if args.no_norm else ("norm_weight", "norm_bias"))
+        for batch in args.batches:
+            nbytes = (batch * torch.Size(STAGES[stage][0]).numel() + batch * tokens * features) * dtype.itemsize
+            yield Case(
+                {"stage": f"{stage}: {tokens}x{features}", "batch": batch, "norm": not args.no_norm},
+                lambda dev, dt, b=batch, s=stage: _inputs(b, s, dev, dt),
+                bytes={"fwd": nbytes},
+                leaves=leaves,
+            )
 
-                def torch_fwd():
-                    img = x.transpose(1, 2).reshape(batch, channels, height, width) if hw is not None else x
-                    u = F.unfold(img, k, padding=p, stride=s).transpose(1, 2)
-                    return F.layer_norm(u, (features,), nw, nb, 1e-5) if norm else u.contiguous()
 
-                def fastvit_fwd(backend: str):
-                    return ops.soft_split(
-                        x, kernel_size=k, stride=s, padding=p, hw=hw, norm_weight=nw if norm else None,
-                        norm_bias=nb if norm else None, norm_eps=1e-5, backend=backend,
-                    )  # fmt: skip
+def providers(case, t, backends):
+    _, hw, k, s, p = STAGES[int(case.label["stage"].split(":")[0])]
+    norm = {"norm_weight": t["norm_weight"], "norm_bias": t["norm_bias"]} if case.label["norm"] else {}
+    call = {"kernel_size": k, "stride": s, "padding": p, "hw": hw, "norm_eps": 1e-5, **norm}
+    return {
+        "torch": lambda: ops.soft_split_ref(t["x"], **call).contiguous(),
+        **{f"fastvit_{bk}": lambda bk=bk: ops.soft_split(t["x"], **call, backend=bk) for bk in backends},
+    }
 
-                nbytes = (x.numel() + batch * tokens * features) * x.element_size()
-                base = None
-                chain = "unfold+transpose" + ("+layer_norm" if norm else "+contiguous")
-                providers = [(f"torch {chain}", torch_fwd)]
-                providers += [
-                    (f"fastvit {bk}", functools.partial(fastvit_fwd, bk)) for bk in kernel_backends("soft_split")
-                ]
-                for name, fn in providers:
-                    try:
-                        with torch.no_grad():
-                            ms = _time(fn)
-                    except Exception as exc:  # a backend that cannot run is reported, not hidden
-                        note = f"not run: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-                        rows.append(
-                            {
-                                "dtype": dtype_name,
-                                "stage": f"{stage}: {tokens}x{features}",
-                                "batch": batch,
-                                "provider": name,
-                                "note": note,
-                            }
-                        )
-                        continue
-                    base = ms if base is None else base
-                    row = {
-                        "dtype": dtype_name,
-                        "stage": f"{stage}: {tokens}x{features}",
-                        "batch": batch,
-                        "provider": name,
-                        "fwd_ms": ms,
-                        "GB/s": nbytes / ms / 1e6,
-                        "of_copy_bw": nbytes / ms / 1e6 / ceiling,
-                        "speedup_vs_torch": base / ms,
-                    }
-                    if args.backward and leaves:
 
-                        def step(fn=fn):
-                            y = fn()
-                            torch.autograd.grad(y, leaves, torch.ones_like(y))
-
-                        row["fwd_bwd_ms"] = _time(step)
-                    rows.append(row)
-    columns = ["dtype", "stage", "batch", "provider", "fwd_ms", "GB/s", "of_copy_bw", "speedup_vs_torch", "note"]
-    if args.backward:
-        columns.append("fwd_bwd_ms")
-    print(markdown_table(rows, columns))
-    if not args.no_save:
-        print("wrote", write_results("soft_split", rows, {"copy_bandwidth_gbps": ceiling}))
-
+SPEC = OpSpec(
+    name="soft_split",
+    op="soft_split",
+    doc=__doc__,
+    cases=cases,
+    providers=providers,
+    ceiling="copy",
+    options=(
+        Option(("--stages",), {"type": int, "nargs": "+", "default": [0, 1, 2], "choices": sorted(STAGES)}),
+        Option(("--batches",), {"type": int, "nargs": "+", "default": [1, 64, 256]}),
+        Option(("--no-norm",), {"action": "store_true", "help": "the unfold without the fused LayerNorm"}),
+    ),
+)
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(SPEC))

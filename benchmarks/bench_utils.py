@@ -1,9 +1,8 @@
-"""Shared plumbing for the per-op benchmarks (benchmarks/bench_<op>.py).
+"""The results writer and the markdown table of the per-op benchmarks (benchmarks/bench_<op>.py).
 
-Timing is ``fastvit._timing.median_ms`` (``triton.testing.do_bench``: median over repeated runs after
-warm-up, L2 flushed between runs; shared with ``python -m fastvit.selftest``, re-exported here for the
-scripts), the ceiling is a device-to-device copy measured in the same run, and results are written as
-JSON (optionally a CSV beside it) with the environment record of benchmarks/run.py (``_harness.report``).
+The runner that measures them is ``_harness.opbench`` (timing through ``fastvit._timing``); results are
+written as JSON (optionally a CSV beside it) with the environment record of benchmarks/run.py
+(``_harness.report.environment``).
 """
 
 from __future__ import annotations
@@ -12,32 +11,12 @@ import csv
 import datetime
 import json
 import os
-import sys
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from _harness.report import environment
 
-from fastvit._timing import copy_bandwidth_gbps, median_ms  # noqa: F401  (re-exported for bench_<op>.py)
-
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def require_gpu(script: str) -> None:
-    """Exits 0 with a message on a machine without a GPU: kernel timings need one."""
-    if not torch.cuda.is_available():
-        print(
-            f"{script}: no GPU visible to torch (torch.cuda.is_available() is False); this benchmark times GPU "
-            "kernels and has nothing to measure here. Run it on an NVIDIA GPU machine."
-        )
-        sys.exit(0)
-
-
-def kernel_backends(op: str) -> tuple:
-    """The op's non-torch backends, from the op table (fastvit.ops.dispatch): what a bench times beside torch."""
-    from fastvit.ops import dispatch
-
-    return tuple(b for b in dispatch.backends_of(op) if b != "torch")
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -53,11 +32,19 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 CSV_ENV_KEYS = ("gpu", "driver", "torch", "cuda", "cudnn", "triton")
 
 
-def write_results(name: str, rows: Sequence[dict[str, Any]], extra: dict[str, Any], csv_too: bool = False) -> str:
+def write_results(
+    name: str,
+    rows: Sequence[dict[str, Any]],
+    extra: dict[str, Any],
+    csv_too: bool = False,
+    device: Optional[torch.device] = None,
+) -> str:
     """Writes benchmarks/results/<name>_<gpu>_<date>.json with the environment (``_harness.report.environment``,
     the record benchmarks/run.py writes too) and, with ``csv_too``, a .csv beside it (one line per row, plus the
-    CSV_ENV_KEYS columns); returns the JSON path."""
-    env = environment(torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    CSV_ENV_KEYS columns); returns the JSON path. ``device``: what the rows ran on (default: GPU 0, else the CPU)."""
+    if device is None:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    env = environment(device)
     gpu = (env["gpu"] or "cpu").replace(" ", "_")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     os.makedirs(RESULTS_DIR, exist_ok=True)

@@ -374,7 +374,6 @@ def test_resume_refuses_another_model_or_world_size(tmp_path: Path) -> None:
 
 
 def test_benchmark_training_column_times_the_fastvit_train_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from _harness import rows
     from _harness.measure import Settings, run_cell
     from _harness.providers import provider_by_key
