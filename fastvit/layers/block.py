@@ -107,11 +107,13 @@ class Block(nn.Module):
     def _mlp_plan(self) -> fused.MlpPlan:
         """(activation, backend) when ``mlp`` runs fastvit's fused Mlp forward, else None (a custom
         ``mlp_layer``: called as a module, the residual added after it)."""
-        if isinstance(self.mlp, Mlp) and type(self.mlp).forward is Mlp.forward:
-            return (self.mlp.fused_act, None)
+        mlp = self._modules["mlp"]
+        if type(mlp).forward is Mlp.forward:
+            return (mlp.fused_act, None)
         return None
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, N, C) -> (B, N, C): ``x + attn(norm1(x))`` then ``+ mlp(norm2(.))``, timm's math
         (:func:`fastvit.layers.fused.block`, the function ``patch_model`` runs on timm's Block)."""
-        return fused.block(self, x, fuse_norm2=isinstance(self.norm2, LayerNorm), mlp_plan=self._mlp_plan())
+        fuse_norm2 = type(self._modules["norm2"]).forward is LayerNorm.forward
+        return fused.block(self, x, fuse_norm2=fuse_norm2, mlp_plan=self._mlp_plan())

@@ -48,20 +48,53 @@ __all__ = [
     "mlp",
     "mlp_residual_fusable",
     "patch_embed",
+    "register_dropout",
 ]
 
 # How a block's MLP runs fused: (activation epilogue name or None, backend or None). None: it does not.
 MlpPlan = Optional[tuple[Optional[str], Optional[str]]]
 
 
+# Host cost: at small batch these functions, not the kernels, set the speed, so they read submodules and
+# parameters from ``_modules`` / ``_parameters`` (a dict lookup) rather than through ``nn.Module.__getattr__``
+# (a Python call that searches three dicts), and skip Identity modules nobody watches instead of calling them.
+
+
 def hooked(*modules: Optional[nn.Module]) -> bool:
     """True when a module carries forward hooks that a fused path (which skips calling it) would miss."""
-    return any(m is not None and bool(m._forward_hooks or m._forward_pre_hooks) for m in modules)
+    for m in modules:
+        if m is not None and (m._forward_hooks or m._forward_pre_hooks):
+            return True
+    return False
 
 
 def called(module: Optional[nn.Module]) -> bool:
-    """Whether a fused path must call an optional submodule: it computes something, or hooks watch it."""
-    return module is not None and (not isinstance(module, nn.Identity) or hooked(module))
+    """Whether a fused path must call an optional submodule: it computes something, or hooks watch it.
+    An Identity, and a Dropout / DropPath that is inactive in this mode (eval, or rate 0), compute nothing."""
+    if module is None:
+        return False
+    if module._forward_hooks or module._forward_pre_hooks:
+        return True
+    kind = type(module)
+    if kind is nn.Identity:
+        return False
+    return not (kind in _DROPOUTS and not dropout_active(module))
+
+
+def _apply(module: Optional[nn.Module], x: Tensor) -> Tensor:
+    """``module(x)``, or ``x`` when :func:`called` says the call computes nothing."""
+    return module(x) if called(module) else x
+
+
+# Dropout classes whose inactive forward returns its input unchanged (others are always called).
+_DROPOUTS: set[type] = {nn.Dropout}
+
+
+def register_dropout(cls: type) -> type:
+    """Marks a Dropout / DropPath class whose forward is the identity when ``dropout_active`` is False, so
+    the fused paths skip calling it then (fastvit's DropPath is registered; any other class is called)."""
+    _DROPOUTS.add(cls)
+    return cls
 
 
 def dropout_active(module: nn.Module) -> bool:
@@ -82,18 +115,20 @@ def linear(
     Callers only pass an epilogue to a hooked module that takes it (fastvit's ``Linear``): patched timm
     modules fall back to their original forward when a Linear with an epilogue is hooked.
     """
-    if hooked(module):
+    if module._forward_hooks or module._forward_pre_hooks:
         if activation is None and residual is None:
             return module(x)
         return module(x, activation=activation, residual=residual)
-    return ops.linear(x, module.weight, module.bias, activation=activation, residual=residual, backend=backend)
+    params = module._parameters
+    return ops.linear(x, params["weight"], params["bias"], activation=activation, residual=residual, backend=backend)
 
 
 def layer_norm(
     module: nn.Module, x: Tensor, residual: Optional[Tensor] = None, backend: Optional[str] = None
 ) -> object:
     """A last-dimension LayerNorm module on ``ops.layer_norm``: ``LN(x)``, or ``(LN(x + r), x + r)``."""
-    return ops.layer_norm(x, module.weight, module.bias, module.eps, residual=residual, backend=backend)
+    params = module._parameters
+    return ops.layer_norm(x, params["weight"], params.get("bias"), module.eps, residual=residual, backend=backend)
 
 
 def attention(module: nn.Module, x: Tensor, scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
@@ -106,26 +141,23 @@ def attention(module: nn.Module, x: Tensor, scale: Optional[float] = None, backe
         scale: the softmax scale; None is ``head_dim ** -0.5``.
         backend: passed to every op.
     """
-    B, N, _ = x.shape
-    gate = getattr(module, "gate", None)
+    sub = module._modules
+    gate = sub.get("gate")
     gate = linear(gate, x, backend=backend).sigmoid() if gate is not None else None
-    qkv = linear(module.qkv, x, backend=backend)
-    dropout_p = module.attn_drop.p if module.training else 0.0
-    q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
+    qkv = linear(sub["qkv"], x, backend=backend)
+    dropout_p = sub["attn_drop"].p if module.training else 0.0
+    q_norm, k_norm = sub.get("q_norm"), sub.get("k_norm")
     if not called(q_norm) and not called(k_norm):
         out = ops.attention_qkvpacked(qkv, module.num_heads, scale=scale, dropout_p=dropout_p, backend=backend)
     else:
+        B, N, _ = x.shape
         q, k, v = split_qkv(qkv, module.num_heads)
-        q = q_norm(q) if called(q_norm) else q
-        k = k_norm(k) if called(k_norm) else k
-        out = ops.attention(q, k, v, scale=scale, dropout_p=dropout_p, backend=backend)
+        out = ops.attention(_apply(q_norm, q), _apply(k_norm, k), v, scale=scale, dropout_p=dropout_p, backend=backend)
         out = out.transpose(1, 2).reshape(B, N, qkv.shape[-1] // 3)
-    norm = getattr(module, "norm", None)
-    if called(norm):
-        out = norm(out)
+    out = _apply(sub.get("norm"), out)
     if gate is not None:
         out = out * gate
-    return module.proj_drop(linear(module.proj, out, backend=backend))
+    return _apply(sub["proj_drop"], linear(sub["proj"], out, backend=backend))
 
 
 def mlp(
@@ -139,17 +171,16 @@ def mlp(
     the act module runs after the GEMM) -> drop1 -> the optional norm -> fc2, then drop2. With ``residual``
     it is added in fc2's epilogue instead (the caller checked :func:`mlp_residual_fusable`, so drop2 is
     inactive)."""
-    if activation is not None and not hooked(module.act):
-        h = linear(module.fc1, x, activation=activation, backend=backend)
+    sub = module._modules
+    act = sub["act"]
+    if activation is not None and not (act._forward_hooks or act._forward_pre_hooks):
+        h = linear(sub["fc1"], x, activation=activation, backend=backend)
     else:
-        h = module.act(linear(module.fc1, x, backend=backend))
-    h = module.drop1(h)
-    norm = getattr(module, "norm", None)
-    if called(norm):
-        h = norm(h)
+        h = act(linear(sub["fc1"], x, backend=backend))
+    h = _apply(sub.get("norm"), _apply(sub["drop1"], h))
     if residual is None:
-        return module.drop2(linear(module.fc2, h, backend=backend))
-    return linear(module.fc2, h, residual=residual, backend=backend)
+        return _apply(sub["drop2"], linear(sub["fc2"], h, backend=backend))
+    return linear(sub["fc2"], h, residual=residual, backend=backend)
 
 
 def mlp_residual_fusable(block_module: nn.Module, residual: Tensor, plan: MlpPlan) -> bool:
@@ -163,14 +194,16 @@ def mlp_residual_fusable(block_module: nn.Module, residual: Tensor, plan: MlpPla
     """
     if plan is None:
         return False
-    tracing = fx_symbolic_tracing()  # dtypes and devices are proxies then: the graph records the fused call
-    m = block_module.mlp
-    ls2, drop_path2 = block_module.ls2, block_module.drop_path2
-    return (
-        isinstance(ls2, nn.Identity) and not dropout_active(drop_path2) and not dropout_active(m.drop2)
-        and (tracing or autocast_dtype(residual.device) in (None, residual.dtype))
-        and not hooked(m, m.fc1, m.act, m.fc2, m.drop2, ls2, drop_path2)
-    )  # fmt: skip
+    sub = block_module._modules
+    m, ls2, drop_path2 = sub["mlp"], sub["ls2"], sub["drop_path2"]
+    msub = m._modules
+    if not isinstance(ls2, nn.Identity):
+        return False
+    if dropout_active(drop_path2) or dropout_active(msub["drop2"]):
+        return False
+    if hooked(m, msub["fc1"], msub["act"], msub["fc2"], msub["drop2"], ls2, drop_path2):
+        return False
+    return fx_symbolic_tracing() or autocast_dtype(residual.device) in (None, residual.dtype)
 
 
 def block(module: nn.Module, x: Tensor, fuse_norm2: bool, mlp_plan: MlpPlan, backend: Optional[str] = None) -> Tensor:
@@ -179,14 +212,15 @@ def block(module: nn.Module, x: Tensor, fuse_norm2: bool, mlp_plan: MlpPlan, bac
 
     Args:
         module: norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2 (the submodules are called as
-            modules: each runs its own, possibly fused, forward).
+            modules: each runs its own, possibly fused, forward; unwatched Identities are skipped).
         x: (B, N, C) tokens.
         fuse_norm2: norm2 is a plain last-dimension LayerNorm with a weight (``ops.layer_norm`` computes it).
         mlp_plan: how the MLP runs fused, or None (see :func:`mlp_residual_fusable`).
         backend: passed to the fused norm2 (the MLP's backend is in ``mlp_plan``).
     """
-    a = module.drop_path1(module.ls1(module.attn(module.norm1(x))))
-    norm2 = module.norm2
+    sub = module._modules
+    a = _apply(sub["drop_path1"], _apply(sub["ls1"], sub["attn"](sub["norm1"](x))))
+    norm2 = sub["norm2"]
     if fuse_norm2 and (fx_symbolic_tracing() or a.dtype == x.dtype) and not hooked(norm2):
         y, x = layer_norm(norm2, a, residual=x, backend=backend)
     else:
@@ -194,8 +228,8 @@ def block(module: nn.Module, x: Tensor, fuse_norm2: bool, mlp_plan: MlpPlan, bac
         y = norm2(x)
     if mlp_residual_fusable(module, x, mlp_plan):
         activation, mlp_backend = mlp_plan
-        return mlp(module.mlp, y, activation, residual=x, backend=mlp_backend)
-    return x + module.drop_path2(module.ls2(module.mlp(y)))
+        return mlp(sub["mlp"], y, activation, residual=x, backend=mlp_backend)
+    return x + _apply(sub["drop_path2"], _apply(sub["ls2"], sub["mlp"](y)))
 
 
 def patch_embed(

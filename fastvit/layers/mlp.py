@@ -81,7 +81,11 @@ class Mlp(nn.Module):
         self.norm = nn.Identity()
         self.fc2 = Linear(hidden_features, out_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
-        self.fused_act = fused_activation_name(self.act)
+
+    @property
+    def fused_act(self) -> Optional[str]:
+        """The epilogue name equal to ``act`` (read per call, so a replaced ``act`` is honoured), or None."""
+        return fused_activation_name(self._modules["act"])
 
     def residual_fusable(self) -> bool:
         """True when ``forward(x, residual=r)`` may add ``r`` inside fc2 (no active output dropout)."""
