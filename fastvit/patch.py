@@ -6,7 +6,8 @@ The patch works at the instance level (Liger-Kernel's pattern): for every suppor
 never touched, so checkpoints, ``timm.models.load_checkpoint`` and converters keep working, and
 ``unpatch_model`` gives back the original forwards (the very same function objects).
 
-What is replaced (each with the module's own scale, eps, activation and dropout rates):
+What is replaced (each with the module's own scale, eps, activation and dropout rates), by the functions of
+:mod:`fastvit.layers.fused` that fastvit's own layers run too (so both follow one set of fusion rules):
 
 ========================  ======================================================================
 timm class                patched forward
@@ -62,13 +63,12 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from fastvit import ops
 from fastvit._geometry import patch_grid
+from fastvit.layers import fused
 from fastvit.layers.attention import Attention as FastvitAttention
+from fastvit.layers.fused import fx_symbolic_tracing
+from fastvit.layers.fused import hooked as _hooked
 from fastvit.layers.mlp import fused_activation_name
-from fastvit.layers.patch_embed import fx_symbolic_tracing
-from fastvit.ops._library import autocast_dtype
-from fastvit.ops.attention import split_qkv
 from fastvit.ops.dispatch import BACKENDS
 
 __all__ = [
@@ -223,23 +223,9 @@ def _defined_in(module: nn.Module, name: str, where: set[str]) -> bool:
     return cls.__name__ == name and cls.__module__ in where
 
 
-def _hooked(*modules: Optional[nn.Module]) -> bool:
-    """True when a module carries forward hooks that a fused path (which skips calling it) would miss."""
-    return any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in modules)
-
-
 def _is_plain(module: nn.Module, base: type) -> bool:
     """``module`` runs ``base.forward`` (nn.Linear / nn.Conv2d, no subclass with its own math such as LoRA)."""
     return isinstance(module, base) and type(module).forward is base.forward
-
-
-def _is_identity(module: Optional[nn.Module]) -> bool:
-    return module is None or isinstance(module, nn.Identity)
-
-
-def _dropout_active(module: nn.Module) -> bool:
-    p = getattr(module, "p", getattr(module, "drop_prob", 0.0)) or 0.0
-    return module.training and p > 0.0
 
 
 def _mask_args_used(args: tuple, kwargs: dict) -> bool:
@@ -396,93 +382,41 @@ def _falls_back(module: nn.Module, x: Any, *skipped: Optional[nn.Module]) -> boo
     return _hooked(*skipped)
 
 
-def _called(module: Optional[nn.Module]) -> bool:
-    """Whether the fused path must call an optional submodule: it computes something, or hooks watch it."""
-    return not _is_identity(module) or (module is not None and _hooked(module))
-
-
 def _attention_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     state: _PatchState = self._fastvit_patch
-    gate = getattr(self, "gate", None)
-    if _mask_args_used(args, kwargs) or _falls_back(self, x, self.qkv, self.proj, self.attn_drop, gate):
+    skipped = (self.qkv, self.proj, self.attn_drop, getattr(self, "gate", None))
+    if _mask_args_used(args, kwargs) or _falls_back(self, x, *skipped):
         return _original(self)(x, *args, **kwargs)
-    B, N, _ = x.shape
-    backend = state.backend
     scale = None if state.scale_repr is None else float(state.scale_repr)
-    gate = ops.linear(x, gate.weight, gate.bias, backend=backend).sigmoid() if gate is not None else None
-    qkv = ops.linear(x, self.qkv.weight, self.qkv.bias, backend=backend)
-    dropout_p = self.attn_drop.p if self.training else 0.0
-    q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
-    if not _called(q_norm) and not _called(k_norm):
-        out = ops.attention_qkvpacked(qkv, self.num_heads, scale=scale, dropout_p=dropout_p, backend=backend)
-    else:
-        q, k, v = split_qkv(qkv, self.num_heads)
-        q = q_norm(q) if _called(q_norm) else q
-        k = k_norm(k) if _called(k_norm) else k
-        out = ops.attention(q, k, v, scale=scale, dropout_p=dropout_p, backend=backend)
-        out = out.transpose(1, 2).reshape(B, N, qkv.shape[-1] // 3)
-    norm = getattr(self, "norm", None)
-    if _called(norm):
-        out = norm(out)
-    if gate is not None:
-        out = out * gate
-    return self.proj_drop(ops.linear(out, self.proj.weight, self.proj.bias, backend=backend))
+    return fused.attention(self, x, scale=scale, backend=state.backend)
 
 
-def _mlp_run(mlp: nn.Module, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-    """The patched Mlp math; with ``residual`` it is added in fc2's epilogue (callers check drop2 is off)."""
-    state: _PatchState = mlp._fastvit_patch
-    h = ops.linear(x, mlp.fc1.weight, mlp.fc1.bias, activation=state.activation, backend=state.backend)
-    h = mlp.drop1(h)
-    norm = getattr(mlp, "norm", None)
-    if _called(norm):
-        h = norm(h)
-    if residual is None:
-        return mlp.drop2(ops.linear(h, mlp.fc2.weight, mlp.fc2.bias, backend=state.backend))
-    return ops.linear(h, mlp.fc2.weight, mlp.fc2.bias, residual=residual, backend=state.backend)
+def _mlp_plan(mlp: nn.Module) -> fused.MlpPlan:
+    """(activation, backend) when ``mlp`` is a patched Mlp whose fused forward is bound, else None."""
+    state = getattr(mlp, _STATE, None)
+    if state is None or state.kind != "mlp" or mlp.__dict__.get("forward") is None:
+        return None
+    return (state.activation, state.backend)
 
 
 def _mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
     if _falls_back(self, x, self.fc1, self.act, self.fc2):
         return _original(self)(x)
-    return _mlp_run(self, x)
-
-
-def _mlp_residual_fusable(block: nn.Module, residual: Tensor) -> bool:
-    """Whether the block may add its second residual inside fc2's epilogue: the patched Mlp would run, and
-    nothing that the fused call skips (the Mlp's own call, drop2, ls2, drop_path2) computes or is hooked."""
-    mlp = block.mlp
-    state = getattr(mlp, _STATE, None)
-    # Under autocast the epilogue would lower an fp32 residual stream to the autocast dtype; timm keeps it fp32.
-    return (
-        autocast_dtype(residual.device) in (None, residual.dtype) and
-        state is not None and state.kind == "mlp" and mlp.__dict__.get("forward") is not None
-        and not _hooked(mlp, mlp.fc1, mlp.act, mlp.fc2, mlp.drop2, block.ls2, block.drop_path2)
-        and isinstance(block.ls2, nn.Identity) and not _dropout_active(block.drop_path2)
-        and not _dropout_active(mlp.drop2)
-    )  # fmt: skip
+    state: _PatchState = self._fastvit_patch
+    return fused.mlp(self, x, state.activation, backend=state.backend)
 
 
 def _block_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    state: _PatchState = self._fastvit_patch
     if _mask_args_used(args, kwargs) or _falls_back(self, x):
         return _original(self)(x, *args, **kwargs)
-    a = self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-    norm2 = self.norm2
-    if state.fuse_norm2 and a.dtype == x.dtype and not _hooked(norm2):  # autocast: bf16 branch, fp32 stream
-        y, x = ops.layer_norm(a, norm2.weight, norm2.bias, norm2.eps, residual=x, backend=state.backend)
-    else:
-        x = x + a
-        y = norm2(x)
-    if _mlp_residual_fusable(self, x):
-        return _mlp_run(self.mlp, y, residual=x)
-    return x + self.drop_path2(self.ls2(self.mlp(y)))
+    state: _PatchState = self._fastvit_patch
+    return fused.block(self, x, fuse_norm2=state.fuse_norm2, mlp_plan=_mlp_plan(self.mlp), backend=state.backend)
 
 
 def _layer_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
     if _falls_back(self, x):
         return _original(self)(x)
-    return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=self._fastvit_patch.backend)
+    return fused.layer_norm(self, x, backend=self._fastvit_patch.backend)
 
 
 def _embed_tokens(module: nn.Module, x: Tensor) -> Tensor:
@@ -494,7 +428,7 @@ def _embed_tokens(module: nn.Module, x: Tensor) -> Tensor:
     H, W = x.shape[-2:]
     if not pad and (H % p or W % p):
         x = x[..., : H - H % p, : W - W % p]  # a k = s conv ignores the remainder rows/columns
-    tokens = ops.patch_embed(x, conv.weight, conv.bias, patch_size=p, pad=pad, backend=state.backend)
+    tokens = fused.patch_embed(module, x, backend=state.backend)
     if _output_layout(module) == "NHWC":
         tokens = tokens.view(x.shape[0], *patch_grid(x.shape[-2], x.shape[-1], p), tokens.shape[-1])
     return tokens

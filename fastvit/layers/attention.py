@@ -2,11 +2,13 @@
 
 Two paths, one module:
 
-* fused (default, ``fused_attn=True``): ``ops.attention_qkvpacked`` reads q, k, v straight from the qkv
+* fused (default, ``fused_attn=True``): :func:`fastvit.layers.fused.attention`, the same function
+  ``patch_model`` runs on timm's Attention: ``ops.attention_qkvpacked`` reads q, k, v straight from the qkv
   GEMM's output (``ops.attention`` when q/k norms sit in between);
 * explicit (``fused_attn=False``, timm's switch of the same name): ``ops.attention_probs`` materialises the
   softmax probabilities, passes them through ``attn_drop`` (the module ``timm.utils.AttentionExtract``'s
-  hook method watches) and keeps them, detached, in ``last_attn`` for attention rollout.
+  hook method watches; hooks on ``attn_drop`` select this path too) and keeps them, detached, in
+  ``last_attn`` for attention rollout.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Callable, Optional
 from torch import Tensor, nn
 
 from fastvit import ops
+from fastvit.layers import fused
+from fastvit.layers.fused import hooked
 from fastvit.layers.linear import Linear
 from fastvit.layers.norm import LayerNorm
 from fastvit.ops.attention import split_qkv
@@ -76,28 +80,22 @@ class Attention(nn.Module):
         self.norm = nn.Identity()
         self.proj = Linear(self.attn_dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._qk_norm = qk_norm
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, N, C) tokens -> (B, N, C) attention output (after proj and proj_drop)."""
+        if self.fused_attn and not hooked(self.attn_drop):
+            return fused.attention(self, x, scale=self.scale)
+        # explicit path: the probabilities pass through attn_drop (hooks see them) and are kept
         B, N, _ = x.shape
-        qkv = self.qkv(x)
-        dropout_p = self.attn_drop.p if self.training else 0.0
-        if self.fused_attn and not self._qk_norm:
-            out = ops.attention_qkvpacked(qkv, self.num_heads, scale=self.scale, dropout_p=dropout_p)
-        else:
-            q, k, v = split_qkv(qkv, self.num_heads)
-            q, k = self.q_norm(q), self.k_norm(k)
-            if self.fused_attn:
-                out = ops.attention(q, k, v, scale=self.scale, dropout_p=dropout_p)
-            else:
-                out, probs = ops.attention_probs(q, k, v, scale=self.scale)
-                self.last_attn = probs.detach()
-                probs = self.attn_drop(probs)
-                if dropout_p > 0.0:  # the op's output used the undropped probabilities
-                    out = probs @ v
-            out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
-        return self.proj_drop(self.proj(self.norm(out)))
+        q, k, v = split_qkv(fused.linear(self.qkv, x), self.num_heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out, probs = ops.attention_probs(q, k, v, scale=self.scale)
+        self.last_attn = probs.detach()
+        probs = self.attn_drop(probs)
+        if self.training and self.attn_drop.p > 0.0:  # the op's output used the undropped probabilities
+            out = probs @ v
+        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj_drop(fused.linear(self.proj, self.norm(out)))
 
     def extra_macs(self, input_shape: tuple[int, ...]) -> dict[str, int]:
         """The attention matmuls (q @ k.T and probs @ v) for a (B, N, C) input; the qkv and proj

@@ -9,7 +9,8 @@ Per block the work runs as five fastvit ops::
     x      = ops.linear(ops.linear(y, gelu), residual=x)         # mlp.fc1 (+GELU), mlp.fc2 (+second residual)
 
 The second residual is added in fc2's epilogue only when nothing sits between fc2 and the add (no
-LayerScale, no active drop-path or output dropout); otherwise it is added after, as timm does.
+LayerScale, no active drop-path or output dropout, no hooks, no autocast lowering of the stream); otherwise
+it is added after, as timm does. The rules are :mod:`fastvit.layers.fused`'s, shared with ``patch_model``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from fastvit.layers import fused
 from fastvit.layers.attention import Attention
 from fastvit.layers.drop import DropPath
 from fastvit.layers.mlp import Mlp
@@ -102,21 +104,16 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def _mlp_residual_fusable(self) -> bool:
-        if not isinstance(self.ls2, nn.Identity):
-            return False
-        if self.training and isinstance(self.drop_path2, DropPath) and self.drop_path2.drop_prob > 0.0:
-            return False
-        return hasattr(self.mlp, "residual_fusable") and self.mlp.residual_fusable()
+    def _mlp_plan(self) -> fused.MlpPlan:
+        """(activation, backend) when ``mlp`` runs fastvit's fused Mlp forward, else None (a custom
+        ``mlp_layer``: called as a module, the residual added after it)."""
+        mlp = self._modules["mlp"]
+        if type(mlp).forward is Mlp.forward:
+            return (mlp.fused_act, None)
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, N, C) -> (B, N, C): ``x + attn(norm1(x))`` then ``+ mlp(norm2(.))``, timm's math."""
-        a = self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        if isinstance(self.norm2, LayerNorm):
-            y, x = self.norm2(a, residual=x)  # x <- x + a; y = norm2(x), one pass
-        else:  # a plain norm class (e.g. torch.nn.LayerNorm) has no fused residual
-            x = x + a
-            y = self.norm2(x)
-        if self._mlp_residual_fusable():
-            return self.mlp(y, residual=x)
-        return x + self.drop_path2(self.ls2(self.mlp(y)))
+        """(B, N, C) -> (B, N, C): ``x + attn(norm1(x))`` then ``+ mlp(norm2(.))``, timm's math
+        (:func:`fastvit.layers.fused.block`, the function ``patch_model`` runs on timm's Block)."""
+        fuse_norm2 = type(self._modules["norm2"]).forward is LayerNorm.forward
+        return fused.block(self, x, fuse_norm2=fuse_norm2, mlp_plan=self._mlp_plan())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from fastvit.layers.fused import register_dropout
+
 __all__ = ["DropPath", "drop_path"]
 
 
@@ -25,6 +27,7 @@ def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False, scale_b
     return x * mask
 
 
+@register_dropout
 class DropPath(nn.Module):
     """Module form of :func:`drop_path` (timm's name and semantics)."""
 

@@ -1,5 +1,6 @@
 """The transformer MLP: fc1 with the activation in its epilogue, fc2 with the block's residual add in its
-epilogue (``fastvit.ops.linear`` both times)."""
+epilogue (``fastvit.ops.linear`` both times, through :func:`fastvit.layers.fused.mlp`, which ``patch_model``
+runs on timm's Mlp too)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from fastvit.layers import fused
 from fastvit.layers.linear import Linear
 
 __all__ = ["Mlp", "QuickGELU", "fused_activation_name"]
@@ -79,7 +81,11 @@ class Mlp(nn.Module):
         self.norm = nn.Identity()
         self.fc2 = Linear(hidden_features, out_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
-        self.fused_act = fused_activation_name(self.act)
+
+    @property
+    def fused_act(self) -> Optional[str]:
+        """The epilogue name equal to ``act`` (read per call, so a replaced ``act`` is honoured), or None."""
+        return fused_activation_name(self._modules["act"])
 
     def residual_fusable(self) -> bool:
         """True when ``forward(x, residual=r)`` may add ``r`` inside fc2 (no active output dropout)."""
@@ -92,15 +98,8 @@ class Mlp(nn.Module):
             RuntimeError: ``residual`` given while output dropout is active (the add cannot be fused
                 before the dropout; add it outside).
         """
-        if self.fused_act is not None:
-            h = self.fc1(x, activation=self.fused_act)
-        else:
-            h = self.act(self.fc1(x))
-        h = self.norm(self.drop1(h))
-        if residual is None:
-            return self.drop2(self.fc2(h))
-        if not self.residual_fusable():
+        if residual is not None and not self.residual_fusable():
             raise RuntimeError(
                 "fastvit.layers.Mlp: residual fusion with active output dropout; add the residual after the call"
             )
-        return self.fc2(h, residual=residual)
+        return fused.mlp(self, x, self.fused_act, residual=residual)

@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 from torch import Tensor, nn
 
-from fastvit import ops
+from fastvit.layers import fused
 
 __all__ = ["LayerNorm"]
 
@@ -36,4 +36,4 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
         """``LN(x)``; with ``residual``: ``(LN(x + residual), x + residual)`` from one pass over memory."""
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+        return fused.layer_norm(self, x, residual=residual)

@@ -7,13 +7,9 @@ from typing import Any, Optional, Union
 
 from torch import Tensor, nn
 
-try:  # true under torch.fx.symbolic_trace only (not torch.export / torch.compile, which trace the ops themselves)
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as fx_symbolic_tracing
-except ImportError:  # older torch: one flag for every FX-based tracer
-    from torch.fx._symbolic_trace import is_fx_tracing as fx_symbolic_tracing
-
-from fastvit import ops
 from fastvit._geometry import patch_grid, to_2tuple  # to_2tuple: re-exported, timm-style code imports it here
+from fastvit.layers import fused
+from fastvit.layers.fused import fx_symbolic_tracing
 
 __all__ = ["PatchEmbed", "check_image_batch", "fx_symbolic_tracing", "to_2tuple", "traced_grid"]
 
@@ -129,10 +125,7 @@ class PatchEmbed(nn.Module):
         """(B, C, H, W) -> (B, P + N, D): patches, with ``prefix_tokens`` (P, D) prepended and
         ``pos_embed`` (rows P + N or N, see ``fastvit.ops.patch_embed``) added in the same op."""
         self.check_input(x)
-        return ops.patch_embed(
-            x, self.proj.weight, self.proj.bias, patch_size=self.patch_size[0], pos_embed=pos_embed,
-            prefix_tokens=prefix_tokens, pad=self.dynamic_img_pad,
-        )  # fmt: skip
+        return fused.patch_embed(self, x, pos_embed=pos_embed, prefix_tokens=prefix_tokens)
 
     def extra_macs(self, input_shape: tuple[int, ...]) -> dict[str, int]:
         """The patch GEMM (a conv run through the op, so no Conv2d hook sees it).
