@@ -4,6 +4,7 @@ Sits low in the layering (imports torch only, never fastvit.ops / layers / model
 models/ and the CLI modules all use one copy of each formula.
 """
 
+from numbers import Integral
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -42,15 +43,17 @@ def int_pair(
         error: builds the exception raised for a bad ``value`` (called with ``value``), so each caller keeps its
             own message and exception type.
         minimum: when given, both ints must be >= it.
-        exact: True accepts only real ints (not bool, not float); False converts each element with ``int()``
-            (lenient, timm's ``to_2tuple``), letting ``int()``'s own error through for unconvertible ones.
+        exact: True accepts only integers (``numbers.Integral``: int, numpy ints; not bool, not float);
+            False converts each element with ``int()`` (lenient, timm's ``to_2tuple``), letting ``int()``'s
+            own error through for unconvertible ones.
     """
     pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
     if len(pair) != 2:
         raise error(value)
     if exact:
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
+        if any(isinstance(v, bool) or not isinstance(v, Integral) for v in pair):
             raise error(value)
+        pair = (int(pair[0]), int(pair[1]))  # numpy / torch-free Integral types become plain ints
     else:
         pair = (int(pair[0]), int(pair[1]))  # type: ignore[call-overload]
     if minimum is not None and any(v < minimum for v in pair):  # type: ignore[operator]

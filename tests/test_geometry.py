@@ -96,3 +96,17 @@ def test_geometry_sits_low_in_the_layering():
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not any(m.startswith("fastvit") for m in imported), imported
+
+
+def test_int_pair_takes_numpy_integers_as_plain_ints_and_image_size_uses_it():
+    import numpy as np
+
+    from fastvit.models._validate import image_size
+
+    pair = g.int_pair((np.int64(3), 4), ValueError)
+    assert pair == (3, 4) and all(type(v) is int for v in pair)
+    assert image_size("M", np.int32(224)) == (224, 224)
+    with pytest.raises(TypeError, match="M: img_size must be an int or an"):
+        image_size("M", (224.0, 224))
+    with pytest.raises(ValueError, match="must be positive"):
+        image_size("M", (0, 224))

@@ -11,6 +11,8 @@ import math
 from numbers import Integral, Real
 from typing import Any, Optional
 
+from fastvit._geometry import int_pair
+
 __all__ = ["check_model_args", "image_size"]
 
 
@@ -30,12 +32,14 @@ def _real(value: Any) -> bool:
 
 def image_size(owner: str, value: Any, name: str = "img_size") -> tuple[int, int]:
     """``value`` (an int side or an (H, W) pair of positive ints) as ``(H, W)``; TypeError / ValueError else."""
-    pair = (value, value) if _is_int(value) else value
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(_is_int(v) for v in pair):
-        raise TypeError(f"{owner}: {name} must be an int or an (H, W) pair of ints, got {value!r}")
+
+    def wrong_type(v: object) -> TypeError:
+        return TypeError(f"{owner}: {name} must be an int or an (H, W) pair of ints, got {v!r}")
+
+    pair = int_pair(value, wrong_type)
     if min(pair) < 1:
         raise ValueError(f"{owner}: {name} must be positive, got {value!r}")
-    return int(pair[0]), int(pair[1])
+    return pair
 
 
 def check_model_args(
