@@ -230,6 +230,8 @@ def _is_plain(module: nn.Module, base: type) -> bool:
 
 def _mask_args_used(args: tuple, kwargs: dict) -> bool:
     """Whether a forward(x, attn_mask=None, is_causal=False) call asked for anything beyond plain attention."""
+    if not args and not kwargs:
+        return False
     if any(k not in _MASK_ARGS for k in kwargs):
         return True
     mask = args[0] if len(args) > 0 else kwargs.get("attn_mask")
@@ -384,8 +386,10 @@ def _falls_back(module: nn.Module, x: Any, *skipped: Optional[nn.Module]) -> boo
 
 def _attention_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     state: _PatchState = self._fastvit_patch
-    skipped = (self.qkv, self.proj, self.attn_drop, getattr(self, "gate", None))
-    if _mask_args_used(args, kwargs) or _falls_back(self, x, *skipped):
+    sub = self._modules  # a dict lookup each, not nn.Module.__getattr__ (host cost; see fastvit.layers.fused)
+    if _mask_args_used(args, kwargs) or _falls_back(
+        self, x, sub["qkv"], sub["proj"], sub["attn_drop"], sub.get("gate")
+    ):
         return _original(self)(x, *args, **kwargs)
     scale = None if state.scale_repr is None else float(state.scale_repr)
     return fused.attention(self, x, scale=scale, backend=state.backend)
@@ -400,7 +404,8 @@ def _mlp_plan(mlp: nn.Module) -> fused.MlpPlan:
 
 
 def _mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
-    if _falls_back(self, x, self.fc1, self.act, self.fc2):
+    sub = self._modules
+    if _falls_back(self, x, sub["fc1"], sub["act"], sub["fc2"]):
         return _original(self)(x)
     state: _PatchState = self._fastvit_patch
     return fused.mlp(self, x, state.activation, backend=state.backend)
@@ -410,7 +415,9 @@ def _block_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Ten
     if _mask_args_used(args, kwargs) or _falls_back(self, x):
         return _original(self)(x, *args, **kwargs)
     state: _PatchState = self._fastvit_patch
-    return fused.block(self, x, fuse_norm2=state.fuse_norm2, mlp_plan=_mlp_plan(self.mlp), backend=state.backend)
+    return fused.block(
+        self, x, fuse_norm2=state.fuse_norm2, mlp_plan=_mlp_plan(self._modules["mlp"]), backend=state.backend
+    )
 
 
 def _layer_norm_forward(self: nn.Module, x: Tensor) -> Tensor:
