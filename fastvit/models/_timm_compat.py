@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fastvit import ops
+from fastvit.ops.dispatch import registered_ops
 
 __all__ = [
     "TimmCfgMixin",
@@ -34,10 +35,9 @@ __all__ = [
 
 _log = logging.getLogger("fastvit.models")
 
-# The public ops the layers call: FX records each as a leaf call (see the module docstring).
-_FX_LEAF_OPS = (
-    "attention", "attention_qkvpacked", "attention_probs", "layer_norm", "linear", "patch_embed", "soft_split",
-)  # fmt: skip
+# The public ops the layers call: FX records each as a leaf call (see the module docstring). Every op-table row,
+# read from the table so a new op needs no line here, plus attention_probs (a composition with no row).
+_FX_LEAF_OPS = (*registered_ops(), "attention_probs")
 for _name in _FX_LEAF_OPS:
     if callable(getattr(ops, _name, None)):
         # torch.fx.wrap registers a name in the calling module's globals; run it as module-level code of ops.
