@@ -165,7 +165,8 @@ def _linear_kernel(
 
     if EPILOGUE_SPLIT == 1:
         _epilogue(acc, offs_m, pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N), pid_m, B, R, Y, H, DB, M, N,
-                  stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R, STORE_H)  # fmt: skip
+                  stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R,
+                  STORE_H)  # fmt: skip
     else:
         # The epilogue in column sub-tiles (tl.split of the accumulator): the bias, activation, residual and
         # dy tiles of a 128 x 256 accumulator do not fit the register file beside it at once.
@@ -175,20 +176,26 @@ def _linear_kernel(
         a0, a1 = _halves(acc, BLOCK_M, half)
         if EPILOGUE_SPLIT == 2:
             _epilogue(a0, offs_m, n0 + tl.arange(0, half), pid_m, B, R, Y, H, DB, M, N,
-                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R, STORE_H)  # fmt: skip
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R,
+                      STORE_H)  # fmt: skip
             _epilogue(a1, offs_m, n0 + half + tl.arange(0, half), pid_m, B, R, Y, H, DB, M, N,
-                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R, STORE_H)  # fmt: skip
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R,
+                      STORE_H)  # fmt: skip
         else:
             a00, a01 = _halves(a0, BLOCK_M, quarter)
             a10, a11 = _halves(a1, BLOCK_M, quarter)
             _epilogue(a00, offs_m, n0 + tl.arange(0, quarter), pid_m, B, R, Y, H, DB, M, N,
-                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R, STORE_H)  # fmt: skip
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R,
+                      STORE_H)  # fmt: skip
             _epilogue(a01, offs_m, n0 + quarter + tl.arange(0, quarter), pid_m, B, R, Y, H, DB, M, N,
-                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R, STORE_H)  # fmt: skip
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R,
+                      STORE_H)  # fmt: skip
             _epilogue(a10, offs_m, n0 + 2 * quarter + tl.arange(0, quarter), pid_m, B, R, Y, H, DB, M, N,
-                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R, STORE_H)  # fmt: skip
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R,
+                      STORE_H)  # fmt: skip
             _epilogue(a11, offs_m, n0 + 3 * quarter + tl.arange(0, quarter), pid_m, B, R, Y, H, DB, M, N,
-                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R, STORE_H)  # fmt: skip
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R,
+                      STORE_H)  # fmt: skip
 
 
 @triton.jit

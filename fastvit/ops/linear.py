@@ -37,9 +37,11 @@ Memory choice, ``save_preact`` (activated layers on the "triton" and "cuda" back
 
 With no activation there is nothing to recompute and dy is g; dbias is then ``dy.sum(0)`` in fp32, one
 read of dy beside the two cuBLAS GEMMs (torch.matmul) that read it: no fastvit pass reads dy there to
-fuse it into. Fusing it needs a dW GEMM of our own or cuBLASLt's BGRADB epilogue (a new csrc entry
-point); the separate sum reads M * N * 2 bytes (ViT-B/16 batch 256, qkv + proj + fc2: 387 MB per block,
-a few percent of the block's backward), and torch's sum is deterministic.
+fuse it into. Fusing it needs a dW GEMM of our own (the program holding the first K tile would also sum
+dy's column tiles it loads) or cuBLASLt's BGRADB epilogue (a new csrc entry point), neither of which can
+be tuned or timed without a GPU. The separate sum reads M * N elements once (bf16, ViT-B/16 batch 256,
+qkv + proj + fc2: 387 MB per block, against 1.67 TFLOP of backward GEMMs per block), and torch's column
+sum is deterministic. Activated layers already get dbias from the pass that computes g (both paths).
 
 Dtypes: x, weight, bias and residual share one dtype: fp16 and bf16 run on the tensor cores with fp32
 accumulation. fp32 inputs follow ``torch.get_float32_matmul_precision()`` exactly as ``F.linear`` does:

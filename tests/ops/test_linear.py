@@ -653,3 +653,39 @@ def test_compile_fullgraph_save_preact(device):
     torch.testing.assert_close(got, want)
     for g, e in zip(got_grads, want_grads):
         torch.testing.assert_close(g, e)
+
+
+def _kernel_report():
+    """benchmarks/kernel_report.py by path (the name "benchmarks" is also the tests/benchmarks package)."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(root, "benchmarks", "kernel_report.py")
+    spec = importlib.util.spec_from_file_location("fastvit_kernel_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_gemm_flops_vit_b16_by_hand():
+    """ViT-B/16 at batch 256: M = 256 * 197 = 50432. Per GEMM 2 M N K: qkv 2 * 50432 * 2304 * 768 =
+    178,476,023,808; proj 2 * 50432 * 768 * 768 = 59,492,007,936; fc1 and fc2 2 * 50432 * 3072 * 768 =
+    237,968,031,744. Forward sum 713,904,095,232; training = 3x that (fwd, dgrad, wgrad) = 2,141,712,285,696
+    with the pre-activation saved, + one fc1 GEMM = 2,379,680,317,440 when it is recomputed: 10.0% of before."""
+    report = _kernel_report()
+    before = {r["layer"]: r for r in report.training_gemm_flops(save_preact=False)}
+    after = {r["layer"]: r for r in report.training_gemm_flops(save_preact=True)}
+    assert [before[n]["fwd"] for n in ("qkv", "proj", "fc1", "fc2")] == [
+        178_476_023_808, 59_492_007_936, 237_968_031_744, 237_968_031_744]  # fmt: skip
+    assert (before["fc1"]["M"], before["fc1"]["N"], before["fc1"]["K"]) == (50432, 3072, 768)
+    assert before["fc1"]["recompute"] == 237_968_031_744 and after["fc1"]["recompute"] == 0
+    assert all(before[n]["recompute"] == 0 for n in ("qkv", "proj", "fc2"))
+    summary = report.training_flops_summary()
+    assert summary["before"] == 2_379_680_317_440 and summary["after"] == 2_141_712_285_696
+    assert summary["saved"] == 237_968_031_744
+    assert summary["saved_pct_of_before"] == pytest.approx(10.0)
+    assert summary["extra_pct_over_after"] == pytest.approx(100 / 9)
+    assert summary["saved_preact_bytes_bf16"] == 309_854_208  # 256 * 197 * 3072 * 2 B, the documented 310 MB
+    text = report.training_flops_markdown()
+    assert "before (recompute) 2.380 TFLOP, after (save) 2.142 TFLOP: 10.0% of before saved" in text
