@@ -288,9 +288,10 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 
 def _epilogue_split(args: dict) -> int:
     """Column sub-tiles for the epilogue: at most 32 accumulator values per thread at a time for the GELU
-    gradient (it also holds dy), 64 otherwise (ptxas -v: no spills on sm_80 / sm_90 at these counts)."""
+    gradient (it also holds dy) and for a forward that also stores h (64 spilled 16-64 bytes in the
+    128 x 256 / 256 x 128 tiles, ptxas -v), 64 otherwise (no spills on sm_80 / sm_90 at these counts)."""
     per_thread = args["BLOCK_M"] * args["BLOCK_N"] // (32 * args.get("num_warps", 4))
-    budget = 32 if args["ACT_GRAD"] else 64
+    budget = 32 if args["ACT_GRAD"] or args.get("STORE_H", False) else 64
     return max(1, min(4, per_thread // budget))
 
 

@@ -55,7 +55,9 @@ The ``cuda`` backend (csrc/linear.cu) runs the GEMMs in cuBLASLt: bias (and a re
 activation) in its epilogue, fp16/bf16 "gelu_tanh" without a residual as its GELU_BIAS epilogue; "gelu"
 (erf), "quick_gelu", fp32 and activations followed by a residual take one extra elementwise pass over
 the output, and the backward's act'(h) is an elementwise pass over the recomputed h fused with dbias's
-column sums.
+column sums. With ``save_preact`` it writes h with the bias epilogue and applies the activation (and
+residual) in torch ops from the rounded h; the backward from the saved h is torch ops in fp32 (no csrc
+entry point for it), correct but not fused.
 
 Backends: ``torch`` (``F.linear`` + the activation + the add), ``triton``, ``cuda``. On CUDA tensors auto
 dispatch times the eligible ones per key (fastvit.ops.dispatch): (M, N, K) exactly (a GEMM's tiling
@@ -409,6 +411,11 @@ def _torch_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation:
     return linear_ref(x, weight, bias, activation, residual)
 
 
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd will record this call (else saving h would only cost a write)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _kernel_launch(backend: str):
     def launch(
         x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], residual,
@@ -417,7 +424,7 @@ def _kernel_launch(backend: str):
         N = weight.shape[0]
         residual2d = residual.reshape(-1, N) if residual is not None else None
         x2d = x.reshape(-1, x.shape[-1])
-        if activation and (save_preact_default() if save is None else save) and torch.is_grad_enabled():
+        if activation and (save_preact_default() if save is None else save) and _needs_grad(x, weight, bias, residual):
             y = _fwd_save(x2d, weight, bias, residual2d, activation, backend)[0]
         else:
             y = _fwd(x2d, weight, bias, residual2d, activation or "", backend)

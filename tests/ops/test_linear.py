@@ -689,3 +689,44 @@ def test_training_gemm_flops_vit_b16_by_hand():
     assert summary["saved_preact_bytes_bf16"] == 309_854_208  # 256 * 197 * 3072 * 2 B, the documented 310 MB
     text = report.training_flops_markdown()
     assert "before (recompute) 2.380 TFLOP, after (save) 2.142 TFLOP: 10.0% of before saved" in text
+
+
+@pytest.mark.interpreter
+def test_save_preact_skipped_without_autograd(monkeypatch, device):
+    """No input requires grad, or grad is off: save_preact=True runs the plain forward (h is not written)."""
+    import importlib
+
+    linear_module = importlib.import_module("fastvit.ops.linear")  # the module (fastvit.ops.linear is the function)
+
+    def refuse(*args):
+        raise AssertionError("the saving forward ran although autograd records nothing")
+
+    x, w, b = (t.detach() for t in _inputs((6, 16), 12, torch.float32, device, residual=False)[:3])
+    want = ops.linear(x, w, b, activation="gelu", backend="triton")
+    monkeypatch.setattr(linear_module, "_fwd_save", refuse)
+    assert torch.equal(ops.linear(x, w, b, activation="gelu", backend="triton", save_preact=True), want)
+    with torch.no_grad():
+        y = ops.linear(x, w.requires_grad_(), b, activation="gelu", backend="triton", save_preact=True)
+    assert torch.equal(y, want)
+    with pytest.raises(AssertionError, match="the saving forward ran"):  # the patch is live: the check can fail
+        ops.linear(x, w, b, activation="gelu", backend="triton", save_preact=True)
+
+
+@pytest.mark.interpreter
+def test_save_preact_epilogue_sub_tiles(monkeypatch, device):
+    """A forward that stores h splits its epilogue like the GELU gradient (32 values per thread at a time):
+    4 column sub-tiles of a 64 x 64 one-warp tile instead of 2; y, h and the gradients by the three-way rule."""
+    from fastvit.kernels import linear as kernels
+    from fastvit.ops.linear import save_preact
+
+    fwd_args = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 1, "ACT_GRAD": False}
+    assert (kernels._epilogue_split(fwd_args), kernels._epilogue_split(dict(fwd_args, STORE_H=True))) == (2, 4)
+    monkeypatch.setattr(kernels, "_INTERPRET_CONFIG", kernels._config(64, 64, 32, 1, 1, group_m=4))
+    monkeypatch.setattr(kernels, "_MIN_BLOCK_M", 64)
+    x, w, b, r = _inputs((70, 40), 100, torch.float32, device)
+    with save_preact(True):
+        _check("triton", x, w, b, r, "gelu")
+    h = torch.full((70, 100), float("nan"), device=device)
+    y = torch.empty(70, 100, device=device)
+    kernels.linear_fwd(x.detach(), w.detach(), b.detach(), None, "gelu", y, h)
+    torch.testing.assert_close(h, F.linear(x, w, b).detach(), rtol=1e-5, atol=1e-5)
