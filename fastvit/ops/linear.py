@@ -2,7 +2,7 @@
 
 Math (fp32 accumulation, one rounding to x's dtype at the end)::
 
-    h = x @ weight.T + bias               # the pre-activation, never stored
+    h = x @ weight.T + bias               # the pre-activation, stored only with save_preact (below)
     y = act(h) + residual                 # act: identity, "gelu" (erf, nn.GELU()), "gelu_tanh"
                                           #      (nn.GELU(approximate="tanh")), "quick_gelu" (h * sigmoid(1.702 h))
 
@@ -29,8 +29,9 @@ Memory choice, ``save_preact`` (activated layers on the "triton" and "cuda" back
   256 * 197 * 3072 * 2 B = 310 MB per block, 3.7 GB for the 12 blocks.
 * The flag: ``linear(..., save_preact=True/False)`` per call; ``None`` (what the models' layers pass)
   takes the process default: inside ``with save_preact(enabled):`` that value, else the environment
-  variable ``FASTVIT_SAVE_PREACT`` (``1``/``true``/``on`` or ``0``/``false``/``off``; unset: off),
-  else False. Recompute stays the default because it is today's behaviour and memory is what limits
+  variable ``FASTVIT_SAVE_PREACT`` (``1``/``true``/``on``/``yes`` or ``0``/``false``/``off``/``no``,
+  any case; unset or empty: off; anything else raises ValueError naming the accepted values), else
+  False. Recompute stays the default because it is today's behaviour and memory is what limits
   the batch size of ViT training (3.7 GB on ViT-B/16 at batch 256), while the saving is one GEMM per
   block; turn it on where the memory is spare.
 * The "torch" backend is autograd's own composition: F.gelu keeps h whatever the flag says.
