@@ -730,3 +730,25 @@ def test_save_preact_epilogue_sub_tiles(monkeypatch, device):
     y = torch.empty(70, 100, device=device)
     kernels.linear_fwd(x.detach(), w.detach(), b.detach(), None, "gelu", y, h)
     torch.testing.assert_close(h, F.linear(x, w, b).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
+def test_save_preact_reaches_the_mlp_layers(monkeypatch, device):
+    """fastvit.layers.Mlp calls ops.linear with save_preact=None: the process default decides. With it on,
+    autograd keeps fc1's (M, hidden) pre-activation and the gradients equal the recomputing run's (fp32)."""
+    from fastvit.layers.mlp import Mlp
+    from fastvit.ops.linear import save_preact
+
+    monkeypatch.setenv("FASTVIT_BACKEND", "triton")
+    mlp = Mlp(16, 48).to(device)
+    x = torch.randn(2, 5, 16, device=device)
+    runs = {}
+    for save in (False, True):
+        leaf = x.clone().requires_grad_()
+        with save_preact(save):
+            saved = _saved_bytes(lambda: mlp(leaf))
+            y = mlp(leaf)
+        runs[save] = (saved, y, *torch.autograd.grad(y.square().sum(), (leaf, *mlp.parameters())))
+    assert runs[True][0] - runs[False][0] == 10 * 48 * 4 - 48 * 4  # + fc1's h, - fc1's bias (not needed)
+    for a, c in zip(runs[False][1:], runs[True][1:]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
