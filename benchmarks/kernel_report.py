@@ -690,14 +690,23 @@ def compare(before: list, after: list) -> str:
 
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for kernel_report.json and kernel_report.md")
+    parser.add_argument("--out", help="folder for kernel_report.json and kernel_report.md (required to compile)")
     parser.add_argument("--kinds", nargs="+", choices=["gemm", "attention", "layer_norm"], help="default: all")
     parser.add_argument("--targets", nargs="+", type=int, default=[90, 80], choices=[80, 90])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: CPUs)")
     parser.add_argument("--cache", default=None, help="JSON cache of compile results (default: <out>/cache.json)")
     parser.add_argument("--compare", metavar="BEFORE_JSON", help="also write kernel_report_compare.md against it")
+    parser.add_argument("--training-flops", action="store_true",
+                        help="print the per-block training GEMM FLOPs table (ViT-B/16, batch 256); no compile "
+                        "unless --out is given too")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.training_flops:
+        print(training_flops_markdown())
+        if args.out is None:
+            return 0
+    if args.out is None:
+        parser.error("--out is required (or --training-flops alone)")
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 is set: unset it, the report compiles kernels for GPU targets")
     os.makedirs(args.out, exist_ok=True)
@@ -718,6 +727,64 @@ def main(argv: Optional[list] = None) -> int:
     print(f"{len(ok)} compiles, {sum(1 for r in ok if r['spills'])} with spills, {len(rows) - len(ok)} failed; "
           f"wrote {args.out}/kernel_report.md")  # fmt: skip
     return 0 if len(ok) == len(rows) else 1
+
+
+# ------------------------------------------------------------------------- training GEMM FLOPs
+# Arithmetic, no compile: the linear GEMMs one transformer block runs per training step, and what
+# ops.linear's save_preact (fastvit/ops/linear.py) takes away from them. Attention's own QK^T / PV
+# products are not linears and are left out.
+
+
+def training_gemm_flops(
+    batch: int = 256, tokens: int = 197, width: int = 768, mlp_ratio: int = 4, save_preact: bool = False
+) -> list:
+    """One row per linear of a pre-norm ViT block (qkv, proj, fc1 + GELU, fc2): M (rows = batch * tokens),
+    N, K and the FLOPs (2 M N K per GEMM) of its forward, dgrad (dx = g @ W), wgrad (dW = g.T @ x) and, for
+    fc1 when the pre-activation is recomputed (``save_preact=False``, the default), the recompute GEMM."""
+    rows, hidden = batch * tokens, mlp_ratio * width
+    layers = [("qkv", 3 * width, width, False), ("proj", width, width, False),
+              ("fc1", hidden, width, True), ("fc2", width, hidden, False)]  # fmt: skip
+    out = []
+    for name, n, k, activated in layers:
+        gemm = 2 * rows * n * k
+        recompute = gemm if activated and not save_preact else 0
+        out.append({"layer": name, "M": rows, "N": n, "K": k, "fwd": gemm, "dgrad": gemm, "wgrad": gemm,
+                    "recompute": recompute, "total": 3 * gemm + recompute})  # fmt: skip
+    return out
+
+
+def training_flops_summary(batch: int = 256, tokens: int = 197, width: int = 768, mlp_ratio: int = 4) -> dict:
+    """Per-block training GEMM FLOPs before (recompute fc1's pre-activation) and after (save it), the
+    saving as a share of before and of after, and the memory the save keeps (bytes at 2-byte bf16)."""
+    before = sum(r["total"] for r in training_gemm_flops(batch, tokens, width, mlp_ratio, save_preact=False))
+    after = sum(r["total"] for r in training_gemm_flops(batch, tokens, width, mlp_ratio, save_preact=True))
+    return {
+        "batch": batch, "tokens": tokens, "width": width, "mlp_ratio": mlp_ratio,
+        "before": before, "after": after, "saved": before - after,
+        "saved_pct_of_before": 100.0 * (before - after) / before,
+        "extra_pct_over_after": 100.0 * (before - after) / after,
+        "saved_preact_bytes_bf16": batch * tokens * mlp_ratio * width * 2,
+    }  # fmt: skip
+
+
+def training_flops_markdown(batch: int = 256, tokens: int = 197, width: int = 768, mlp_ratio: int = 4) -> str:
+    """The per-block table (GFLOP) and the before / after line, ViT-B/16 at batch 256 by default."""
+    lines = [f"## Training GEMM FLOPs per block (batch {batch}, {tokens} tokens, width {width}, "
+             f"MLP ratio {mlp_ratio})", ""]  # fmt: skip
+    for save in (False, True):
+        rows = training_gemm_flops(batch, tokens, width, mlp_ratio, save_preact=save)
+        lines += [f"save_preact={save}:", ""]
+        cols = ["layer", "M", "N", "K", "fwd", "dgrad", "wgrad", "recompute", "total"]
+        lines += _table(rows, cols, lambda r, c: f"{r[c] / 1e9:.1f}" if c in cols[4:] else str(r[c]))
+        lines.append(f"| block | | | | | | | | {sum(r['total'] for r in rows) / 1e9:.1f} |")
+        lines.append("")
+    s = training_flops_summary(batch, tokens, width, mlp_ratio)
+    lines.append(
+        f"before (recompute) {s['before'] / 1e12:.3f} TFLOP, after (save) {s['after'] / 1e12:.3f} TFLOP: "
+        f"{s['saved_pct_of_before']:.1f}% of before saved (recompute adds {s['extra_pct_over_after']:.1f}% over "
+        f"after), for {s['saved_preact_bytes_bf16'] / 1e6:.0f} MB of saved bf16 pre-activation per block"
+    )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -141,6 +141,9 @@ def _exercise_linear():
             b = torch.randn(48, dtype=dtype, requires_grad=True)
             res = torch.randn(2, 5, 48, dtype=dtype, requires_grad=True)
             _backward(ops.linear(x, w, b, activation=activation, residual=res, backend="triton"), x, w, b, res)
+            if activation is not None:  # the save_preact path: the forward's STORE_H epilogue, the saved-h kernel
+                out = ops.linear(x, w, b, activation=activation, residual=res, backend="triton", save_preact=True)
+                _backward(out, x, w, b, res)
 
 
 def _exercise_attention():

@@ -3,9 +3,12 @@
 One kernel, two epilogues (constexpr ``ACT_GRAD``), each program computing one (BLOCK_M, BLOCK_N) tile
 of the (M, N) result with an fp32 accumulator over K:
     forward   y = act(acc + bias) + residual         (one rounding to the output dtype)
-    ACT_GRAD  g = dy * act'(acc + bias)              (h is recomputed, never stored: see ops/linear.py)
+    ACT_GRAD  g = dy * act'(acc + bias)              (h recomputed: the default, see ops/linear.py)
               and, if asked, the tile's column sums of g (fp32) as one row of dbias partials, so the
               bias gradient needs no second pass over the (M, N) tensor
+The forward can also store h = acc + bias (constexpr ``STORE_H``, the ``save_preact`` training path);
+then the backward is ``_act_grad_saved_kernel``, an elementwise pass g = dy * act'(h) over the saved h
+with the same dbias partials, instead of the GEMM.
 
 Tiles are visited in groups of GROUP_M rows of tiles so neighbouring programs reuse the same weight
 columns from L2. Loads clamp ragged rows / columns into range (``% M``, ``% N``) so the K loop needs no
@@ -29,7 +32,7 @@ from triton.language.extra.cuda import libdevice
 from fastvit.kernels import INTERPRET
 from fastvit.kernels._common import device_guard, graph_capturing, lazy_autotune, shared_memory_limit
 
-__all__ = ["ACTIVATION_CODES", "linear_act_grad", "linear_fwd"]
+__all__ = ["ACTIVATION_CODES", "linear_act_grad", "linear_act_grad_saved", "linear_fwd"]
 
 ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
 _SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
@@ -100,6 +103,7 @@ def _linear_kernel(
     B,  # (N,) bias, or unused
     R,  # (M, N) forward: the residual added last; ACT_GRAD: dy. Strides (stride_rm, stride_rn)
     Y,  # (M, N) output, row stride stride_ym, unit column stride
+    H,  # (M, N) forward with STORE_H: the pre-activation acc + bias, Y's strides; else unused
     DB,  # (>= cdiv(M, BLOCK_M), N) fp32 dbias partials, one row per row tile (WRITE_DBIAS), or unused
     M,
     N,
@@ -117,6 +121,7 @@ def _linear_kernel(
     HAS_R: tl.constexpr,
     ACT_GRAD: tl.constexpr,
     WRITE_DBIAS: tl.constexpr,
+    STORE_H: tl.constexpr,  # forward only: also store h (the training path that saves fc1's pre-activation)
     EVEN_K: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,  # 1, 2 or 4 column sub-tiles for the epilogue (heuristic, from the tile)
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; only fp32 operands read it
@@ -159,8 +164,9 @@ def _linear_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     if EPILOGUE_SPLIT == 1:
-        _epilogue(acc, offs_m, pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N), pid_m, B, R, Y, DB, M, N,
-                  stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R)  # fmt: skip
+        _epilogue(acc, offs_m, pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N), pid_m, B, R, Y, H, DB, M, N,
+                  stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R,
+                  STORE_H)  # fmt: skip
     else:
         # The epilogue in column sub-tiles (tl.split of the accumulator): the bias, activation, residual and
         # dy tiles of a 128 x 256 accumulator do not fit the register file beside it at once.
@@ -169,21 +175,27 @@ def _linear_kernel(
         n0 = pid_n.to(tl.int64) * BLOCK_N
         a0, a1 = _halves(acc, BLOCK_M, half)
         if EPILOGUE_SPLIT == 2:
-            _epilogue(a0, offs_m, n0 + tl.arange(0, half), pid_m, B, R, Y, DB, M, N,
-                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R)  # fmt: skip
-            _epilogue(a1, offs_m, n0 + half + tl.arange(0, half), pid_m, B, R, Y, DB, M, N,
-                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R)  # fmt: skip
+            _epilogue(a0, offs_m, n0 + tl.arange(0, half), pid_m, B, R, Y, H, DB, M, N,
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R,
+                      STORE_H)  # fmt: skip
+            _epilogue(a1, offs_m, n0 + half + tl.arange(0, half), pid_m, B, R, Y, H, DB, M, N,
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R,
+                      STORE_H)  # fmt: skip
         else:
             a00, a01 = _halves(a0, BLOCK_M, quarter)
             a10, a11 = _halves(a1, BLOCK_M, quarter)
-            _epilogue(a00, offs_m, n0 + tl.arange(0, quarter), pid_m, B, R, Y, DB, M, N,
-                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R)  # fmt: skip
-            _epilogue(a01, offs_m, n0 + quarter + tl.arange(0, quarter), pid_m, B, R, Y, DB, M, N,
-                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R)  # fmt: skip
-            _epilogue(a10, offs_m, n0 + 2 * quarter + tl.arange(0, quarter), pid_m, B, R, Y, DB, M, N,
-                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R)  # fmt: skip
-            _epilogue(a11, offs_m, n0 + 3 * quarter + tl.arange(0, quarter), pid_m, B, R, Y, DB, M, N,
-                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R)  # fmt: skip
+            _epilogue(a00, offs_m, n0 + tl.arange(0, quarter), pid_m, B, R, Y, H, DB, M, N,
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R,
+                      STORE_H)  # fmt: skip
+            _epilogue(a01, offs_m, n0 + quarter + tl.arange(0, quarter), pid_m, B, R, Y, H, DB, M, N,
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R,
+                      STORE_H)  # fmt: skip
+            _epilogue(a10, offs_m, n0 + 2 * quarter + tl.arange(0, quarter), pid_m, B, R, Y, H, DB, M, N,
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R,
+                      STORE_H)  # fmt: skip
+            _epilogue(a11, offs_m, n0 + 3 * quarter + tl.arange(0, quarter), pid_m, B, R, Y, H, DB, M, N,
+                      stride_rm, stride_rn, stride_ym, ACTIVATION, HAS_BIAS, ACT_GRAD, WRITE_DBIAS, HAS_R,
+                      STORE_H)  # fmt: skip
 
 
 @triton.jit
@@ -194,11 +206,12 @@ def _halves(acc, BLOCK_M: tl.constexpr, HALF: tl.constexpr):
 
 @triton.jit
 def _epilogue(
-    acc, offs_m, offs_n, pid_m, B, R, Y, DB, M, N, stride_rm, stride_rn, stride_ym,
+    acc, offs_m, offs_n, pid_m, B, R, Y, H, DB, M, N, stride_rm, stride_rn, stride_ym,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, ACT_GRAD: tl.constexpr, WRITE_DBIAS: tl.constexpr,
-    HAS_R: tl.constexpr,
+    HAS_R: tl.constexpr, STORE_H: tl.constexpr,
 ):  # fmt: skip
-    """Bias, activation (or its gradient times dy), residual and the masked store of one column sub-tile."""
+    """Bias, activation (or its gradient times dy), residual and the masked store of one column sub-tile
+    (with STORE_H also of the pre-activation h, rounded to H's dtype)."""
     h = acc
     if HAS_BIAS:
         h += tl.load(B + offs_n % N).to(tl.float32)[None, :]
@@ -210,6 +223,8 @@ def _epilogue(
         if WRITE_DBIAS:
             tl.store(DB + pid_m.to(tl.int64) * N + offs_n, tl.sum(out, axis=0), mask=offs_n < N)
     else:
+        if STORE_H:
+            tl.store(H + offs_m[:, None] * stride_ym + offs_n[None, :], h.to(H.dtype.element_ty), mask=mask)
         out = _activation(h, ACTIVATION)
         if HAS_R:
             out += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -273,13 +288,16 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 
 def _epilogue_split(args: dict) -> int:
     """Column sub-tiles for the epilogue: at most 32 accumulator values per thread at a time for the GELU
-    gradient (it also holds dy), 64 otherwise (ptxas -v: no spills on sm_80 / sm_90 at these counts)."""
+    gradient (it also holds dy) and for a forward that also stores h (64 spilled 16-64 bytes in the
+    128 x 256 / 256 x 128 tiles, ptxas -v), 64 otherwise (no spills on sm_80 / sm_90 at these counts)."""
     per_thread = args["BLOCK_M"] * args["BLOCK_N"] // (32 * args.get("num_warps", 4))
-    budget = 32 if args["ACT_GRAD"] else 64
+    budget = 32 if args["ACT_GRAD"] or args.get("STORE_H", False) else 64
     return max(1, min(4, per_thread // budget))
 
 
-_KEY = ["M_BUCKET", "N", "K", "ACTIVATION", "HAS_BIAS", "HAS_R", "ACT_GRAD", "WRITE_DBIAS", "DOT_PRECISION"]
+_KEY = [
+    "M_BUCKET", "N", "K", "ACTIVATION", "HAS_BIAS", "HAS_R", "ACT_GRAD", "WRITE_DBIAS", "STORE_H", "DOT_PRECISION"
+]  # fmt: skip
 _even_k = triton.heuristics(
     {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0, "EPILOGUE_SPLIT": _epilogue_split}
 )
@@ -313,6 +331,7 @@ def _launch(
     dbias_part: Optional[torch.Tensor],
     activation: Optional[str],
     act_grad: bool,
+    h: Optional[torch.Tensor] = None,
 ) -> None:
     M, K = x.shape
     N = weight.shape[0]
@@ -321,10 +340,13 @@ def _launch(
     m_bucket = triton.next_power_of_2(M)
     flags = {
         "ACTIVATION": ACTIVATION_CODES[activation], "HAS_BIAS": bias is not None, "HAS_R": r is not None,
-        "ACT_GRAD": act_grad, "WRITE_DBIAS": dbias_part is not None, "DOT_PRECISION": _dot_precision(x.dtype),
+        "ACT_GRAD": act_grad, "WRITE_DBIAS": dbias_part is not None, "STORE_H": h is not None,
+        "DOT_PRECISION": _dot_precision(x.dtype),
     }  # fmt: skip
+    if h is not None and (h.shape != y.shape or h.stride() != y.stride()):
+        raise ValueError(f"linear: h {tuple(h.shape)}{h.stride()} must have y's shape and strides {y.stride()}")
     args = (
-        x, weight, bias if bias is not None else weight, r if r is not None else y, y,
+        x, weight, bias if bias is not None else weight, r if r is not None else y, y, h if h is not None else y,
         dbias_part if dbias_part is not None else y, M, N, K, m_bucket,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         r.stride(0) if r is not None else 0, r.stride(1) if r is not None else 0, y.stride(0),
@@ -352,10 +374,13 @@ def linear_fwd(
     residual: Optional[torch.Tensor],
     activation: Optional[str],
     y: torch.Tensor,
+    h: Optional[torch.Tensor] = None,
 ) -> None:
     """Writes ``y = act(x @ weight.T + bias) + residual``; x (M, K), weight (N, K), residual (M, N) may have
-    any strides; y is (M, N) with a unit column stride."""
-    _launch(x, weight, bias, residual, y, None, activation, act_grad=False)
+    any strides; y is (M, N) with a unit column stride. With ``h`` (y's shape and strides) the same
+    epilogue also stores the pre-activation ``x @ weight.T + bias`` there (rounded to h's dtype), and y is
+    bit-identical to a launch without it."""
+    _launch(x, weight, bias, residual, y, None, activation, act_grad=False, h=h)
 
 
 def linear_act_grad(
@@ -373,4 +398,73 @@ def linear_act_grad(
     # Zeroed: the tuned tile height decides how many partial rows get written (at most this many).
     part = torch.zeros((triton.cdiv(M, _MIN_BLOCK_M), N), device=g.device, dtype=torch.float32) if need_dbias else None
     _launch(x, weight, bias, dy, g, part, activation, act_grad=True)
+    return part.sum(0) if part is not None else None
+
+
+# ------------------------------------------------------------------ act'(h) from a saved pre-activation
+
+
+@triton.jit
+def _act_grad_saved_kernel(
+    DY,  # (M, N) the output's gradient, strides (stride_dym, stride_dyn)
+    H,  # (M, N) the pre-activation saved by the forward, strides (stride_hm, stride_hn)
+    G,  # (M, N) output g = dy * act'(h), row stride stride_gm, unit column stride
+    DB,  # (cdiv(M, ROWS), N) fp32 dbias partials, one row per program row (WRITE_DBIAS), or unused
+    M,
+    N,
+    stride_dym,
+    stride_dyn,
+    stride_hm,
+    stride_hn,
+    stride_gm,
+    ACTIVATION: tl.constexpr,
+    WRITE_DBIAS: tl.constexpr,
+    ROWS: tl.constexpr,  # rows per program, a multiple of BLOCK_M: the column sums stay in registers
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < N
+    col_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(0, ROWS, BLOCK_M):
+        offs_m = pid_m.to(tl.int64) * ROWS + i + tl.arange(0, BLOCK_M)
+        mask = (offs_m < M)[:, None] & col_ok[None, :]
+        dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
+        h = tl.load(H + offs_m[:, None] * stride_hm + offs_n[None, :] * stride_hn, mask=mask, other=0.0)
+        g = dy.to(tl.float32) * _activation_grad(h.to(tl.float32), ACTIVATION)  # 0 where masked (dy = 0)
+        tl.store(G + offs_m[:, None] * stride_gm + offs_n[None, :], g.to(G.dtype.element_ty), mask=mask)
+        if WRITE_DBIAS:
+            col_sum += tl.sum(g, axis=0)
+    if WRITE_DBIAS:
+        tl.store(DB + pid_m.to(tl.int64) * N + offs_n, col_sum, mask=col_ok)
+
+
+# One fixed tile (an elementwise pass: no GEMM to tune): 32 x 128 per step, 256 rows per program, so the
+# ViT-B/16 fc1 gradient at batch 256 (M = 50432, N = 3072) runs 197 x 24 programs and writes 197 partial
+# rows of dbias. Under the interpreter the tile is smaller.
+_SAVED_TILE = {"ROWS": 32, "BLOCK_M": 8, "BLOCK_N": 32, "num_warps": 1} if INTERPRET else {
+    "ROWS": 256, "BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4}  # fmt: skip
+
+
+def linear_act_grad_saved(
+    dy: torch.Tensor, h: torch.Tensor, activation: str, g: torch.Tensor, need_dbias: bool
+) -> Optional[torch.Tensor]:
+    """Writes ``g = dy * act'(h)`` from the pre-activation ``h`` the forward saved (no GEMM); returns
+    sum_rows(g) in fp32 when ``need_dbias`` (per-program partials summed in a fixed order: deterministic),
+    else None. dy and h (M, N) may have any strides; g is (M, N) with a unit column stride."""
+    M, N = g.shape
+    rows, block_m, block_n = _SAVED_TILE["ROWS"], _SAVED_TILE["BLOCK_M"], _SAVED_TILE["BLOCK_N"]
+    part = torch.zeros((triton.cdiv(M, rows), N), device=g.device, dtype=torch.float32) if need_dbias else None
+    if M == 0 or N == 0:
+        return part.sum(0) if part is not None else None
+    grid = (triton.cdiv(M, rows), triton.cdiv(N, block_n))
+    with device_guard(g):
+        _act_grad_saved_kernel[grid](
+            dy, h, g, part if part is not None else g, M, N,
+            dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), g.stride(0),
+            ACTIVATION=ACTIVATION_CODES[activation], WRITE_DBIAS=part is not None,
+            ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_SAVED_TILE["num_warps"],
+        )  # fmt: skip
     return part.sum(0) if part is not None else None

@@ -2,7 +2,7 @@
 
 Math (fp32 accumulation, one rounding to x's dtype at the end)::
 
-    h = x @ weight.T + bias               # the pre-activation, never stored
+    h = x @ weight.T + bias               # the pre-activation, stored only with save_preact (below)
     y = act(h) + residual                 # act: identity, "gelu" (erf, nn.GELU()), "gelu_tanh"
                                           #      (nn.GELU(approximate="tanh")), "quick_gelu" (h * sigmoid(1.702 h))
 
@@ -10,15 +10,39 @@ Gradients (dy is the gradient of y)::
 
     g         = dy * act'(h)              # the fused part: h is recomputed by a GEMM whose epilogue
                                           # multiplies in dy, so g is the only (M, N) tensor written
+                                          # (or, with save_preact, read back from the forward: see below)
     dx        = g @ weight                # plain GEMMs: torch.matmul (cuBLAS)
     dweight   = g.T @ x
     dbias     = sum_rows(g)               # fp32, from per-tile column sums in the same epilogue
     dresidual = dy                        # passes through
 
-Memory choice: recomputing h costs one extra GEMM of the forward's size in the backward of an
-activated layer (fc1 of an MLP: 3 GEMMs instead of 2), and saves storing the (M, N) pre-activation,
-which for fc1 is the 4x-wide hidden tensor (timm's eager MLP keeps it: F.gelu saves its input). With
-no activation there is nothing to recompute and dy is g.
+Memory choice, ``save_preact`` (activated layers on the "triton" and "cuda" backends):
+
+* recompute (the default, ``save_preact=False``): autograd keeps x, weight and bias; the backward
+  recomputes h with one extra GEMM of the forward's size (fc1 of an MLP: 3 GEMMs instead of 2; for a
+  ViT block that is 11.1% more than its 12 fwd + dgrad + wgrad linear GEMMs, 10.0% of the total:
+  ``benchmarks/kernel_report.py --training-flops``).
+* save (``save_preact=True``): the forward's epilogue also stores h (rounded to x's dtype, as timm's
+  eager MLP keeps it: F.gelu saves its input) and the backward is one elementwise pass
+  g = dy * act'(h) with the dbias column sums, no GEMM. Memory cost: M * N elements of x's dtype per
+  activated linear, alive from the forward to its backward: ViT-B/16 at batch 256 in bf16,
+  256 * 197 * 3072 * 2 B = 310 MB per block, 3.7 GB for the 12 blocks.
+* The flag: ``linear(..., save_preact=True/False)`` per call; ``None`` (what the models' layers pass)
+  takes the process default: inside ``with save_preact(enabled):`` that value, else the environment
+  variable ``FASTVIT_SAVE_PREACT`` (``1``/``true``/``on``/``yes`` or ``0``/``false``/``off``/``no``,
+  any case; unset or empty: off; anything else raises ValueError naming the accepted values), else
+  False. Recompute stays the default because it is today's behaviour and memory is what limits
+  the batch size of ViT training (3.7 GB on ViT-B/16 at batch 256), while the saving is one GEMM per
+  block; turn it on where the memory is spare.
+* The "torch" backend is autograd's own composition: F.gelu keeps h whatever the flag says.
+
+With no activation there is nothing to recompute and dy is g; dbias is then ``dy.sum(0)`` in fp32, one
+read of dy beside the two cuBLAS GEMMs (torch.matmul) that read it: no fastvit pass reads dy there to
+fuse it into. Fusing it needs a dW GEMM of our own (the program holding the first K tile would also sum
+dy's column tiles it loads) or cuBLASLt's BGRADB epilogue (a new csrc entry point), neither of which can
+be tuned or timed without a GPU. The separate sum reads M * N elements once (bf16, ViT-B/16 batch 256,
+qkv + proj + fc2: 387 MB per block, against 1.67 TFLOP of backward GEMMs per block), and torch's column
+sum is deterministic. Activated layers already get dbias from the pass that computes g (both paths).
 
 Dtypes: x, weight, bias and residual share one dtype: fp16 and bf16 run on the tensor cores with fp32
 accumulation. fp32 inputs follow ``torch.get_float32_matmul_precision()`` exactly as ``F.linear`` does:
@@ -32,7 +56,9 @@ The ``cuda`` backend (csrc/linear.cu) runs the GEMMs in cuBLASLt: bias (and a re
 activation) in its epilogue, fp16/bf16 "gelu_tanh" without a residual as its GELU_BIAS epilogue; "gelu"
 (erf), "quick_gelu", fp32 and activations followed by a residual take one extra elementwise pass over
 the output, and the backward's act'(h) is an elementwise pass over the recomputed h fused with dbias's
-column sums.
+column sums. With ``save_preact`` it writes h with the bias epilogue and applies the activation (and
+residual) in torch ops from the rounded h; the backward from the saved h is torch ops in fp32 (no csrc
+entry point for it), correct but not fused.
 
 Backends: ``torch`` (``F.linear`` + the activation + the add), ``triton``, ``cuda``. On CUDA tensors auto
 dispatch times the eligible ones per key (fastvit.ops.dispatch): (M, N, K) exactly (a GEMM's tiling
@@ -40,7 +66,8 @@ winner changes with every one of them), the epilogue (bias, activation, residual
 ``triton`` > ``cuda`` > ``torch`` is unmeasured (dispatch.STATIC_ORDER_SOURCE).
 """
 
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,15 +85,66 @@ from fastvit.ops._library import (
     register_autocast_lower,
 )
 from fastvit.ops._validate import check_call, gemm_backend
-from fastvit.ops.dispatch import OpDispatcher, no_reasons
+from fastvit.ops.dispatch import OpDispatcher, _env, no_reasons
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import linear as _triton_kernels
 
-__all__ = ["ACTIVATIONS", "linear", "linear_ref"]
+__all__ = ["ACTIVATIONS", "SAVE_PREACT_ENV", "linear", "linear_ref", "save_preact", "save_preact_default"]
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 _LINEAR_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64 on the "torch" backend only
+SAVE_PREACT_ENV = "FASTVIT_SAVE_PREACT"
+_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+# --------------------------------------------------------------------------- save_preact: the flag
+
+_SAVE_OVERRIDE: list = [None]  # the innermost ``with save_preact(...)`` value, or None
+
+
+def _check_flag(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"fastvit.ops.linear: {where} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def save_preact_default() -> bool:
+    """Whether ``linear(..., save_preact=None)`` saves the pre-activation: the innermost
+    :func:`save_preact` block, else ``FASTVIT_SAVE_PREACT``, else False (recompute).
+
+    Raises:
+        ValueError: ``FASTVIT_SAVE_PREACT`` is set to something other than 1/true/on/yes or 0/false/off/no.
+    """
+    override = _SAVE_OVERRIDE[0]
+    if override is not None:
+        return override
+    value = _env(SAVE_PREACT_ENV)
+    if value is None or value in _FALSE:
+        return False
+    if value in _TRUE:
+        return True
+    raise ValueError(
+        f"fastvit.ops.linear: {SAVE_PREACT_ENV}={value!r} is not understood; set it to 1 (save the activated "
+        f"linears' pre-activation for the backward: more memory, one GEMM less) or 0 (recompute it, the default), "
+        f"or unset it"
+    )
+
+
+@contextmanager
+def save_preact(enabled: bool) -> Iterator[None]:
+    """Within the block, ``linear(..., save_preact=None)`` saves (True) or recomputes (False) the activated
+    linears' pre-activation, whatever ``FASTVIT_SAVE_PREACT`` says. The choice is made in the forward; the
+    backward follows what its forward did. Not thread-local (like torch's global switches).
+
+    Args:
+        enabled: True or False (anything else raises TypeError).
+    """
+    previous, _SAVE_OVERRIDE[0] = _SAVE_OVERRIDE[0], _check_flag(enabled, "save_preact(enabled)")
+    try:
+        yield
+    finally:
+        _SAVE_OVERRIDE[0] = previous
 
 
 def _activate(h: Tensor, activation: Optional[str]) -> Tensor:
@@ -236,15 +314,121 @@ _act_grad = direct(_linear_act_grad)
 register_autocast_lower(_linear_fwd)
 
 
+# The save_preact path: a forward that also returns h, and a backward from the saved h (no GEMM).
+
+
+def _act_grad_saved_torch(dy: Tensor, h: Tensor, activation: str, need_dbias: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """g = dy * act'(h) and sum_rows(g) (fp32) in torch ops, in fp32: the cuda backend's path (csrc has no
+    entry point for it) and the formula the Triton kernel follows."""
+    hf = h.float()
+    if activation == "gelu":
+        d = 0.5 * (1.0 + torch.erf(hf * 0.7071067811865476)) + hf * 0.3989422804014327 * torch.exp(-0.5 * hf * hf)
+    elif activation == "gelu_tanh":
+        u2 = 1.5957691216057308 * (hf + 0.044715 * hf * hf * hf)  # 2u
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * hf * hf)
+        d = torch.sigmoid(u2) + 2.0 * hf * torch.sigmoid(u2) * torch.sigmoid(-u2) * du
+    elif activation == "quick_gelu":
+        s = torch.sigmoid(1.702 * hf)
+        d = s + 1.702 * hf * s * torch.sigmoid(-1.702 * hf)
+    else:
+        raise ValueError(_unknown_activation(activation))
+    g = dy.float() * d
+    return g.to(dy.dtype), g.sum(0) if need_dbias else None
+
+
+@torch.library.custom_op("fastvit::linear_fwd_save", mutates_args=())
+def _linear_fwd_save(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], activation: str, backend: str
+) -> Tuple[Tensor, Tensor]:
+    """As fastvit::linear_fwd with an activation, and also returns the pre-activation h = x @ weight.T + bias
+    (contiguous (M, N), x's dtype) for the backward."""
+    M, N = x.shape[0], weight.shape[0]
+    y, h = new_output((M, N), x), new_output((M, N), x)
+    if backend == "cuda":  # cuBLASLt writes h (bias in its epilogue); the activation and residual in torch ops
+        _cuda.linear_fwd(x, weight, bias, None, None, h)
+        out = _activate(h.float(), activation)
+        y.copy_(out if residual is None else out + residual.float())
+    else:  # one Triton epilogue stores both; y is bit-identical to fastvit::linear_fwd's
+        _triton_kernels.linear_fwd(x, weight, bias, residual, activation, y, h)
+    return y, h
+
+
+@_linear_fwd_save.register_fake
+def _(x, weight, bias, residual, activation, backend):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("fastvit::linear_act_grad_saved", mutates_args=())
+def _linear_act_grad_saved(
+    dy: Tensor, h: Tensor, activation: str, need_dbias: bool, backend: str
+) -> Tuple[Tensor, Tensor]:
+    """dy, h: (M, N). Returns g = dy * act'(h), contiguous (M, N), and sum_rows(g) in dy's dtype (empty
+    unless need_dbias): fastvit::linear_act_grad without the GEMM."""
+    if backend == "cuda":
+        g, dbias = _act_grad_saved_torch(dy, h, activation, need_dbias)
+        g = g.contiguous()
+    else:
+        g = new_output(dy.shape, dy)
+        dbias = _triton_kernels.linear_act_grad_saved(dy, h, activation, g, need_dbias)
+    return g, dbias.to(dy.dtype) if dbias is not None else dy.new_empty((0,))
+
+
+@_linear_act_grad_saved.register_fake
+def _(dy, h, activation, need_dbias, backend):
+    return dy.new_empty(dy.shape), dy.new_empty((dy.shape[1],) if need_dbias else (0,))
+
+
+def _setup_context_save(ctx, inputs, output) -> None:
+    x, weight, bias, residual, activation, backend = inputs
+    h = output[1]
+    ctx.mark_non_differentiable(h)
+    ctx.set_materialize_grads(False)  # h gets no gradient: no (M, N) zeros for it
+    ctx.save_for_backward(x, weight, h)
+    ctx.has_bias = bias is not None
+    ctx.activation = activation
+    ctx.backend = backend
+    ctx.has_residual = residual is not None
+
+
+def _backward_save(ctx, dy, _dh):
+    x, weight, h = ctx.saved_tensors
+    need_dbias = ctx.has_bias and ctx.needs_input_grad[2]
+    if dy is None:  # y unused by the loss (materialize_grads is off)
+        dy = h.new_zeros(h.shape)
+    g, dbias = _act_grad_saved(dy, h, ctx.activation, need_dbias, ctx.backend)
+    dx = torch.matmul(g, weight) if ctx.needs_input_grad[0] else None
+    dweight = torch.matmul(g.t(), x) if ctx.needs_input_grad[1] else None
+    dbias = dbias if need_dbias else None
+    dresidual = dy if ctx.has_residual else None
+    return dx, dweight, dbias, dresidual, None, None
+
+
+_fwd_save = eager_op(_linear_fwd_save, _setup_context_save, _backward_save)
+_act_grad_saved = direct(_linear_act_grad_saved)
+register_autocast_lower(_linear_fwd_save)
+
+
 def _torch_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], residual):
     return linear_ref(x, weight, bias, activation, residual)
 
 
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd will record this call (else saving h would only cost a write)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _kernel_launch(backend: str):
-    def launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], residual):
+    def launch(
+        x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], residual,
+        save: Optional[bool] = False,
+    ):  # fmt: skip
         N = weight.shape[0]
         residual2d = residual.reshape(-1, N) if residual is not None else None
-        y = _fwd(x.reshape(-1, x.shape[-1]), weight, bias, residual2d, activation or "", backend)
+        x2d = x.reshape(-1, x.shape[-1])
+        if activation and (save_preact_default() if save is None else save) and _needs_grad(x, weight, bias, residual):
+            y = _fwd_save(x2d, weight, bias, residual2d, activation, backend)[0]
+        else:
+            y = _fwd(x2d, weight, bias, residual2d, activation or "", backend)
         return y.view(*x.shape[:-1], N)
 
     return launch
@@ -275,6 +459,7 @@ def linear(
     activation: Optional[str] = None,
     residual: Optional[Tensor] = None,
     backend: Optional[str] = None,
+    save_preact: Optional[bool] = None,
 ) -> Tensor:
     """``act(x @ weight.T + bias) + residual`` with bias, activation and residual in the GEMM's epilogue.
 
@@ -286,13 +471,18 @@ def linear(
             or "quick_gelu" (``h * sigmoid(1.702 h)``).
         residual: (..., out_features) added after the activation (the transformer's residual stream), or None.
         backend: None (``FASTVIT_BACKEND`` or auto), "torch", "triton" or "cuda".
+        save_preact: with an activation, on the "triton" / "cuda" backends, under grad: True keeps the
+            pre-activation h for the backward (M * N elements of x's dtype; the backward skips the GEMM
+            that recomputes it), False recomputes it, None (default) takes :func:`save_preact_default`
+            (``with save_preact(...)``, else ``FASTVIT_SAVE_PREACT``, else False). See the module docstring.
 
     Returns:
         (..., out_features) in x's dtype; fp32 accumulation (fp32 inputs: TF32 products on the GPU when
         ``torch.get_float32_matmul_precision()`` allows them, as for ``F.linear``).
 
     Raises:
-        TypeError / ValueError: bad dtypes, shapes, an unknown activation or mixed devices, naming the input.
+        TypeError / ValueError: bad dtypes, shapes, an unknown activation, mixed devices or a ``save_preact``
+            that is not a bool / None, naming the input; a bad ``FASTVIT_SAVE_PREACT`` value.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
     try:  # the signature: validation and the choice are cached per signature (and autocast state)
@@ -316,9 +506,13 @@ def linear(
         chosen = _OP.resolve(
             key, backend, x.device, run, x=x, weight=weight, bias=bias, residual=residual, activation=activation
         )
+    if save_preact is not None and save_preact is not True and save_preact is not False:
+        _check_flag(save_preact, "save_preact")
     if chosen == "torch":  # the common CPU case: linear_ref inlined without an activation (bit-identical)
         if activation is None:
             y = F.linear(x, weight, bias)
             return y if residual is None else y + residual
-        return linear_ref(x, weight, bias, activation, residual)
-    return _OP.launchers[chosen](x, weight, bias, activation, residual)
+        return linear_ref(x, weight, bias, activation, residual)  # autograd keeps h whatever save_preact says
+    if activation is None:
+        return _OP.launchers[chosen](x, weight, bias, activation, residual)
+    return _OP.launchers[chosen](x, weight, bias, activation, residual, save_preact)

@@ -435,3 +435,320 @@ def test_gpu_cuda_graph_capture():
         expected = linear_ref(x.double(), w.double(), b.double(), "gelu", r.double())
         assert_three_way(y, expected, linear_ref(x, w, b, "gelu", r), name=f"captured y ({tokens} rows)")
     assert len(kernels_linear._BEST) == tuned_before, "an untuned key was autotuned inside a CUDA-graph capture"
+
+
+# ------------------------------------------------------------------- save_preact (training path)
+
+
+def _grads(backend, leaves, activation, dy, save):
+    x, w, b, r = [t if t is None else t.detach().requires_grad_() for t in leaves]
+    y = ops.linear(x, w, b, activation=activation, residual=r, backend=backend, save_preact=save)
+    return y, torch.autograd.grad(y, [t for t in (x, w, b, r) if t is not None], dy.to(y.dtype))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_save_preact_matches_reference(activation, dtype, device):
+    """save_preact=True (through the context manager): y and every gradient by the three-way rule, on a
+    ragged M = 70 that spans several programs of the saved-h kernel (32 rows each under the interpreter)."""
+    from fastvit.ops.linear import save_preact
+
+    x, w, b, r = _inputs((70, 40), 24, dtype, device)
+    with save_preact(True):
+        _check("triton", x, w, b, r, activation)
+        _check("triton", x, w, b, None, activation)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_save_preact_equals_recompute_fp32(activation, device):
+    """In fp32 the saved h is the forward's accumulator + bias exactly, and the recompute GEMM runs the same
+    tiles, so saving and recomputing give bit-identical y and gradients (dbias partials: different row
+    groupings, so equal within fp32 rounding of the column sums)."""
+    x, w, b, r = _inputs((70, 3, 16), 36, torch.float32, device)
+    dy = torch.randn(70, 3, 36, device=device)
+    y0, g0 = _grads("triton", (x, w, b, r), activation, dy, save=False)
+    y1, g1 = _grads("triton", (x, w, b, r), activation, dy, save=True)
+    assert torch.equal(y0, y1)
+    for name, a, c in zip(GRAD_NAMES, g0, g1):
+        if name == "dbias":
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(a, c), name
+
+
+@pytest.mark.interpreter
+def test_save_preact_frozen_bias_and_no_bias(device):
+    """The saved-h backward without dbias partials: a bias that needs no gradient, and no bias at all."""
+    x, w, b, _ = _inputs((40, 24), 20, torch.float16, device, residual=False)
+    b.requires_grad_(False)
+    dy = torch.randn(40, 20, device=device).half()
+    for bias in (b, None):
+        with poisoned_outputs():
+            y = ops.linear(x, w, bias, activation="gelu_tanh", backend="triton", save_preact=True)
+            got = torch.autograd.grad(y, (x, w), dy)
+        leaves64 = [t.detach().double().requires_grad_() for t in (x, w)]
+        b64 = bias.double() if bias is not None else None
+        want = torch.autograd.grad(linear_ref(*leaves64, b64, "gelu_tanh"), leaves64, dy.double())
+        leaves16 = [t.detach().requires_grad_() for t in (x, w)]
+        lowp = torch.autograd.grad(linear_ref(*leaves16, bias, "gelu_tanh"), leaves16, dy)
+        for name, g, e, lp in zip(("dx", "dweight"), got, want, lowp):
+            assert_three_way(g, e, lp, factor=3.0, name=f"{name} (bias={bias is not None})")
+
+
+def _saved_bytes(fn):
+    seen = {}
+
+    def pack(t):
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.interpreter
+def test_save_preact_memory(device):
+    """The documented memory cost: save keeps x, weight and the (M, N) pre-activation in x's dtype (not the
+    bias); recompute keeps x, weight and bias; without an activation or without grad nothing changes."""
+    x, w, b, _ = _inputs((64, 32), 128, torch.float16, device, residual=False)
+    x_bytes, w_bytes, b_bytes, h_bytes = 64 * 32 * 2, 128 * 32 * 2, 128 * 2, 64 * 128 * 2
+
+    def run(save, activation="gelu"):
+        return lambda: ops.linear(x, w, b, activation=activation, backend="triton", save_preact=save)
+
+    assert _saved_bytes(run(True)) == x_bytes + w_bytes + h_bytes
+    assert _saved_bytes(run(False)) == x_bytes + w_bytes + b_bytes
+    assert _saved_bytes(run(True, activation=None)) == x_bytes + w_bytes + b_bytes
+    with torch.no_grad():
+        y_nograd = ops.linear(x, w, b, activation="gelu", backend="triton", save_preact=True)
+    assert torch.equal(y_nograd, ops.linear(x, w, b, activation="gelu", backend="triton").detach())
+
+
+@pytest.mark.interpreter
+def test_save_preact_default_from_env_and_context(monkeypatch, device):
+    """save_preact=None follows the context manager, else FASTVIT_SAVE_PREACT, else recompute."""
+    from fastvit.ops.linear import SAVE_PREACT_ENV, save_preact, save_preact_default
+
+    x, w, b, _ = _inputs((16, 8), 12, torch.float32, device, residual=False)
+    h_bytes = 16 * 12 * 4
+
+    def saved():
+        return _saved_bytes(lambda: ops.linear(x, w, b, activation="gelu", backend="triton"))
+
+    recompute = 16 * 8 * 4 + 12 * 8 * 4 + 12 * 4
+    monkeypatch.delenv(SAVE_PREACT_ENV, raising=False)
+    assert save_preact_default() is False and saved() == recompute
+    for value, expected in [("1", True), (" TRUE ", True), ("on", True), ("yes", True), ("0", False),
+                            ("off", False), ("False", False), ("", False)]:  # fmt: skip
+        monkeypatch.setenv(SAVE_PREACT_ENV, value)
+        assert save_preact_default() is expected, value
+    monkeypatch.setenv(SAVE_PREACT_ENV, "1")
+    assert saved() == recompute - 12 * 4 + h_bytes
+    with save_preact(False):
+        assert save_preact_default() is False and saved() == recompute
+        with save_preact(True):
+            assert save_preact_default() is True
+        assert save_preact_default() is False
+    monkeypatch.setenv(SAVE_PREACT_ENV, "0")
+    with save_preact(True):
+        assert saved() == recompute - 12 * 4 + h_bytes
+        # an explicit argument beats the context
+        assert _saved_bytes(lambda: ops.linear(x, w, b, activation="gelu", backend="triton", save_preact=False)) == (
+            recompute
+        )
+    assert save_preact_default() is False
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", "save"])
+def test_save_preact_bad_env_raises(value, monkeypatch):
+    from fastvit.ops.linear import SAVE_PREACT_ENV, save_preact_default
+
+    monkeypatch.setenv(SAVE_PREACT_ENV, value)
+    with pytest.raises(ValueError, match=rf"FASTVIT_SAVE_PREACT='{value}' is not understood; set it to 1 .* or 0"):
+        save_preact_default()
+
+
+@pytest.mark.parametrize("value", [1, "yes", 0.0])
+def test_save_preact_bad_flag_raises(value):
+    from fastvit.ops.linear import save_preact
+
+    x, w = torch.randn(3, 8), torch.randn(4, 8)
+    with pytest.raises(TypeError, match=r"save_preact must be True or False, got"):
+        ops.linear(x, w, activation="gelu", save_preact=value)
+    with pytest.raises(TypeError, match=r"save_preact\(enabled\) must be True or False, got"):
+        with save_preact(value):
+            pass
+
+
+def test_save_preact_torch_backend_unchanged():
+    """The torch backend is autograd's composition (F.gelu keeps h): the flag changes nothing there."""
+    x, w, b, r = _inputs((6, 16), 12, torch.float64, "cpu")
+    dy = torch.randn(6, 12, dtype=torch.float64)
+    y0, g0 = _grads("torch", (x, w, b, r), "gelu", dy, save=False)
+    y1, g1 = _grads("torch", (x, w, b, r), "gelu", dy, save=True)
+    assert torch.equal(y0, y1) and all(torch.equal(a, c) for a, c in zip(g0, g1))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_act_grad_saved_torch_formula(activation):
+    """The cuda backend's saved-h backward (torch ops): g = dy * act'(h) against autograd of the reference
+    activation in fp64, and dbias = sum_rows(g) in fp32."""
+    from fastvit.ops.linear import _act_grad_saved_torch, _activate
+
+    h = torch.linspace(-12, 12, 2 * 301, dtype=torch.float64).view(2, 301).t().contiguous()
+    dy = torch.randn(301, 2, dtype=torch.float64)
+    h_leaf = h.clone().requires_grad_()
+    (want,) = torch.autograd.grad(_activate(h_leaf, activation), h_leaf, dy)
+    g, dbias = _act_grad_saved_torch(dy.float(), h.float(), activation, True)
+    assert g.dtype == torch.float32 and dbias.dtype == torch.float32
+    torch.testing.assert_close(g.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dbias.double(), want.sum(0), rtol=1e-5, atol=1e-4)
+    assert _act_grad_saved_torch(dy.float(), h.float(), activation, False)[1] is None
+
+
+@pytest.mark.interpreter
+def test_act_grad_saved_kernel_strided_dy(device):
+    """The saved-h kernel on a transposed (column-major) dy and a strided h view, with dbias partials over
+    3 programs of rows: against the torch formula."""
+    from fastvit.kernels import linear as kernels
+    from fastvit.ops.linear import _act_grad_saved_torch
+
+    dy = torch.randn(24, 70, device=device).t()
+    h = (3 * torch.randn(70, 50, device=device))[:, 5:29]
+    g = torch.full((70, 24), float("nan"), device=device)
+    dbias = kernels.linear_act_grad_saved(dy, h, "gelu", g, True)
+    g_want, dbias_want = _act_grad_saved_torch(dy, h, "gelu", True)
+    torch.testing.assert_close(g, g_want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dbias, dbias_want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("activation, bias, residual", [("gelu", True, True), ("quick_gelu", False, False)])
+def test_opcheck_save_preact(activation, bias, residual, device):
+    from fastvit.ops.linear import _linear_act_grad_saved, _linear_fwd_save
+
+    x, w, b, r = _inputs((5, 40), 24, torch.float32, device, bias=bias, residual=residual)
+    torch.library.opcheck(_linear_fwd_save, (x, w, b, r, activation, "triton"))
+    dy, h = torch.randn(5, 24, device=device), torch.randn(5, 24, device=device)
+    torch.library.opcheck(_linear_act_grad_saved, (dy, h, activation, bias, "triton"))
+
+
+@pytest.mark.interpreter
+def test_compile_fullgraph_save_preact(device):
+    """The save path under torch.compile(fullgraph=True): no graph break, same values as eager."""
+    from fastvit.ops.linear import save_preact
+
+    x, w, b, r = _inputs((2, 5, 32), 24, torch.float32, device)
+
+    def f(x, w, b, r):
+        return ops.linear(x, w, b, activation="gelu", residual=r, backend="triton", save_preact=True) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with save_preact(True):
+        got, got_grads = _run(compiled, (x, w, b, r), torch.ones(2, 5, 24, device=device))
+    want, want_grads = _run(f, (x, w, b, r), torch.ones(2, 5, 24, device=device))
+    torch.testing.assert_close(got, want)
+    for g, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, e)
+
+
+def _kernel_report():
+    """benchmarks/kernel_report.py by path (the name "benchmarks" is also the tests/benchmarks package)."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(root, "benchmarks", "kernel_report.py")
+    spec = importlib.util.spec_from_file_location("fastvit_kernel_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_gemm_flops_vit_b16_by_hand():
+    """ViT-B/16 at batch 256: M = 256 * 197 = 50432. Per GEMM 2 M N K: qkv 2 * 50432 * 2304 * 768 =
+    178,476,023,808; proj 2 * 50432 * 768 * 768 = 59,492,007,936; fc1 and fc2 2 * 50432 * 3072 * 768 =
+    237,968,031,744. Forward sum 713,904,095,232; training = 3x that (fwd, dgrad, wgrad) = 2,141,712,285,696
+    with the pre-activation saved, + one fc1 GEMM = 2,379,680,317,440 when it is recomputed: 10.0% of before."""
+    report = _kernel_report()
+    before = {r["layer"]: r for r in report.training_gemm_flops(save_preact=False)}
+    after = {r["layer"]: r for r in report.training_gemm_flops(save_preact=True)}
+    assert [before[n]["fwd"] for n in ("qkv", "proj", "fc1", "fc2")] == [
+        178_476_023_808, 59_492_007_936, 237_968_031_744, 237_968_031_744]  # fmt: skip
+    assert (before["fc1"]["M"], before["fc1"]["N"], before["fc1"]["K"]) == (50432, 3072, 768)
+    assert before["fc1"]["recompute"] == 237_968_031_744 and after["fc1"]["recompute"] == 0
+    assert all(before[n]["recompute"] == 0 for n in ("qkv", "proj", "fc2"))
+    summary = report.training_flops_summary()
+    assert summary["before"] == 2_379_680_317_440 and summary["after"] == 2_141_712_285_696
+    assert summary["saved"] == 237_968_031_744
+    assert summary["saved_pct_of_before"] == pytest.approx(10.0)
+    assert summary["extra_pct_over_after"] == pytest.approx(100 / 9)
+    assert summary["saved_preact_bytes_bf16"] == 309_854_208  # 256 * 197 * 3072 * 2 B, the documented 310 MB
+    text = report.training_flops_markdown()
+    assert "before (recompute) 2.380 TFLOP, after (save) 2.142 TFLOP: 10.0% of before saved" in text
+
+
+@pytest.mark.interpreter
+def test_save_preact_skipped_without_autograd(monkeypatch, device):
+    """No input requires grad, or grad is off: save_preact=True runs the plain forward (h is not written)."""
+    import importlib
+
+    linear_module = importlib.import_module("fastvit.ops.linear")  # the module (fastvit.ops.linear is the function)
+
+    def refuse(*args):
+        raise AssertionError("the saving forward ran although autograd records nothing")
+
+    x, w, b = (t.detach() for t in _inputs((6, 16), 12, torch.float32, device, residual=False)[:3])
+    want = ops.linear(x, w, b, activation="gelu", backend="triton")
+    monkeypatch.setattr(linear_module, "_fwd_save", refuse)
+    assert torch.equal(ops.linear(x, w, b, activation="gelu", backend="triton", save_preact=True), want)
+    with torch.no_grad():
+        y = ops.linear(x, w.requires_grad_(), b, activation="gelu", backend="triton", save_preact=True)
+    assert torch.equal(y, want)
+    with pytest.raises(AssertionError, match="the saving forward ran"):  # the patch is live: the check can fail
+        ops.linear(x, w, b, activation="gelu", backend="triton", save_preact=True)
+
+
+@pytest.mark.interpreter
+def test_save_preact_epilogue_sub_tiles(monkeypatch, device):
+    """A forward that stores h splits its epilogue like the GELU gradient (32 values per thread at a time):
+    4 column sub-tiles of a 64 x 64 one-warp tile instead of 2; y, h and the gradients by the three-way rule."""
+    from fastvit.kernels import linear as kernels
+    from fastvit.ops.linear import save_preact
+
+    fwd_args = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 1, "ACT_GRAD": False}
+    assert (kernels._epilogue_split(fwd_args), kernels._epilogue_split(dict(fwd_args, STORE_H=True))) == (2, 4)
+    monkeypatch.setattr(kernels, "_INTERPRET_CONFIG", kernels._config(64, 64, 32, 1, 1, group_m=4))
+    monkeypatch.setattr(kernels, "_MIN_BLOCK_M", 64)
+    x, w, b, r = _inputs((70, 40), 100, torch.float32, device)
+    with save_preact(True):
+        _check("triton", x, w, b, r, "gelu")
+    h = torch.full((70, 100), float("nan"), device=device)
+    y = torch.empty(70, 100, device=device)
+    kernels.linear_fwd(x.detach(), w.detach(), b.detach(), None, "gelu", y, h)
+    torch.testing.assert_close(h, F.linear(x, w, b).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
+def test_save_preact_reaches_the_mlp_layers(monkeypatch, device):
+    """fastvit.layers.Mlp calls ops.linear with save_preact=None: the process default decides. With it on,
+    autograd keeps fc1's (M, hidden) pre-activation and the gradients equal the recomputing run's (fp32)."""
+    from fastvit.layers.mlp import Mlp
+    from fastvit.ops.linear import save_preact
+
+    monkeypatch.setenv("FASTVIT_BACKEND", "triton")
+    mlp = Mlp(16, 48).to(device)
+    x = torch.randn(2, 5, 16, device=device)
+    runs = {}
+    for save in (False, True):
+        leaf = x.clone().requires_grad_()
+        with save_preact(save):
+            saved = _saved_bytes(lambda: mlp(leaf))
+            y = mlp(leaf)
+        runs[save] = (saved, y, *torch.autograd.grad(y.square().sum(), (leaf, *mlp.parameters())))
+    assert runs[True][0] - runs[False][0] == 10 * 48 * 4 - 48 * 4  # + fc1's h, - fc1's bias (not needed)
+    for a, c in zip(runs[False][1:], runs[True][1:]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
