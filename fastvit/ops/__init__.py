@@ -3,7 +3,7 @@
 from fastvit.ops.attention import attention, attention_probs, attention_probs_ref, attention_qkvpacked, attention_ref
 from fastvit.ops.dispatch import BACKENDS, BackendNotSupported
 from fastvit.ops.layer_norm import layer_norm, layer_norm_ref
-from fastvit.ops.linear import linear, linear_ref
+from fastvit.ops.linear import linear, linear_ref, save_preact
 from fastvit.ops.patch_embed import patch_embed, patch_embed_ref
 from fastvit.ops.soft_split import soft_split, soft_split_ref
 
@@ -21,6 +21,7 @@ __all__ = [
     "linear_ref",
     "patch_embed",
     "patch_embed_ref",
+    "save_preact",
     "soft_split",
     "soft_split_ref",
 ]
