@@ -287,8 +287,10 @@ def layer_norm(
         try:  # the signature: validation and the choice are cached per signature (eps keyed with its type)
             key = (
                 (shape := x.shape), (dtype := x.dtype), x.device, weight.shape, (w_dtype := weight.dtype),
-                weight.device, eps, eps.__class__, bias is None or (bias.shape, bias.dtype, bias.device),
-                residual is None or (residual.shape, residual.dtype, residual.device), backend, env_get(ENV_KEY),
+                weight.device, eps, eps.__class__,
+                bias is None or bias.shape, bias is None or bias.dtype, bias is None or bias.device,
+                residual is None or residual.shape, residual is None or residual.dtype,
+                residual is None or residual.device, backend, env_get(ENV_KEY),
             )  # fmt: skip
             chosen = _MEMO.get(key)
         except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong

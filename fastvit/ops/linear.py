@@ -301,8 +301,9 @@ def linear(
         try:  # the signature: validation and the choice are cached per signature
             key = (
                 x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, activation,
-                bias is None or (bias.shape, bias.dtype, bias.device),
-                residual is None or (residual.shape, residual.dtype, residual.device), backend, env_get(ENV_KEY),
+                bias is None or bias.shape, bias is None or bias.dtype, bias is None or bias.device,
+                residual is None or residual.shape, residual is None or residual.dtype,
+                residual is None or residual.device, backend, env_get(ENV_KEY),
             )  # fmt: skip
             chosen = _MEMO.get(key)
         except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong

@@ -351,9 +351,10 @@ def patch_embed(
         try:  # the signature: validation and the choice are cached per signature (patch: an exact int here)
             key = (
                 (shape := x.shape), x.dtype, x.device, weight.shape, weight.dtype, weight.device, patch, pad,
-                bias is None or (bias.shape, bias.dtype, bias.device),
-                pos_embed is None or ((pos_shape := pos_embed.shape), pos_embed.dtype, pos_embed.device),
-                prefix_tokens is None or ((prefix_shape := prefix_tokens.shape), prefix_tokens.dtype, prefix_tokens.device),
+                bias is None or bias.shape, bias is None or bias.dtype, bias is None or bias.device,
+                pos_embed is None or (pos_shape := pos_embed.shape), pos_embed is None or pos_embed.dtype,
+                pos_embed is None or pos_embed.device, prefix_tokens is None or (prefix_shape := prefix_tokens.shape),
+                prefix_tokens is None or prefix_tokens.dtype, prefix_tokens is None or prefix_tokens.device,
                 backend, env_get(ENV_KEY),
             )  # fmt: skip
             chosen = _MEMO.get(key)

@@ -358,8 +358,9 @@ def soft_split(
         try:
             key = (
                 x.shape, x.dtype, x.device, kernel_size, stride, padding, hw, norm_eps,
-                norm_weight is None or (norm_weight.shape, norm_weight.dtype, norm_weight.device),
-                norm_bias is None or (norm_bias.shape, norm_bias.dtype, norm_bias.device), backend, env_get(ENV_KEY),
+                norm_weight is None or norm_weight.shape, norm_weight is None or norm_weight.dtype,
+                norm_weight is None or norm_weight.device, norm_bias is None or norm_bias.shape,
+                norm_bias is None or norm_bias.dtype, norm_bias is None or norm_bias.device, backend, env_get(ENV_KEY),
             )  # fmt: skip
             chosen = _MEMO.get(key)
         except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong

@@ -504,7 +504,8 @@ def test_every_op_checks_and_selects_once_per_signature(monkeypatch):
     x, w, b = torch.randn(1, 5, 16), torch.randn(16), torch.randn(16)
     w1, b1, qkv = torch.randn(48, 16), torch.randn(48), torch.randn(1, 5, 48)
     q = k = v = torch.randn(1, 2, 5, 8)
-    img, wp, cls, pos = torch.randn(1, 3, 32, 32), torch.randn(16, 3, 16, 16), torch.randn(1, 1, 16), torch.randn(1, 5, 16)
+    img, wp = torch.randn(1, 3, 32, 32), torch.randn(16, 3, 16, 16)
+    cls, pos = torch.randn(1, 1, 16), torch.randn(1, 5, 16)
     cases = {
         "layer_norm": lambda: ops.layer_norm(x, w, b, 1e-6, residual=x),
         "linear": lambda: ops.linear(x, w1, b1, residual=qkv),
@@ -518,8 +519,8 @@ def test_every_op_checks_and_selects_once_per_signature(monkeypatch):
         for _ in range(2):
             again = call()
         assert len(calls) == 1, f"{name}: a repeated signature must neither check nor select again"
-        for a, c in zip(first if isinstance(first, tuple) else (first,), again if isinstance(again, tuple) else (again,)):
-            assert torch.equal(a, c), name
+        pairs = zip(*(out if isinstance(out, tuple) else (out,) for out in (first, again)))
+        assert all(torch.equal(a, c) for a, c in pairs), name
 
 
 def test_bools_never_share_a_valid_calls_key():
