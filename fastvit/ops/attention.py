@@ -444,6 +444,8 @@ def attention(
 
         chosen = _OP.resolve(key, backend, q.device, run, q=q, k=k, v=v, scale=scale, dropout_p=dropout_p)
     if chosen == "torch":  # the common CPU case, one frame less
+        if scale is None and not dropout_p:  # SDPA's defaults: parsing no keyword arguments saves ~0.4 us
+            return F.scaled_dot_product_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     return _OP.launchers[chosen](q, k, v, scale, dropout_p)
 
@@ -502,7 +504,10 @@ def attention_qkvpacked(
     if chosen == "torch":  # the common CPU case: _torch_packed_launch inlined
         B, N, C3 = shape
         q, k, v = qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        if scale is None and not dropout_p:  # SDPA's defaults: parsing no keyword arguments saves ~0.4 us
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
         return out.transpose(1, 2).reshape(B, N, C3 // 3)
     return _PACKED.launchers[chosen](qkv, num_heads, scale, dropout_p)
 

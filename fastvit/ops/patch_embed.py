@@ -382,14 +382,14 @@ def patch_embed(
     if chosen == "torch":  # the common CPU case: patch_embed_ref inlined (bit-identical), fewer autograd nodes
         B, _, H, W = shape
         if not (H % patch or W % patch):  # no padding
-            tokens = F.conv2d(x, weight, bias, stride=patch).flatten(2).transpose(1, 2)
+            tokens = F.conv2d(x, weight, bias, patch).flatten(2).transpose(1, 2)
             if prefix_tokens is None:
                 return tokens if pos_embed is None else tokens + pos_embed
             # (1, P, D) / (P, D) prefix tokens and (1, R, D) / (R, D) pos_embed broadcast as they are
             prefix = prefix_tokens if B == 1 and len(prefix_shape) == 3 else prefix_tokens.expand(B, -1, -1)
             if pos_embed is None:
-                return torch.cat([prefix, tokens], dim=1)
+                return torch.cat([prefix, tokens], 1)
             if pos_shape[-2] == (H // patch) * (W // patch):  # pos_embed for the patch tokens only
-                return torch.cat([prefix, tokens + pos_embed], dim=1)
-            return torch.cat([prefix, tokens], dim=1) + pos_embed
+                return torch.cat([prefix, tokens + pos_embed], 1)
+            return torch.cat([prefix, tokens], 1) + pos_embed
     return _OP.launchers[chosen](x, weight, bias, patch, pos_embed, prefix_tokens, pad)

@@ -357,7 +357,7 @@ def soft_split(
     ):  # fmt: skip
         try:
             key = (
-                x.shape, x.dtype, x.device, kernel_size, stride, padding, hw, norm_eps,
+                (shape := x.shape), x.dtype, x.device, kernel_size, stride, padding, hw, norm_eps,
                 norm_weight is None or norm_weight.shape, norm_weight is None or norm_weight.dtype,
                 norm_weight is None or norm_weight.device, norm_bias is None or norm_bias.shape,
                 norm_bias is None or norm_bias.dtype, norm_bias is None or norm_bias.device, backend, env_get(ENV_KEY),
@@ -368,6 +368,11 @@ def soft_split(
         if chosen.__class__ is not str:  # a measured (CUDA, auto) or autocast-only entry, or a miss
             chosen = _OP.slot(chosen, (x, norm_weight, norm_bias))
     if chosen is not None:
+        if chosen == "torch" and norm_weight is None:  # soft_split_ref inlined: what F.unfold calls, on int geometry
+            if hw is not None:
+                B, L, C = shape
+                x = x.transpose(1, 2).reshape(B, C, hw[0], hw[1])
+            return torch._C._nn.im2col(x, kernel_size, 1, padding, stride).transpose(1, 2)
         kernel, features = _PLANS[key]
         return _OP.launchers[chosen](x, hw, kernel, norm_weight, norm_bias, norm_eps, features)
     (kh, kw), (sh, sw) = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1)
