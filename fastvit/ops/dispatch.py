@@ -90,6 +90,7 @@ STATIC_ORDER_SOURCE = (
     "inside CUDA-graph capture / compile tracing before a measurement, and under FASTVIT_DISPATCH=static"
 )
 _MIN_CAPABILITY = (8, 0)
+AUTOCAST_ONLY = "autocast-only"  # the tag of a memo entry valid only under autocast (OpDispatcher.resolve)
 _log = logging.getLogger("fastvit.dispatch")
 _REGISTRY: "OrderedDict[str, OpDispatcher]" = OrderedDict()
 _FALLBACKS: Dict[Tuple[str, str], List[str]] = {}
@@ -123,13 +124,19 @@ def _env(name: str) -> Optional[str]:
     return value or None
 
 
-_ENV_KEY = ENV_VAR.encode()
-_is_compiling = torch.compiler.is_compiling  # bound once: the memo hit pays no attribute lookups
+# The hot path's pieces, bound once so a memo hit pays no attribute lookups: ``env_get(ENV_KEY)`` is
+# FASTVIT_BACKEND's raw value (a memo key part, ~20 ns; os.environ's own dict on POSIX), and
+# ``is_compiling`` is torch.compiler.is_compiling (traced as a constant by dynamo).
+if _ENV_DATA is not None and os.name == "posix":
+    env_get, ENV_KEY = _ENV_DATA.get, ENV_VAR.encode()
+else:  # pragma: no cover - Windows: os.environ upper-cases its keys itself
+    env_get, ENV_KEY = os.environ.get, ENV_VAR
+is_compiling = _is_compiling = torch.compiler.is_compiling
 
 
 def _raw_env_backend() -> Any:
-    """FASTVIT_BACKEND's raw value (a memo key part; ~40 ns)."""
-    return _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(ENV_VAR)
+    """FASTVIT_BACKEND's raw value (a memo key part)."""
+    return env_get(ENV_KEY)
 
 
 def env_backend() -> Optional[str]:
@@ -511,36 +518,50 @@ class OpDispatcher:
 
     # -- the hot path --------------------------------------------------------------------------
 
-    def memo(self, key: Any, backend: Optional[str], *tensors: Optional[torch.Tensor]) -> Optional[str]:
-        """The backend remembered for a call signature ``key`` (shapes, dtypes, devices, flags) under the
-        current explicit / environment backend, or None: then call :meth:`resolve`. ``tensors``: the
-        call's tensors (whether grad is required picks the measured slot on CUDA)."""
-        if _is_compiling():
-            return None  # traced: the full checks and select run (on values cached outside the trace)
-        hit = self._memo.get((key, backend, _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else _raw_env_backend()))
+    @staticmethod
+    def slot(hit: Any, tensors: Sequence[Optional[torch.Tensor]]) -> Optional[str]:
+        """A memo entry as a backend (None: not remembered, check and :meth:`resolve`). The ops look up
+        ``_memo`` themselves, with a flat key ending in (``backend``, ``env_get(ENV_KEY)``), and take a str
+        entry as is; the rest come here: a measured entry (CUDA, auto) answers by whether grad is required,
+        an autocast-only one (see :meth:`resolve`) only while autocast is on for the first tensor's device."""
+        if type(hit) is tuple:  # (AUTOCAST_ONLY, entry): its signature passed the checks under autocast only
+            from fastvit.ops._library import autocast_dtype
+
+            first = next(t for t in tensors if t is not None)
+            if autocast_dtype(first.device) is None:  # autocast is off for these tensors' device
+                return None
+            hit = hit[1]
         if hit is None or type(hit) is str:
             return hit
         return hit.get(_grad_required(tensors))
 
     def resolve(
-        self, key: Any, backend: Optional[str], device: torch.device, run: Optional[Callable[..., Any]], **inputs: Any
-    ) -> str:
-        """Chooses and remembers the backend for ``key`` (the caller has run ``self.check`` already).
+        self, key: Any, backend: Optional[str], device: torch.device, run: Optional[Callable[..., Any]],
+        autocast_only: bool = False, **inputs: Any,
+    ) -> str:  # fmt: skip
+        """Chooses the backend for a call (the caller has run ``self.check`` already) and remembers it
+        under ``key``: the op's full memo key (signature, ``backend``, raw ``FASTVIT_BACKEND``), or None
+        for a call that is not memoised (traced, or arguments the signature does not cover).
+        ``autocast_only``: the checks passed because autocast is on for the first input's device (e.g. mixed
+        dtypes autocast lowers to one), so the entry answers only then (the key need not carry the
+        autocast state).
 
         ``run(backend, **inputs)`` is the op on these inputs with that backend (what measured dispatch times).
         """
-        explicit = backend if backend is not None else env_backend()
         chosen = self.select(backend, device, _run=run, **inputs)
-        if tracing() or _capturing(device):
+        if key is None or tracing() or _capturing(device):
             return chosen  # not remembered: a later eager call may still measure
-        memo_key = (key, backend, _raw_env_backend())
+        explicit = backend if backend is not None else env_backend()
+        entry = self._memo.get(key)
+        if type(entry) is tuple:
+            entry = entry[1]
         if explicit is None and device.type == "cuda" and current_mode() == "measured":
-            slot = self._memo.get(memo_key)
-            if not isinstance(slot, dict):
-                slot = self._memo[memo_key] = {}
-            slot[_grad_required([v for v in inputs.values() if isinstance(v, torch.Tensor)])] = chosen
+            if not isinstance(entry, dict):
+                entry = {}
+            entry[_grad_required([v for v in inputs.values() if isinstance(v, torch.Tensor)])] = chosen
         else:
-            self._memo[memo_key] = chosen
+            entry = chosen
+        self._memo[key] = (AUTOCAST_ONLY, entry) if autocast_only else entry
         return chosen
 
     # -- the choice ----------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from fastvit.ops._library import (
     register_autocast_keep_dtype,
 )
 from fastvit.ops._validate import check_call
-from fastvit.ops.dispatch import OpDispatcher, bucket, no_reasons
+from fastvit.ops.dispatch import ENV_KEY, OpDispatcher, bucket, env_get, is_compiling, no_reasons
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import layer_norm as _triton_kernels
@@ -249,6 +249,7 @@ _OP = OpDispatcher(
     autocast="keep",
     signature=_signature,
 )
+_MEMO = _OP._memo
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -281,15 +282,21 @@ def layer_norm(
         TypeError / ValueError: bad dtypes, shapes or mixed devices, naming the input.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
-    try:  # the signature: validation and the choice are cached per signature
-        key = (
-            x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, eps,
-            None if bias is None else (bias.shape, bias.dtype, bias.device),
-            None if residual is None else (residual.shape, residual.dtype, residual.device),
-        )  # fmt: skip
-        chosen = _OP.memo(key, backend, x, weight, bias, residual)
-    except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
-        key, chosen = None, None
+    key = chosen = None
+    if not is_compiling():  # traced: the full checks and select run (on values cached outside the trace)
+        try:  # the signature: validation and the choice are cached per signature (eps keyed with its type)
+            key = (
+                (shape := x.shape), (dtype := x.dtype), x.device, weight.shape, (w_dtype := weight.dtype),
+                weight.device, eps, eps.__class__,
+                bias is None or bias.shape, bias is None or bias.dtype, bias is None or bias.device,
+                residual is None or residual.shape, residual is None or residual.dtype,
+                residual is None or residual.device, backend, env_get(ENV_KEY),
+            )  # fmt: skip
+            chosen = _MEMO.get(key)
+        except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
+            key = None
+        if chosen.__class__ is not str:  # a measured (CUDA, auto) or autocast-only entry, or a miss
+            chosen = _OP.slot(chosen, (x, weight, bias, residual))
     if chosen is None:
         check_call("fastvit.ops.layer_norm", {"x": x, "weight": weight}, optional={"bias": bias}, eps={"eps": eps})
         _check_inputs(x, weight, bias, residual, eps)
@@ -298,9 +305,14 @@ def layer_norm(
             return layer_norm(x, weight, bias, eps, residual=residual, backend=b)
 
         chosen = _OP.resolve(key, backend, x.device, run, x=x, weight=weight, bias=bias, residual=residual)
+        shape, dtype, w_dtype = x.shape, x.dtype, weight.dtype
     if chosen == "torch":  # the common CPU case: layer_norm_ref inlined (bit-identical), fewer frames
-        if residual is None and weight.dtype is x.dtype:
-            y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-            return y if y.dtype is x.dtype else y.to(x.dtype)  # autocast runs F.layer_norm in fp32
+        if w_dtype is dtype:
+            z = x if residual is None else x + residual
+            # torch.layer_norm is what F.layer_norm calls (its cudnn_enable argument is unused)
+            y = torch.layer_norm(z, (shape[-1],), weight, bias, eps)
+            if y.dtype is not dtype:
+                y = y.to(dtype)  # autocast runs layer_norm in fp32; the op keeps x's dtype
+            return y if residual is None else (y, z)
         return layer_norm_ref(x, weight, bias, eps, residual)
     return _OP.launchers[chosen](x, weight, bias, eps, residual)

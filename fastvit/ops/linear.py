@@ -85,7 +85,7 @@ from fastvit.ops._library import (
     register_autocast_lower,
 )
 from fastvit.ops._validate import check_call, gemm_backend
-from fastvit.ops.dispatch import OpDispatcher, _env, no_reasons
+from fastvit.ops.dispatch import ENV_KEY, OpDispatcher, _env, env_get, is_compiling, no_reasons
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import linear as _triton_kernels
@@ -446,6 +446,7 @@ _OP = OpDispatcher(
     autocast="lower",
     signature=_signature,
 )
+_MEMO = _OP._memo
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -485,16 +486,20 @@ def linear(
             that is not a bool / None, naming the input; a bad ``FASTVIT_SAVE_PREACT`` value.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
-    try:  # the signature: validation and the choice are cached per signature (and autocast state)
-        key = (
-            x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, activation,
-            None if bias is None else (bias.shape, bias.dtype, bias.device),
-            None if residual is None else (residual.shape, residual.dtype, residual.device),
-            torch._C._is_any_autocast_enabled(),
-        )  # fmt: skip
-        chosen = _OP.memo(key, backend, x, weight, bias, residual)
-    except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
-        key, chosen = None, None
+    key = chosen = None
+    if not is_compiling():  # traced: the full checks and select run (on values cached outside the trace)
+        try:  # the signature: validation and the choice are cached per signature
+            key = (
+                x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, activation,
+                bias is None or bias.shape, bias is None or bias.dtype, bias is None or bias.device,
+                residual is None or residual.shape, residual is None or residual.dtype,
+                residual is None or residual.device, backend, env_get(ENV_KEY),
+            )  # fmt: skip
+            chosen = _MEMO.get(key)
+        except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
+            key = None
+        if chosen.__class__ is not str:  # a measured (CUDA, auto) or autocast-only entry, or a miss
+            chosen = _OP.slot(chosen, (x, weight, bias, residual))
     if chosen is None:
         check_call("fastvit.ops.linear", {"x": x, "weight": weight}, optional={"bias": bias, "residual": residual})
         _check_inputs(x, weight, bias, activation, residual)
@@ -503,8 +508,11 @@ def linear(
         def run(b, x, weight, bias, residual):
             return linear(x, weight, bias, activation=activation, residual=residual, backend=b)
 
+        # mixed dtypes pass the checks only under autocast (which lowers them to one): such an entry answers
+        # only under autocast, so the key need not carry the autocast state
+        mixed = any(t is not None and t.dtype != x.dtype for t in (weight, bias, residual))
         chosen = _OP.resolve(
-            key, backend, x.device, run, x=x, weight=weight, bias=bias, residual=residual, activation=activation
+            key, backend, x.device, run, mixed, x=x, weight=weight, bias=bias, residual=residual, activation=activation
         )
     if save_preact is not None and save_preact is not True and save_preact is not False:
         _check_flag(save_preact, "save_preact")

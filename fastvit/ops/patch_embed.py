@@ -51,7 +51,7 @@ from fastvit.ops._library import (
     register_autocast_lower,
 )
 from fastvit.ops._validate import check_call
-from fastvit.ops.dispatch import OpDispatcher, no_reasons, tensor_signature
+from fastvit.ops.dispatch import ENV_KEY, OpDispatcher, env_get, is_compiling, no_reasons
 
 if kernels.TRITON_IMPORT_ERROR is None:
     from fastvit.kernels import patch_embed as _triton_kernels
@@ -293,6 +293,8 @@ _OP = OpDispatcher(
     autocast="lower",
     launchers={"torch": _torch_launch, "triton": _kernel_launch("triton"), "cuda": _kernel_launch("cuda")},
 )
+_MEMO = _OP._memo
+_autocast_on = torch._C._is_any_autocast_enabled
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -334,20 +336,32 @@ def patch_embed(
         TypeError / ValueError: bad dtypes, shapes, patch size or mixed devices, naming the input.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
-    patch = _patch_size(patch_size)
-    lowered = autocast_dtype(x.device) if isinstance(x, Tensor) else None
-    if lowered is not None:
-        # Like a conv under autocast, on every backend: all floating inputs in the autocast dtype (timm's
-        # eager composition would instead promote the result back to fp32 in cat / + pos_embed).
-        x, weight, bias, pos_embed, prefix_tokens = (
-            t.to(lowered) if isinstance(t, Tensor) and t.is_floating_point() else t
-            for t in (x, weight, bias, pos_embed, prefix_tokens)
-        )
-    try:  # the signature: validation and the choice are cached per signature
-        key = (patch, pad, *(tensor_signature(t) for t in (x, weight, bias, pos_embed, prefix_tokens)))
-        chosen = _OP.memo(key, backend, x, weight, bias, pos_embed, prefix_tokens)
-    except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
-        key, chosen = None, None
+    patch = patch_size if patch_size.__class__ is int and patch_size > 0 else _patch_size(patch_size)
+    if _autocast_on():
+        lowered = autocast_dtype(x.device) if isinstance(x, Tensor) else None
+        if lowered is not None:
+            # Like a conv under autocast, on every backend: all floating inputs in the autocast dtype (timm's
+            # eager composition would instead promote the result back to fp32 in cat / + pos_embed).
+            x, weight, bias, pos_embed, prefix_tokens = (
+                t.to(lowered) if isinstance(t, Tensor) and t.is_floating_point() else t
+                for t in (x, weight, bias, pos_embed, prefix_tokens)
+            )
+    key = chosen = pos_shape = prefix_shape = None
+    if not is_compiling():  # traced: the full checks and select run (on values cached outside the trace)
+        try:  # the signature: validation and the choice are cached per signature (patch: an exact int here)
+            key = (
+                (shape := x.shape), x.dtype, x.device, weight.shape, weight.dtype, weight.device, patch, pad,
+                bias is None or bias.shape, bias is None or bias.dtype, bias is None or bias.device,
+                pos_embed is None or (pos_shape := pos_embed.shape), pos_embed is None or pos_embed.dtype,
+                pos_embed is None or pos_embed.device, prefix_tokens is None or (prefix_shape := prefix_tokens.shape),
+                prefix_tokens is None or prefix_tokens.dtype, prefix_tokens is None or prefix_tokens.device,
+                backend, env_get(ENV_KEY),
+            )  # fmt: skip
+            chosen = _MEMO.get(key)
+        except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
+            key = None
+        if chosen.__class__ is not str:  # a measured (CUDA, auto) or autocast-only entry, or a miss
+            chosen = _OP.slot(chosen, (x, weight, bias, pos_embed, prefix_tokens))
     if chosen is None:
         check_call(
             "fastvit.ops.patch_embed", {"x": x, "weight": weight}, optional={"bias": bias, "pos_embed": pos_embed}
@@ -362,4 +376,20 @@ def patch_embed(
         chosen = _OP.resolve(
             key, backend, x.device, run, x=x, weight=weight, bias=bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens
         )
+        shape = x.shape
+        pos_shape = pos_embed.shape if pos_embed is not None else None
+        prefix_shape = prefix_tokens.shape if prefix_tokens is not None else None
+    if chosen == "torch":  # the common CPU case: patch_embed_ref inlined (bit-identical), fewer autograd nodes
+        B, _, H, W = shape
+        if not (H % patch or W % patch):  # no padding
+            tokens = F.conv2d(x, weight, bias, patch).flatten(2).transpose(1, 2)
+            if prefix_tokens is None:
+                return tokens if pos_embed is None else tokens + pos_embed
+            # (1, P, D) / (P, D) prefix tokens and (1, R, D) / (R, D) pos_embed broadcast as they are
+            prefix = prefix_tokens if B == 1 and len(prefix_shape) == 3 else prefix_tokens.expand(B, -1, -1)
+            if pos_embed is None:
+                return torch.cat([prefix, tokens], 1)
+            if pos_shape[-2] == (H // patch) * (W // patch):  # pos_embed for the patch tokens only
+                return torch.cat([prefix, tokens + pos_embed], 1)
+            return torch.cat([prefix, tokens], 1) + pos_embed
     return _OP.launchers[chosen](x, weight, bias, patch, pos_embed, prefix_tokens, pad)

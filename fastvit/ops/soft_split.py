@@ -37,7 +37,7 @@ from fastvit._geometry import int_pair, unfold_grid
 from fastvit.ops import _cuda_backends as _cuda
 from fastvit.ops._library import FLOAT_DTYPES, check_tensors, direct, eager_op, new_output, register_autocast_keep_dtype
 from fastvit.ops._validate import check_call
-from fastvit.ops.dispatch import OpDispatcher, no_reasons
+from fastvit.ops.dispatch import ENV_KEY, OpDispatcher, env_get, is_compiling, no_reasons
 from fastvit.ops.layer_norm import check_affine, layer_norm_ref
 
 if kernels.TRITON_IMPORT_ERROR is None:
@@ -307,6 +307,7 @@ _OP = OpDispatcher(
 
 # ------------------------------------------------------------------------------------ public API
 
+_MEMO = _OP._memo
 # signature key -> (kernel, features) of a call that passed the checks (a function of the key alone)
 _PLANS: Dict[Any, Tuple[List[int], int]] = {}
 
@@ -345,23 +346,33 @@ def soft_split(
         TypeError / ValueError: bad dtypes, shapes, geometry or mixed devices, naming the input.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
-    key, chosen = None, None
+    key = chosen = None
     # The signature: validation (shapes, dtypes, devices only) and the choice are cached per signature. Only
-    # for exactly-typed geometry (True == 1 and 8.0 == 8 would otherwise share a key with a valid call).
+    # for exactly-typed geometry (True == 1 and 8.0 == 8 would otherwise share a key with a valid call), and
+    # not while traced (the full checks and select run then, on values cached outside the trace).
     if (
         type(kernel_size) is int and type(stride) is int and type(padding) is int and type(norm_eps) is float
         and (hw is None or (type(hw) is tuple and len(hw) == 2 and type(hw[0]) is int and type(hw[1]) is int))
+        and not is_compiling()
     ):  # fmt: skip
         try:
             key = (
-                x.shape, x.dtype, x.device, kernel_size, stride, padding, hw, norm_eps,
-                None if norm_weight is None else (norm_weight.shape, norm_weight.dtype, norm_weight.device),
-                None if norm_bias is None else (norm_bias.shape, norm_bias.dtype, norm_bias.device),
+                (shape := x.shape), x.dtype, x.device, kernel_size, stride, padding, hw, norm_eps,
+                norm_weight is None or norm_weight.shape, norm_weight is None or norm_weight.dtype,
+                norm_weight is None or norm_weight.device, norm_bias is None or norm_bias.shape,
+                norm_bias is None or norm_bias.dtype, norm_bias is None or norm_bias.device, backend, env_get(ENV_KEY),
             )  # fmt: skip
-            chosen = _OP.memo(key, backend, x, norm_weight, norm_bias)
+            chosen = _MEMO.get(key)
         except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
-            key, chosen = None, None
+            key = None
+        if chosen.__class__ is not str:  # a measured (CUDA, auto) or autocast-only entry, or a miss
+            chosen = _OP.slot(chosen, (x, norm_weight, norm_bias))
     if chosen is not None:
+        if chosen == "torch" and norm_weight is None:  # soft_split_ref inlined: what F.unfold calls, on int geometry
+            if hw is not None:
+                B, L, C = shape
+                x = x.transpose(1, 2).reshape(B, C, hw[0], hw[1])
+            return torch._C._nn.im2col(x, kernel_size, 1, padding, stride).transpose(1, 2)
         kernel, features = _PLANS[key]
         return _OP.launchers[chosen](x, hw, kernel, norm_weight, norm_bias, norm_eps, features)
     (kh, kw), (sh, sw) = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1)
@@ -379,9 +390,7 @@ def soft_split(
     inputs = dict(
         x=x, norm_weight=norm_weight, norm_bias=norm_bias, hw=hw, channels=features // (kh * kw), window=kh * kw
     )
-    if key is None or torch.compiler.is_compiling():  # nothing is remembered inside a trace
-        chosen = _OP.select(backend, x.device, _run=run, **inputs)
-    else:
+    if key is not None:
         _PLANS[key] = (kernel, features)
-        chosen = _OP.resolve(key, backend, x.device, run, **inputs)
+    chosen = _OP.resolve(key, backend, x.device, run, **inputs)
     return _OP.launchers[chosen](x, hw, kernel, norm_weight, norm_bias, norm_eps, features)

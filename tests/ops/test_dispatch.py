@@ -494,3 +494,99 @@ def test_compile_fullgraph_with_the_environment_switch_and_memoised_signatures(m
         torch.testing.assert_close(c, a)
     compiled[0].sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+# ------------------------------------------------------------------------------ the memo's keys (hot path)
+
+
+def _count_selects(monkeypatch, name):
+    row = dispatch.registered_ops()[name]
+    calls = []
+    real = row.select
+    monkeypatch.setattr(row, "select", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_every_op_checks_and_selects_once_per_signature(monkeypatch):
+    x, w, b = torch.randn(1, 5, 16), torch.randn(16), torch.randn(16)
+    w1, b1, qkv = torch.randn(48, 16), torch.randn(48), torch.randn(1, 5, 48)
+    q = k = v = torch.randn(1, 2, 5, 8)
+    img, wp = torch.randn(1, 3, 32, 32), torch.randn(16, 3, 16, 16)
+    cls, pos = torch.randn(1, 1, 16), torch.randn(1, 5, 16)
+    cases = {
+        "layer_norm": lambda: ops.layer_norm(x, w, b, 1e-6, residual=x),
+        "linear": lambda: ops.linear(x, w1, b1, residual=qkv),
+        "attention": lambda: ops.attention(q, k, v, scale=0.5),
+        "attention_qkvpacked": lambda: ops.attention_qkvpacked(qkv, 2),
+        "patch_embed": lambda: ops.patch_embed(img, wp, b, patch_size=16, pos_embed=pos, prefix_tokens=cls),
+    }
+    for name, call in cases.items():
+        calls = _count_selects(monkeypatch, name)
+        first = call()
+        for _ in range(2):
+            again = call()
+        assert len(calls) == 1, f"{name}: a repeated signature must neither check nor select again"
+        pairs = zip(*(out if isinstance(out, tuple) else (out,) for out in (first, again)))
+        assert all(torch.equal(a, c) for a, c in pairs), name
+
+
+def test_bools_never_share_a_valid_calls_key():
+    """hash(True) == hash(1) and True == 1.0: a memoised valid call must not let the bool through."""
+    qkv, x, w, b = torch.randn(1, 5, 48), torch.randn(1, 5, 16), torch.randn(16), torch.randn(16)
+    ops.attention_qkvpacked(qkv, 1)
+    with pytest.raises(ValueError, match="num_heads must be a positive int, got True"):
+        ops.attention_qkvpacked(qkv, True)
+    ops.layer_norm(x, w, b, 1.0)
+    with pytest.raises(TypeError, match="eps must be a float, got bool True"):
+        ops.layer_norm(x, w, b, True)
+    img, wp = torch.randn(1, 3, 2, 2), torch.randn(4, 3, 1, 1)
+    ops.patch_embed(img, wp, None, patch_size=1)
+    with pytest.raises(TypeError, match="patch_size must be a positive int"):
+        ops.patch_embed(img, wp, None, patch_size=True)
+
+
+def test_the_environment_switch_is_read_on_every_call_after_a_memo_hit(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    x, w, b = torch.randn(2, 16), torch.randn(16), torch.randn(16)
+    for _ in range(2):
+        ops.layer_norm(x, w, b)  # memoised under auto
+    monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
+    with pytest.raises(ops.BackendNotSupported, match="FASTVIT_BACKEND='cuda'"):
+        ops.layer_norm(x, w, b)
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    torch.testing.assert_close(ops.layer_norm(x, w, b), torch.nn.functional.layer_norm(x, (16,), w, b, 1e-6))
+
+
+def test_a_signature_valid_only_under_autocast_is_refused_outside_it():
+    """linear's mixed dtypes pass its checks under autocast only; the memo key has no autocast state, so
+    the entry is tagged and answers only under autocast."""
+    x, w = torch.randn(2, 8), torch.randn(4, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            assert ops.linear(x, w).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="weight dtype torch.bfloat16 must equal x's dtype torch.float32"):
+        ops.linear(x, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.linear(x, w).dtype == torch.bfloat16  # still served
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("layout", ["cls_pos_all", "pos_patches_only", "prefix_2d_no_pos", "no_prefix"])
+def test_patch_embed_torch_path_is_bit_identical_to_the_reference(batch, layout):
+    from fastvit.ops.patch_embed import patch_embed_ref
+
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    img, wp, bp = t(batch, 3, 8, 8), t(16, 3, 4, 4), t(16)
+    prefix = {"cls_pos_all": t(1, 2, 16), "pos_patches_only": t(1, 1, 16), "prefix_2d_no_pos": t(2, 16)}.get(layout)
+    pos = {"cls_pos_all": t(1, 6, 16), "pos_patches_only": t(4, 16), "no_prefix": t(1, 4, 16)}.get(layout)
+    leaves = [a for a in (img, wp, bp, prefix, pos) if a is not None]
+    outs = []
+    for fn in (ops.patch_embed, patch_embed_ref):
+        y = fn(img, wp, bp, patch_size=4, pos_embed=pos, prefix_tokens=prefix)
+        outs.append((y, *torch.autograd.grad(y, leaves, torch.ones_like(y))))
+    for a, c in zip(*outs):
+        assert torch.equal(a, c), layout
