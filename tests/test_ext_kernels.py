@@ -1,12 +1,13 @@
 """fastvit._C's soft_split, patch_embed and linear kernels (csrc/) and their launchers
-(fastvit/ops/_cuda_backends.py).
+(fastvit/ops/_cuda_backends.py): the extension itself, on any machine.
 
-Without a GPU: the module carries the entry points, argument errors are ValueErrors raised before any
-device check, a call with valid arguments is a RuntimeError saying there is no usable CUDA device, and
-cuBLASLt is loaded with dlopen (from the nvidia wheel torch installs) or refused with an error naming
-every place searched. With a GPU (marked ``gpu``): every launcher against the op's reference (three-way
-rule for the GEMMs, the tolerance table for the gather + LayerNorm), outputs and gradients, on ragged
-shapes, layouts and all three dtypes, plus one compute-sanitizer memcheck run of each kernel.
+The module carries the entry points, argument errors are ValueErrors raised before any device check,
+a call with valid arguments on a machine without a GPU is a RuntimeError saying there is no usable
+CUDA device, cuBLASLt is loaded with dlopen (from the nvidia wheel torch installs) or refused with an
+error naming every place searched, the code tables come from the extension, the Args structs are bound
+by name, and every launcher's arguments pass the C++ checks. The kernels' results (against each op's
+reference, on ragged shapes, layouts and all three dtypes) and their compute-sanitizer runs are tested
+with the other backends in tests/ops/test_<op>.py, parametrised by backend.
 """
 
 from __future__ import annotations
@@ -20,15 +21,10 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastvit import _ext
 from fastvit.ops import _cuda_backends as cuda
-from fastvit.ops._library import new_output
-from fastvit.ops.linear import _activate, linear_ref
-from fastvit.ops.patch_embed import patch_embed_ref
-from fastvit.ops.soft_split import _geometry, soft_split_ref
-from fastvit.testing import GRAD_TOLERANCE_SCALE, assert_close, assert_three_way, poisoned_outputs
+from fastvit.ops.soft_split import _geometry
 from tests.conftest import HAS_GPU
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -305,7 +301,7 @@ def test_args_structs_are_bound_by_name(case, tmp_path):
 
 
 def _marshalling_calls():
-    """Every launcher on CPU tensors shaped like the GPU cases below."""
+    """Every launcher on CPU tensors shaped like the compute-sanitizer cases in tests/ops/test_<op>.py."""
     h = torch.float16
     tokens = torch.randn(2, 49, 8, dtype=h)
     geometry, strides = _geometry(tokens, [7, 7])
@@ -357,265 +353,3 @@ def test_launchers_pass_the_extension_checks(name, monkeypatch):
     monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
     with pytest.raises(RuntimeError, match=rf"fastvit\._C\.{name}: no usable CUDA device"):
         _marshalling_calls()[name]()
-
-
-# ---------------------------------------------------------------------------------------------- GPU
-# The launchers are called directly (the ops files wire them in as backend="cuda"); references are the
-# ops' own <op>_ref functions.
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _soft_split_run(x, hw, kernel, norm_weight, norm_bias, eps, dy):
-    """Forward and backward through the cuda launchers; returns y (B, L, F), dx, dweight, dbias."""
-    geometry, strides = _geometry(x, hw)
-    kh, kw, sh, sw, ph, pw = kernel
-    B, C, H, W = geometry
-    L = ((H + 2 * ph - kh) // sh + 1) * ((W + 2 * pw - kw) // sw + 1)
-    rows, features = B * L, C * kh * kw
-    has_ln = norm_weight is not None
-    y = new_output((rows, features), x)
-    mean = new_output((rows,), x, torch.float32) if has_ln else None
-    rstd = new_output((rows,), x, torch.float32) if has_ln else None
-    cuda.soft_split_fwd(x, strides, geometry, kernel, norm_weight, norm_bias, eps, y, mean, rstd)
-    dx = new_output(x.shape, x)
-    _, dx_strides = _geometry(dx, hw)
-    dweight, dbias = cuda.soft_split_bwd(
-        dy.reshape(rows, features).contiguous(), x, strides, geometry, kernel, norm_weight, mean, rstd,
-        norm_bias is not None, True, dx, dx_strides,
-    )  # fmt: skip
-    return y.view(B, L, features), dx, dweight, dbias
-
-
-SOFT_SPLIT_CASES = [
-    # (input shape, hw, kernel (kh, kw, sh, sw, ph, pw), layout)
-    ((2, 3, 224, 224), None, (7, 7, 4, 4, 2, 2), "nchw"),  # T2T stage 0
-    ((2, 3136, 64), (56, 56), (3, 3, 2, 2, 1, 1), "tokens"),  # T2T stage 1
-    ((3, 784, 64), (28, 28), (3, 3, 2, 2, 1, 1), "tokens"),  # T2T stage 2
-    ((1, 5, 13, 11), None, (3, 2, 2, 3, 1, 0), "channels_last"),  # ragged, rectangular window
-    ((3, 4, 9, 10), None, (2, 2, 3, 3, 0, 0), "nchw"),  # stride > kernel: unread pixels get 0
-    ((2, 35, 6), (5, 7), (4, 4, 1, 1, 2, 2), "strided_tokens"),  # tokens sliced from a wider buffer
-]
-
-
-def _soft_split_input(shape, layout, dtype):
-    if layout == "channels_last":
-        return torch.randn(shape, device="cuda").to(dtype).to(memory_format=torch.channels_last)
-    if layout == "strided_tokens":
-        return torch.randn((*shape[:-1], shape[-1] * 2), device="cuda").to(dtype)[..., 1::2]
-    return torch.randn(shape, device="cuda").to(dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("norm", ["none", "ln", "ln_fp32_weight"])
-@pytest.mark.parametrize("shape,hw,kernel,layout", SOFT_SPLIT_CASES)
-def test_gpu_soft_split_matches_reference(shape, hw, kernel, layout, norm, dtype):
-    x = _soft_split_input(shape, layout, dtype)
-    C = shape[2] if hw else shape[1]
-    features = C * kernel[0] * kernel[1]
-    w_dtype = torch.float32 if norm == "ln_fp32_weight" else dtype
-    nw = (1 + 0.5 * torch.randn(features, device="cuda")).to(w_dtype) if norm != "none" else None
-    nb = (0.5 * torch.randn(features, device="cuda")).to(w_dtype) if norm != "none" else None
-    geo = dict(kernel_size=kernel[:2], stride=kernel[2:4], padding=kernel[4:], hw=hw)
-    # The oracle: fp32 leaves, so its gradients are not rounded back to the kernel's dtype.
-    leaves = [t.detach().float().requires_grad_() for t in (x, nw, nb) if t is not None]
-    x32, nw32, nb32 = leaves + [None] * (3 - len(leaves))
-    ref = soft_split_ref(x32, norm_weight=nw32, norm_bias=nb32, norm_eps=1e-5, **geo)
-    dy = torch.randn_like(ref).to(dtype)
-    grads_ref = torch.autograd.grad(ref, leaves, dy.float())
-    with poisoned_outputs(), torch.no_grad():
-        y, dx, dweight, dbias = _soft_split_run(x, hw, kernel, nw, nb, 1e-5, dy)
-    if nw is None:
-        assert torch.equal(y, soft_split_ref(x, **geo)), "the gather without LayerNorm must be exact"
-    else:
-        assert_close(y, ref, dtype, name="y")
-    assert_close(dx, grads_ref[0], dtype, name="dx")
-    if nw is not None:
-        assert_close(dweight, grads_ref[1], dtype, scale=GRAD_TOLERANCE_SCALE, name="dnorm_weight")
-        assert_close(dbias, grads_ref[2], dtype, scale=GRAD_TOLERANCE_SCALE, name="dnorm_bias")
-
-
-def _patch_inputs(B, C, H, W, D, patch, P, pos, dtype, layout):
-    x = torch.randn(B, C, H, W, device="cuda").to(dtype)
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-    weight = (torch.randn(D, C, patch, patch, device="cuda") / (C * patch * patch) ** 0.5).to(dtype)
-    bias = torch.randn(D, device="cuda").to(dtype)
-    prefix = torch.randn(P, D, device="cuda").to(dtype) if P else None
-    N = -(-H // patch) * -(-W // patch)
-    rows = {"none": 0, "patches": N, "all": N + P}[pos]
-    pos_embed = torch.randn(rows, D, device="cuda").to(dtype) if rows else None
-    return x, weight, bias, pos_embed, prefix
-
-
-PATCH_CASES = [
-    # (B, C, H, W, D, patch, P, pos, layout)
-    (2, 3, 32, 32, 64, 16, 0, "none", "nchw"),
-    (3, 3, 48, 32, 96, 16, 1, "all", "nchw"),  # ViT class token, pos over cls + patches
-    (1, 3, 32, 32, 80, 8, 2, "patches", "channels_last"),  # distilled DeiT, no_embed_class
-    (5, 4, 30, 27, 64, 8, 1, "patches", "nchw"),  # ragged: zero-padded right / bottom
-    (2, 3, 224, 224, 768, 16, 1, "all", "nchw"),  # ViT-B/16
-]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,C,H,W,D,patch,P,pos,layout", PATCH_CASES)
-def test_gpu_patch_embed_matches_reference(B, C, H, W, D, patch, P, pos, layout, dtype):
-    x, weight, bias, pos_embed, prefix = _patch_inputs(B, C, H, W, D, patch, P, pos, dtype, layout)
-    kw = dict(patch_size=patch, pad=True)
-
-    def reference(*tensors, dt):
-        xx, ww, bb, pp, pre = (t.to(dt) if t is not None else None for t in tensors)
-        return patch_embed_ref(xx, ww, bb, pos_embed=pp, prefix_tokens=pre, **kw)
-
-    leaves = [t.detach().double().requires_grad_() for t in (x, weight)]
-    ref = reference(leaves[0], leaves[1], bias, pos_embed, prefix, dt=torch.float64)
-    low_leaves = [t.detach().requires_grad_() for t in (x, weight)]
-    low = reference(low_leaves[0], low_leaves[1], bias, pos_embed, prefix, dt=dtype)
-    dout = torch.randn_like(low)
-    dref = torch.autograd.grad(ref, leaves, dout.double())
-    dlow = torch.autograd.grad(low, low_leaves, dout)
-    with poisoned_outputs():
-        out = new_output(low.shape, x)
-        cuda.patch_embed_fwd(x, weight, bias, pos_embed, prefix, out)
-        dx, dweight = cuda.patch_embed_bwd(dout.contiguous(), x, weight, P, True, True)
-    assert_three_way(out, ref, low, name="out")
-    assert_three_way(dx, dref[0], dlow[0], factor=3.0, name="dx")
-    assert_three_way(dweight, dref[1], dlow[1], factor=3.0, name="dweight")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_patch_embed_pos_gemm_cache_is_reused(dtype):
-    # The pos-embed GEMM has a stride-0 addend that cuBLASLt may reject (NOT_SUPPORTED / no result): then
-    # patch_embed_fwd adds the pos-embed in its own kernel. Either answer is cached per problem, so the
-    # second call takes the cached path and must give the same result as the first.
-    x, weight, bias, pos_embed, prefix = _patch_inputs(2, 3, 32, 32, 64, 16, 1, "all", dtype, "nchw")
-    ref = patch_embed_ref(
-        x.float(),
-        weight.float(),
-        bias.float(),
-        pos_embed=pos_embed.float(),
-        prefix_tokens=prefix.float(),
-        patch_size=16,
-        pad=True,
-    )
-    outs = []
-    for _ in range(2):
-        with poisoned_outputs():
-            out = new_output(ref.shape, x)
-            cuda.patch_embed_fwd(x, weight, bias, pos_embed, prefix, out)
-        outs.append(out)
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
-    assert_close(outs[0], ref, dtype, name="out")
-
-
-LINEAR_CASES = [
-    # (M, K, N, activation, residual, bias)
-    (197, 64, 256, "gelu", False, True),
-    (197, 256, 64, None, True, True),
-    (577, 96, 384, "gelu_tanh", False, True),
-    (577, 96, 384, "gelu_tanh", True, False),
-    (50, 80, 320, "quick_gelu", True, True),
-    (1, 64, 96, "gelu", True, True),
-    (3136, 64, 256, "gelu", False, True),
-    (4100, 768, 3072, "gelu", False, True),
-]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,K,N,activation,residual,has_bias", LINEAR_CASES)
-def test_gpu_linear_matches_reference(M, K, N, activation, residual, has_bias, dtype):
-    # x as a column slice of a wider buffer: a row stride the launcher must honour without a copy.
-    x = torch.randn(M, K + 8, device="cuda").to(dtype)[:, 4 : 4 + K]
-    weight = (torch.randn(N, K, device="cuda") / K**0.5).to(dtype)
-    bias = torch.randn(N, device="cuda").to(dtype) if has_bias else None
-    res = torch.randn(M, N, device="cuda").to(dtype) if residual else None
-    ref = linear_ref(x, weight, bias, activation, res, upcast=True).double()
-    low = linear_ref(x, weight, bias, activation, res)
-    with poisoned_outputs():
-        y = new_output((M, N), x)
-        cuda.linear_fwd(x, weight, bias, res, activation, y)
-    assert_three_way(y, ref, low, name="y")
-    if activation is None:
-        return
-    dy = torch.randn(M, N, device="cuda").to(dtype)
-
-    def act_grad(dt):
-        h = F.linear(x.to(dt), weight.to(dt), bias.to(dt) if bias is not None else None).detach().requires_grad_()
-        (g,) = torch.autograd.grad(_activate(h, activation), h, dy.to(dt))
-        return g
-
-    g_ref, g_low = act_grad(torch.float64), act_grad(dtype)
-    with poisoned_outputs():
-        g = new_output((M, N), dy)
-        dbias = cuda.linear_act_grad(dy, x, weight, bias, activation, g, has_bias)
-    assert_three_way(g, g_ref, g_low, factor=3.0, name="g")
-    if has_bias:
-        assert_three_way(dbias, g_ref.sum(0), g_low.float().sum(0), factor=3.0, name="dbias")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["highest", "high"])
-def test_gpu_linear_fp32_follows_torch_matmul_precision(precision):
-    x, weight = torch.randn(256, 512, device="cuda"), torch.randn(384, 512, device="cuda") / 512**0.5
-    previous = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision(precision)
-        y = new_output((256, 384), x)
-        cuda.linear_fwd(x, weight, None, None, None, y)
-        low = F.linear(x, weight)
-    finally:
-        torch.set_float32_matmul_precision(previous)
-    assert_three_way(y, F.linear(x.double(), weight.double()), low, name=f"y ({precision})")
-
-
-_SANITIZER_SCRIPT = """
-import torch
-from fastvit.ops import _cuda_backends as cuda
-from fastvit.ops._library import new_output
-from fastvit.ops.soft_split import _geometry
-torch.manual_seed(0)
-x = torch.randn(2, 49, 8, device="cuda", dtype=torch.float16)
-geometry, strides = _geometry(x, [7, 7])
-nw, nb = torch.ones(72, device="cuda", dtype=torch.float16), torch.zeros(72, device="cuda", dtype=torch.float16)
-y = new_output((32, 72), x); mean = new_output((32,), x, torch.float32); rstd = new_output((32,), x, torch.float32)
-cuda.soft_split_fwd(x, strides, geometry, (3, 3, 2, 2, 1, 1), nw, nb, 1e-5, y, mean, rstd)
-dx = new_output(x.shape, x)
-cuda.soft_split_bwd(torch.randn_like(y), x, strides, geometry, (3, 3, 2, 2, 1, 1), nw, mean, rstd, True, True, dx,
-                    _geometry(dx, [7, 7])[1])
-img = torch.randn(2, 3, 30, 27, device="cuda", dtype=torch.bfloat16)
-w = torch.randn(64, 3, 8, 8, device="cuda", dtype=torch.bfloat16)
-b, cls, pos = (torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in ((64,), (1, 64), (17, 64)))
-out = new_output((2, 17, 64), img)
-cuda.patch_embed_fwd(img, w, b, pos, cls, out)
-cuda.patch_embed_bwd(torch.randn_like(out), img, w, 1, True, True)
-a = torch.randn(33, 64, device="cuda", dtype=torch.float16)
-lw, lb = torch.randn(96, 64, device="cuda", dtype=torch.float16), torch.randn(96, device="cuda", dtype=torch.float16)
-res = torch.randn(33, 96, device="cuda", dtype=torch.float16)
-for act in (None, "gelu", "gelu_tanh", "quick_gelu"):
-    cuda.linear_fwd(a, lw, lb, res, act, new_output((33, 96), a))
-    if act:
-        cuda.linear_act_grad(res, a, lw, lb, act, new_output((33, 96), a), True)
-torch.cuda.synchronize()
-print("ran every kernel")
-"""
-
-
-@pytest.mark.gpu
-@pytest.mark.slow
-def test_gpu_compute_sanitizer_memcheck_is_clean():
-    sanitizer = shutil.which("compute-sanitizer") or next(
-        (p for p in ("/usr/local/cuda/bin/compute-sanitizer",) if os.path.exists(p)), None
-    )
-    if sanitizer is None:
-        pytest.skip("compute-sanitizer is not installed (it ships with the CUDA toolkit)")
-    out = subprocess.run(
-        [sanitizer, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", _SANITIZER_SCRIPT],
-        capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )  # fmt: skip
-    assert out.returncode == 0 and "ran every kernel" in out.stdout, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "ERROR SUMMARY: 0 errors" in out.stdout + out.stderr

@@ -1,8 +1,8 @@
 """ops.layer_norm: outputs and every gradient against the fp32 reference, on each backend available.
 
 Without a GPU the Triton kernels run under the interpreter on small row counts (every width the
-issue lists, fp32 and fp16); the GPU cases (bf16, the cuda backend, ViT-sized row counts) are marked
-``gpu``. The reference is ``layer_norm_ref(..., upcast=True)``.
+issue lists, fp32 and fp16); the GPU cases (bf16, the cuda backend, ViT-sized row counts, the cuda
+kernels under compute-sanitizer) are marked ``gpu``. The reference is ``layer_norm_ref(..., upcast=True)``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from fastvit import ops
 from fastvit.ops.layer_norm import _layer_norm_fwd
 from fastvit.testing import GRAD_TOLERANCE_SCALE, assert_close, poisoned_outputs
-from tests.ops.backends import kernel_backends
+from tests.ops.backends import kernel_backends, run_under_memcheck
 
 WIDTHS = [147, 576, 768, 1023, 1024, 1280]
 
@@ -266,6 +266,24 @@ def test_gpu_deterministic(backend):
         runs.append((y, z, *torch.autograd.grad((y, z), (x, r, w, b), (torch.ones_like(y), torch.ones_like(z)))))
     for a, c in zip(*runs):
         assert torch.equal(a, c)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_cuda_kernels_pass_memcheck():
+    """The cuda backend's forward and backward kernels, with and without residual, a narrow fp16 row and a
+    row wider than one block (the looping kernel), under compute-sanitizer."""
+    run_under_memcheck(
+        """
+for rows, cols in ((33, 64), (5, 12000)):
+    x, r = (torch.randn(rows, cols, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(2))
+    w, b = (torch.randn(cols, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(2))
+    y, z = ops.layer_norm(x, w, b, residual=r, backend="cuda")
+    torch.autograd.grad((y, z), (x, r, w, b), (torch.randn_like(y), torch.randn_like(z)))
+    y = ops.layer_norm(x, w, None, backend="cuda")
+    torch.autograd.grad(y, (x, w), torch.randn_like(y))
+"""
+    )
 
 
 @pytest.mark.gpu

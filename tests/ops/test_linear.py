@@ -3,7 +3,8 @@
 The kernel's error against the fp64 reference (``linear_ref`` on fp64 copies) must be at most 2x
 (output) / 3x (gradients) the error of the same torch computation in the kernel's dtype, plus the
 dtype's rounding floor (fastvit.testing.assert_three_way). Without a GPU the Triton kernels run under
-the interpreter on small shapes in fp32 and fp16; bf16, TF32 and ViT-sized GEMMs are marked ``gpu``.
+the interpreter on small shapes in fp32 and fp16; bf16, TF32, ViT-sized GEMMs, the cuda backend
+(csrc/) on every case of the GPU matrices and its compute-sanitizer run are marked ``gpu``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from fastvit import ops
 from fastvit.ops.linear import ACTIVATIONS, _linear_act_grad, _linear_fwd, linear_ref
 from fastvit.testing import assert_three_way, poisoned_outputs
-from tests.ops.backends import kernel_backends
+from tests.ops.backends import kernel_backends, run_under_memcheck
 
 ACTS = [None, *ACTIVATIONS]
 GRAD_NAMES = ("dx", "dweight", "dbias", "dresidual")
@@ -350,7 +351,8 @@ def test_triton_refuses_float64_with_reasons():
 
 
 def test_cuda_backend_refuses_cpu_tensors():
-    """The kernels (csrc/, launched by fastvit/ops/_cuda_backends.py) are tested in tests/test_ext_kernels.py."""
+    """The cuda backend's kernels (csrc/) are tested by the GPU matrices below; the extension itself
+    (entry points, argument checks, launchers' marshalling) in tests/test_ext_kernels.py."""
     with pytest.raises(ops.BackendNotSupported, match="the 'cuda' backend needs CUDA tensors"):
         ops.linear(torch.randn(2, 8), torch.randn(4, 8), backend="cuda")
 
@@ -379,19 +381,71 @@ def test_gpu_matrix(in_features, out_features, activation, residual, dtype, toke
     _check(backend, x, w, b, r, activation)
 
 
+# Ragged row counts, a strided x (a column slice of a wider buffer: its row stride is K + 8, honoured
+# without a copy), with and without bias / residual: (M, K, N, activation, residual, bias).
+GPU_RAGGED_CASES = [
+    (197, 64, 256, "gelu", False, True),
+    (197, 256, 64, None, True, True),
+    (577, 96, 384, "gelu_tanh", False, True),
+    (577, 96, 384, "gelu_tanh", True, False),
+    (50, 80, 320, "quick_gelu", True, True),
+    (1, 64, 96, "gelu", True, True),
+    (3136, 64, 256, "gelu", False, True),
+    (4100, 768, 3072, "gelu", False, True),
+    (33, 40, 24, None, False, False),
+]  # fmt: skip
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("M, K, N, activation, residual, bias", GPU_RAGGED_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("backend", kernel_backends("linear"))
+def test_gpu_ragged_rows_and_strided_x(M, K, N, activation, residual, bias, dtype, backend):
+    cuda = torch.device("cuda")
+    _, w, b, r = _inputs((M, K), N, dtype, cuda, bias=bias, residual=residual)
+    x = torch.randn(M, K + 8, device=cuda).to(dtype)[:, 4 : 4 + K].requires_grad_()
+    assert x.stride() == (K + 8, 1)
+    _check(backend, x, w, b, r, activation)
+
+
+# (x shape, out_features, bias and residual, activation): a ViT-B fc1 and a plain 512 -> 384 product.
+PRECISION_CASES = [((2, 197, 768), 3072, True, "gelu"), ((256, 512), 384, False, None)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_shape, out_features, extras, activation", PRECISION_CASES)
 @pytest.mark.parametrize("precision", ["highest", "high"])
-def test_gpu_fp32_follows_torch_matmul_precision(precision):
+@pytest.mark.parametrize("backend", kernel_backends("linear"))
+def test_gpu_fp32_follows_torch_matmul_precision(x_shape, out_features, extras, activation, precision, backend):
     """fp32 inputs: exact products under "highest" (torch's default), TF32 under "high", like F.linear."""
-    x, w, b, r = _inputs((2, 197, 768), 3072, torch.float32, torch.device("cuda"))
+    x, w, b, r = _inputs(x_shape, out_features, torch.float32, torch.device("cuda"), bias=extras, residual=extras)
     with _float32_matmul_precision(precision):
-        _check("triton", x, w, b, r, "gelu")
-        y = ops.linear(x, w, b, backend="triton").double()
-    error = (y - linear_ref(x.double(), w.double(), b.double())).abs().max().item()
+        _check(backend, x, w, b, r, activation)
+        y = ops.linear(x, w, b, backend=backend).double()
+    error = (y - linear_ref(x.double(), w.double(), b.double() if b is not None else None)).abs().max().item()
     if precision == "highest":
         assert error < 1e-4, f"fp32 products under 'highest' should be exact, max error {error:.3g}"
     else:
         assert error > 1e-4, f"'high' should run TF32 products (expected error ~1e-3), max error {error:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_cuda_kernels_pass_memcheck():
+    """The cuda backend's cuBLASLt GEMM + epilogue forward and its activation-gradient kernel, for every
+    activation, under compute-sanitizer (fp16, ragged 33 rows)."""
+    run_under_memcheck(
+        """
+h = torch.float16
+x = torch.randn(33, 64, device="cuda", dtype=h, requires_grad=True)
+w = torch.randn(96, 64, device="cuda", dtype=h, requires_grad=True)
+b = torch.randn(96, device="cuda", dtype=h, requires_grad=True)
+r = torch.randn(33, 96, device="cuda", dtype=h, requires_grad=True)
+for act in (None, "gelu", "gelu_tanh", "quick_gelu"):
+    y = ops.linear(x, w, b, activation=act, residual=r, backend="cuda")
+    torch.autograd.grad(y, (x, w, b, r), torch.randn_like(y))
+"""
+    )
 
 
 @pytest.mark.gpu

@@ -3,8 +3,9 @@
 The kernel's error against the fp64 reference (``patch_embed_ref`` on fp64 copies) must be at most 2x
 (output) / 3x (gradients) the error of the same torch computation (conv2d + flatten + cat + add) in
 the kernel's dtype, plus the dtype's rounding floor (fastvit.testing.assert_three_way). Without a GPU
-the Triton kernels run under the interpreter on small images in fp32 and fp16; bf16 and the real
-ViT sizes are marked ``gpu``. The reference itself is checked against timm's PatchEmbed + _pos_embed.
+the Triton kernels run under the interpreter on small images in fp32 and fp16; bf16, the real ViT
+sizes, the cuda backend (csrc/) on every case of the GPU matrices and its compute-sanitizer run are
+marked ``gpu``. The reference itself is checked against timm's PatchEmbed + _pos_embed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from fastvit import ops
 from fastvit.ops.patch_embed import _patch_embed_bwd, _patch_embed_fwd, patch_embed_ref
 from fastvit.testing import assert_three_way, poisoned_outputs
-from tests.ops.backends import all_backends, kernel_backends
+from tests.ops.backends import all_backends, kernel_backends, run_under_memcheck
 
 GRAD_NAMES = ("dx", "dweight", "dbias", "dpos_embed", "dprefix_tokens")
 
@@ -376,7 +377,8 @@ def test_bad_inputs(args, kwargs, error, match):
 
 
 def test_cuda_backend_refuses_cpu_tensors():
-    """The kernels (csrc/, launched by fastvit/ops/_cuda_backends.py) are tested in tests/test_ext_kernels.py."""
+    """The cuda backend's kernels (csrc/) are tested by the GPU matrices below; the extension itself
+    (entry points, argument checks, launchers' marshalling) in tests/test_ext_kernels.py."""
     with pytest.raises(ops.BackendNotSupported, match="the 'cuda' backend needs CUDA tensors"):
         ops.patch_embed(torch.randn(1, 3, 16, 16), torch.randn(8, 3, 16, 16), None, patch_size=16, backend="cuda")
 
@@ -401,9 +403,69 @@ def test_gpu_matrix(C, size, patch, D, dtype, batch, backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pos", ["all", "patches"])
-def test_gpu_channels_last_bf16(pos):
+@pytest.mark.parametrize("backend", kernel_backends("patch_embed"))
+def test_gpu_channels_last_bf16(pos, backend):
     leaves = _inputs(4, 3, 224, 224, 768, 16, torch.bfloat16, torch.device("cuda"), pos=pos, channels_last=True)
-    _check("triton", leaves, 16)
+    _check(backend, leaves, 16)
+
+
+# Prefix / position / layout variants on small images: (B, C, H, W, D, patch, bias, prefix, pos, channels_last).
+GPU_VARIANTS = [
+    (2, 3, 32, 32, 64, 16, True, 0, None, False),  # no prefix, no positions
+    (3, 3, 48, 32, 96, 16, True, 1, "all", False),  # non-square image; class token, pos over cls + patches
+    (1, 3, 32, 32, 80, 8, True, 2, "patches", True),  # distilled DeiT with no_embed_class, channels_last
+    (5, 4, 30, 27, 64, 8, True, 1, "patches", False),  # ragged: zero-padded right / bottom, C = 4
+    (2, 3, 40, 24, 48, 8, False, 2, None, True),  # no bias, prefix without positions, channels_last
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, C, H, W, D, patch, bias, prefix, pos, channels_last", GPU_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("backend", kernel_backends("patch_embed"))
+def test_gpu_prefix_position_layout(B, C, H, W, D, patch, bias, prefix, pos, channels_last, dtype, backend):
+    cuda = torch.device("cuda")
+    leaves = _inputs(B, C, H, W, D, patch, dtype, cuda, bias=bias, prefix=prefix, pos=pos, channels_last=channels_last)
+    _check(backend, leaves, patch, pad=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_cuda_pos_gemm_answer_is_cached(dtype):
+    """cuda backend: the pos-embed GEMM has a stride-0 addend that cuBLASLt may reject (NOT_SUPPORTED / no
+    result), and then patch_embed_fwd adds the pos-embed in its own kernel. Either answer is cached per
+    problem, so the second call takes the cached path and must give the first call's tokens bit for bit."""
+    x, w, b, p, pre = (t.detach() for t in _inputs(2, 3, 32, 32, 64, 16, dtype, torch.device("cuda"), prefix=1))
+    tf32 = dtype == torch.float32  # fp32 runs on TF32 tensor cores, as _check explains
+    outs = []
+    for _ in range(2):
+        with _tf32_convs(tf32), poisoned_outputs():
+            outs.append(ops.patch_embed(x, w, b, patch_size=16, pos_embed=p, prefix_tokens=pre, backend="cuda"))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+    def reference(x, w, cast):
+        return patch_embed_ref(*(t.to(cast) for t in (x, w, b)), patch_size=16, pos_embed=p.to(cast),
+                               prefix_tokens=pre.to(cast))  # fmt: skip
+
+    low = reference(_tf32(x), _tf32(w), torch.float64) if tf32 else reference(x, w, dtype)
+    assert_three_way(outs[0], reference(x, w, torch.float64), low, factor=2.0, name="tokens")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_cuda_kernels_pass_memcheck():
+    """One forward + backward of the cuda backend's kernels (im2col, cuBLASLt GEMMs with the prefix / pos
+    epilogue, col2im) under compute-sanitizer, on a ragged padded bf16 image."""
+    run_under_memcheck(
+        """
+bf = torch.bfloat16
+x = torch.randn(2, 3, 30, 27, device="cuda", dtype=bf, requires_grad=True)
+w = torch.randn(64, 3, 8, 8, device="cuda", dtype=bf, requires_grad=True)
+b, cls, pos = (torch.randn(s, device="cuda", dtype=bf, requires_grad=True) for s in ((64,), (1, 64), (17, 64)))
+y = ops.patch_embed(x, w, b, patch_size=8, pos_embed=pos, prefix_tokens=cls, pad=True, backend="cuda")
+torch.autograd.grad(y, (x, w, b, pos, cls), torch.randn_like(y))
+"""
+    )
 
 
 @pytest.mark.gpu

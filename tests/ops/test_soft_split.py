@@ -3,7 +3,8 @@
 Without LayerNorm the forward is a pure gather and must equal ``nn.Unfold`` bit for bit; everything
 else is compared with the per-dtype tolerance table (fastvit.testing). Without a GPU the Triton
 kernels run under the interpreter on reduced T2T geometries (7/4/2 on small images, 3/2/1 on token
-input with 8 channels); the real T2T sizes and bf16 are marked ``gpu``.
+input with 8 channels); the real T2T sizes, bf16, the cuda backend (csrc/) on every case of the GPU
+matrices, and its compute-sanitizer run are marked ``gpu``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 from fastvit import ops
 from fastvit.ops.soft_split import _soft_split_bwd, _soft_split_fwd, soft_split_ref
 from fastvit.testing import GRAD_TOLERANCE_SCALE, assert_close, poisoned_outputs
-from tests.ops.backends import kernel_backends
+from tests.ops.backends import kernel_backends, run_under_memcheck
 
 STAGE0 = dict(kernel_size=7, stride=4, padding=2)  # on the image
 STAGE12 = dict(kernel_size=3, stride=2, padding=1)  # on the tokens of the previous stage
@@ -255,7 +256,8 @@ def test_triton_refuses_batches_past_the_grid_limit():
 
 
 def test_cuda_backend_refuses_cpu_tensors():
-    """The kernels (csrc/, launched by fastvit/ops/_cuda_backends.py) are tested in tests/test_ext_kernels.py."""
+    """The cuda backend's kernels (csrc/) are tested by the GPU matrices below; the extension itself
+    (entry points, argument checks, launchers' marshalling) in tests/test_ext_kernels.py."""
     with pytest.raises(ops.BackendNotSupported, match="the 'cuda' backend needs CUDA tensors"):
         ops.soft_split(torch.randn(1, 3, 8, 8), backend="cuda", **STAGE12)
 
@@ -282,10 +284,67 @@ def test_gpu_t2t_shapes(shape, hw, geometry, dtype, fused_norm, batch, backend):
 
 
 @pytest.mark.gpu
-def test_gpu_fp32_norm_weights_bf16_tokens():
+@pytest.mark.parametrize("shape, hw, geometry", GPU_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", kernel_backends("soft_split"))
+def test_gpu_fp32_norm_weights_half_tokens(shape, hw, geometry, dtype, backend):
+    """The AMP layout at the T2T sizes: fp32 LayerNorm parameters beside bf16 / fp16 tokens."""
     cuda = torch.device("cuda")
-    x = torch.randn(8, 3136, 64, device=cuda).bfloat16().requires_grad_()
-    _check(x, hw=(56, 56), norm=_norm(576, torch.float32, cuda), **STAGE12)
+    x = torch.randn(8, *shape, device=cuda).to(dtype).requires_grad_()
+    features = _features(x, hw, geometry["kernel_size"])
+    _check(x, hw=hw, norm=_norm(features, torch.float32, cuda), backend=backend, **geometry)
+
+
+# Geometries and layouts the T2T shapes do not reach: (input shape, hw, geometry, layout).
+GPU_LAYOUT_CASES = [
+    ((1, 5, 13, 11), None, dict(kernel_size=(3, 2), stride=(2, 3), padding=(1, 0)), "channels_last"),  # ragged
+    ((3, 4, 9, 10), None, dict(kernel_size=2, stride=3, padding=0), "nchw"),  # stride > kernel: unread pixels
+    ((2, 35, 6), (5, 7), dict(kernel_size=4, stride=1, padding=2), "strided_tokens"),  # channel stride 2
+]
+
+
+def _layout_input(shape, layout, dtype, device):
+    """A leaf of the given shape: contiguous, channels_last, or tokens whose channels have stride 2 (every
+    other channel of a buffer twice as wide)."""
+    if layout == "channels_last":
+        x = torch.randn(shape, device=device).to(dtype).to(memory_format=torch.channels_last)
+    elif layout == "strided_tokens":
+        x = torch.randn((*shape[:-1], 2 * shape[-1]), device=device).to(dtype)[..., 1::2]
+    else:
+        x = torch.randn(shape, device=device).to(dtype)
+    return x.requires_grad_()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, hw, geometry, layout", GPU_LAYOUT_CASES)
+@pytest.mark.parametrize("norm", ["none", "ln", "ln_fp32_weight"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("backend", kernel_backends("soft_split"))
+def test_gpu_ragged_geometries_and_layouts(shape, hw, geometry, layout, norm, dtype, backend):
+    cuda = torch.device("cuda")
+    x = _layout_input(shape, layout, dtype, cuda)
+    assert layout != "strided_tokens" or x.stride(-1) == 2
+    assert layout != "channels_last" or x.stride(1) == 1
+    features = _features(x, hw, geometry["kernel_size"])
+    w_dtype = torch.float32 if norm == "ln_fp32_weight" else dtype
+    _check(x, hw=hw, norm=_norm(features, w_dtype, cuda) if norm != "none" else None, backend=backend, **geometry)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_cuda_kernels_pass_memcheck():
+    """One forward + backward of the cuda backend's kernels (gather + LayerNorm) under compute-sanitizer."""
+    run_under_memcheck(
+        """
+x = torch.randn(2, 49, 8, device="cuda", dtype=torch.float16, requires_grad=True)
+nw = torch.ones(72, device="cuda", dtype=torch.float16, requires_grad=True)
+nb = torch.zeros(72, device="cuda", dtype=torch.float16, requires_grad=True)
+for norm in ((nw, nb), (None, None)):
+    y = ops.soft_split(x, hw=(7, 7), kernel_size=3, stride=2, padding=1, norm_weight=norm[0], norm_bias=norm[1],
+                       backend="cuda")
+    torch.autograd.grad(y, [t for t in (x, *norm) if t is not None], torch.randn_like(y))
+"""
+    )
 
 
 @pytest.mark.gpu
