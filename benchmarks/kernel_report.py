@@ -732,9 +732,10 @@ def main(argv: Optional[list] = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     from fastvit.fileio import atomic_write_text
 
-    rows = build_report(args.dtype, set(args.kinds) if args.kinds else None, args.workers,
-                        args.cache or os.path.join(args.out, "cache.json"), tuple(args.targets),
-                        set(args.kernels) if args.kernels else None, set(args.shapes) if args.shapes else None)  # fmt: skip
+    kernels, shapes = (set(args.kernels) if args.kernels else None), (set(args.shapes) if args.shapes else None)
+    cache = args.cache or os.path.join(args.out, "cache.json")
+    rows = build_report(args.dtype, set(args.kinds) if args.kinds else None, args.workers, cache,
+                        tuple(args.targets), kernels, shapes)  # fmt: skip
     import triton
 
     payload = {"triton": triton.__version__, "dtype": args.dtype, "rows": rows}
