@@ -328,6 +328,11 @@ def choose(key: tuple, candidates: dict[str, Callable[[], None]], timer: Callabl
     return best
 
 
+def _on_gpu(t: torch.Tensor) -> bool:
+    """Whether the measured dispatch applies (the tests stand a CPU tensor under the interpreter in for one)."""
+    return t.is_cuda
+
+
 def linear_fwd_dispatch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -342,7 +347,7 @@ def linear_fwd_dispatch(
     pointer kernel for this key; returns False (the caller launches ``pointer``) everywhere else: TMA off
     or unsupported, a CPU / meta tensor, or a key not measured yet inside CUDA-graph capture or
     ``torch.compile`` tracing. ``pointer(out)`` launches the pointer kernel writing into ``out``."""
-    if not x.is_cuda or not enabled() or x.dim() != 2 or weight.dim() != 2:
+    if not _on_gpu(x) or not enabled() or x.dim() != 2 or weight.dim() != 2:
         return False
     M, K = x.shape
     key = (x.device.index, M, weight.shape[0], K, x.dtype, activation, bias is not None, residual is not None)
