@@ -216,6 +216,8 @@ def reasons(
             out.append(f"{name}'s data pointer is not 16-byte aligned (offset view); TMA needs 16")
     if x.dim() == 2 and weight.dim() == 2 and x.shape[1] != weight.shape[1]:
         out.append(f"x has {x.shape[1]} features but weight {weight.shape[1]}")
+    elif x.dim() == 2 and x.shape[1] == 0:
+        out.append("K is 0: there is nothing for TMA to load (the pointer kernel writes the epilogue of a 0 product)")
     if y is not None and y.dim() == 2 and y.shape[0] > 1 and y.stride(1) != 1:
         out.append(f"y has column stride {y.stride(1)}; the epilogue stores rows with unit stride")
     return out
@@ -267,15 +269,22 @@ def linear_tma_fwd(
         raise ValueError("linear_tma_fwd: " + "; ".join(problems))
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"linear_tma_fwd: activation {activation!r}; expected one of {list(ACTIVATION_CODES)}")
+    _launch(x, weight, bias, residual, activation, y)
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    r: Optional[torch.Tensor],
+    activation: Optional[str],
+    y: torch.Tensor,
+) -> None:
+    """linear_tma_fwd after its checks (the dispatch has made them already)."""
     M, K = x.shape
     N = weight.shape[0]
     if M == 0 or N == 0:
         return
-    if K == 0:  # no K tiles: the product is zero, the epilogue still runs
-        x = torch.zeros((M, 1), device=x.device, dtype=x.dtype)
-        weight = torch.zeros((N, 1), device=weight.device, dtype=weight.dtype)
-        K = 1
-    r = residual
     flags = {"ACTIVATION": ACTIVATION_CODES[activation], "HAS_BIAS": bias is not None, "HAS_R": r is not None}
     args = (
         x, weight, bias if bias is not None else weight, r if r is not None else y, y,
@@ -368,5 +377,5 @@ def linear_fwd_dispatch(
         )
     if choice != "tma":
         return False
-    linear_tma_fwd(x, weight, bias, residual, activation, y)
+    _launch(x, weight, bias, residual, activation, y)  # reasons() passed above; linear_fwd's caller checked the rest
     return True

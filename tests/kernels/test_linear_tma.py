@@ -131,6 +131,9 @@ def test_reasons_name_each_problem():
     shifted = torch.randn(8, 40, dtype=torch.float16)[:, 1:33]  # row stride 80 bytes, pointer + 2 bytes
     assert "16-byte aligned" in " ".join(linear_tma.reasons(shifted, w))
     assert "features" in " ".join(linear_tma.reasons(x, torch.randn(16, 24, dtype=torch.float16)))
+    empty = torch.randn(8, 0, dtype=torch.float16)
+    assert "K is 0" in " ".join(linear_tma.reasons(empty, torch.randn(16, 0, dtype=torch.float16)))
+    assert (linear_tma.reasons(x, w) == []) is INTERPRET  # a CPU tensor runs only under the interpreter
 
 
 def test_reasons_by_target_on_meta_tensors():
