@@ -42,10 +42,11 @@ from fastvit.kernels._common import (
 )
 from fastvit.kernels.linear import ACTIVATION_CODES, _epilogue, _epilogue_split, _halves, _shared_bytes
 
-__all__ = ["CHOICES", "ENV_SWITCH", "enabled", "linear_fwd_dispatch", "linear_tma_fwd", "reasons"]
+__all__ = ["CHOICES", "ENV_SWITCH", "HAS_API", "enabled", "linear_fwd_dispatch", "linear_tma_fwd", "reasons"]
 
 ENV_SWITCH = "FASTVIT_LINEAR_TMA"
-_HAS_API = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+# Device-side tensor descriptors and the allocator for their scratch (Triton 3.4+; 3.1 - 3.3 lack them).
+HAS_API = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 
 @triton.jit
@@ -192,7 +193,7 @@ def reasons(
     weight of one dtype, 2-D, unit last strides, row strides and base pointers 16-byte aligned (TMA's rules).
     """
     out = []
-    if not _HAS_API:
+    if not HAS_API:
         out.append(f"triton {triton.__version__} has no tl.make_tensor_descriptor / triton.set_allocator")
     if x.device.type == "cuda" or x.device.type == "meta":
         cc = target_capability(x)
@@ -264,11 +265,11 @@ def linear_tma_fwd(
 ) -> None:
     """Writes ``y = act(x @ weight.T + bias) + residual`` with the persistent TMA kernel; x (M, K) and weight
     (N, K) as :func:`reasons` asks, residual (M, N) any strides, y (M, N) with a unit column stride."""
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"linear_tma_fwd: activation {activation!r}; expected one of {list(ACTIVATION_CODES)}")
     problems = reasons(x, weight, bias, residual, y)
     if problems:
         raise ValueError("linear_tma_fwd: " + "; ".join(problems))
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"linear_tma_fwd: activation {activation!r}; expected one of {list(ACTIVATION_CODES)}")
     _launch(x, weight, bias, residual, activation, y)
 
 

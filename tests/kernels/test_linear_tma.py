@@ -18,7 +18,9 @@ from fastvit.ops.linear import linear_ref
 from fastvit.testing import assert_close
 
 interpreter = pytest.mark.skipif(
-    not INTERPRET, reason="runs the kernel on the CPU under TRITON_INTERPRET=1 (the gpu tests cover a GPU)"
+    not INTERPRET or not linear_tma.HAS_API,
+    reason="runs the kernel on the CPU under TRITON_INTERPRET=1 (the gpu tests cover a GPU), with a Triton that has "
+    "tl.make_tensor_descriptor (3.4+; on older ones test_missing_api_is_a_reason checks the refusal)",
 )
 
 
@@ -133,9 +135,19 @@ def test_reasons_name_each_problem():
     assert "features" in " ".join(linear_tma.reasons(x, torch.randn(16, 24, dtype=torch.float16)))
     empty = torch.randn(8, 0, dtype=torch.float16)
     assert "K is 0" in " ".join(linear_tma.reasons(empty, torch.randn(16, 0, dtype=torch.float16)))
-    assert (linear_tma.reasons(x, w) == []) is INTERPRET  # a CPU tensor runs only under the interpreter
+    if linear_tma.HAS_API:
+        assert (linear_tma.reasons(x, w) == []) is INTERPRET  # a CPU tensor runs only under the interpreter
 
 
+def test_missing_api_is_a_reason(monkeypatch):
+    monkeypatch.setattr(linear_tma, "HAS_API", False)
+    x, w = torch.randn(8, 32, dtype=torch.float16), torch.randn(16, 32, dtype=torch.float16)
+    assert any("no tl.make_tensor_descriptor" in m for m in linear_tma.reasons(x, w))
+    with pytest.raises(ValueError, match="no tl.make_tensor_descriptor"):
+        linear_tma.linear_tma_fwd(x, w, None, None, None, torch.empty(8, 16, dtype=torch.float16))
+
+
+@pytest.mark.skipif(not linear_tma.HAS_API, reason="this Triton has no tensor descriptors (a reason on every target)")
 def test_reasons_by_target_on_meta_tensors():
     x = torch.empty(50432, 768, dtype=torch.bfloat16, device="meta")
     w = torch.empty(2304, 768, dtype=torch.bfloat16, device="meta")
@@ -147,7 +159,7 @@ def test_reasons_by_target_on_meta_tensors():
 
 def test_launcher_refuses_with_the_reasons():
     x, w = torch.randn(8, 32), torch.randn(16, 32)
-    with pytest.raises(ValueError, match="linear_tma_fwd: x is torch.float32"):
+    with pytest.raises(ValueError, match="x is torch.float32; the TMA kernel takes float16"):
         linear_tma.linear_tma_fwd(x, w, None, None, None, torch.empty(8, 16))
     x, w = x.half(), w.half()
     with pytest.raises(ValueError, match="activation 'relu'"):
