@@ -426,12 +426,20 @@ ATTENTION = {
 LAYER_NORM = {"C=768": (256 * 197, 768), "C=1024": (256 * 577, 1024), "C=1280": (256 * 257, 1280)}
 
 
+# Kernels that only some targets run (the launcher's reasons send the others elsewhere): compiled for those.
+# The persistent TMA GEMM needs sm_90+ (linear_tma.reasons); sm_80 runs the pointer GEMM.
+KERNEL_TARGETS = {"_linear_tma_kernel": (90,)}
+
+
 def _gemm_launches(rows: int, width: int, dtype: Any) -> list:
     """(label, kind, thunk) for the GEMMs of one transformer block: qkv, proj (+ residual), fc1 + GELU,
-    fc2 + residual, and fc1's GELU backward with dbias."""
+    fc2 + residual, and fc1's GELU backward with dbias. Each forward records the pointer kernel (what
+    ``linear_fwd`` launches on a meta tensor) and the persistent TMA kernel (``linear_tma_fwd``, which the
+    measured dispatch picks on sm_90 where it is faster), both at the same shape."""
     import torch
 
-    from fastvit.kernels import linear
+    from fastvit.kernels import linear, linear_tma
+    from fastvit.kernels._common import compile_target
 
     meta = {"device": "meta", "dtype": dtype}
 
@@ -440,6 +448,8 @@ def _gemm_launches(rows: int, width: int, dtype: Any) -> list:
             x, w, b = torch.empty(rows, k, **meta), torch.empty(n, k, **meta), torch.empty(n, **meta)
             r = torch.empty(rows, n, **meta) if residual else None
             linear.linear_fwd(x, w, b, r, activation, torch.empty(rows, n, **meta))
+            with compile_target(90):  # its reasons() read the target of a meta tensor
+                linear_tma.linear_tma_fwd(x, w, b, r, activation, torch.empty(rows, n, **meta))
 
         return run
 
@@ -508,8 +518,10 @@ def _layer_norm_launches(rows: int, width: int, dtype: Any) -> list:
     return [("fwd+res", "layer_norm", fwd), ("bwd+res", "layer_norm", bwd)]
 
 
-def goal_launches(dtype_name: str = "bfloat16", only: Optional[set] = None) -> list:
-    """Every (shape label, launch label, kind, record) at the goal shapes; ``only`` limits the kinds."""
+def goal_launches(dtype_name: str = "bfloat16", only: Optional[set] = None, kernels: Optional[set] = None,
+                  shapes: Optional[set] = None) -> list:  # fmt: skip
+    """Every (shape label, launch label, kind, record) at the goal shapes; ``only`` limits the kinds,
+    ``kernels`` the kernel (function) names, ``shapes`` the shape labels."""
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -522,10 +534,11 @@ def goal_launches(dtype_name: str = "bfloat16", only: Optional[set] = None) -> l
         groups += [(label, *item) for item in _layer_norm_launches(rows, width, dtype)]
     out = []
     for shape_label, launch_label, kind, thunk in groups:
-        if only and kind not in only:
+        if (only and kind not in only) or (shapes and shape_label not in shapes):
             continue
         for record in record_launches(thunk):
-            out.append((shape_label, launch_label, kind, record))
+            if not kernels or record["name"] in kernels:
+                out.append((shape_label, launch_label, kind, record))
     return out
 
 
@@ -541,7 +554,8 @@ def _derived(result: dict, record: dict) -> dict:
     if name in ("_attn_fwd_kernel", "_attn_bwd_kernel") and "loop_instructions" in sass:
         scores = cfg["BLOCK_M"] * cfg["BLOCK_N"] / threads
         out["instructions_per_score"] = round(sass["loop_instructions"] / scores, 2)
-    if name.startswith("_linear") and "after_loop" in sass:
+    # Not for the persistent TMA GEMM: its one (flattened) loop holds the epilogue, so nothing follows it.
+    if name.startswith("_linear") and name != "_linear_tma_kernel" and "after_loop" in sass:
         elements = cfg["BLOCK_M"] * cfg["BLOCK_N"] / threads
         out["epilogue_instructions_per_element"] = round(sass["after_loop"] / elements, 2)
         steps = -(-cfg["K"] // cfg["BLOCK_K"])
@@ -550,14 +564,17 @@ def _derived(result: dict, record: dict) -> dict:
 
 
 def build_report(dtype_name: str = "bfloat16", only: Optional[set] = None, workers: Optional[int] = None,
-                 cache: Optional[str] = None, targets: tuple = (90, 80)) -> list:  # fmt: skip
+                 cache: Optional[str] = None, targets: tuple = (90, 80), kernels: Optional[set] = None,
+                 shapes: Optional[set] = None) -> list:  # fmt: skip
     """Rows of the report: one per (shape, launch, kernel, target, kept config)."""
-    launches = goal_launches(dtype_name, only)
+    launches = goal_launches(dtype_name, only, kernels, shapes)
     plan = []
     for shape_label, launch_label, kind, record in launches:
         obj = launched(record)
         _, configs, _ = unwrap(obj)
         for cc in targets:
+            if cc not in KERNEL_TARGETS.get(record["name"], (cc,)):
+                continue
             kept = pruned(obj, record, configs, cc) if configs else [None]
             plan += [(shape_label, launch_label, kind, record, launch_spec(record, cc, c)) for c in kept]
     results = compile_all([p[-1] for p in plan], workers=workers, cache=cache)
@@ -693,6 +710,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--out", help="folder for kernel_report.json and kernel_report.md (required to compile)")
     parser.add_argument("--kinds", nargs="+", choices=["gemm", "attention", "layer_norm"], help="default: all")
     parser.add_argument("--targets", nargs="+", type=int, default=[90, 80], choices=[80, 90])
+    parser.add_argument("--kernels", nargs="+", help="only these kernel functions (e.g. _linear_tma_kernel)")
+    parser.add_argument("--shapes", nargs="+", choices=sorted({*GEMMS, *ATTENTION, *LAYER_NORM}),
+                        help="only these shape labels (default: all)")  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: CPUs)")
     parser.add_argument("--cache", default=None, help="JSON cache of compile results (default: <out>/cache.json)")
@@ -712,8 +732,10 @@ def main(argv: Optional[list] = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     from fastvit.fileio import atomic_write_text
 
-    rows = build_report(args.dtype, set(args.kinds) if args.kinds else None, args.workers,
-                        args.cache or os.path.join(args.out, "cache.json"), tuple(args.targets))  # fmt: skip
+    kernels, shapes = (set(args.kernels) if args.kernels else None), (set(args.shapes) if args.shapes else None)
+    cache = args.cache or os.path.join(args.out, "cache.json")
+    rows = build_report(args.dtype, set(args.kinds) if args.kinds else None, args.workers, cache,
+                        tuple(args.targets), kernels, shapes)  # fmt: skip
     import triton
 
     payload = {"triton": triton.__version__, "dtype": args.dtype, "rows": rows}

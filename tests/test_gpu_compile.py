@@ -144,6 +144,16 @@ def _exercise_linear():
             if activation is not None:  # the save_preact path: the forward's STORE_H epilogue, the saved-h kernel
                 out = ops.linear(x, w, b, activation=activation, residual=res, backend="triton", save_preact=True)
                 _backward(out, x, w, b, res)
+    # The persistent TMA GEMM beside it (the measured dispatch picks it on sm_90 GPUs only, so it is launched
+    # directly): fp16 (bf16 by the child's dtype swap), every epilogue constexpr.
+    from fastvit.kernels import linear_tma
+
+    for activation, bias, residual in [(None, False, False), (None, True, True), ("gelu", True, False),
+                                       ("gelu_tanh", True, True), ("quick_gelu", False, True)]:  # fmt: skip
+        x, w = torch.randn(10, 32, dtype=torch.float16), torch.randn(48, 32, dtype=torch.float16)
+        b = torch.randn(48, dtype=torch.float16) if bias else None
+        res = torch.randn(10, 48, dtype=torch.float16) if residual else None
+        linear_tma.linear_tma_fwd(x, w, b, res, activation, torch.empty(10, 48, dtype=torch.float16))
 
 
 def _exercise_attention():

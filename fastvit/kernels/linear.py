@@ -379,7 +379,15 @@ def linear_fwd(
     """Writes ``y = act(x @ weight.T + bias) + residual``; x (M, K), weight (N, K), residual (M, N) may have
     any strides; y is (M, N) with a unit column stride. With ``h`` (y's shape and strides) the same
     epilogue also stores the pre-activation ``x @ weight.T + bias`` there (rounded to h's dtype), and y is
-    bit-identical to a launch without it."""
+    bit-identical to a launch without it. Without ``h``, on sm_90+ the persistent TMA kernel runs instead
+    where it measured faster for the shape (kernels/linear_tma.py; FASTVIT_LINEAR_TMA=0 turns it off)."""
+    if h is None and x.is_cuda:
+
+        def pointer(out: torch.Tensor) -> None:
+            _launch(x, weight, bias, residual, out, None, activation, act_grad=False)
+
+        if linear_tma.linear_fwd_dispatch(x, weight, bias, residual, activation, y, pointer):
+            return
     _launch(x, weight, bias, residual, y, None, activation, act_grad=False, h=h)
 
 
@@ -468,3 +476,7 @@ def linear_act_grad_saved(
             ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_SAVED_TILE["num_warps"],
         )  # fmt: skip
     return part.sum(0) if part is not None else None
+
+
+# Imported last: linear_tma imports this module's epilogue helpers.
+from fastvit.kernels import linear_tma  # noqa: E402
