@@ -56,8 +56,11 @@ __all__ = [
     "dropout_keep_mask",
     "head_dim_blocks",
     "unsupported_reasons",
+    "uses_short_backward",
 ]
 
+SHORT_MAX_TOKENS = 256  # the short backward holds every query (<= 256) of one (b, h) in one tile
+SHORT_MAX_DQ = 256 * 64  # and at most this many fp32 dq elements (256 x 64: 64 KB, 64 registers at 8 warps)
 MAX_HEAD_DIM = 128  # q, k, v, acc tiles of BLOCK x 128 already fill the register file
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -392,6 +395,123 @@ def _attn_bwd_kernel(
 
 
 @triton.jit
+def _bwd_short_key_block(
+    dq0, dq1,  # (BLOCK_Q, BLOCK_D0 / BLOCK_D1) fp32 dq of every query, kept on chip across key blocks
+    q0, q1, do0, do1, lse, delta, offs_q, k_base, v_base, dk_base, dv_base, start_n, cols0, cols1,
+    stride_kn, stride_vn, stride_dkn, stride_dvn, N_K, scale, qk_scale, inv_keep, SEED, bh, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D1: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
+):  # fmt: skip
+    """Keys [start_n, start_n + BLOCK_N) against every query at once: 5 matmuls (S, dP, dV, dK, dQ) and one
+    exp2 per score. dk and dv of these keys are complete after it and are stored; dq accumulates."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k0 = _load_keys(k_base, offs_n, cols0, stride_kn, N_K, HEAD_DIM, False, MASK_KEYS)
+    v0 = _load_keys(v_base, offs_n, cols0, stride_vn, N_K, HEAD_DIM, False, MASK_KEYS)
+    qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+    dp = tl.dot(do0, tl.trans(v0), input_precision=PRECISION)
+    if BLOCK_D1 > 0:
+        k1 = _load_keys(k_base, offs_n, cols1, stride_kn, N_K, HEAD_DIM, True, MASK_KEYS)
+        v1 = _load_keys(v_base, offs_n, cols1, stride_vn, N_K, HEAD_DIM, True, MASK_KEYS)
+        qk = tl.dot(q1, tl.trans(k1), qk, input_precision=PRECISION)
+        dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PRECISION)
+    # Query rows past N_Q carry lse = +inf, so their weights are exp2(-inf) = 0 with no mask; keys past N_K
+    # (zero rows) are masked only in the tail block.
+    p = tl.exp2(qk * qk_scale - lse[:, None])
+    if MASK_KEYS:
+        p = tl.where(offs_n[None, :] < N_K, p, 0.0)
+    if DROPOUT:
+        keep = _dropout_keep(SEED, bh, offs_q[:, None] * N_K + offs_n[None, :], dropout_p)
+        p_dropped = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    else:
+        p_dropped = p
+    ds = p * (dp - delta[:, None])
+    ds_in = ds.to(k0.dtype)
+    dv0 = tl.dot(tl.trans(p_dropped.to(do0.dtype)), do0, input_precision=PRECISION)
+    dk0 = tl.dot(tl.trans(ds_in), q0, input_precision=PRECISION)
+    dq0 = tl.dot(ds_in, k0, dq0, input_precision=PRECISION)
+    _store_tile(dk_base, dk0 * scale, offs_n, cols0, stride_dkn, N_K, HEAD_DIM, False)
+    _store_tile(dv_base, dv0, offs_n, cols0, stride_dvn, N_K, HEAD_DIM, False)
+    if BLOCK_D1 > 0:
+        dv1 = tl.dot(tl.trans(p_dropped.to(do1.dtype)), do1, input_precision=PRECISION)
+        dk1 = tl.dot(tl.trans(ds_in), q1, input_precision=PRECISION)
+        dq1 = tl.dot(ds_in, k1, dq1, input_precision=PRECISION)
+        _store_tile(dk_base, dk1 * scale, offs_n, cols1, stride_dkn, N_K, HEAD_DIM, True)
+        _store_tile(dv_base, dv1, offs_n, cols1, stride_dvn, N_K, HEAD_DIM, True)
+    return dq0, dq1
+
+
+@triton.jit
+def _attn_bwd_short_kernel(
+    Q, K, V,  # (B, H, N, D) forward inputs
+    DO,  # (B, H, Nq, D) upstream gradient
+    LSE, DELTA,  # (B, H, Nq) fp32, contiguous
+    DQ, DK, DV,  # (B, H, N, D) outputs (any strides with unit last stride, e.g. views of one dqkv)
+    SEED,  # (1,) int64 Philox key (read only with DROPOUT)
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, N_Q, N_K,
+    N_BUCKET,  # autotune key only
+    scale, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr,  # next power of two >= N_Q (<= SHORT_MAX_TOKENS): every query in one tile
+    BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+):  # fmt: skip
+    """Backward for short sequences, one program per (b, h): q, dout, lse, Delta and the fp32 dq of all
+    queries stay on chip while the program walks the key blocks once; each key block's dk and dv are
+    finished by that single visit. dq is written once at the end. No atomics, deterministic."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + h
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dk_base = DK + b * stride_dkb + h * stride_dkh
+    dv_base = DV + b * stride_dvb + h * stride_dvh
+    qk_scale = scale * _LOG2E
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    offs_q = tl.arange(0, BLOCK_Q)
+    valid_q = offs_q < N_Q
+    cols0 = tl.arange(0, BLOCK_D0)
+    q0 = _load_tile(q_base, offs_q, cols0, stride_qn, N_Q, HEAD_DIM, False)
+    do0 = _load_tile(do_base, offs_q, cols0, stride_don, N_Q, HEAD_DIM, False)
+    dq0 = tl.zeros((BLOCK_Q, BLOCK_D0), dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        cols1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        q1 = _load_tile(q_base, offs_q, cols1, stride_qn, N_Q, HEAD_DIM, True)
+        do1 = _load_tile(do_base, offs_q, cols1, stride_don, N_Q, HEAD_DIM, True)
+        dq1 = tl.zeros((BLOCK_Q, BLOCK_D1), dtype=tl.float32)
+    else:  # placeholders so the helper's signature holds; it never reads them when BLOCK_D1 == 0
+        cols1, q1, do1, dq1 = cols0, q0, do0, dq0
+    lse = tl.load(LSE + bh * N_Q + offs_q, mask=valid_q, other=float("inf")) * _LOG2E
+    delta = tl.load(DELTA + bh * N_Q + offs_q, mask=valid_q, other=0.0)
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq0, dq1 = _bwd_short_key_block(
+            dq0, dq1, q0, q1, do0, do1, lse, delta, offs_q, k_base, v_base, dk_base, dv_base, start_n, cols0,
+            cols1, stride_kn, stride_vn, stride_dkn, stride_dvn, N_K, scale, qk_scale, inv_keep, SEED, bh,
+            dropout_p, HEAD_DIM, BLOCK_D1, DROPOUT, PRECISION, BLOCK_N, False,
+        )  # fmt: skip
+    for start_n in range(n_full, N_K, BLOCK_TAIL):
+        dq0, dq1 = _bwd_short_key_block(
+            dq0, dq1, q0, q1, do0, do1, lse, delta, offs_q, k_base, v_base, dk_base, dv_base, start_n, cols0,
+            cols1, stride_kn, stride_vn, stride_dkn, stride_dvn, N_K, scale, qk_scale, inv_keep, SEED, bh,
+            dropout_p, HEAD_DIM, BLOCK_D1, DROPOUT, PRECISION, BLOCK_TAIL, True,
+        )  # fmt: skip
+    dq_base = DQ + b * stride_dqb + h * stride_dqh
+    _store_tile(dq_base, dq0 * scale, offs_q, cols0, stride_dqn, N_Q, HEAD_DIM, False)
+    if BLOCK_D1 > 0:
+        _store_tile(dq_base, dq1 * scale, offs_q, cols1, stride_dqn, N_Q, HEAD_DIM, True)
+
+
+@triton.jit
 def _dropout_mask_kernel(
     SEED,  # (1,) int64 Philox key
     MASK,  # (B, H, Nq, Nk) int8 output, contiguous: 1 = keep
@@ -493,8 +613,49 @@ def _autotuned(kernel: Any, configs: list, interpret_configs: list) -> LazyAutot
     )(kernel)
 
 
+def _short_config(block_n: int, warps: int, stages: int) -> triton.Config:
+    """Short-backward tiles: BLOCK_N keys per step (all queries at once), a 16-key tail."""
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_TAIL": 16}, num_warps=warps, num_stages=stages)
+
+
+# The short-sequence backward: BLOCK_Q (all queries) is set by the launcher; configs pick the key block.
+# Under the interpreter 32-key blocks and a 16-key tail, so N = 33 runs one full block and one tail block.
+_INTERPRET_SHORT_CONFIGS = [_short_config(32, 1, 1)]
+_SHORT_CONFIGS = [
+    _short_config(16, 4, 1),
+    _short_config(32, 4, 1),
+    _short_config(16, 8, 1),
+    _short_config(32, 8, 1),
+    _short_config(32, 8, 2),
+    _short_config(64, 8, 1),
+]
+
+
+def _short_fits(config: triton.Config, block_q: int, head_dim: int, capability: int) -> bool:
+    """False for the short-backward configs that spill registers (see _SHORT_CONFIGS' comment)."""
+    return True
+
+
+def _prune_short(configs: list, named_args: dict, **kwargs: Any) -> list:
+    named_args = {**named_args, **kwargs}
+    block_q, head_dim = named_args["BLOCK_Q"], named_args["HEAD_DIM"]
+    capability = target_capability(named_args["Q"])
+    n_cap = max(16, triton.next_power_of_2(max(named_args["N_K"], 1)))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and _short_fits(c, block_q, head_dim, capability)]
+    return kept or [configs[0]]
+
+
 _attn_fwd = _autotuned(_attn_fwd_kernel, _FWD_CONFIGS, _INTERPRET_FWD_CONFIGS)
 _attn_bwd = _autotuned(_attn_bwd_kernel, _BWD_CONFIGS, _INTERPRET_CONFIGS)
+if INTERPRET:
+    _attn_bwd_short = lazy_autotune(configs=_INTERPRET_SHORT_CONFIGS, key=["N_BUCKET", "HEAD_DIM"])(
+        _attn_bwd_short_kernel
+    )
+else:
+    _attn_bwd_short = lazy_autotune(
+        configs=_SHORT_CONFIGS, key=["N_BUCKET", "HEAD_DIM"],
+        prune_configs_by={"early_config_prune": _prune_short},
+    )(_attn_bwd_short_kernel)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- launchers
@@ -575,21 +736,35 @@ def attention_bwd(
     n_bucket = _n_bucket(N_Q, N_K)
     delta = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
     delta_block = 32 if INTERPRET else 64
-    grid = lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]) + triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
+    short = uses_short_backward(N_Q, N_K, D)
+    if short:  # one program per (b, h) holding every query's dq
+        grid = lambda meta: (1, H, B)  # noqa: E731
+        kernel, extra = _attn_bwd_short, {"BLOCK_Q": max(16, triton.next_power_of_2(N_Q))}
+    else:
+        grid = lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]) + triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
+        kernel, extra = _attn_bwd, {}
     with device_guard(q):
         _attn_bwd_delta_kernel[(max(1, triton.cdiv(N_Q, delta_block)), H, B)](
             out, dout, delta, *_strides3(out), *_strides3(dout), H, N_Q,
             HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=delta_block, num_warps=1 if INTERPRET else 4,
         )  # fmt: skip
         launch_autotuned(
-            _attn_bwd, grid,
+            kernel, grid,
             q, k, v, dout, lse, delta, dq, dk, dv, seed if seed is not None else lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
             *_strides3(dq), *_strides3(dk), *_strides3(dv),
             H, N_Q, N_K, n_bucket, float(scale), float(dropout_p),
             HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, DROPOUT=dropout_p > 0,
-            PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32",
+            PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32", **extra,
         )  # fmt: skip
+
+
+def uses_short_backward(q_tokens: int, k_tokens: int, head_dim: int) -> bool:
+    """Whether :func:`attention_bwd` runs the one-program-per-(b, h) backward: both sequences at most
+    SHORT_MAX_TOKENS long and the on-chip dq (next_power_of_2(Nq) x padded D fp32) within SHORT_MAX_DQ."""
+    d0, d1 = head_dim_blocks(head_dim)
+    block_q = max(16, triton.next_power_of_2(q_tokens))
+    return max(q_tokens, k_tokens) <= SHORT_MAX_TOKENS and block_q * (d0 + d1) <= SHORT_MAX_DQ
 
 
 def dropout_keep_mask(
