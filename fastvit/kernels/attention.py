@@ -622,12 +622,12 @@ def _short_config(block_n: int, warps: int, stages: int) -> triton.Config:
 # Under the interpreter 32-key blocks and a 16-key tail, so N = 33 runs one full block and one tail block.
 _INTERPRET_SHORT_CONFIGS = [_short_config(32, 1, 1)]
 _SHORT_CONFIGS = [
-    _short_config(16, 4, 1),
-    _short_config(32, 4, 1),
     _short_config(16, 8, 1),
     _short_config(32, 8, 1),
     _short_config(32, 8, 2),
-    _short_config(64, 8, 1),
+    _short_config(16, 16, 1),
+    _short_config(32, 16, 1),
+    _short_config(64, 16, 1),
 ]
 
 

@@ -586,3 +586,63 @@ def test_gpu_large_batch_int64_offsets():
     q, k, v = split_qkv(qkv[last], H)
     ref = attention_ref(q, k, v, upcast=True).transpose(1, 2).reshape(1, N, H * D)
     torch.testing.assert_close(out[last].float(), ref, atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------- short-sequence backward (N <= 256, issue #15)
+
+SHORT_BWD_CASES = [
+    # (B, H, N, D, dtype): B alternates 1 / 2; N crosses the interpreter's 32-key block and 16-key tail
+    (1 + i % 2, 2, n, d, dtype)
+    for i, (n, d, dtype) in enumerate(
+        (n, d, dtype) for dtype in (torch.float32, torch.float16) for n in (1, 7, 16, 33, 64) for d in (16, 32, 64)
+    )
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("B,H,N,D,dtype", SHORT_BWD_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_short_backward_matches_reference(B, H, N, D, dtype):
+    from fastvit.kernels import attention as ka
+
+    assert ka.uses_short_backward(N, N, D)
+    q, k, v = _qkv(B, H, N, D, dtype)
+    dout = torch.randn_like(q)
+    out, grads = _run_triton(q, k, v, dout)
+    _check_three_way(q, k, v, dout, out, grads, name=f"short bwd B{B} N{N} D{D} {dtype}")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("n_q,n_k", [(7, 40), (50, 3)], ids=["fewer_queries", "fewer_keys"])
+def test_short_backward_cross_lengths_and_t2t_scale(n_q, n_k):
+    q, k, v = _qkv(2, 2, n_q, 32, torch.float32, n_k=n_k)
+    dout = torch.randn_like(q)
+    out, grads = _run_triton(q, k, v, dout, scale=T2T_SCALE)
+    _check_three_way(q, k, v, dout, out, grads, scale=T2T_SCALE, name=f"short bwd {n_q}x{n_k}")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_short_backward_is_bitwise_deterministic(dtype):
+    q, k, v = _qkv(2, 2, 33, 64, dtype)
+    dout = torch.randn_like(q)
+    first = _run_triton(q, k, v, dout)[1]
+    second = _run_triton(q, k, v, dout)[1]
+    for name, a, b in zip(("dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+
+
+@pytest.mark.interpreter
+def test_short_backward_qkvpacked_strided_views():
+    """The packed path writes dq / dk / dv into one dqkv through strides; rows padded past 3*H*D."""
+    B, N, H, D = 2, 33, 2, 32
+    base = torch.randn(B, N, 3 * H * D + 8, device=DEVICE)
+    qkv = base[..., : 3 * H * D].requires_grad_()
+    dout = torch.randn(B, N, H * D, device=DEVICE)
+    with poisoned_outputs():
+        out = ops.attention_qkvpacked(qkv, H, backend="triton")
+        (grad,) = torch.autograd.grad(out, [qkv], dout)
+    ref_in = qkv.detach().double().requires_grad_()
+    q, k, v = split_qkv(ref_in, H)
+    ref = attention_ref(q, k, v).transpose(1, 2).reshape(B, N, H * D)
+    (ref_grad,) = torch.autograd.grad(ref, [ref_in], dout.double())
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-5)
