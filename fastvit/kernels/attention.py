@@ -15,7 +15,12 @@ the input dtype and lse = m + log(l) (natural log, fp32) for the backward.
 Backward (FlashAttention-2 structure): a pre-pass stores Delta = rowsum(dout * out) in fp32; then one
 launch whose first programs each own BLOCK_N keys and loop over all queries to accumulate dk, dv, and
 whose remaining programs each own BLOCK_M queries and loop over all keys to accumulate dq. P is
-recomputed from lse. No atomics: the backward is deterministic (bitwise reproducible) by construction.
+recomputed from lse. That visits every score twice: 7 matmuls and 2 exponentials per score.
+Short sequences (Nq, Nk <= 256 and a next_power_of_2(Nq) x D fp32 dq of at most 256 x 64) instead run
+:func:`_attn_bwd_short_kernel`, one program per (b, h): all queries in one tile, the program walks the key
+blocks once, each key block's dk and dv are finished in that one visit, and dq accumulates on chip and is
+written once: 5 matmuls (S, dP, dV, dK, dQ) and 1 exponential per score. Dropout is supported by both.
+No atomics: the backward is deterministic (bitwise reproducible) by construction.
 
 Head dims: any D with D % 8 == 0 and 16 <= D <= 128, split into a power-of-two part BLOCK_D0 and a
 masked tail BLOCK_D1 (0 when D is a power of two): D=80 runs as 64 + 16 and D=96 as 64 + 32, so
@@ -403,7 +408,8 @@ def _bwd_short_key_block(
     BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
 ):  # fmt: skip
     """Keys [start_n, start_n + BLOCK_N) against every query at once: 5 matmuls (S, dP, dV, dK, dQ) and one
-    exp2 per score. dk and dv of these keys are complete after it and are stored; dq accumulates."""
+    exp2 per score. dk and dv of these keys are complete after it and are stored; dq accumulates.
+    On sm_90 all of it fits in registers next to dq (q, dout as wgmma operands in shared memory)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k0 = _load_keys(k_base, offs_n, cols0, stride_kn, N_K, HEAD_DIM, False, MASK_KEYS)
     v0 = _load_keys(v_base, offs_n, cols0, stride_vn, N_K, HEAD_DIM, False, MASK_KEYS)
@@ -621,28 +627,28 @@ def _short_config(block_n: int, warps: int, stages: int) -> triton.Config:
 # The short-sequence backward: BLOCK_Q (all queries) is set by the launcher; configs pick the key block.
 # Under the interpreter 32-key blocks and a 16-key tail, so N = 33 runs one full block and one tail block.
 _INTERPRET_SHORT_CONFIGS = [_short_config(32, 1, 1)]
+# sm_90 only (see uses_short_backward). Static facts (ptxas -v, bf16, ViT-B/16's 256 x 64 dq, the largest
+# allowed): 8 warps with 16 / 32-key blocks use 171-172 registers, 16 warps with 16 keys 96, none spill;
+# 4 warps (255 registers, 124-1024 spill bytes), 8 warps with 64 keys (172 B) and 16 warps with 32 / 64
+# keys (8 / 592 B) spill and are left out. Shared memory is 146-176 KB (q, dout, k, v tiles), one CTA per
+# SM, more than sm_80 / sm_86 allow (163 / 99 KB). On sm_80 every tile spills (mma.sync keeps q and dout
+# in two operand layouts next to dq: 255 registers, 48-1344 B at 4 / 8 / 16 warps, reloading q and dout
+# per key block did not help), so sm_80 keeps the blocked backward.
+# Timings on an H100/H200 (benchmarks/bench_attention.py) are still to decide between the survivors.
 _SHORT_CONFIGS = [
-    _short_config(16, 8, 1),
     _short_config(32, 8, 1),
     _short_config(32, 8, 2),
+    _short_config(16, 8, 1),
     _short_config(16, 16, 1),
-    _short_config(32, 16, 1),
-    _short_config(64, 16, 1),
 ]
 
 
-def _short_fits(config: triton.Config, block_q: int, head_dim: int, capability: int) -> bool:
-    """False for the short-backward configs that spill registers (see _SHORT_CONFIGS' comment)."""
-    return True
-
-
 def _prune_short(configs: list, named_args: dict, **kwargs: Any) -> list:
+    """Key blocks no larger than the keys need (N = 7 does not need 32-key blocks)."""
     named_args = {**named_args, **kwargs}
-    block_q, head_dim = named_args["BLOCK_Q"], named_args["HEAD_DIM"]
-    capability = target_capability(named_args["Q"])
     n_cap = max(16, triton.next_power_of_2(max(named_args["N_K"], 1)))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and _short_fits(c, block_q, head_dim, capability)]
-    return kept or [configs[0]]
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
 
 
 _attn_fwd = _autotuned(_attn_fwd_kernel, _FWD_CONFIGS, _INTERPRET_FWD_CONFIGS)
@@ -736,7 +742,7 @@ def attention_bwd(
     n_bucket = _n_bucket(N_Q, N_K)
     delta = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
     delta_block = 32 if INTERPRET else 64
-    short = uses_short_backward(N_Q, N_K, D)
+    short = uses_short_backward(N_Q, N_K, D, target_capability(q))
     if short:  # one program per (b, h) holding every query's dq
         grid = lambda meta: (1, H, B)  # noqa: E731
         kernel, extra = _attn_bwd_short, {"BLOCK_Q": max(16, triton.next_power_of_2(N_Q))}
@@ -759,12 +765,14 @@ def attention_bwd(
         )  # fmt: skip
 
 
-def uses_short_backward(q_tokens: int, k_tokens: int, head_dim: int) -> bool:
-    """Whether :func:`attention_bwd` runs the one-program-per-(b, h) backward: both sequences at most
-    SHORT_MAX_TOKENS long and the on-chip dq (next_power_of_2(Nq) x padded D fp32) within SHORT_MAX_DQ."""
+def uses_short_backward(q_tokens: int, k_tokens: int, head_dim: int, capability: int = 90) -> bool:
+    """Whether :func:`attention_bwd` runs the one-program-per-(b, h) backward: a Hopper-class target
+    (``capability`` >= 90; under the interpreter any), both sequences at most SHORT_MAX_TOKENS long and the
+    on-chip dq (next_power_of_2(Nq) x padded D fp32) within SHORT_MAX_DQ."""
     d0, d1 = head_dim_blocks(head_dim)
     block_q = max(16, triton.next_power_of_2(q_tokens))
-    return max(q_tokens, k_tokens) <= SHORT_MAX_TOKENS and block_q * (d0 + d1) <= SHORT_MAX_DQ
+    fits = max(q_tokens, k_tokens) <= SHORT_MAX_TOKENS and block_q * (d0 + d1) <= SHORT_MAX_DQ
+    return fits and (INTERPRET or capability >= 90)
 
 
 def dropout_keep_mask(

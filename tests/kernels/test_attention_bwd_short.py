@@ -97,3 +97,15 @@ def test_long_sequences_keep_the_blocked_backward(monkeypatch):
     grads = _backward(ka, q, k, v, dout)
     assert launched == ["_attn_fwd_kernel", "_attn_bwd_kernel"]
     assert not any(g.isnan().any() for g in grads)
+
+
+def test_routing_by_target(monkeypatch):
+    """On a GPU only sm_90 and newer run the short backward (on sm_80 every tile spills; its shared memory
+    exceeds sm_86 / sm_89's); the interpreter ignores the target."""
+    from fastvit.kernels import attention as ka
+
+    monkeypatch.setattr(ka, "INTERPRET", False)
+    assert ka.uses_short_backward(197, 197, 64, 90) and ka.uses_short_backward(197, 197, 64, 100)
+    assert not ka.uses_short_backward(197, 197, 64, 80) and not ka.uses_short_backward(197, 197, 64, 89)
+    monkeypatch.setattr(ka, "INTERPRET", True)
+    assert ka.uses_short_backward(197, 197, 64, 80)

@@ -435,6 +435,12 @@ def _tiles(records: list, kernel: str) -> list[tuple[int, int]]:
     return [(meta["BLOCK_M"], meta["BLOCK_N"]) for name, meta in records if name == kernel]
 
 
+def _short_tiles(records: list) -> list[tuple[int, int]]:
+    """(BLOCK_N, num_warps or None where not recorded) of the short backward's launches (its BLOCK_Q comes
+    from the launcher)."""
+    return [(meta["BLOCK_N"], meta.get("num_warps")) for name, meta in records if name == "_attn_bwd_short_kernel"]
+
+
 def test_autotune_pruning_with_tritons_calling_convention():
     """The GPU launch path: Triton calls early_config_prune(configs, positional args by name, **keyword
     args), so a prune reading a keyword argument (HEAD_DIM) from named_args raises KeyError on every GPU
@@ -448,10 +454,13 @@ def test_autotune_pruning_with_tritons_calling_convention():
     benched, launched = report["benched"], report["launched"]
     # N = 50, D = 64 then N = 197, D = 128: tiles capped by the sequence, then by the head dim's spill limits.
     assert _tiles(benched, "_attn_fwd_kernel") == [(64, 64), (64, 32), (128, 64), (128, 64), (64, 64), (64, 32)]
-    assert _tiles(benched, "_attn_bwd_kernel") == [(64, 64), (64, 64), (32, 64), (64, 32), (32, 32)]
+    # N = 50, D = 64 runs the short backward (sm_90); N = 197 at D = 128 (256 x 128 dq) the blocked one.
+    assert [n for n, _ in _short_tiles(benched)] == [32, 32, 16, 16]
+    assert _tiles(benched, "_attn_bwd_kernel") == [(32, 64), (64, 32), (32, 32)]
     # The fastest (last) trial of each tuning is the config launched.
     assert _tiles(launched, "_attn_fwd_kernel") == [(64, 32), (64, 32)]
-    assert _tiles(launched, "_attn_bwd_kernel") == [(64, 64), (32, 32)]
+    assert _short_tiles(launched) == [(16, 16)]
+    assert _tiles(launched, "_attn_bwd_kernel") == [(32, 32)]
 
 
 _STUBBED_ATTENTION_CAPTURE = _STUBBED_ATTENTION.replace(
@@ -484,7 +493,7 @@ def test_graph_capture_launches_without_autotuning():
     unseen, seen = (json.loads(line) for line in run_stubbed(_STUBBED_ATTENTION_CAPTURE).splitlines()[-2:])
     assert unseen["benched"] == []
     assert _tiles(unseen["launched"], "_attn_fwd_kernel") == [(64, 64)]
-    assert _tiles(unseen["launched"], "_attn_bwd_kernel") == [(64, 64)]
+    assert [n for n, _ in _short_tiles(unseen["launched"])] == [32]  # N = 50, D = 64: the short backward
     # Eager tuning then capture at N = 197, D = 128: the capture relaunches the tuned (last, fastest) trial.
     assert len(seen["benched"]) == 4 + 3
     assert _tiles(seen["launched"], "_attn_fwd_kernel") == [(64, 32), (64, 32)]
