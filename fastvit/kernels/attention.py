@@ -16,7 +16,8 @@ Backward (FlashAttention-2 structure): a pre-pass stores Delta = rowsum(dout * o
 launch whose first programs each own BLOCK_N keys and loop over all queries to accumulate dk, dv, and
 whose remaining programs each own BLOCK_M queries and loop over all keys to accumulate dq. P is
 recomputed from lse. That visits every score twice: 7 matmuls and 2 exponentials per score.
-Short sequences (Nq, Nk <= 256 and a next_power_of_2(Nq) x D fp32 dq of at most 256 x 64) instead run
+On sm_90, short sequences (Nq, Nk <= 256, a power-of-two D, a next_power_of_2(Nq) x D fp32 dq of at
+most 256 x 64) instead run
 :func:`_attn_bwd_short_kernel`, one program per (b, h): all queries in one tile, the program walks the key
 blocks once, each key block's dk and dv are finished in that one visit, and dq accumulates on chip and is
 written once: 5 matmuls (S, dP, dV, dK, dQ) and 1 exponential per score. Dropout is supported by both.
@@ -630,7 +631,8 @@ _INTERPRET_SHORT_CONFIGS = [_short_config(32, 1, 1)]
 # sm_90 only (see uses_short_backward). Static facts (ptxas -v, bf16, ViT-B/16's 256 x 64 dq, the largest
 # allowed): 8 warps with 16 / 32-key blocks use 171-172 registers, 16 warps with 16 keys 96, none spill;
 # 4 warps (255 registers, 124-1024 spill bytes), 8 warps with 64 keys (172 B) and 16 warps with 32 / 64
-# keys (8 / 592 B) spill and are left out. Shared memory is 146-176 KB (q, dout, k, v tiles), one CTA per
+# keys (8 / 592 B) spill and are left out; at 128 x 128 (D = 128) the kept four use 125-174 registers,
+# no spills. Shared memory is 146-176 KB (q, dout, k, v tiles), one CTA per
 # SM, more than sm_80 / sm_86 allow (163 / 99 KB). On sm_80 every tile spills (mma.sync keeps q and dout
 # in two operand layouts next to dq: 255 registers, 48-1344 B at 4 / 8 / 16 warps, reloading q and dout
 # per key block did not help), so sm_80 keeps the blocked backward.
@@ -767,11 +769,14 @@ def attention_bwd(
 
 def uses_short_backward(q_tokens: int, k_tokens: int, head_dim: int, capability: int = 90) -> bool:
     """Whether :func:`attention_bwd` runs the one-program-per-(b, h) backward: a Hopper-class target
-    (``capability`` >= 90; under the interpreter any), both sequences at most SHORT_MAX_TOKENS long and the
-    on-chip dq (next_power_of_2(Nq) x padded D fp32) within SHORT_MAX_DQ."""
+    (``capability`` >= 90; under the interpreter any), both sequences at most SHORT_MAX_TOKENS long, a
+    power-of-two head dim and the on-chip dq (next_power_of_2(Nq) x D fp32) within SHORT_MAX_DQ.
+
+    Split head dims (D = 48, 80, 96: a masked second column block) spill on sm_90 in every short config
+    (68-2528 bytes at N = 64..256, ptxas -v), so they keep the blocked backward."""
     d0, d1 = head_dim_blocks(head_dim)
     block_q = max(16, triton.next_power_of_2(q_tokens))
-    fits = max(q_tokens, k_tokens) <= SHORT_MAX_TOKENS and block_q * (d0 + d1) <= SHORT_MAX_DQ
+    fits = max(q_tokens, k_tokens) <= SHORT_MAX_TOKENS and d1 == 0 and block_q * d0 <= SHORT_MAX_DQ
     return fits and (INTERPRET or capability >= 90)
 
 
