@@ -402,25 +402,20 @@ def _attn_bwd_kernel(
 
 @triton.jit
 def _bwd_short_key_block(
-    dq0, dq1,  # (BLOCK_Q, BLOCK_D0 / BLOCK_D1) fp32 dq of every query, kept on chip across key blocks
-    q0, q1, do0, do1, lse, delta, offs_q, k_base, v_base, dk_base, dv_base, start_n, cols0, cols1,
+    dq,  # (BLOCK_Q, HEAD_DIM) fp32 dq of every query, kept on chip across key blocks
+    q, do, lse, delta, offs_q, k_base, v_base, dk_base, dv_base, start_n, cols,
     stride_kn, stride_vn, stride_dkn, stride_dvn, N_K, scale, qk_scale, inv_keep, SEED, bh, dropout_p,
-    HEAD_DIM: tl.constexpr, BLOCK_D1: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
 ):  # fmt: skip
     """Keys [start_n, start_n + BLOCK_N) against every query at once: 5 matmuls (S, dP, dV, dK, dQ) and one
     exp2 per score. dk and dv of these keys are complete after it and are stored; dq accumulates.
     On sm_90 all of it fits in registers next to dq (q, dout as wgmma operands in shared memory)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k0 = _load_keys(k_base, offs_n, cols0, stride_kn, N_K, HEAD_DIM, False, MASK_KEYS)
-    v0 = _load_keys(v_base, offs_n, cols0, stride_vn, N_K, HEAD_DIM, False, MASK_KEYS)
-    qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
-    dp = tl.dot(do0, tl.trans(v0), input_precision=PRECISION)
-    if BLOCK_D1 > 0:
-        k1 = _load_keys(k_base, offs_n, cols1, stride_kn, N_K, HEAD_DIM, True, MASK_KEYS)
-        v1 = _load_keys(v_base, offs_n, cols1, stride_vn, N_K, HEAD_DIM, True, MASK_KEYS)
-        qk = tl.dot(q1, tl.trans(k1), qk, input_precision=PRECISION)
-        dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PRECISION)
+    k = _load_keys(k_base, offs_n, cols, stride_kn, N_K, HEAD_DIM, False, MASK_KEYS)
+    v = _load_keys(v_base, offs_n, cols, stride_vn, N_K, HEAD_DIM, False, MASK_KEYS)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     # Query rows past N_Q carry lse = +inf, so their weights are exp2(-inf) = 0 with no mask; keys past N_K
     # (zero rows) are masked only in the tail block.
     p = tl.exp2(qk * qk_scale - lse[:, None])
@@ -432,20 +427,13 @@ def _bwd_short_key_block(
         dp = tl.where(keep, dp * inv_keep, 0.0)
     else:
         p_dropped = p
-    ds = p * (dp - delta[:, None])
-    ds_in = ds.to(k0.dtype)
-    dv0 = tl.dot(tl.trans(p_dropped.to(do0.dtype)), do0, input_precision=PRECISION)
-    dk0 = tl.dot(tl.trans(ds_in), q0, input_precision=PRECISION)
-    dq0 = tl.dot(ds_in, k0, dq0, input_precision=PRECISION)
-    _store_tile(dk_base, dk0 * scale, offs_n, cols0, stride_dkn, N_K, HEAD_DIM, False)
-    _store_tile(dv_base, dv0, offs_n, cols0, stride_dvn, N_K, HEAD_DIM, False)
-    if BLOCK_D1 > 0:
-        dv1 = tl.dot(tl.trans(p_dropped.to(do1.dtype)), do1, input_precision=PRECISION)
-        dk1 = tl.dot(tl.trans(ds_in), q1, input_precision=PRECISION)
-        dq1 = tl.dot(ds_in, k1, dq1, input_precision=PRECISION)
-        _store_tile(dk_base, dk1 * scale, offs_n, cols1, stride_dkn, N_K, HEAD_DIM, True)
-        _store_tile(dv_base, dv1, offs_n, cols1, stride_dvn, N_K, HEAD_DIM, True)
-    return dq0, dq1
+    ds = (p * (dp - delta[:, None])).to(k.dtype)
+    dv = tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=PRECISION)
+    dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+    dq = tl.dot(ds, k, dq, input_precision=PRECISION)
+    _store_tile(dk_base, dk * scale, offs_n, cols, stride_dkn, N_K, HEAD_DIM, False)
+    _store_tile(dv_base, dv, offs_n, cols, stride_dvn, N_K, HEAD_DIM, False)
+    return dq
 
 
 @triton.jit
@@ -465,7 +453,7 @@ def _attn_bwd_short_kernel(
     H, N_Q, N_K,
     N_BUCKET,  # autotune key only
     scale, dropout_p,
-    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # a power of two (split head dims keep the blocked backward)
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr,  # next power of two >= N_Q (<= SHORT_MAX_TOKENS): every query in one tile
     BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr,
@@ -476,8 +464,6 @@ def _attn_bwd_short_kernel(
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     bh = b * H + h
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     dk_base = DK + b * stride_dkb + h * stride_dkh
@@ -486,36 +472,27 @@ def _attn_bwd_short_kernel(
     inv_keep = 1.0 / (1.0 - dropout_p)
     offs_q = tl.arange(0, BLOCK_Q)
     valid_q = offs_q < N_Q
-    cols0 = tl.arange(0, BLOCK_D0)
-    q0 = _load_tile(q_base, offs_q, cols0, stride_qn, N_Q, HEAD_DIM, False)
-    do0 = _load_tile(do_base, offs_q, cols0, stride_don, N_Q, HEAD_DIM, False)
-    dq0 = tl.zeros((BLOCK_Q, BLOCK_D0), dtype=tl.float32)
-    if BLOCK_D1 > 0:
-        cols1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-        q1 = _load_tile(q_base, offs_q, cols1, stride_qn, N_Q, HEAD_DIM, True)
-        do1 = _load_tile(do_base, offs_q, cols1, stride_don, N_Q, HEAD_DIM, True)
-        dq1 = tl.zeros((BLOCK_Q, BLOCK_D1), dtype=tl.float32)
-    else:  # placeholders so the helper's signature holds; it never reads them when BLOCK_D1 == 0
-        cols1, q1, do1, dq1 = cols0, q0, do0, dq0
+    cols = tl.arange(0, HEAD_DIM)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_q, cols, stride_qn, N_Q, HEAD_DIM, False)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_q, cols, stride_don, N_Q, HEAD_DIM, False)
+    dq = tl.zeros((BLOCK_Q, HEAD_DIM), dtype=tl.float32)
     lse = tl.load(LSE + bh * N_Q + offs_q, mask=valid_q, other=float("inf")) * _LOG2E
     delta = tl.load(DELTA + bh * N_Q + offs_q, mask=valid_q, other=0.0)
     n_full = (N_K // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq0, dq1 = _bwd_short_key_block(
-            dq0, dq1, q0, q1, do0, do1, lse, delta, offs_q, k_base, v_base, dk_base, dv_base, start_n, cols0,
-            cols1, stride_kn, stride_vn, stride_dkn, stride_dvn, N_K, scale, qk_scale, inv_keep, SEED, bh,
-            dropout_p, HEAD_DIM, BLOCK_D1, DROPOUT, PRECISION, BLOCK_N, False,
+        dq = _bwd_short_key_block(
+            dq, q, do, lse, delta, offs_q, k_base, v_base, dk_base, dv_base, start_n, cols,
+            stride_kn, stride_vn, stride_dkn, stride_dvn, N_K, scale, qk_scale, inv_keep, SEED, bh, dropout_p,
+            HEAD_DIM, DROPOUT, PRECISION, BLOCK_N, False,
         )  # fmt: skip
     for start_n in range(n_full, N_K, BLOCK_TAIL):
-        dq0, dq1 = _bwd_short_key_block(
-            dq0, dq1, q0, q1, do0, do1, lse, delta, offs_q, k_base, v_base, dk_base, dv_base, start_n, cols0,
-            cols1, stride_kn, stride_vn, stride_dkn, stride_dvn, N_K, scale, qk_scale, inv_keep, SEED, bh,
-            dropout_p, HEAD_DIM, BLOCK_D1, DROPOUT, PRECISION, BLOCK_TAIL, True,
+        dq = _bwd_short_key_block(
+            dq, q, do, lse, delta, offs_q, k_base, v_base, dk_base, dv_base, start_n, cols,
+            stride_kn, stride_vn, stride_dkn, stride_dvn, N_K, scale, qk_scale, inv_keep, SEED, bh, dropout_p,
+            HEAD_DIM, DROPOUT, PRECISION, BLOCK_TAIL, True,
         )  # fmt: skip
     dq_base = DQ + b * stride_dqb + h * stride_dqh
-    _store_tile(dq_base, dq0 * scale, offs_q, cols0, stride_dqn, N_Q, HEAD_DIM, False)
-    if BLOCK_D1 > 0:
-        _store_tile(dq_base, dq1 * scale, offs_q, cols1, stride_dqn, N_Q, HEAD_DIM, True)
+    _store_tile(dq_base, dq * scale, offs_q, cols, stride_dqn, N_Q, HEAD_DIM, False)
 
 
 @triton.jit
@@ -750,7 +727,7 @@ def attention_bwd(
         kernel, extra = _attn_bwd_short, {"BLOCK_Q": max(16, triton.next_power_of_2(N_Q))}
     else:
         grid = lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]) + triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
-        kernel, extra = _attn_bwd, {}
+        kernel, extra = _attn_bwd, {"BLOCK_D0": d0, "BLOCK_D1": d1}
     with device_guard(q):
         _attn_bwd_delta_kernel[(max(1, triton.cdiv(N_Q, delta_block)), H, B)](
             out, dout, delta, *_strides3(out), *_strides3(dout), H, N_Q,
@@ -762,8 +739,8 @@ def attention_bwd(
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
             *_strides3(dq), *_strides3(dk), *_strides3(dv),
             H, N_Q, N_K, n_bucket, float(scale), float(dropout_p),
-            HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, DROPOUT=dropout_p > 0,
-            PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32", **extra,
+            HEAD_DIM=D, DROPOUT=dropout_p > 0, PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32",
+            **extra,
         )  # fmt: skip
 
 
