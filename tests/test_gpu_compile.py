@@ -148,11 +148,11 @@ def _exercise_attention():
         for head_dim in (32, 64, 80):
             qkv = torch.randn(1, 9, 3 * 2 * head_dim, dtype=dtype, requires_grad=True)
             _backward(ops.attention_qkvpacked(qkv, 2, backend="triton"), qkv)
+        q, k, v = (torch.randn(1, 1, 5, 64, dtype=dtype, requires_grad=True) for _ in range(3))
+        _backward(ops.attention(q, k, v, dropout_p=0.1, backend="triton"), q, k, v)
     # 257 tokens: past the short backward's 256, so the blocked backward is launched (and compiled) too.
     qkv = torch.randn(1, 257, 3 * 16, dtype=torch.float16, requires_grad=True)
     _backward(ops.attention_qkvpacked(qkv, 1, backend="triton"), qkv)
-        q, k, v = (torch.randn(1, 1, 5, 64, dtype=dtype, requires_grad=True) for _ in range(3))
-        _backward(ops.attention(q, k, v, dropout_p=0.1, backend="triton"), q, k, v)
     attention_dropout_mask(torch.tensor([7], dtype=torch.int64), 1, 2, 5, 5, 0.1)  # the debugging helper
 
 
