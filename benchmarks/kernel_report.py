@@ -551,8 +551,8 @@ def _derived(result: dict, record: dict) -> dict:
     sass, threads = result["sass"], result["threads"]
     out = {}
     name = result["fn"].rsplit(".", 1)[1]
-    if name in ("_attn_fwd_kernel", "_attn_bwd_kernel") and "loop_instructions" in sass:
-        scores = cfg["BLOCK_M"] * cfg["BLOCK_N"] / threads
+    if name in ("_attn_fwd_kernel", "_attn_bwd_kernel", "_attn_bwd_short_kernel") and "loop_instructions" in sass:
+        scores = cfg.get("BLOCK_Q", cfg.get("BLOCK_M")) * cfg["BLOCK_N"] / threads
         out["instructions_per_score"] = round(sass["loop_instructions"] / scores, 2)
     # Not for the persistent TMA GEMM: its one (flattened) loop holds the epilogue, so nothing follows it.
     if name.startswith("_linear") and name != "_linear_tma_kernel" and "after_loop" in sass:
@@ -567,14 +567,17 @@ def build_report(dtype_name: str = "bfloat16", only: Optional[set] = None, worke
                  cache: Optional[str] = None, targets: tuple = (90, 80), kernels: Optional[set] = None,
                  shapes: Optional[set] = None) -> list:  # fmt: skip
     """Rows of the report: one per (shape, launch, kernel, target, kept config)."""
-    launches = goal_launches(dtype_name, only, kernels, shapes)
+    from fastvit.kernels._common import compile_target
+
     plan = []
-    for shape_label, launch_label, kind, record in launches:
-        obj = launched(record)
-        _, configs, _ = unwrap(obj)
-        for cc in targets:
+    for cc in targets:
+        with compile_target(cc):  # launchers that pick a kernel by target (attention's backward) see it
+            launches = goal_launches(dtype_name, only, kernels, shapes)
+        for shape_label, launch_label, kind, record in launches:
             if cc not in KERNEL_TARGETS.get(record["name"], (cc,)):
                 continue
+            obj = launched(record)
+            _, configs, _ = unwrap(obj)
             kept = pruned(obj, record, configs, cc) if configs else [None]
             plan += [(shape_label, launch_label, kind, record, launch_spec(record, cc, c)) for c in kept]
     results = compile_all([p[-1] for p in plan], workers=workers, cache=cache)

@@ -163,6 +163,11 @@ def _exercise_attention():
             _backward(ops.attention_qkvpacked(qkv, 2, backend="triton"), qkv)
         q, k, v = (torch.randn(1, 1, 5, 64, dtype=dtype, requires_grad=True) for _ in range(3))
         _backward(ops.attention(q, k, v, dropout_p=0.1, backend="triton"), q, k, v)
+    # 128 tokens: the short backward with a 128-row query tile (wgmma needs >= 64 rows); 257 tokens: past its
+    # 256, so the blocked backward is launched (and compiled) too.
+    for tokens, head_dim in ((128, 64), (257, 16)):
+        qkv = torch.randn(1, tokens, 3 * head_dim, dtype=torch.float16, requires_grad=True)
+        _backward(ops.attention_qkvpacked(qkv, 1, backend="triton"), qkv)
     attention_dropout_mask(torch.tensor([7], dtype=torch.int64), 1, 2, 5, 5, 0.1)  # the debugging helper
 
 

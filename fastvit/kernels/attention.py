@@ -15,7 +15,13 @@ the input dtype and lse = m + log(l) (natural log, fp32) for the backward.
 Backward (FlashAttention-2 structure): a pre-pass stores Delta = rowsum(dout * out) in fp32; then one
 launch whose first programs each own BLOCK_N keys and loop over all queries to accumulate dk, dv, and
 whose remaining programs each own BLOCK_M queries and loop over all keys to accumulate dq. P is
-recomputed from lse. No atomics: the backward is deterministic (bitwise reproducible) by construction.
+recomputed from lse. That visits every score twice: 7 matmuls and 2 exponentials per score.
+On sm_90, short sequences (Nq, Nk <= 256, a power-of-two D, a next_power_of_2(Nq) x D fp32 dq of at
+most 256 x 64) instead run
+:func:`_attn_bwd_short_kernel`, one program per (b, h): all queries in one tile, the program walks the key
+blocks once, each key block's dk and dv are finished in that one visit, and dq accumulates on chip and is
+written once: 5 matmuls (S, dP, dV, dK, dQ) and 1 exponential per score. Dropout is supported by both.
+No atomics: the backward is deterministic (bitwise reproducible) by construction.
 
 Head dims: any D with D % 8 == 0 and 16 <= D <= 128, split into a power-of-two part BLOCK_D0 and a
 masked tail BLOCK_D1 (0 when D is a power of two): D=80 runs as 64 + 16 and D=96 as 64 + 32, so
@@ -56,8 +62,11 @@ __all__ = [
     "dropout_keep_mask",
     "head_dim_blocks",
     "unsupported_reasons",
+    "uses_short_backward",
 ]
 
+SHORT_MAX_TOKENS = 256  # the short backward holds every query (<= 256) of one (b, h) in one tile
+SHORT_MAX_DQ = 256 * 64  # and at most this many fp32 dq elements (256 x 64: 64 KB, 64 registers at 8 warps)
 MAX_HEAD_DIM = 128  # q, k, v, acc tiles of BLOCK x 128 already fill the register file
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -392,6 +401,101 @@ def _attn_bwd_kernel(
 
 
 @triton.jit
+def _bwd_short_key_block(
+    dq,  # (BLOCK_Q, HEAD_DIM) fp32 dq of every query, kept on chip across key blocks
+    q, do, lse, delta, offs_q, k_base, v_base, dk_base, dv_base, start_n, cols,
+    stride_kn, stride_vn, stride_dkn, stride_dvn, N_K, scale, qk_scale, inv_keep, SEED, bh, dropout_p,
+    HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
+):  # fmt: skip
+    """Keys [start_n, start_n + BLOCK_N) against every query at once: 5 matmuls (S, dP, dV, dK, dQ) and one
+    exp2 per score. dk and dv of these keys are complete after it and are stored; dq accumulates.
+    On sm_90 all of it fits in registers next to dq (q, dout as wgmma operands in shared memory)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_keys(k_base, offs_n, cols, stride_kn, N_K, HEAD_DIM, False, MASK_KEYS)
+    v = _load_keys(v_base, offs_n, cols, stride_vn, N_K, HEAD_DIM, False, MASK_KEYS)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    # Query rows past N_Q carry lse = +inf, so their weights are exp2(-inf) = 0 with no mask; keys past N_K
+    # (zero rows) are masked only in the tail block.
+    p = tl.exp2(qk * qk_scale - lse[:, None])
+    if MASK_KEYS:
+        p = tl.where(offs_n[None, :] < N_K, p, 0.0)
+    if DROPOUT:
+        keep = _dropout_keep(SEED, bh, offs_q[:, None] * N_K + offs_n[None, :], dropout_p)
+        p_dropped = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    else:
+        p_dropped = p
+    ds = (p * (dp - delta[:, None])).to(k.dtype)
+    dv = tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=PRECISION)
+    dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+    dq = tl.dot(ds, k, dq, input_precision=PRECISION)
+    _store_tile(dk_base, dk * scale, offs_n, cols, stride_dkn, N_K, HEAD_DIM, False)
+    _store_tile(dv_base, dv, offs_n, cols, stride_dvn, N_K, HEAD_DIM, False)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_short_kernel(
+    Q, K, V,  # (B, H, N, D) forward inputs
+    DO,  # (B, H, Nq, D) upstream gradient
+    LSE, DELTA,  # (B, H, Nq) fp32, contiguous
+    DQ, DK, DV,  # (B, H, N, D) outputs (any strides with unit last stride, e.g. views of one dqkv)
+    SEED,  # (1,) int64 Philox key (read only with DROPOUT)
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, N_Q, N_K,
+    N_BUCKET,  # autotune key only
+    scale, dropout_p,
+    HEAD_DIM: tl.constexpr,  # a power of two (split head dims keep the blocked backward)
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr,  # next power of two >= N_Q (<= SHORT_MAX_TOKENS): every query in one tile
+    BLOCK_N: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+):  # fmt: skip
+    """Backward for short sequences, one program per (b, h): q, dout, lse, Delta and the fp32 dq of all
+    queries stay on chip while the program walks the key blocks once; each key block's dk and dv are
+    finished by that single visit. dq is written once at the end. No atomics, deterministic."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + h
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dk_base = DK + b * stride_dkb + h * stride_dkh
+    dv_base = DV + b * stride_dvb + h * stride_dvh
+    qk_scale = scale * _LOG2E
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    offs_q = tl.arange(0, BLOCK_Q)
+    valid_q = offs_q < N_Q
+    cols = tl.arange(0, HEAD_DIM)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_q, cols, stride_qn, N_Q, HEAD_DIM, False)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_q, cols, stride_don, N_Q, HEAD_DIM, False)
+    dq = tl.zeros((BLOCK_Q, HEAD_DIM), dtype=tl.float32)
+    lse = tl.load(LSE + bh * N_Q + offs_q, mask=valid_q, other=float("inf")) * _LOG2E
+    delta = tl.load(DELTA + bh * N_Q + offs_q, mask=valid_q, other=0.0)
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _bwd_short_key_block(
+            dq, q, do, lse, delta, offs_q, k_base, v_base, dk_base, dv_base, start_n, cols,
+            stride_kn, stride_vn, stride_dkn, stride_dvn, N_K, scale, qk_scale, inv_keep, SEED, bh, dropout_p,
+            HEAD_DIM, DROPOUT, PRECISION, BLOCK_N, False,
+        )  # fmt: skip
+    for start_n in range(n_full, N_K, BLOCK_TAIL):
+        dq = _bwd_short_key_block(
+            dq, q, do, lse, delta, offs_q, k_base, v_base, dk_base, dv_base, start_n, cols,
+            stride_kn, stride_vn, stride_dkn, stride_dvn, N_K, scale, qk_scale, inv_keep, SEED, bh, dropout_p,
+            HEAD_DIM, DROPOUT, PRECISION, BLOCK_TAIL, True,
+        )  # fmt: skip
+    dq_base = DQ + b * stride_dqb + h * stride_dqh
+    _store_tile(dq_base, dq * scale, offs_q, cols, stride_dqn, N_Q, HEAD_DIM, False)
+
+
+@triton.jit
 def _dropout_mask_kernel(
     SEED,  # (1,) int64 Philox key
     MASK,  # (B, H, Nq, Nk) int8 output, contiguous: 1 = keep
@@ -493,8 +597,50 @@ def _autotuned(kernel: Any, configs: list, interpret_configs: list) -> LazyAutot
     )(kernel)
 
 
+def _short_config(block_n: int, warps: int, stages: int) -> triton.Config:
+    """Short-backward tiles: BLOCK_N keys per step (all queries at once), a 16-key tail."""
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_TAIL": 16}, num_warps=warps, num_stages=stages)
+
+
+# The short-sequence backward: BLOCK_Q (all queries) is set by the launcher; configs pick the key block.
+# Under the interpreter 32-key blocks and a 16-key tail, so N = 33 runs one full block and one tail block.
+_INTERPRET_SHORT_CONFIGS = [_short_config(32, 1, 1)]
+# sm_90 only (see uses_short_backward). Static facts (ptxas -v, bf16, ViT-B/16's 256 x 64 dq, the largest
+# allowed): 8 warps with 16 / 32-key blocks use 171-172 registers, 16 warps with 16 keys 96, none spill;
+# 4 warps (255 registers, 124-1024 spill bytes), 8 warps with 64 keys (172 B) and 16 warps with 32 / 64
+# keys (8 / 592 B) spill and are left out; at 128 x 128 (D = 128) the kept four use 125-174 registers,
+# no spills. Shared memory is 146-176 KB (q, dout, k, v tiles), one CTA per
+# SM, more than sm_80 / sm_86 allow (163 / 99 KB). On sm_80 every tile spills (mma.sync keeps q and dout
+# in two operand layouts next to dq: 255 registers, 48-1344 B at 4 / 8 / 16 warps, reloading q and dout
+# per key block did not help), so sm_80 keeps the blocked backward.
+# Timings on an H100/H200 (benchmarks/bench_attention.py) are still to decide between the survivors.
+_SHORT_CONFIGS = [
+    _short_config(32, 8, 1),
+    _short_config(32, 8, 2),
+    _short_config(16, 8, 1),
+    _short_config(16, 16, 1),
+]
+
+
+def _prune_short(configs: list, named_args: dict, **kwargs: Any) -> list:
+    """Key blocks no larger than the keys need (N = 7 does not need 32-key blocks)."""
+    named_args = {**named_args, **kwargs}
+    n_cap = max(16, triton.next_power_of_2(max(named_args["N_K"], 1)))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
+
+
 _attn_fwd = _autotuned(_attn_fwd_kernel, _FWD_CONFIGS, _INTERPRET_FWD_CONFIGS)
 _attn_bwd = _autotuned(_attn_bwd_kernel, _BWD_CONFIGS, _INTERPRET_CONFIGS)
+if INTERPRET:
+    _attn_bwd_short = lazy_autotune(configs=_INTERPRET_SHORT_CONFIGS, key=["N_BUCKET", "HEAD_DIM"])(
+        _attn_bwd_short_kernel
+    )
+else:
+    _attn_bwd_short = lazy_autotune(
+        configs=_SHORT_CONFIGS, key=["N_BUCKET", "HEAD_DIM"],
+        prune_configs_by={"early_config_prune": _prune_short},
+    )(_attn_bwd_short_kernel)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- launchers
@@ -575,21 +721,40 @@ def attention_bwd(
     n_bucket = _n_bucket(N_Q, N_K)
     delta = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
     delta_block = 32 if INTERPRET else 64
-    grid = lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]) + triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
+    short = uses_short_backward(N_Q, N_K, D, target_capability(q))
+    if short:  # one program per (b, h) holding every query's dq
+        grid = lambda meta: (1, H, B)  # noqa: E731
+        kernel, extra = _attn_bwd_short, {"BLOCK_Q": max(16, triton.next_power_of_2(N_Q))}
+    else:
+        grid = lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]) + triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
+        kernel, extra = _attn_bwd, {"BLOCK_D0": d0, "BLOCK_D1": d1}
     with device_guard(q):
         _attn_bwd_delta_kernel[(max(1, triton.cdiv(N_Q, delta_block)), H, B)](
             out, dout, delta, *_strides3(out), *_strides3(dout), H, N_Q,
             HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=delta_block, num_warps=1 if INTERPRET else 4,
         )  # fmt: skip
         launch_autotuned(
-            _attn_bwd, grid,
+            kernel, grid,
             q, k, v, dout, lse, delta, dq, dk, dv, seed if seed is not None else lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
             *_strides3(dq), *_strides3(dk), *_strides3(dv),
             H, N_Q, N_K, n_bucket, float(scale), float(dropout_p),
-            HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, DROPOUT=dropout_p > 0,
-            PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32",
+            HEAD_DIM=D, DROPOUT=dropout_p > 0, PRECISION=fp32_precision if q.dtype == torch.float32 else "tf32",
+            **extra,
         )  # fmt: skip
+
+
+def uses_short_backward(q_tokens: int, k_tokens: int, head_dim: int, capability: int = 90) -> bool:
+    """Whether :func:`attention_bwd` runs the one-program-per-(b, h) backward: a Hopper-class target
+    (``capability`` >= 90; under the interpreter any), both sequences at most SHORT_MAX_TOKENS long, a
+    power-of-two head dim and the on-chip dq (next_power_of_2(Nq) x D fp32) within SHORT_MAX_DQ.
+
+    Split head dims (D = 48, 80, 96: a masked second column block) spill on sm_90 in every short config
+    (68-2528 bytes at N = 64..256, ptxas -v), so they keep the blocked backward."""
+    d0, d1 = head_dim_blocks(head_dim)
+    block_q = max(16, triton.next_power_of_2(q_tokens))
+    fits = max(q_tokens, k_tokens) <= SHORT_MAX_TOKENS and d1 == 0 and block_q * d0 <= SHORT_MAX_DQ
+    return fits and (INTERPRET or capability >= 90)
 
 
 def dropout_keep_mask(

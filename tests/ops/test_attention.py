@@ -435,6 +435,12 @@ def _tiles(records: list, kernel: str) -> list[tuple[int, int]]:
     return [(meta["BLOCK_M"], meta["BLOCK_N"]) for name, meta in records if name == kernel]
 
 
+def _short_tiles(records: list) -> list[tuple[int, int]]:
+    """(BLOCK_N, num_warps or None where not recorded) of the short backward's launches (its BLOCK_Q comes
+    from the launcher)."""
+    return [(meta["BLOCK_N"], meta.get("num_warps")) for name, meta in records if name == "_attn_bwd_short_kernel"]
+
+
 def test_autotune_pruning_with_tritons_calling_convention():
     """The GPU launch path: Triton calls early_config_prune(configs, positional args by name, **keyword
     args), so a prune reading a keyword argument (HEAD_DIM) from named_args raises KeyError on every GPU
@@ -448,10 +454,13 @@ def test_autotune_pruning_with_tritons_calling_convention():
     benched, launched = report["benched"], report["launched"]
     # N = 50, D = 64 then N = 197, D = 128: tiles capped by the sequence, then by the head dim's spill limits.
     assert _tiles(benched, "_attn_fwd_kernel") == [(64, 64), (64, 32), (128, 64), (128, 64), (64, 64), (64, 32)]
-    assert _tiles(benched, "_attn_bwd_kernel") == [(64, 64), (64, 64), (32, 64), (64, 32), (32, 32)]
+    # N = 50, D = 64 runs the short backward (sm_90); N = 197 at D = 128 (256 x 128 dq) the blocked one.
+    assert [n for n, _ in _short_tiles(benched)] == [32, 32, 16, 16]
+    assert _tiles(benched, "_attn_bwd_kernel") == [(32, 64), (64, 32), (32, 32)]
     # The fastest (last) trial of each tuning is the config launched.
     assert _tiles(launched, "_attn_fwd_kernel") == [(64, 32), (64, 32)]
-    assert _tiles(launched, "_attn_bwd_kernel") == [(64, 64), (32, 32)]
+    assert _short_tiles(launched) == [(16, 16)]
+    assert _tiles(launched, "_attn_bwd_kernel") == [(32, 32)]
 
 
 _STUBBED_ATTENTION_CAPTURE = _STUBBED_ATTENTION.replace(
@@ -484,7 +493,7 @@ def test_graph_capture_launches_without_autotuning():
     unseen, seen = (json.loads(line) for line in run_stubbed(_STUBBED_ATTENTION_CAPTURE).splitlines()[-2:])
     assert unseen["benched"] == []
     assert _tiles(unseen["launched"], "_attn_fwd_kernel") == [(64, 64)]
-    assert _tiles(unseen["launched"], "_attn_bwd_kernel") == [(64, 64)]
+    assert [n for n, _ in _short_tiles(unseen["launched"])] == [32]  # N = 50, D = 64: the short backward
     # Eager tuning then capture at N = 197, D = 128: the capture relaunches the tuned (last, fastest) trial.
     assert len(seen["benched"]) == 4 + 3
     assert _tiles(seen["launched"], "_attn_fwd_kernel") == [(64, 32), (64, 32)]
@@ -586,3 +595,63 @@ def test_gpu_large_batch_int64_offsets():
     q, k, v = split_qkv(qkv[last], H)
     ref = attention_ref(q, k, v, upcast=True).transpose(1, 2).reshape(1, N, H * D)
     torch.testing.assert_close(out[last].float(), ref, atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------- short-sequence backward (N <= 256, issue #15)
+
+SHORT_BWD_CASES = [
+    # (B, H, N, D, dtype): B alternates 1 / 2; N crosses the interpreter's 32-key block and 16-key tail
+    (1 + i % 2, 2, n, d, dtype)
+    for i, (n, d, dtype) in enumerate(
+        (n, d, dtype) for dtype in (torch.float32, torch.float16) for n in (1, 7, 16, 33, 64) for d in (16, 32, 64)
+    )
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("B,H,N,D,dtype", SHORT_BWD_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_short_backward_matches_reference(B, H, N, D, dtype):
+    from fastvit.kernels import attention as ka
+
+    assert ka.uses_short_backward(N, N, D)
+    q, k, v = _qkv(B, H, N, D, dtype)
+    dout = torch.randn_like(q)
+    out, grads = _run_triton(q, k, v, dout)
+    _check_three_way(q, k, v, dout, out, grads, name=f"short bwd B{B} N{N} D{D} {dtype}")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("n_q,n_k", [(7, 40), (50, 3)], ids=["fewer_queries", "fewer_keys"])
+def test_short_backward_cross_lengths_and_t2t_scale(n_q, n_k):
+    q, k, v = _qkv(2, 2, n_q, 32, torch.float32, n_k=n_k)
+    dout = torch.randn_like(q)
+    out, grads = _run_triton(q, k, v, dout, scale=T2T_SCALE)
+    _check_three_way(q, k, v, dout, out, grads, scale=T2T_SCALE, name=f"short bwd {n_q}x{n_k}")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_short_backward_is_bitwise_deterministic(dtype):
+    q, k, v = _qkv(2, 2, 33, 64, dtype)
+    dout = torch.randn_like(q)
+    first = _run_triton(q, k, v, dout)[1]
+    second = _run_triton(q, k, v, dout)[1]
+    for name, a, b in zip(("dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+
+
+@pytest.mark.interpreter
+def test_short_backward_qkvpacked_strided_views():
+    """The packed path writes dq / dk / dv into one dqkv through strides; rows padded past 3*H*D."""
+    B, N, H, D = 2, 33, 2, 32
+    base = torch.randn(B, N, 3 * H * D + 8, device=DEVICE)
+    qkv = base[..., : 3 * H * D].requires_grad_()
+    dout = torch.randn(B, N, H * D, device=DEVICE)
+    with poisoned_outputs():
+        out = ops.attention_qkvpacked(qkv, H, backend="triton")
+        (grad,) = torch.autograd.grad(out, [qkv], dout)
+    ref_in = qkv.detach().double().requires_grad_()
+    q, k, v = split_qkv(ref_in, H)
+    ref = attention_ref(q, k, v).transpose(1, 2).reshape(B, N, H * D)
+    (ref_grad,) = torch.autograd.grad(ref, [ref_in], dout.double())
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-5)
