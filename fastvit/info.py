@@ -11,10 +11,10 @@ and every measured choice (the ops' backends and the Triton linear's TMA-vs-poin
 from __future__ import annotations
 
 import os
-import warnings
 import platform
 import subprocess
 import sys
+import warnings
 from typing import Any
 
 import torch

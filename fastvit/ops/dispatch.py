@@ -499,6 +499,8 @@ def measured_entry(
 
     The caller decides what the ops decide before measuring: :func:`current_mode` ("static": do not ask)
     and never ``measure`` inside CUDA-graph capture or compile tracing (no lock or file there either)."""
+    if not candidates:
+        raise ValueError(f"fastvit.ops.dispatch.measured_entry({family!r}): no candidates; pass name -> call")
     key = f"{family}|{_device_label(device)}|{signature}"
     with _LOCK:
         entry = _MEASURED.get(key) or _load_disk().get(key)

@@ -4,7 +4,8 @@ Numerics run under the interpreter (Triton 3.9's interpreter emulates ``tl.make_
 at small ragged shapes, every epilogue, against ``linear_ref`` within fastvit.testing's tolerances. bf16 is
 not run there: the interpreter's ``create_dot`` multiplies bf16 operands as their raw uint16 bit patterns
 (numpy has no bf16), wrong for any Triton dot, so bf16 rests on the compile report (sm_90a, wgmma + TMA, no
-spills) and the ``gpu`` test. The choice (measured dispatch, its cache file) runs on the CPU with a faked GPU and an injected timer.
+spills) and the ``gpu`` test. The choice (measured dispatch, its cache file) runs on the CPU with a faked GPU
+and an injected timer.
 """
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ def fake_gpu(monkeypatch, tmp_path):
     for name in (dispatch.MODE_ENV, linear_tma.ENV_SWITCH):
         monkeypatch.delenv(name, raising=False)
     dispatch.reset()
-    state = {"ms": {"pointer": 2.0, "tma": 1.0}, "timed": [], "raise": {}, "writes": [], "path": tmp_path / "dispatch.json"}
+    state = {"ms": {"pointer": 2.0, "tma": 1.0}, "timed": [], "raise": {}, "writes": []}
+    state["path"] = tmp_path / "dispatch.json"
 
     def timer(fn, device):
         assert device == torch.device("cuda", 0)
@@ -232,7 +234,9 @@ def _dispatch_inputs():
     return x, w, b, r, torch.empty(40, 48, dtype=torch.float16)
 
 
-@pytest.mark.parametrize("pointer_ms,tma_ms,expected", [(2.0, 1.0, "tma"), (1.0, 2.0, "pointer"), (1.0, 1.0, "pointer")])
+@pytest.mark.parametrize(
+    "pointer_ms,tma_ms,expected", [(2.0, 1.0, "tma"), (1.0, 2.0, "pointer"), (1.0, 1.0, "pointer")]
+)
 def test_measured_choice_keeps_the_faster_and_never_changes(fake_kernels, pointer_ms, tma_ms, expected):
     state = fake_kernels
     state["ms"].update(pointer=pointer_ms, tma=tma_ms)
@@ -315,6 +319,11 @@ def test_both_kernels_raising_leaves_the_pointer_kernel_to_raise_for_real(fake_k
     assert dispatch.measured_table()[KEY]["refused"] == {"pointer": "RuntimeError: pointer broke",
                                                          "tma": "RuntimeError: tma broke"}  # fmt: skip
     assert not state["path"].exists(), "nothing was timed: nothing is written"
+
+
+def test_measured_entry_needs_candidates(fake_gpu):
+    with pytest.raises(ValueError, match="no candidates"):
+        dispatch.measured_entry("linear_tma", "sig", {}, torch.device("cuda", 0))
 
 
 def test_switch_off_never_times_nor_runs_tma_even_when_cached(fake_kernels, monkeypatch):
