@@ -3,7 +3,9 @@
 Prints the versions fastvit depends on, the GPUs and their compute capability, whether the CUDA
 extension fastvit._C is built and loadable (and if not, why), its build metadata, whether the cuBLASLt
 it loads at run time is usable (and from where), and for every op which backends are available here,
-the auto order, and any fallbacks recorded in this process.
+the auto order, and any fallbacks recorded in this process; then measured dispatch: its mode, cache file
+and every measured choice (the ops' backends and the Triton linear's TMA-vs-pointer GEMM, keys
+``linear_tma|...``), with a summary of the TMA choices.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import platform
 import subprocess
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -162,6 +165,25 @@ def collect() -> dict[str, Any]:
         "ops": ops,
         "fallbacks": {f"{op}/{backend}": reasons for (op, backend), reasons in dispatch.fallback_log().items()},
         "dispatch": dispatch.describe_cache(),
+        "linear_tma": linear_tma_status(),
+    }
+
+
+def linear_tma_status() -> dict[str, Any]:
+    """The persistent TMA GEMM's switch and its measured choices (the ``linear_tma|...`` entries of the
+    dispatch cache and of this process): key -> "tma" or "pointer"."""
+    try:
+        from fastvit.kernels import linear_tma
+    except Exception as exc:  # noqa: BLE001 - no Triton: nothing to choose between
+        return {"available": f"not importable ({type(exc).__name__}: {exc})", "enabled": False, "choices": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a bad cache is reported by describe_cache already
+        table = dispatch.measured_table()
+    prefix = f"{linear_tma.FAMILY}|"
+    return {
+        "available": "yes" if linear_tma.HAS_API else f"no (triton {kernels.TRITON_VERSION} has no tensor descriptors)",
+        "enabled": linear_tma.enabled(),
+        "choices": {k: e.get("backend") for k, e in sorted(table.items()) if k.startswith(prefix)},
     }
 
 
@@ -230,6 +252,13 @@ def main() -> None:
             print(f"  {key}: {'; '.join(reasons)}")
     print()
     print("\n".join(dispatch.format_cache(info["dispatch"])))
+    tma = info["linear_tma"]
+    won = sum(1 for b in tma["choices"].values() if b == "tma")
+    switch = "on" if tma["enabled"] else "off (FASTVIT_LINEAR_TMA=0)"
+    print(
+        f"linear TMA GEMM: API {tma['available']}, {switch}; measured choices {len(tma['choices'])} "
+        f"(tma {won}, pointer {len(tma['choices']) - won}; listed above as linear_tma|...)"
+    )
 
 
 if __name__ == "__main__":

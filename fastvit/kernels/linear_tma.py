@@ -13,10 +13,17 @@ epilogue helpers imported from there, one rounding to the output dtype) with a d
 
 TMA needs sm_90+, fp16 / bf16 operands here, unit last strides, 16-byte aligned base pointers and row
 strides: :func:`reasons` lists what a call lacks. It is used by :func:`linear_fwd_dispatch` (the hook in
-``linear.linear_fwd``) only where it measured faster: the first time a (device, M, N, K, dtype, epilogue)
-key is seen on a GPU outside CUDA-graph capture and ``torch.compile`` tracing, both kernels are autotuned
-and timed (``fastvit._timing.median_ms``) into a scratch output and the faster one is kept for the key.
-``FASTVIT_LINEAR_TMA=0`` turns the TMA path off (read at each call).
+``linear.linear_fwd``) only where it measured faster, through measured dispatch
+(``fastvit.ops.dispatch.measured_entry``, the machinery of the ops' auto dispatch): the first time a
+(GPU, M, N, K, dtype, epilogue) key is seen on a GPU, outside CUDA-graph capture and ``torch.compile``
+tracing, both kernels are timed by the dispatch timer (``dispatch.set_timer``; CUDA events by default,
+the warm-up calls autotuning each) into a scratch output and the faster is kept: for the process (it
+never changes) and in the per-machine dispatch cache (``FASTVIT_DISPATCH_CACHE``; keys
+``linear_tma|<GPU> sm_XY|<dtype>|M=..|N=..|K=..|act=..|bias=..|residual=..``, listed by
+``python -m fastvit.info``), so later processes, captures included, start from it. A kernel that raises
+while timed is recorded as refused with the reason. ``FASTVIT_DISPATCH=static`` never times and runs the
+static choice, the pointer kernel (unmeasured: no GPU has timed the two against each other yet,
+2026-12-02). ``FASTVIT_LINEAR_TMA=0`` turns the TMA path off (read at each call).
 
 Device-side descriptors need a per-launch global scratch buffer (128 bytes per descriptor and program):
 when no Triton allocator is set, one that allocates through torch on the launch's stream is installed.
@@ -41,10 +48,12 @@ from fastvit.kernels._common import (
     target_capability,
 )
 from fastvit.kernels.linear import ACTIVATION_CODES, _epilogue, _epilogue_split, _halves, _shared_bytes
+from fastvit.ops import dispatch
 
-__all__ = ["CHOICES", "ENV_SWITCH", "HAS_API", "enabled", "linear_fwd_dispatch", "linear_tma_fwd", "reasons"]
+__all__ = ["CHOICES", "ENV_SWITCH", "FAMILY", "HAS_API", "enabled", "linear_fwd_dispatch", "linear_tma_fwd", "reasons"]
 
 ENV_SWITCH = "FASTVIT_LINEAR_TMA"
+FAMILY = "linear_tma"  # the first part of this choice's keys in the dispatch cache
 # Device-side tensor descriptors and the allocator for their scratch (Triton 3.4+; 3.1 - 3.3 lack them).
 HAS_API = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
@@ -310,37 +319,22 @@ def _launch(
 
 # ------------------------------------------------------------------------------ measured dispatch
 
-# (device index, M, N, K, dtype, activation, has bias, has residual) -> "tma" or "pointer", measured.
+# (device index, M, N, K, dtype, activation, has bias, has residual) -> "tma" or "pointer": this process's
+# memo of the measured entries (dispatch.reset() clears it with the rest).
 CHOICES: dict[tuple, str] = {}
-# (key, {"tma": ms, "pointer": ms}) per measurement, in order (what the choice was made from).
-MEASUREMENTS: list[tuple] = []
+dispatch._RESET_HOOKS.append(CHOICES.clear)
 
 
-def _default_timer(fn: Callable[[], None]) -> float:
-    from fastvit._timing import median_ms
-
-    return median_ms(fn, warmup_ms=10, rep_ms=40)
-
-
-def choose(key: tuple, candidates: dict[str, Callable[[], None]], timer: Callable[[Callable[[], None]], float]) -> str:
-    """The faster of ``candidates`` ({name: launch}) for ``key``, measured once and remembered in CHOICES:
-    each candidate is launched once (its autotuning) and then timed by ``timer`` (median ms); ties keep
-    the first candidate (the pointer kernel when it is listed first)."""
-    known = CHOICES.get(key)
-    if known is not None:
-        return known
-    for launch in candidates.values():
-        launch()
-    times = {name: float(timer(launch)) for name, launch in candidates.items()}
-    best = min(times, key=lambda name: (times[name], list(candidates).index(name)))
-    CHOICES[key] = best
-    MEASUREMENTS.append((key, times))
-    return best
+def _gpu_device(t: torch.Tensor) -> Optional[torch.device]:
+    """The GPU the measured choice is made for, None off CUDA (the tests stand a CPU tensor under the
+    interpreter in for a GPU one)."""
+    return t.device if t.is_cuda else None
 
 
-def _on_gpu(t: torch.Tensor) -> bool:
-    """Whether the measured dispatch applies (the tests stand a CPU tensor under the interpreter in for one)."""
-    return t.is_cuda
+def signature(M: int, N: int, K: int, dtype: torch.dtype, activation: Optional[str], bias: bool, residual: bool) -> str:
+    """The key's shape part after the GPU: what the choice depends on."""
+    dt = str(dtype).replace("torch.", "")
+    return f"{dt}|M={M}|N={N}|K={K}|act={activation}|bias={bias}|residual={residual}"
 
 
 def linear_fwd_dispatch(
@@ -351,31 +345,41 @@ def linear_fwd_dispatch(
     activation: Optional[str],
     y: torch.Tensor,
     pointer: Callable[[torch.Tensor], None],
-    timer: Optional[Callable[[Callable[[], None]], float]] = None,
 ) -> bool:
-    """Launches the TMA kernel for ``linear_fwd`` and returns True where it was measured faster than the
-    pointer kernel for this key; returns False (the caller launches ``pointer``) everywhere else: TMA off
-    or unsupported, a CPU / meta tensor, or a key not measured yet inside CUDA-graph capture or
-    ``torch.compile`` tracing. ``pointer(out)`` launches the pointer kernel writing into ``out``."""
-    if not _on_gpu(x) or not enabled() or x.dim() != 2 or weight.dim() != 2:
+    """Launches the TMA kernel for ``linear_fwd`` and returns True where it measured faster than the pointer
+    kernel for this key; returns False (the caller launches ``pointer``) everywhere else: TMA off or
+    unsupported, a CPU / meta tensor, ``FASTVIT_DISPATCH=static``, pointer measured faster (or TMA refused),
+    or a key neither measured nor cached inside CUDA-graph capture or ``torch.compile`` tracing.
+    ``pointer(out)`` launches the pointer kernel writing into ``out``."""
+    device = _gpu_device(x)
+    if device is None or not enabled() or x.dim() != 2 or weight.dim() != 2:
         return False
+    if dispatch.current_mode() == "static":
+        return False  # the static choice: the pointer kernel, never timed
     M, K = x.shape
-    key = (x.device.index, M, weight.shape[0], K, x.dtype, activation, bias is not None, residual is not None)
+    N = weight.shape[0]
+    key = (device.index, M, N, K, x.dtype, activation, bias is not None, residual is not None)
     choice = CHOICES.get(key)
     if choice == "pointer" or reasons(x, weight, bias, residual, y):  # alignment may differ call to call
         return False
     if choice is None:
-        if graph_capturing(x) or torch.compiler.is_compiling():
-            return False  # no trial launches inside a capture or a trace
-        scratch = torch.empty_like(y)  # trials never write y (a residual may alias it)
-        choice = choose(
-            key,
+        if torch.compiler.is_compiling():
+            return False  # no lock, no file, no trial launches inside a trace
+        measure = not graph_capturing(x)  # inside a capture: the cached choice only, no trial launches
+        scratch = torch.empty_like(y) if measure else y  # trials never write y (a residual may alias it)
+        entry = dispatch.measured_entry(
+            FAMILY,
+            signature(M, N, K, x.dtype, activation, bias is not None, residual is not None),
             {
                 "pointer": lambda: pointer(scratch),
-                "tma": lambda: linear_tma_fwd(x, weight, bias, residual, activation, scratch),
+                "tma": lambda: _launch(x, weight, bias, residual, activation, scratch),
             },
-            timer or _default_timer,
+            device,
+            measure=measure,
         )
+        if entry is None:
+            return False
+        choice = CHOICES.setdefault(key, entry["backend"])
     if choice != "tma":
         return False
     _launch(x, weight, bias, residual, activation, y)  # reasons() passed above; linear_fwd's caller checked the rest

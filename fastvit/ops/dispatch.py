@@ -25,6 +25,9 @@ tensors without the Triton interpreter, the extension not built, a GPU older tha
 * in mode ``static`` auto walks the op's static order and takes the first backend with no reasons,
   recording why the ones before it were passed over (:func:`fallback_log`).
 
+Choices inside a backend go through the same machinery with :func:`measured_entry`: the Triton linear's
+persistent TMA GEMM against its pointer GEMM (fastvit/kernels/linear_tma.py; keys ``linear_tma|...``).
+
 The static orders are unmeasured (no GPU has timed these kernels yet): :data:`STATIC_ORDER_SOURCE`.
 
 Environment switches (``FASTVIT_BACKEND``, ``FASTVIT_DISPATCH``, ``FASTVIT_DISPATCH_CACHE``) are read in
@@ -70,6 +73,7 @@ __all__ = [
     "environment_reasons",
     "fallback_log",
     "format_cache",
+    "measured_entry",
     "measured_table",
     "no_reasons",
     "registered_ops",
@@ -324,6 +328,7 @@ _LOCK = threading.Lock()
 _RECORDER: List[Dict[str, Dict[str, Any]]] = []  # fastvit.tune's: key -> entry of every op call
 _MEASURED: Dict[str, Dict[str, Any]] = {}  # measured key -> entry (this process: stable)
 _DISK: Dict[str, Any] = {"loaded_from": None, "entries": {}, "writable": True, "warned": set()}
+_RESET_HOOKS: List[Callable[[], None]] = []  # reset() calls these: memos built on measured_entry's answers
 
 
 def cache_path() -> Optional[str]:
@@ -436,6 +441,76 @@ def _persist(key: str, entry: Dict[str, Any]) -> None:
         )
 
 
+def _device_label(device: torch.device) -> str:
+    """The GPU part of a measured key: name and capability ("NVIDIA H100 80GB HBM3 sm_90"), else the type."""
+    if device.type == "cuda":
+        cap = _capability(_index(device))
+        return f"{_gpu_name(_index(device))} sm_{cap[0]}{cap[1]}"
+    return device.type
+
+
+def _time_candidates(
+    key: str, candidates: Dict[str, Callable[[], Any]], device: torch.device, label: str
+) -> Dict[str, Any]:
+    """Times each candidate (name -> a call running it) with the dispatch timer and keeps the fastest (ties:
+    the first listed) under ``key``: in memory (an earlier choice, e.g. another thread's, wins) and, when
+    something was timed, in the cache file. A candidate that raises is refused with the reason; when all
+    do, the first is the entry's choice (it then runs for real and raises its own error to the caller)."""
+    times: Dict[str, float] = {}
+    refused: Dict[str, str] = {}
+    for name, call in candidates.items():
+        try:
+            times[name] = _time(call, device)
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot run here is refused, with why
+            if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc):
+                torch.cuda.empty_cache() if device.type == "cuda" else None
+            refused[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            _log.warning("%s: %r refused while timing %s: %s", label, name, key, refused[name])
+    best = min(times, key=times.__getitem__) if times else next(iter(candidates))
+    entry = {
+        "backend": best,
+        "times_ms": {b: round(t, 6) for b, t in times.items()},
+        "refused": refused,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    with _LOCK:
+        entry = _MEASURED.setdefault(key, entry)  # another thread's earlier choice wins: stable
+        if times:
+            _persist(key, entry)
+    return entry
+
+
+def measured_entry(
+    family: str,
+    signature: str,
+    candidates: Dict[str, Callable[[], Any]],
+    device: torch.device,
+    *,
+    measure: bool = True,
+) -> Optional[Dict[str, Any]]:
+    """Measured dispatch for a choice that is not an op's backend (e.g. kernels/linear_tma.py's TMA vs
+    pointer GEMM): the entry for key ``family|<GPU name and capability>|signature`` among ``candidates``
+    (name -> a zero-argument call that runs that one), by the same machinery as the ops' auto dispatch:
+    this process's choice if made (it never changes), else the cache file's (:func:`cache_path`, same
+    versions), else, when ``measure``, each candidate timed by the dispatch timer (:func:`set_timer`),
+    the fastest kept (ties: the first listed), one that raises refused with the reason, the entry kept
+    in memory and merged into the cache file. Returns the entry (``backend``, ``times_ms``, ``refused``,
+    ``date``; it shows in :func:`measured_table`), or None when nothing is known and ``measure`` is False.
+
+    The caller decides what the ops decide before measuring: :func:`current_mode` ("static": do not ask)
+    and never ``measure`` inside CUDA-graph capture or compile tracing (no lock or file there either)."""
+    if not candidates:
+        raise ValueError(f"fastvit.ops.dispatch.measured_entry({family!r}): no candidates; pass name -> call")
+    key = f"{family}|{_device_label(device)}|{signature}"
+    with _LOCK:
+        entry = _MEASURED.get(key) or _load_disk().get(key)
+        if entry is not None and entry.get("backend") in candidates:
+            return _MEASURED.setdefault(key, entry)  # stable for the life of the process
+    if not measure:
+        return None
+    return _time_candidates(key, candidates, device, family)
+
+
 def measured_table() -> Dict[str, Dict[str, Any]]:
     """Every measured choice known here: the cache file's entries and this process's, key -> entry
     (``backend``, ``times_ms`` per backend, ``refused`` backend -> reason, ``date``)."""
@@ -453,6 +528,8 @@ def reset() -> None:
         _FALLBACKS.clear()
         for op in _REGISTRY.values():
             op._memo.clear()
+        for forget in _RESET_HOOKS:  # the memos of measured_entry's callers (linear_tma.CHOICES)
+            forget()
 
 
 # ------------------------------------------------------------------------------------- the table
@@ -635,43 +712,14 @@ class OpDispatcher:
         tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
         dtype = str(tensors[0].dtype).replace("torch.", "") if tensors else "-"
         grad = _grad_required(tensors)
-        if device.type == "cuda":
-            cap = _capability(_index(device))
-            gpu = f"{_gpu_name(_index(device))} sm_{cap[0]}{cap[1]}"
-        else:
-            gpu = device.type
-        return f"{self.name}|{gpu}|{dtype}|{self.signature(**inputs)}|{'fwd+bwd' if grad else 'fwd'}"
+        return f"{self.name}|{_device_label(device)}|{dtype}|{self.signature(**inputs)}|{'fwd+bwd' if grad else 'fwd'}"
 
     def _measure(
         self, key: str, eligible: List[str], device: torch.device, run: Callable[..., Any], inputs: Dict[str, Any]
     ) -> Dict[str, Any]:
         grad = key.endswith("|fwd+bwd")
-        times: Dict[str, float] = {}
-        refused: Dict[str, str] = {}
-        for candidate in eligible:
-            try:
-                times[candidate] = _time(_timed_call(run, candidate, inputs, grad), device)
-            except Exception as exc:  # noqa: BLE001 - a backend that cannot run here is refused, with why
-                if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc):
-                    torch.cuda.empty_cache() if device.type == "cuda" else None
-                refused[candidate] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                _log.warning("fastvit.ops.%s: backend %r refused while timing %s: %s", self.name, candidate, key,
-                             refused[candidate])  # fmt: skip
-        if times:
-            best = min(times, key=times.__getitem__)
-        else:  # every backend failed: the first one runs for real and raises its own error to the caller
-            best = eligible[0]
-        entry = {
-            "backend": best,
-            "times_ms": {b: round(t, 6) for b, t in times.items()},
-            "refused": refused,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-        with _LOCK:
-            entry = _MEASURED.setdefault(key, entry)  # another thread's earlier choice wins: stable
-            if times:
-                _persist(key, entry)
-        return entry
+        calls = {candidate: _timed_call(run, candidate, inputs, grad) for candidate in eligible}
+        return _time_candidates(key, calls, device, f"fastvit.ops.{self.name}")
 
     def _refusal(
         self, backend: str, source: str, device: torch.device, inputs: Dict[str, Any], reasons: List[str]

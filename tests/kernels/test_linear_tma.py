@@ -4,16 +4,21 @@ Numerics run under the interpreter (Triton 3.9's interpreter emulates ``tl.make_
 at small ragged shapes, every epilogue, against ``linear_ref`` within fastvit.testing's tolerances. bf16 is
 not run there: the interpreter's ``create_dot`` multiplies bf16 operands as their raw uint16 bit patterns
 (numpy has no bf16), wrong for any Triton dot, so bf16 rests on the compile report (sm_90a, wgmma + TMA, no
-spills) and the ``gpu`` test. The choice logic runs on the CPU with an injected timer.
+spills) and the ``gpu`` test. The choice (measured dispatch, its cache file) runs on the CPU with a faked GPU
+and an injected timer.
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from fastvit import info
 from fastvit.kernels import INTERPRET, linear, linear_tma
 from fastvit.kernels._common import compile_target
+from fastvit.ops import dispatch
 from fastvit.ops.linear import linear_ref
 from fastvit.testing import assert_close
 
@@ -35,10 +40,8 @@ def _inputs(m, n, k, dtype, bias, residual, device="cpu"):
 @pytest.fixture(autouse=True)
 def _fresh_choices():
     linear_tma.CHOICES.clear()
-    linear_tma.MEASUREMENTS.clear()
     yield
     linear_tma.CHOICES.clear()
-    linear_tma.MEASUREMENTS.clear()
 
 
 # ------------------------------------------------------------------------------------- numerics
@@ -167,37 +170,195 @@ def test_launcher_refuses_with_the_reasons():
 
 
 # ------------------------------------------------------------------------------ measured choice
+#
+# The choice goes through fastvit.ops.dispatch's measured dispatch: a GPU faked as test_dispatch.py fakes
+# one ("Fake H100", sm_90; the CPU tensor passed off as a CUDA one by linear_tma._gpu_device), the cache
+# file under tmp_path, and a timer injected with dispatch.set_timer that runs the candidate and answers
+# the configured ms for whichever kernel ran.
+
+KEY = "linear_tma|Fake H100 sm_90|float16|M=40|N=48|K=32|act=gelu|bias=True|residual=True"
 
 
-def _fake_timer(times):
-    calls = []
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(dispatch, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(dispatch, "_gpu_name", lambda index: "Fake H100")
+    monkeypatch.setattr(dispatch, "_index", lambda device: 0)
+    monkeypatch.setattr(linear_tma, "_gpu_device", lambda t: torch.device("cuda", 0))
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(tmp_path / "dispatch.json"))
+    for name in (dispatch.MODE_ENV, linear_tma.ENV_SWITCH):
+        monkeypatch.delenv(name, raising=False)
+    dispatch.reset()
+    state = {"ms": {"pointer": 2.0, "tma": 1.0}, "timed": [], "raise": {}, "writes": []}
+    state["path"] = tmp_path / "dispatch.json"
 
-    def timer(fn):
-        calls.append(fn)
+    def timer(fn, device):
+        assert device == torch.device("cuda", 0)
+        state.pop("last", None)
         fn()
-        return times[len(calls) - 1]
+        state["timed"].append(state["last"])
+        return state["ms"][state["last"]]
 
-    return timer, calls
+    previous = dispatch.set_timer(timer)
+    yield state
+    dispatch.set_timer(previous)
+    dispatch.reset()
 
 
-@pytest.mark.parametrize(
-    "pointer_ms,tma_ms,expected", [(2.0, 1.0, "tma"), (1.0, 2.0, "pointer"), (1.0, 1.0, "pointer")]
-)
-def test_choose_keeps_the_faster_and_remembers_it(pointer_ms, tma_ms, expected):
-    launched = []
-    candidates = {"pointer": lambda: launched.append("pointer"), "tma": lambda: launched.append("tma")}
-    timer, calls = _fake_timer([pointer_ms, tma_ms])
-    assert linear_tma.choose(("k",), candidates, timer) == expected
-    # Each candidate launched once (its autotune) before either is timed, then timed once.
-    assert launched == ["pointer", "tma", "pointer", "tma"] and len(calls) == 2
-    assert linear_tma.MEASUREMENTS == [(("k",), {"pointer": pointer_ms, "tma": tma_ms})]
-    assert linear_tma.choose(("k",), candidates, timer) == expected  # remembered: nothing launched or timed
-    assert len(launched) == 4 and len(calls) == 2
+@pytest.fixture
+def fake_kernels(fake_gpu, monkeypatch):
+    """Both kernels replaced by recorders (which kernel wrote which tensor): the choice logic without the
+    interpreter. linear_tma.reasons() answers as on an sm_90 GPU with aligned fp16 operands."""
+    state = fake_gpu
+
+    def launch(kernel, out):
+        if kernel in state["raise"]:
+            raise state["raise"][kernel]
+        state["last"] = kernel
+        state["writes"].append((kernel, out))
+
+    monkeypatch.setattr(linear_tma, "reasons", lambda *a, **k: [])
+    monkeypatch.setattr(linear_tma, "_launch", lambda x, w, b, r, act, out: launch("tma", out))
+    state["pointer"] = lambda out: launch("pointer", out)
+    return state
+
+
+def _call(state, inputs=None, activation="gelu"):
+    x, w, b, r, y = inputs or _dispatch_inputs()
+    used = linear_tma.linear_fwd_dispatch(x, w, b, r, activation, y, state["pointer"])
+    return used, y
 
 
 def _dispatch_inputs():
     x, w, b, r = _inputs(40, 48, 32, torch.float16, True, True)
     return x, w, b, r, torch.empty(40, 48, dtype=torch.float16)
+
+
+@pytest.mark.parametrize(
+    "pointer_ms,tma_ms,expected", [(2.0, 1.0, "tma"), (1.0, 2.0, "pointer"), (1.0, 1.0, "pointer")]
+)
+def test_measured_choice_keeps_the_faster_and_never_changes(fake_kernels, pointer_ms, tma_ms, expected):
+    state = fake_kernels
+    state["ms"].update(pointer=pointer_ms, tma=tma_ms)
+    used, y = _call(state)
+    assert used is (expected == "tma")
+    assert state["timed"] == ["pointer", "tma"]  # both timed once, the pointer kernel first (ties keep it)
+    assert all(out is not y for _, out in state["writes"][:2]), "a trial wrote the caller's output"
+    assert state["writes"][2:] == ([("tma", y)] if expected == "tma" else [])  # the winner writes y once
+    entry = dispatch.measured_table()[KEY]
+    assert entry["backend"] == expected and entry["refused"] == {}
+    assert entry["times_ms"] == {"pointer": pointer_ms, "tma": tma_ms}
+    assert linear_tma.CHOICES == {(0, 40, 48, 32, torch.float16, "gelu", True, True): expected}
+    state["ms"].update(pointer=9.0, tma=9.0 if expected == "tma" else 0.1)  # later speeds change nothing
+    assert _call(state)[0] is (expected == "tma") and len(state["timed"]) == 2
+    # Another epilogue is another key: measured on its own.
+    _call(state, activation=None)
+    assert len(state["timed"]) == 4 and KEY.replace("act=gelu", "act=None") in dispatch.measured_table()
+
+
+def test_choice_persists_across_reset_read_back_from_the_file(fake_kernels):
+    state = fake_kernels
+    assert _call(state)[0] is True
+    data = json.loads(state["path"].read_text())
+    assert data["format"] == dispatch.CACHE_FORMAT and data["versions"] == dispatch.cache_versions()
+    assert data["entries"][KEY]["backend"] == "tma" and data["entries"][KEY]["times_ms"] == {"pointer": 2.0, "tma": 1.0}
+    dispatch.reset()  # as a new process: nothing in memory, the file answers
+    assert linear_tma.CHOICES == {} and dispatch.measured_table() == {KEY: data["entries"][KEY]}
+    state["ms"].update(pointer=0.1)
+    state["timed"].clear()
+    assert _call(state)[0] is True and state["timed"] == []
+    # A corrupt entry (a choice that is neither kernel) is measured again, not trusted.
+    data["entries"][KEY]["backend"] = "cublas"
+    state["path"].write_text(json.dumps(data))
+    dispatch.reset()
+    assert _call(state)[0] is False and state["timed"] == ["pointer", "tma"]
+    assert json.loads(state["path"].read_text())["entries"][KEY]["backend"] == "pointer"
+
+
+def test_cache_is_shared_with_the_ops_measured_entries(fake_kernels):
+    """The TMA entries are merged into the one file beside the ops' (merge under the lock, not overwrite)."""
+    state = fake_kernels
+    dispatch._persist("layer_norm|Fake H100 sm_90|float16|x|fwd", {"backend": "triton", "times_ms": {}, "refused": {}})
+    assert _call(state)[0] is True
+    entries = json.loads(state["path"].read_text())["entries"]
+    assert sorted(entries) == sorted([KEY, "layer_norm|Fake H100 sm_90|float16|x|fwd"])
+
+
+def test_static_mode_never_times_and_runs_the_pointer_kernel(fake_kernels, monkeypatch):
+    state = fake_kernels
+    monkeypatch.setenv(dispatch.MODE_ENV, "static")
+    assert _call(state)[0] is False
+    assert state["timed"] == [] and state["writes"] == [] and dispatch.measured_table() == {}
+    monkeypatch.delenv(dispatch.MODE_ENV)
+    assert _call(state)[0] is True  # measured: TMA wins
+    with dispatch.dispatch_mode("static"):  # static wins over a made (and cached) choice
+        assert _call(state)[0] is False
+    assert len(state["timed"]) == 2
+    monkeypatch.setenv(dispatch.MODE_ENV, "fastest")
+    with pytest.raises(ValueError, match="unknown FASTVIT_DISPATCH='fastest'"):
+        _call(state)
+
+
+def test_a_kernel_that_raises_while_timed_is_refused_with_the_reason(fake_kernels):
+    state = fake_kernels
+    state["raise"]["tma"] = RuntimeError("Triton Error [CUDA]: an illegal memory access\nsecond line")
+    assert _call(state)[0] is False
+    entry = dispatch.measured_table()[KEY]
+    assert entry["backend"] == "pointer" and entry["times_ms"] == {"pointer": 2.0}
+    assert entry["refused"] == {"tma": "RuntimeError: Triton Error [CUDA]: an illegal memory access"}
+    assert json.loads(state["path"].read_text())["entries"][KEY] == entry  # persisted, refusal included
+    assert "tma refused: RuntimeError" in "\n".join(dispatch.format_cache(dispatch.describe_cache()))
+    state["raise"].clear()
+    assert _call(state)[0] is False and state["timed"] == ["pointer"]  # stable: not re-timed
+
+
+def test_both_kernels_raising_leaves_the_pointer_kernel_to_raise_for_real(fake_kernels):
+    state = fake_kernels
+    state["raise"].update(tma=RuntimeError("tma broke"), pointer=RuntimeError("pointer broke"))
+    assert _call(state)[0] is False  # linear_fwd then launches the pointer kernel, which raises its own error
+    assert dispatch.measured_table()[KEY]["refused"] == {"pointer": "RuntimeError: pointer broke",
+                                                         "tma": "RuntimeError: tma broke"}  # fmt: skip
+    assert not state["path"].exists(), "nothing was timed: nothing is written"
+
+
+def test_measured_entry_needs_candidates(fake_gpu):
+    with pytest.raises(ValueError, match="no candidates"):
+        dispatch.measured_entry("linear_tma", "sig", {}, torch.device("cuda", 0))
+
+
+def test_switch_off_never_times_nor_runs_tma_even_when_cached(fake_kernels, monkeypatch):
+    state = fake_kernels
+    monkeypatch.setenv(linear_tma.ENV_SWITCH, "0")
+    assert _call(state)[0] is False and state["timed"] == [] and dispatch.measured_table() == {}
+    monkeypatch.delenv(linear_tma.ENV_SWITCH)
+    assert _call(state)[0] is True  # measured and cached: TMA
+    monkeypatch.setenv(linear_tma.ENV_SWITCH, "off")  # read at each call
+    assert _call(state)[0] is False and len(state["writes"]) == 3  # two trials and one real TMA launch
+
+
+def test_capture_uses_the_cached_choice_and_never_times(fake_kernels, monkeypatch):
+    state = fake_kernels
+    monkeypatch.setattr(linear_tma, "graph_capturing", lambda t: True)
+    assert _call(state)[0] is False and state["timed"] == [] and linear_tma.CHOICES == {}
+    monkeypatch.setattr(linear_tma, "graph_capturing", lambda t: False)
+    assert _call(state)[0] is True
+    dispatch.reset()  # a new process that captures first: the file's choice, no trial launch
+    monkeypatch.setattr(linear_tma, "graph_capturing", lambda t: True)
+    state["writes"].clear()
+    x, w, b, r, y = _dispatch_inputs()
+    assert linear_tma.linear_fwd_dispatch(x, w, b, r, "gelu", y, state["pointer"]) is True
+    assert len(state["timed"]) == 2 and state["writes"] == [("tma", y)]
+
+
+def test_info_lists_the_cached_tma_choices(fake_kernels, capsys):
+    state = fake_kernels
+    assert _call(state)[0] is True
+    dispatch.reset()  # listed from the file
+    info.main()
+    out = capsys.readouterr().out
+    assert f"  {KEY} -> tma  (pointer 2.0000 ms, tma 1.0000 ms; " in out
+    assert "linear TMA GEMM: API " in out and "measured choices 1 (tma 1, pointer 0" in out
+    assert info.collect()["linear_tma"]["choices"] == {KEY: "tma"}
 
 
 def _pointer_for(x, w, b, r, activation):
@@ -210,37 +371,55 @@ def _pointer_for(x, w, b, r, activation):
 @interpreter
 @pytest.mark.interpreter
 @pytest.mark.parametrize("tma_faster", [True, False])
-def test_dispatch_measures_once_and_runs_the_winner(tma_faster, monkeypatch):
-    """The dispatch end to end under the interpreter (the CPU tensor passed off as a GPU one): both kernels
-    timed into a scratch output, y written once by the winner, the key remembered."""
-    monkeypatch.setattr(linear_tma, "_on_gpu", lambda t: True)
+def test_dispatch_end_to_end_runs_the_winner(fake_gpu, tma_faster, monkeypatch):
+    """Both real kernels under the interpreter (the CPU tensor passed off as a GPU one): each timed into a
+    scratch output by the injected timer, y written by the winner, the key remembered."""
+    state = fake_gpu
+    original = linear_tma._launch
+
+    def tma_launch(*args):
+        state["last"] = "tma"
+        return original(*args)
+
+    monkeypatch.setattr(linear_tma, "_launch", tma_launch)
+    state["ms"].update(pointer=2.0 if tma_faster else 1.0, tma=1.0 if tma_faster else 2.0)
     x, w, b, r, y = _dispatch_inputs()
-    timer, calls = _fake_timer([2.0, 1.0] if tma_faster else [1.0, 2.0])
-    used = linear_tma.linear_fwd_dispatch(x, w, b, r, "gelu", y, _pointer_for(x, w, b, r, "gelu"), timer)
-    assert used is tma_faster and len(calls) == 2
-    key = (x.device.index, 40, 48, 32, torch.float16, "gelu", True, True)
-    assert linear_tma.CHOICES == {key: "tma" if tma_faster else "pointer"}
+    y.fill_(float("nan"))
+    pointer = _pointer_for(x, w, b, r, "gelu")
+
+    def timed_pointer(out):
+        state["last"] = "pointer"
+        pointer(out)
+
+    used = linear_tma.linear_fwd_dispatch(x, w, b, r, "gelu", y, timed_pointer)
+    assert used is tma_faster and state["timed"] == ["pointer", "tma"]
     if tma_faster:
         assert_close(y, linear_ref(x, w, b, "gelu", r, upcast=True), torch.float16)
-    assert linear_tma.linear_fwd_dispatch(x, w, b, r, "gelu", y, _pointer_for(x, w, b, r, "gelu"), timer) is tma_faster
-    assert len(calls) == 2  # no second measurement
+    else:
+        assert torch.isnan(y).all(), "the trials wrote y; the caller launches the pointer kernel into it"
+    assert dispatch.measured_table()[KEY]["backend"] == ("tma" if tma_faster else "pointer")
 
 
-@pytest.mark.parametrize("blocker", ["capture", "compile", "switch", "reasons", "cpu"])
-def test_dispatch_falls_back_without_measuring(blocker, monkeypatch):
-    monkeypatch.setattr(linear_tma, "_on_gpu", lambda t: blocker != "cpu")
-    if blocker == "capture":
+@pytest.mark.parametrize("blocker", ["capture", "compile", "switch", "reasons", "cpu", "static"])
+def test_dispatch_falls_back_without_measuring(fake_gpu, blocker, monkeypatch):
+    state = fake_gpu
+    if blocker == "cpu":
+        monkeypatch.setattr(linear_tma, "_gpu_device", lambda t: None)
+    elif blocker == "capture":
         monkeypatch.setattr(linear_tma, "graph_capturing", lambda t: True)
     elif blocker == "compile":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     elif blocker == "switch":
         monkeypatch.setenv(linear_tma.ENV_SWITCH, "0")
+    elif blocker == "static":
+        monkeypatch.setenv(dispatch.MODE_ENV, "static")
     x, w, b, r, y = _dispatch_inputs()
     if blocker == "reasons":
         x = torch.randn(40, 33, dtype=torch.float16)[:, :32]  # row stride 66 bytes
-    timer, calls = _fake_timer([1.0, 1.0])
-    assert linear_tma.linear_fwd_dispatch(x, w, b, r, None, y, lambda out: None, timer) is False
-    assert calls == [] and linear_tma.CHOICES == {}
+    launched = []
+    assert linear_tma.linear_fwd_dispatch(x, w, b, r, None, y, launched.append) is False
+    assert launched == [] and state["timed"] == [] and linear_tma.CHOICES == {}
+    assert dispatch.measured_table() == {} and not state["path"].exists()
 
 
 def test_env_switch_values(monkeypatch):
