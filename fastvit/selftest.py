@@ -183,7 +183,9 @@ def build_cases(
                         est = (2.0 if batch > 1 else 1.0) if gpu else 1.0
                         cases.append(_op_case(op, backend, dtype, label, shape, est, gap))
     for op in undeclared:  # listed, never silently left out
-        cases.append(Case(f"correctness/{op}/no-cases-declared", "correctness", {"group": "op", "op": op}, 0.0, _NO_CASES))
+        cases.append(
+            Case(f"correctness/{op}/no-cases-declared", "correctness", {"group": "op", "op": op}, 0.0, _NO_CASES)
+        )
     if not gpu:  # the kernels themselves, under the Triton interpreter, at the smallest shapes; torch in low precision
         for op, spec in declared:
             for label, shape in spec.small_shapes.items():

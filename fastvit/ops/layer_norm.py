@@ -21,7 +21,7 @@ together) to a power of two: rows are independent and identical work, so the win
 dtype and the order of magnitude of the rows.
 """
 
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,8 @@ from fastvit.ops._library import (
     new_output,
     register_autocast_keep_dtype,
 )
-from fastvit.ops._validate import check_call
 from fastvit.ops._selftest_spec import SelftestSpec, bytes_moved, normal
+from fastvit.ops._validate import check_call
 from fastvit.ops.dispatch import ENV_KEY, OpDispatcher, bucket, env_get, is_compiling, no_reasons
 
 if kernels.TRITON_IMPORT_ERROR is None:

@@ -67,7 +67,7 @@ winner changes with every one of them), the epilogue (bias, activation, residual
 """
 
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -84,8 +84,8 @@ from fastvit.ops._library import (
     new_output,
     register_autocast_lower,
 )
-from fastvit.ops._validate import check_call, gemm_backend
 from fastvit.ops._selftest_spec import SelftestSpec, normal
+from fastvit.ops._validate import check_call, gemm_backend
 from fastvit.ops.dispatch import ENV_KEY, OpDispatcher, _env, env_get, is_compiling, no_reasons
 
 if kernels.TRITON_IMPORT_ERROR is None:
@@ -454,14 +454,17 @@ def _selftest_problem(s: Dict[str, Any], dev: torch.device) -> Any:
         leaves["residual"] = rn(M, N_out)
     return (
         leaves,
-        lambda t, b: ops.linear(t["x"], t["weight"], t["bias"], activation=s["act"], residual=t.get("residual"), backend=b),
+        lambda t, b: ops.linear(
+            t["x"], t["weight"], t["bias"], activation=s["act"], residual=t.get("residual"), backend=b
+        ),
         lambda t: ops.linear_ref(t["x"], t["weight"], t["bias"], s["act"], t.get("residual")),
     )
 
 
 _SELFTEST = SelftestSpec(
     model_shapes=lambda batch: {
-        k: {"M": batch * 197, "N": 197, "K": i, "O": o, "act": a, "res": r} for k, (i, o, a, r) in _SELFTEST_SHAPES.items()
+        k: {"M": batch * 197, "N": 197, "K": i, "O": o, "act": a, "res": r}
+        for k, (i, o, a, r) in _SELFTEST_SHAPES.items()
     },
     small_shapes={
         "small_gelu": {"M": 16, "N": 16, "K": 64, "O": 48, "act": "gelu", "res": False},

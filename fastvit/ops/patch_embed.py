@@ -50,8 +50,8 @@ from fastvit.ops._library import (
     new_output,
     register_autocast_lower,
 )
-from fastvit.ops._validate import check_call
 from fastvit.ops._selftest_spec import SelftestSpec, normal
+from fastvit.ops._validate import check_call
 from fastvit.ops.dispatch import ENV_KEY, OpDispatcher, env_get, is_compiling, no_reasons
 
 if kernels.TRITON_IMPORT_ERROR is None:

@@ -36,8 +36,8 @@ from fastvit import kernels
 from fastvit._geometry import int_pair, unfold_grid
 from fastvit.ops import _cuda_backends as _cuda
 from fastvit.ops._library import FLOAT_DTYPES, check_tensors, direct, eager_op, new_output, register_autocast_keep_dtype
-from fastvit.ops._validate import check_call
 from fastvit.ops._selftest_spec import SelftestSpec, bytes_moved, normal
+from fastvit.ops._validate import check_call
 from fastvit.ops.dispatch import ENV_KEY, OpDispatcher, env_get, is_compiling, no_reasons
 from fastvit.ops.layer_norm import check_affine, layer_norm_ref
 
