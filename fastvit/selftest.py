@@ -62,8 +62,10 @@ HANG_FLOOR_S = 60.0
 OUTPUT_FILES = ("selftest.json", "summary.md", "selftest.log")
 _MARK = "@@fastvit-selftest-result@@ "  # prefix of the worker's result lines (anything else is log)
 _GPU_ONLY = "needs an NVIDIA GPU (torch.cuda.is_available() is False here)"
-# The fp64 oracle of attention holds B*H*N*N probabilities: the batch is capped to keep that <= 2**28.
-_ORACLE_ELEMENTS = 2**28
+_NO_CASES = (
+    "no selftest cases declared: its op table row has selftest=None (declare a "
+    "fastvit.ops._selftest_spec.SelftestSpec next to its OpDispatcher row)"
+)
 
 
 # ------------------------------------------------------------------------------------------ cases
@@ -89,82 +91,37 @@ class Case:
     result: dict[str, Any] = field(default_factory=dict)
 
 
-# Model shapes: label -> (heads, tokens, head_dim).
-ATTENTION_SHAPES = {
-    "vit_b16_224": (12, 197, 64),
-    "vit_l16_384": (16, 577, 64),
-    "vit_h14_224": (16, 257, 80),
-    "deit_s16_224": (6, 197, 64),
-    "t2t_token_attention": (1, 3136, 64),
-}
-# label -> (in_features, out_features, activation, residual) at ViT-B/16's 197 tokens.
-LINEAR_SHAPES = {
-    "vit_b16_qkv": (768, 2304, None, False),
-    "vit_b16_fc1_gelu": (768, 3072, "gelu", False),
-    "vit_b16_fc2_residual": (3072, 768, None, True),
-}
-LAYER_NORM_SHAPES = {"vit_b16_224": (197, 768), "vit_l16_384": (577, 1024), "vit_h14_224": (257, 1280)}
-# label -> (image size, patch, embed dim)
-PATCH_EMBED_SHAPES = {"vit_b16_224": (224, 16, 768), "vit_h14_224": (224, 14, 1280)}
-# label -> (input (C, H, W) image or (L, C) tokens with hw, kernel, stride, padding, fused LayerNorm)
-SOFT_SPLIT_SHAPES = {
-    "t2t_split0_image": {"image": (3, 224, 224), "k": 7, "s": 4, "p": 2, "norm": True},
-    "t2t_split1_tokens": {"tokens": (3136, 64), "hw": (56, 56), "k": 3, "s": 2, "p": 1, "norm": True},
-    "t2t_split2_tokens": {"tokens": (784, 64), "hw": (28, 28), "k": 3, "s": 2, "p": 1, "norm": False},
-}
-# The smallest shapes: what the Triton interpreter runs on the CPU (and what --sanitize runs).
-SMALL_SHAPES = {
-    "attention": {"small": {"B": 1, "H": 2, "N": 17, "D": 64}},
-    "attention_qkvpacked": {"small": {"B": 1, "H": 2, "N": 17, "D": 32}},
-    "linear": {
-        "small_gelu": {"M": 16, "N": 16, "K": 64, "O": 48, "act": "gelu", "res": False},
-        "small_residual": {"M": 16, "N": 16, "K": 48, "O": 64, "act": None, "res": True},
-    },
-    "layer_norm": {"small": {"M": 8, "N": 8, "C": 96}},
-    "patch_embed": {"small": {"B": 1, "S": 32, "P": 16, "D": 32}},
-    "soft_split": {
-        "small_image": {"B": 1, "image": (3, 12, 12), "k": 7, "s": 4, "p": 2, "norm": True},
-        "small_tokens": {"B": 1, "tokens": (64, 8), "hw": (8, 8), "k": 3, "s": 2, "p": 1, "norm": False},
-    },
-}
-# The shapes every backend x dtype runs on by default on a GPU (at batch 256).
-PRIMARY_SHAPES = ("vit_b16_224", "vit_b16_qkv", "vit_b16_fc1_gelu", "vit_b16_fc2_residual", "t2t_split0_image")
-# What the CPU runs on the torch backend at batch 1 (fp32; the low-precision torch cases use SMALL_SHAPES).
-CPU_TORCH_SHAPES = ("vit_b16_224", "vit_b16_fc1_gelu", "vit_b16_fc2_residual", "t2t_split2_tokens")
 BACKEND_RISK = {"cuda": 0, "triton": 1, "torch": 2}
 DTYPE_RISK = {"bf16": 0, "fp16": 1, "fp32": 2}
 
 
-def _batch_cap(batch: int, per_sample: int) -> int:
-    while batch > 1 and batch * per_sample > _ORACLE_ELEMENTS:
-        batch //= 2
-    return batch
+def declared_ops() -> tuple[list[tuple[str, Any]], list[str]]:
+    """The op table read for the selftest: ([(name, its SelftestSpec)] in run order (the specs' ``order``,
+    then the table's), [names of the rows that declare no selftest cases])."""
+    from fastvit.ops.dispatch import registered_ops
+
+    rows = registered_ops()
+    declared = sorted(((n, r.selftest) for n, r in rows.items() if r.selftest is not None), key=lambda x: x[1].order)
+    return declared, [n for n, r in rows.items() if r.selftest is None]
+
+
+def op_spec(op: str) -> Any:
+    """The SelftestSpec op ``op``'s row declares."""
+    from fastvit.ops.dispatch import registered_ops
+
+    row = registered_ops().get(op)
+    if row is None or row.selftest is None:
+        declared = [n for n, _ in declared_ops()[0]]
+        why = "is not in the op table" if row is None else "declares no selftest cases (selftest=None)"
+        raise ValueError(f"selftest: op {op!r} {why}; ops with cases: {declared}")
+    return row.selftest
 
 
 def model_shapes(op: str, batch: int) -> dict[str, dict[str, Any]]:
-    """The shapes ``op`` runs on in the models, at ``batch`` (capped for the big attention oracles)."""
-    if op in ("attention", "attention_qkvpacked"):
-        shapes = (
-            ATTENTION_SHAPES
-            if op == "attention"
-            else {k: ATTENTION_SHAPES[k] for k in ("vit_b16_224", "vit_h14_224", "deit_s16_224")}
-        )
-        return {k: {"B": _batch_cap(batch, h * n * n), "H": h, "N": n, "D": d} for k, (h, n, d) in shapes.items()}
-    if op == "linear":
-        return {
-            k: {"M": batch * 197, "N": 197, "K": i, "O": o, "act": a, "res": r}
-            for k, (i, o, a, r) in LINEAR_SHAPES.items()
-        }
-    if op == "layer_norm":
-        return {k: {"M": batch * n, "N": n, "C": c} for k, (n, c) in LAYER_NORM_SHAPES.items()}
-    if op == "patch_embed":
-        return {k: {"B": batch, "S": s, "P": p, "D": d} for k, (s, p, d) in PATCH_EMBED_SHAPES.items()}
-    if op == "soft_split":
-        return {k: {"B": batch, **v} for k, v in SOFT_SPLIT_SHAPES.items()}
-    raise ValueError(f"selftest: unknown op {op!r}")
+    """The shapes ``op`` runs on in the models, at ``batch`` (as its SelftestSpec declares them)."""
+    return op_spec(op).model_shapes(batch)
 
 
-OPS = ("attention", "attention_qkvpacked", "linear", "layer_norm", "patch_embed", "soft_split")
 MODEL_CHECKS = ("fastvit_vs_timm", "patched_timm_vs_timm", "train_step", "compile_fullgraph", "cuda_graph")
 MODEL_SPEED = ("timm_eager", "fastvit_auto", "timm_patched", "bs1_eager", "bs1_graph_replay", "timm_compile")
 
@@ -177,15 +134,18 @@ def _op_case(
     return Case(f"correctness/{op}/{backend}/{dtype}/{label}-b{batch}", "correctness", params, est_s, needs)
 
 
-def _op_case_gap(gpu: bool, quick: bool, full: bool, backend: str, dtype: str, label: str, batch: int) -> Optional[str]:
+def _op_case_gap(
+    gpu: bool, quick: bool, full: bool, backend: str, dtype: str, label: str, batch: int, spec: Any
+) -> Optional[str]:
     """Why an op case at a model shape is not in this run's plan (None: it is).
 
-    GPU default (sized for ~8 minutes on an H200): every backend x dtype at the ViT-B/16 (and T2T stage-0)
-    shapes at batch 256; the other model shapes and batch 1 in bf16 on the kernel backends. ``--full``: all of
-    them; ``--quick``: the ViT-B/16 batch-256 block only. CPU: the torch backend in fp32 at batch 1."""
-    primary = label in PRIMARY_SHAPES
+    GPU default (sized for ~8 minutes on an H200): every backend x dtype at the op's primary shapes (ViT-B/16,
+    T2T stage 0) at batch 256; the other model shapes and batch 1 in bf16 on the kernel backends. ``--full``:
+    all of them; ``--quick``: the primary batch-256 block only. CPU: the torch backend in fp32 at batch 1 at
+    the op's ``cpu_torch_shapes``."""
+    primary = label in spec.primary_shapes
     if not gpu:
-        if backend == "torch" and dtype == "fp32" and batch == 1 and label in CPU_TORCH_SHAPES:
+        if backend == "torch" and dtype == "fp32" and batch == 1 and label in spec.cpu_torch_shapes:
             return None
         return _GPU_ONLY
     if full or (primary and batch == 256):
@@ -200,10 +160,10 @@ def _op_case_gap(gpu: bool, quick: bool, full: bool, backend: str, dtype: str, l
 def _cpu_order(case: Case) -> int:
     backend = case.params.get("backend")
     if backend is None:
-        return 2  # whole models
+        return 2  # whole models (and the ops that declare no cases)
     if backend != "torch":
         return 0
-    return 1 if case.params["label"] in SMALL_SHAPES[case.params["op"]] else 3
+    return 1 if case.params["label"] in op_spec(case.params["op"]).small_shapes else 3
 
 
 def build_cases(
@@ -212,18 +172,23 @@ def build_cases(
     """Every case of a run, in the order they run (correctness by risk, then speed), including those this
     run will not run (``needs`` says why)."""
     cases: list[Case] = []
+    declared, undeclared = declared_ops()
     # Correctness of the ops: riskiest backend and dtype first.
     for backend in sorted(BACKEND_RISK, key=BACKEND_RISK.get):
         for dtype in sorted(DTYPES, key=DTYPE_RISK.get):
-            for op in OPS:
+            for op, spec in declared:
                 for batch in (256, 1):
-                    for label, shape in model_shapes(op, batch).items():
-                        gap = _op_case_gap(gpu, quick, full, backend, dtype, label, batch)
+                    for label, shape in spec.model_shapes(batch).items():
+                        gap = _op_case_gap(gpu, quick, full, backend, dtype, label, batch, spec)
                         est = (2.0 if batch > 1 else 1.0) if gpu else 1.0
                         cases.append(_op_case(op, backend, dtype, label, shape, est, gap))
+    for op in undeclared:  # listed, never silently left out
+        cases.append(
+            Case(f"correctness/{op}/no-cases-declared", "correctness", {"group": "op", "op": op}, 0.0, _NO_CASES)
+        )
     if not gpu:  # the kernels themselves, under the Triton interpreter, at the smallest shapes; torch in low precision
-        for op in OPS:
-            for label, shape in SMALL_SHAPES[op].items():
+        for op, spec in declared:
+            for label, shape in spec.small_shapes.items():
                 for dtype in ("bf16", "fp16"):
                     cases.append(_op_case(op, "torch", dtype, label, shape, 0.5))
                 for dtype in ("fp32", "fp16"):
@@ -269,11 +234,10 @@ def build_cases(
             )
         )
     if sanitize:
-        for op in OPS:
-            shape = next(iter(SMALL_SHAPES[op].values()))
+        for op, spec in declared:
+            shape = next(iter(spec.small_shapes.values()))
             for backend in ("triton", "cuda"):
-                tools = ["memcheck"] + (["racecheck"] if op in ("attention", "linear") else [])
-                for tool in tools:
+                for tool in spec.sanitizers:
                     params = {
                         "group": "op",
                         "op": op,
@@ -296,7 +260,7 @@ def build_cases(
     # Speed: ceilings first (the fractions need them), then ops, then models.
     speed_needs = None if gpu else _GPU_ONLY
     cases.append(Case("speed/ceilings/bf16", "speed", {"group": "ceilings", "dtype": "bf16"}, 6.0, speed_needs))
-    for op in OPS:
+    for op, _ in declared:
         cases.append(
             Case(
                 f"speed/op/{op}/bf16/vit_b16-b256",
@@ -538,101 +502,6 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _op_problem(op: str, s: dict[str, Any], dev: torch.device) -> tuple[dict[str, Any], Callable, Callable, str]:
-    """(fp32 leaves, kernel(leaves, backend), reference(leaves), rule) for one op at one shape."""
-    from fastvit import ops
-    from fastvit.ops.attention import split_qkv
-
-    def rn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return torch.randn(*shape, device=dev) * scale
-
-    if op == "attention":
-        leaves = {n: rn(s["B"], s["H"], s["N"], s["D"]) for n in ("q", "k", "v")}
-        return (
-            leaves,
-            lambda t, b: ops.attention(t["q"], t["k"], t["v"], backend=b),
-            lambda t: ops.attention_ref(t["q"], t["k"], t["v"]),
-            "three_way",
-        )
-    if op == "attention_qkvpacked":
-        B, H, N, D = s["B"], s["H"], s["N"], s["D"]
-
-        def packed_ref(t: dict[str, torch.Tensor]) -> torch.Tensor:
-            q, k, v = split_qkv(t["qkv"], H)
-            return ops.attention_ref(q, k, v).transpose(1, 2).reshape(B, N, H * D)
-
-        return (
-            {"qkv": rn(B, N, 3 * H * D)},
-            lambda t, b: ops.attention_qkvpacked(t["qkv"], H, backend=b),
-            packed_ref,
-            "three_way",
-        )
-    if op == "linear":
-        M, K, N_out = s["M"], s["K"], s["O"]
-        leaves = {"x": rn(M, K), "weight": rn(N_out, K, scale=K**-0.5), "bias": rn(N_out, scale=0.5)}
-        if s["res"]:
-            leaves["residual"] = rn(M, N_out)
-        return (
-            leaves,
-            lambda t, b: ops.linear(
-                t["x"], t["weight"], t["bias"], activation=s["act"], residual=t.get("residual"), backend=b
-            ),
-            lambda t: ops.linear_ref(t["x"], t["weight"], t["bias"], s["act"], t.get("residual")),
-            "three_way",
-        )
-    if op == "layer_norm":
-        M, C = s["M"], s["C"]
-        leaves = {"x": rn(M, C), "weight": 1 + rn(C, scale=0.1), "bias": rn(C, scale=0.1), "residual": rn(M, C)}
-        return (
-            leaves,
-            lambda t, b: ops.layer_norm(t["x"], t["weight"], t["bias"], 1e-6, residual=t["residual"], backend=b),
-            lambda t: ops.layer_norm_ref(t["x"], t["weight"], t["bias"], 1e-6, t["residual"]),
-            "table",
-        )
-    if op == "patch_embed":
-        B, S, P, D = s["B"], s["S"], s["P"], s["D"]
-        tokens = (S // P) ** 2
-        leaves = {
-            "x": rn(B, 3, S, S),
-            "weight": rn(D, 3, P, P, scale=(3 * P * P) ** -0.5),
-            "bias": rn(D, scale=0.1),
-            "pos_embed": rn(1, tokens + 1, D, scale=0.02),
-            "cls": rn(1, 1, D, scale=0.02),
-        }
-
-        def pe(fn: Callable, t: dict[str, torch.Tensor], **kw: Any) -> torch.Tensor:
-            return fn(
-                t["x"], t["weight"], t["bias"], patch_size=P, pos_embed=t["pos_embed"], prefix_tokens=t["cls"], **kw
-            )
-
-        return leaves, lambda t, b: pe(ops.patch_embed, t, backend=b), lambda t: pe(ops.patch_embed_ref, t), "three_way"
-    if op == "soft_split":
-        B, k, st, p = s["B"], s["k"], s["s"], s["p"]
-        if "image" in s:
-            x, hw, channels = rn(B, *s["image"]), None, s["image"][0]
-        else:
-            x, hw, channels = rn(B, *s["tokens"]), tuple(s["hw"]), s["tokens"][1]
-        leaves = {"x": x}
-        features = channels * k * k
-        if s["norm"]:
-            leaves.update(norm_weight=1 + rn(features, scale=0.1), norm_bias=rn(features, scale=0.1))
-
-        def ss(fn: Callable, t: dict[str, torch.Tensor], **kw: Any) -> torch.Tensor:
-            return fn(
-                t["x"],
-                kernel_size=k,
-                stride=st,
-                padding=p,
-                hw=hw,
-                norm_weight=t.get("norm_weight"),
-                norm_bias=t.get("norm_bias"),
-                **kw,
-            )
-
-        return leaves, lambda t, b: ss(ops.soft_split, t, backend=b), lambda t: ss(ops.soft_split_ref, t), "table"
-    raise ValueError(f"selftest: unknown op {op!r}")
-
-
 def _forward_backward(
     fn: Callable, leaves: dict[str, torch.Tensor], dtype: torch.dtype, cotangents: list[torch.Tensor]
 ):
@@ -660,7 +529,9 @@ def _check_op(params: dict[str, Any]) -> dict[str, Any]:
 
     dev = _device()
     dtype = DTYPES[params["dtype"]]
-    leaves, kernel, reference, rule = _op_problem(params["op"], params["shape"], dev)
+    spec = op_spec(params["op"])
+    leaves, kernel, reference = spec.problem(params["shape"], dev)
+    rule = spec.rule
     backend = params["backend"]
     cot: list[torch.Tensor] = []
     with poisoned_outputs():
@@ -837,109 +708,25 @@ def _speed_ceilings(params: dict[str, Any]) -> dict[str, Any]:
     return {"status": "measured", "values": dict(_CEILINGS)}
 
 
-def _torch_composition(op: str, t: dict[str, torch.Tensor], s: dict[str, Any]) -> Callable[[], Any]:
-    """What users run without fastvit (the baseline of the speed ratio)."""
-    import torch.nn.functional as F
-
-    if op == "attention":
-        return lambda: F.scaled_dot_product_attention(t["q"], t["k"], t["v"])
-    if op == "attention_qkvpacked":
-        B, H, N, D = s["B"], s["H"], s["N"], s["D"]
-
-        def packed() -> torch.Tensor:
-            q, k, v = t["qkv"].view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, H * D)
-
-        return packed
-    if op == "linear":
-        return lambda: F.gelu(F.linear(t["x"], t["weight"], t["bias"]))
-    if op == "layer_norm":
-        return lambda: F.layer_norm(t["x"] + t["residual"], (s["C"],), t["weight"], t["bias"], 1e-6)
-    if op == "patch_embed":
-        P = s["P"]
-
-        def conv() -> torch.Tensor:
-            y = F.conv2d(t["x"], t["weight"], t["bias"], stride=P).flatten(2).transpose(1, 2)
-            return torch.cat([t["cls"].expand(y.shape[0], -1, -1), y], 1) + t["pos_embed"]
-
-        return conv
-    if op == "soft_split":
-        features = t["norm_weight"].numel()
-        return lambda: F.layer_norm(
-            F.unfold(t["x"], s["k"], stride=s["s"], padding=s["p"]).transpose(1, 2),
-            (features,),
-            t["norm_weight"],
-            t["norm_bias"],
-        )
-    raise ValueError(op)
-
-
-def _work(op: str, s: dict[str, Any], t: dict[str, torch.Tensor], out: torch.Tensor) -> tuple[str, float]:
-    """("tflops", FLOPs) for compute-bound ops, ("gbps", bytes moved) for memory-bound ones."""
-    if op in ("attention", "attention_qkvpacked"):
-        return "tflops", 4.0 * s["B"] * s["H"] * s["N"] ** 2 * s["D"]
-    if op == "linear":
-        return "tflops", 2.0 * s["M"] * s["K"] * s["O"]
-    if op == "patch_embed":
-        return "tflops", 2.0 * s["B"] * (s["S"] // s["P"]) ** 2 * 3 * s["P"] ** 2 * s["D"]
-    read = sum(v.numel() * v.element_size() for v in t.values())
-    written = out.numel() * out.element_size() * (2 if op == "layer_norm" else 1)  # layer_norm also writes x + residual
-    return "gbps", float(read + written)
-
-
-SPEED_SHAPES = {
-    "attention": "vit_b16_224",
-    "attention_qkvpacked": "vit_b16_224",
-    "linear": "vit_b16_fc1_gelu",
-    "layer_norm": "vit_b16_224",
-    "patch_embed": "vit_b16_224",
-    "soft_split": "t2t_split0_image",
-}
-
-
-def _sdpa_backend_ms(fn: Callable[[], Any]) -> dict[str, float]:
-    """``fn`` (an SDPA call) timed under each SDPA backend that accepts the input: {"sdpa_<name>_ms": ms}."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from fastvit._timing import median_ms
-
-    times = {}
-    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
-        backend = getattr(SDPBackend, name, None)
-        if backend is None:
-            continue
-
-        def under(b: Any = backend) -> Any:
-            with sdpa_kernel(b):
-                return fn()
-
-        try:
-            under()
-        except RuntimeError:  # this SDPA backend refuses the input (dtype, head dim, GPU)
-            continue
-        times[f"sdpa_{name.split('_')[0].lower()}_ms"] = median_ms(under)
-    if not times:
-        raise RuntimeError("no SDPA backend (flash, efficient, cudnn) accepts the ViT-B/16 attention input here")
-    return times
-
-
 def _speed_op(params: dict[str, Any]) -> dict[str, Any]:
     """Each available backend of one op at its ViT-B/16 bs256 shape vs the torch composition."""
     from fastvit._timing import median_ms
     from fastvit.ops import BackendNotSupported
 
-    op, dtype, dev = params["op"], DTYPES[params["dtype"]], _device()
-    s = model_shapes(op, 256)[SPEED_SHAPES[op]]
-    leaves, kernel, _, _ = _op_problem(op, s, dev)
+    spec, dtype, dev = op_spec(params["op"]), DTYPES[params["dtype"]], _device()
+    s = spec.model_shapes(256)[spec.speed_shape]
+    leaves, kernel, _ = spec.problem(s, dev)
     t = {n: v.to(dtype) for n, v in leaves.items()}
     values: dict[str, Any] = {"shape": s}
-    baseline = _torch_composition(op, t, s)
+    baseline = spec.composition(t, s)
+    variants: dict[str, float] = {}
     with torch.no_grad():
         out = baseline()
-        unit, work = _work(op, s, t, out)
-        if op.startswith("attention"):  # SDPA at its fastest backend here
-            values.update(_sdpa_backend_ms(baseline))
-            values["torch_composition_ms"] = min(v for k, v in values.items() if k.startswith("sdpa_"))
+        unit, work = spec.work(s, t, out)
+        if spec.baseline_times is not None:  # e.g. SDPA under each of its backends: the fastest is the baseline
+            variants = spec.baseline_times(baseline)
+            values.update(variants)
+            values["torch_composition_ms"] = min(variants.values())
         else:
             values["torch_composition_ms"] = median_ms(baseline)
         for backend in ("torch", "triton", "cuda", None):
@@ -951,7 +738,7 @@ def _speed_op(params: dict[str, Any]) -> dict[str, Any]:
                 continue
             values[f"{name}_ms"] = median_ms(lambda b=backend: kernel(t, b))
     ceiling = _CEILINGS.get("matmul_tflops" if unit == "tflops" else "copy_gbps")
-    for key in [k for k in values if k.endswith("_ms") and not k.startswith("sdpa_")]:
+    for key in [k for k in values if k.endswith("_ms") and k not in variants]:
         rate = work / (values[key] * 1e-3) / (1e12 if unit == "tflops" else 1e9)
         values[key.replace("_ms", f"_{unit}")] = rate
         if ceiling:

@@ -82,7 +82,7 @@ def test_execute_with_injected_clock_drops_speed_then_lists_unrun_correctness():
 
 
 def _op_params(op: str, label: str, dtype: str = "fp32", backend: str = "torch") -> dict:
-    shape = selftest.SMALL_SHAPES[op][label]
+    shape = selftest.op_spec(op).small_shapes[label]
     return {"group": "op", "op": op, "backend": backend, "dtype": dtype, "label": label, "shape": shape}
 
 
@@ -203,7 +203,9 @@ def test_gpu_plan_covers_every_op_backend_dtype_and_is_listed():
     names = [c.name for c in cases]
     assert len(names) == len(set(names))
     ops = {(c.params["op"], c.params["backend"], c.params["dtype"]) for c in cases if c.params.get("group") == "op"}
-    assert ops == {(o, b, d) for o in selftest.OPS for b in ("cuda", "triton", "torch") for d in selftest.DTYPES}
+    declared = [name for name, _ in selftest.declared_ops()[0]]
+    assert declared == ["attention", "attention_qkvpacked", "linear", "layer_norm", "patch_embed", "soft_split"]
+    assert ops == {(o, b, d) for o in declared for b in ("cuda", "triton", "torch") for d in selftest.DTYPES}
     checks = {c.params["check"] for c in cases if c.params.get("group") == "model"}
     assert checks == set(selftest.MODEL_CHECKS)
     kinds = [c.kind for c in cases]
@@ -279,3 +281,97 @@ def test_worker_reports_a_sticky_cuda_error_then_exits_for_a_fresh_process():
     ]
     assert len(results) == 1 and "worker restarts" in results[0]["note"]
     assert "still running" not in done.stdout
+
+
+# ------------------------------------------------------------------ the cases come from the op table
+
+
+@pytest.fixture
+def toy_rows():
+    """Two throwaway op-table rows: "toy_double" (x * 2, torch backend only) with a tiny SelftestSpec, and
+    "toy_bare" without one; ``wrong`` makes the toy kernel 1 % off. Both rows are popped afterwards."""
+    from fastvit.ops import dispatch
+    from fastvit.ops._selftest_spec import SelftestSpec, bytes_moved, normal
+
+    state = {"wrong": False}
+
+    def double(x, backend=None):
+        dispatch.registered_ops()["toy_double"].select(backend, x.device, x=x)
+        return x * (2.02 if state["wrong"] else 2.0)
+
+    def problem(s, dev):
+        return {"x": normal(dev)(s["B"], s["C"])}, lambda t, b: double(t["x"], b), lambda t: t["x"] * 2
+
+    spec = SelftestSpec(
+        model_shapes=lambda batch: {"toy_224": {"B": batch, "C": 8}},
+        small_shapes={"toy_small": {"B": 1, "C": 4}},
+        problem=problem,
+        rule="table",
+        speed_shape="toy_224",
+        composition=lambda t, s: lambda: t["x"] * 2,
+        work=lambda s, t, out: bytes_moved(t, out),
+        cpu_torch_shapes=("toy_224",),
+    )
+    no_triton = {"triton": lambda x: ["the toy has no Triton kernel"], "cuda": lambda x: ["nor a CUDA one"]}
+    dispatch.OpDispatcher(
+        name="toy_double", reasons={"torch": dispatch.no_reasons, **no_triton}, preference=("torch",), selftest=spec
+    )
+    dispatch.OpDispatcher(name="toy_bare", reasons={"torch": dispatch.no_reasons}, preference=("torch",))
+    try:
+        yield state
+    finally:
+        dispatch.registered_ops().pop("toy_double")
+        dispatch.registered_ops().pop("toy_bare")
+
+
+def test_a_new_op_row_with_a_spec_is_planned_and_run_without_editing_selftest(toy_rows, capsys):
+    cases = {c.name: c for c in build_cases(gpu=False)}
+    # The CPU plan of the toy: torch fp32 at its model shape (batch 1), the small shape in low precision and
+    # under the interpreter, the GPU-only cases listed with their reason, and its speed case.
+    fp32 = cases["correctness/toy_double/torch/fp32/toy_224-b1"]
+    assert fp32.needs is None and fp32.params["shape"] == {"B": 1, "C": 4 * 2}
+    assert cases["correctness/toy_double/torch/fp32/toy_224-b256"].needs == selftest._GPU_ONLY
+    for name in ("torch/bf16/toy_small-b1", "torch/fp16/toy_small-b1", "triton/fp32/toy_small-b1"):
+        assert cases[f"correctness/toy_double/{name}"].needs is None, name
+    assert "speed/op/toy_double/bf16/vit_b16-b256" in cases
+    kept, _ = plan(list(cases.values()), 600)
+    assert fp32 in kept
+    # It runs: the right toy passes, the triton backend it lacks is "unsupported", a wrong toy fails.
+    assert run_case(fp32.params)["status"] == "pass"
+    assert run_case(cases["correctness/toy_double/torch/bf16/toy_small-b1"].params)["status"] == "pass"
+    unsupported = run_case(cases["correctness/toy_double/triton/fp32/toy_small-b1"].params)
+    assert unsupported["status"] == "unsupported" and "no Triton kernel" in unsupported["reason"], unsupported
+    toy_rows["wrong"] = True
+    wrong = run_case(fp32.params)
+    assert wrong["status"] == "fail" and wrong["errors"]["out"]["max_abs_err"] > 1e-3, wrong
+    # A row without a spec is listed, with the fix, in the plan and in --list; it is never silently left out.
+    bare = cases["correctness/toy_bare/no-cases-declared"]
+    assert bare.needs and "no selftest cases declared" in bare.needs and "SelftestSpec" in bare.needs
+    assert selftest.main(["--list", "--budget-min", "1"]) == 0
+    listed = capsys.readouterr().out
+    assert re.search(r"correctness/toy_bare/no-cases-declared +no selftest cases declared", listed)
+    assert "correctness/toy_double/torch/fp32/toy_224-b1" in listed
+    with pytest.raises(ValueError, match="toy_bare.*declares no selftest cases"):
+        selftest.model_shapes("toy_bare", 1)
+
+
+def test_selftest_has_no_per_op_code():
+    """The op names live in the op table only: selftest.py names none of them (no per-op branch or table)."""
+    source = (ROOT / "fastvit" / "selftest.py").read_text()
+    for op in selftest.declared_ops()[0]:
+        assert f'"{op[0]}"' not in source and f"'{op[0]}'" not in source, op[0]
+
+
+def test_a_spec_naming_a_shape_it_does_not_declare_is_refused():
+    from fastvit.ops._selftest_spec import SelftestSpec, bytes_moved
+
+    with pytest.raises(ValueError, match=r"labels \['nope'\] are not shapes of model_shapes"):
+        SelftestSpec(
+            model_shapes=lambda batch: {"a": {"B": batch}}, small_shapes={"s": {"B": 1}}, problem=None,
+            rule="table", speed_shape="nope", composition=None, work=bytes_moved,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="rule must be one of"):
+        SelftestSpec(
+            model_shapes=lambda batch: {"a": {"B": batch}}, small_shapes={"s": {"B": 1}}, problem=None,
+            rule="exact", speed_shape="a", composition=None, work=bytes_moved,
+        )  # fmt: skip

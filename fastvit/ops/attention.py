@@ -41,7 +41,7 @@ rollout and hooks); it is plain torch and materialises the (B, H, Nq, Nk) matrix
 """
 
 import math
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,7 @@ from torch import Tensor
 
 from fastvit import kernels
 from fastvit.ops._library import FLOAT_DTYPES, check_tensors, direct, eager_op, new_output, register_autocast_lower
+from fastvit.ops._selftest_spec import SelftestSpec, cap_batch, normal
 from fastvit.ops.dispatch import ENV_KEY, OpDispatcher, env_get, is_compiling, no_reasons
 
 if kernels.TRITON_IMPORT_ERROR is None:
@@ -366,6 +367,115 @@ def _check_attention_packed(qkv: Tensor, num_heads: int, scale: Optional[float],
     _check_scale_dropout("attention_qkvpacked", scale, dropout_p)
 
 
+# The selftest's cases (fastvit/ops/_selftest_spec.py). Model shapes: label -> (heads, tokens, head_dim).
+_SELFTEST_SHAPES = {
+    "vit_b16_224": (12, 197, 64),
+    "vit_l16_384": (16, 577, 64),
+    "vit_h14_224": (16, 257, 80),
+    "deit_s16_224": (6, 197, 64),
+    "t2t_token_attention": (1, 3136, 64),
+}
+_SELFTEST_PACKED_LABELS = ("vit_b16_224", "vit_h14_224", "deit_s16_224")
+
+
+def _selftest_shapes(labels: Tuple[str, ...]) -> Callable[[int], Dict[str, Dict[str, int]]]:
+    def shapes(batch: int) -> Dict[str, Dict[str, int]]:  # the batch capped for the fp64 oracle
+        picked = {k: _SELFTEST_SHAPES[k] for k in labels}
+        return {k: {"B": cap_batch(batch, h * n * n), "H": h, "N": n, "D": d} for k, (h, n, d) in picked.items()}
+
+    return shapes
+
+
+def _selftest_problem(s: Dict[str, Any], dev: torch.device) -> Any:
+    from fastvit import ops
+
+    rn = normal(dev)
+    leaves = {n: rn(s["B"], s["H"], s["N"], s["D"]) for n in ("q", "k", "v")}
+    return (
+        leaves,
+        lambda t, b: ops.attention(t["q"], t["k"], t["v"], backend=b),
+        lambda t: ops.attention_ref(t["q"], t["k"], t["v"]),
+    )
+
+
+def _selftest_packed_problem(s: Dict[str, Any], dev: torch.device) -> Any:
+    from fastvit import ops
+
+    B, H, N, D = s["B"], s["H"], s["N"], s["D"]
+
+    def packed_ref(t: Dict[str, Tensor]) -> Tensor:
+        q, k, v = split_qkv(t["qkv"], H)
+        return ops.attention_ref(q, k, v).transpose(1, 2).reshape(B, N, H * D)
+
+    return (
+        {"qkv": normal(dev)(B, N, 3 * H * D)},
+        lambda t, b: ops.attention_qkvpacked(t["qkv"], H, backend=b),
+        packed_ref,
+    )
+
+
+def _selftest_sdpa(t: Dict[str, Tensor], s: Dict[str, Any]) -> Callable[[], Tensor]:
+    return lambda: F.scaled_dot_product_attention(t["q"], t["k"], t["v"])
+
+
+def _selftest_packed_sdpa(t: Dict[str, Tensor], s: Dict[str, Any]) -> Callable[[], Tensor]:
+    B, H, N, D = s["B"], s["H"], s["N"], s["D"]
+
+    def packed() -> Tensor:
+        q, k, v = t["qkv"].view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, H * D)
+
+    return packed
+
+
+def _selftest_flops(s: Dict[str, Any], t: Dict[str, Tensor], out: Tensor) -> Tuple[str, float]:
+    return "tflops", 4.0 * s["B"] * s["H"] * s["N"] ** 2 * s["D"]
+
+
+def _selftest_sdpa_backend_ms(fn: Callable[[], Any]) -> Dict[str, float]:
+    """``fn`` (an SDPA call) timed under each SDPA backend that accepts the input: {"sdpa_<name>_ms": ms}."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fastvit._timing import median_ms
+
+    times = {}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            continue
+
+        def under(b: Any = backend) -> Any:
+            with sdpa_kernel(b):
+                return fn()
+
+        try:
+            under()
+        except RuntimeError:  # this SDPA backend refuses the input (dtype, head dim, GPU)
+            continue
+        times[f"sdpa_{name.split('_')[0].lower()}_ms"] = median_ms(under)
+    if not times:
+        raise RuntimeError("no SDPA backend (flash, efficient, cudnn) accepts the ViT-B/16 attention input here")
+    return times
+
+
+def _selftest_spec(packed: bool) -> SelftestSpec:
+    small = {"B": 1, "H": 2, "N": 17, "D": 32 if packed else 64}
+    return SelftestSpec(
+        model_shapes=_selftest_shapes(_SELFTEST_PACKED_LABELS if packed else tuple(_SELFTEST_SHAPES)),
+        small_shapes={"small": small},
+        problem=_selftest_packed_problem if packed else _selftest_problem,
+        rule="three_way",
+        speed_shape="vit_b16_224",
+        composition=_selftest_packed_sdpa if packed else _selftest_sdpa,
+        work=_selftest_flops,
+        primary_shapes=("vit_b16_224",),
+        cpu_torch_shapes=("vit_b16_224",),
+        sanitizers=("memcheck",) if packed else ("memcheck", "racecheck"),
+        baseline_times=_selftest_sdpa_backend_ms,
+        order=1 if packed else 0,
+    )
+
+
 _OP = OpDispatcher(
     name="attention",
     reasons={"torch": no_reasons, "triton": _triton_reasons},
@@ -377,6 +487,7 @@ _OP = OpDispatcher(
     backward_op=_attention_bwd,
     autocast="lower",
     signature=_signature,
+    selftest=_selftest_spec(packed=False),
 )
 _PACKED = OpDispatcher(
     name="attention_qkvpacked",
@@ -390,6 +501,7 @@ _PACKED = OpDispatcher(
     backward_op=_attention_qkvpacked_bwd,
     autocast="lower",
     signature=_signature,
+    selftest=_selftest_spec(packed=True),
 )
 _MEMO, _PACKED_MEMO = _OP._memo, _PACKED._memo
 

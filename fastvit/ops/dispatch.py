@@ -568,6 +568,9 @@ class OpDispatcher:
         static_source: the measurement the static order comes from (today: unmeasured).
         kernel_family: the kernels' name (``fastvit/kernels/<family>.py``); default ``name``. Two rows
             may share one family (attention and attention_qkvpacked run the same kernels).
+        selftest: what ``python -m fastvit.selftest`` runs of this op (a
+            :class:`fastvit.ops._selftest_spec.SelftestSpec`); None: the selftest lists the op as having no
+            cases declared.
     """
 
     name: str
@@ -582,6 +585,7 @@ class OpDispatcher:
     launchers: Dict[str, Callable[..., Any]] = field(default_factory=dict)
     static_source: str = STATIC_ORDER_SOURCE
     kernel_family: str = ""
+    selftest: Any = None
     _memo: Dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

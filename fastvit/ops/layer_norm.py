@@ -21,7 +21,7 @@ together) to a power of two: rows are independent and identical work, so the win
 dtype and the order of magnitude of the rows.
 """
 
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from fastvit.ops._library import (
     new_output,
     register_autocast_keep_dtype,
 )
+from fastvit.ops._selftest_spec import SelftestSpec, bytes_moved, normal
 from fastvit.ops._validate import check_call
 from fastvit.ops.dispatch import ENV_KEY, OpDispatcher, bucket, env_get, is_compiling, no_reasons
 
@@ -237,6 +238,37 @@ def _kernel_launch(backend: str):
     return launch
 
 
+# The selftest's cases (fastvit/ops/_selftest_spec.py). label -> (tokens, channels).
+_SELFTEST_SHAPES = {"vit_b16_224": (197, 768), "vit_l16_384": (577, 1024), "vit_h14_224": (257, 1280)}
+
+
+def _selftest_problem(s: Dict[str, Any], dev: torch.device) -> Any:
+    from fastvit import ops
+
+    rn = normal(dev)
+    M, C = s["M"], s["C"]
+    leaves = {"x": rn(M, C), "weight": 1 + rn(C, scale=0.1), "bias": rn(C, scale=0.1), "residual": rn(M, C)}
+    return (
+        leaves,
+        lambda t, b: ops.layer_norm(t["x"], t["weight"], t["bias"], 1e-6, residual=t["residual"], backend=b),
+        lambda t: ops.layer_norm_ref(t["x"], t["weight"], t["bias"], 1e-6, t["residual"]),
+    )
+
+
+_SELFTEST = SelftestSpec(
+    model_shapes=lambda batch: {k: {"M": batch * n, "N": n, "C": c} for k, (n, c) in _SELFTEST_SHAPES.items()},
+    small_shapes={"small": {"M": 8, "N": 8, "C": 96}},
+    problem=_selftest_problem,
+    rule="table",
+    speed_shape="vit_b16_224",
+    composition=lambda t, s: lambda: F.layer_norm(t["x"] + t["residual"], (s["C"],), t["weight"], t["bias"], 1e-6),
+    work=lambda s, t, out: bytes_moved(t, out, outputs=2),  # writes the normalised rows and x + residual
+    primary_shapes=("vit_b16_224",),
+    cpu_torch_shapes=("vit_b16_224",),
+    order=3,
+)
+
+
 _OP = OpDispatcher(
     name="layer_norm",
     reasons={"torch": no_reasons, "triton": _triton_reasons, "cuda": no_reasons},
@@ -248,6 +280,7 @@ _OP = OpDispatcher(
     backward_op=_layer_norm_bwd,
     autocast="keep",
     signature=_signature,
+    selftest=_SELFTEST,
 )
 _MEMO = _OP._memo
 

@@ -67,7 +67,7 @@ winner changes with every one of them), the epilogue (bias, activation, residual
 """
 
 from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,7 @@ from fastvit.ops._library import (
     new_output,
     register_autocast_lower,
 )
+from fastvit.ops._selftest_spec import SelftestSpec, normal
 from fastvit.ops._validate import check_call, gemm_backend
 from fastvit.ops.dispatch import ENV_KEY, OpDispatcher, _env, env_get, is_compiling, no_reasons
 
@@ -434,6 +435,53 @@ def _kernel_launch(backend: str):
     return launch
 
 
+# The selftest's cases (fastvit/ops/_selftest_spec.py). label -> (in_features, out_features, activation, residual)
+# at ViT-B/16's 197 tokens.
+_SELFTEST_SHAPES = {
+    "vit_b16_qkv": (768, 2304, None, False),
+    "vit_b16_fc1_gelu": (768, 3072, "gelu", False),
+    "vit_b16_fc2_residual": (3072, 768, None, True),
+}
+
+
+def _selftest_problem(s: Dict[str, Any], dev: torch.device) -> Any:
+    from fastvit import ops
+
+    rn = normal(dev)
+    M, K, N_out = s["M"], s["K"], s["O"]
+    leaves = {"x": rn(M, K), "weight": rn(N_out, K, scale=K**-0.5), "bias": rn(N_out, scale=0.5)}
+    if s["res"]:
+        leaves["residual"] = rn(M, N_out)
+    return (
+        leaves,
+        lambda t, b: ops.linear(
+            t["x"], t["weight"], t["bias"], activation=s["act"], residual=t.get("residual"), backend=b
+        ),
+        lambda t: ops.linear_ref(t["x"], t["weight"], t["bias"], s["act"], t.get("residual")),
+    )
+
+
+_SELFTEST = SelftestSpec(
+    model_shapes=lambda batch: {
+        k: {"M": batch * 197, "N": 197, "K": i, "O": o, "act": a, "res": r}
+        for k, (i, o, a, r) in _SELFTEST_SHAPES.items()
+    },
+    small_shapes={
+        "small_gelu": {"M": 16, "N": 16, "K": 64, "O": 48, "act": "gelu", "res": False},
+        "small_residual": {"M": 16, "N": 16, "K": 48, "O": 64, "act": None, "res": True},
+    },
+    problem=_selftest_problem,
+    rule="three_way",
+    speed_shape="vit_b16_fc1_gelu",
+    composition=lambda t, s: lambda: F.gelu(F.linear(t["x"], t["weight"], t["bias"])),
+    work=lambda s, t, out: ("tflops", 2.0 * s["M"] * s["K"] * s["O"]),
+    primary_shapes=tuple(_SELFTEST_SHAPES),
+    cpu_torch_shapes=("vit_b16_fc1_gelu", "vit_b16_fc2_residual"),
+    sanitizers=("memcheck", "racecheck"),
+    order=2,
+)
+
+
 _OP = OpDispatcher(
     name="linear",
     reasons={"torch": no_reasons, "triton": _triton_reasons, "cuda": _cuda.linear_reasons},
@@ -445,6 +493,7 @@ _OP = OpDispatcher(
     backward_op=_linear_act_grad,
     autocast="lower",
     signature=_signature,
+    selftest=_SELFTEST,
 )
 _MEMO = _OP._memo
 

@@ -32,7 +32,7 @@ Backends and auto order on CUDA tensors: ``triton`` > ``cuda`` > ``torch``. Prov
 timed on an H100/H200 yet (benchmarks/bench_patch_embed.py will set this order).
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,7 @@ from fastvit.ops._library import (
     new_output,
     register_autocast_lower,
 )
+from fastvit.ops._selftest_spec import SelftestSpec, normal
 from fastvit.ops._validate import check_call
 from fastvit.ops.dispatch import ENV_KEY, OpDispatcher, env_get, is_compiling, no_reasons
 
@@ -282,6 +283,52 @@ def _kernel_launch(backend: str):
     return launch
 
 
+# The selftest's cases (fastvit/ops/_selftest_spec.py). label -> (image size, patch, embed dim).
+_SELFTEST_SHAPES = {"vit_b16_224": (224, 16, 768), "vit_h14_224": (224, 14, 1280)}
+
+
+def _selftest_problem(s: Dict[str, Any], dev: torch.device) -> Any:
+    from fastvit import ops
+
+    rn = normal(dev)
+    B, S, P, D = s["B"], s["S"], s["P"], s["D"]
+    tokens = (S // P) ** 2
+    leaves = {
+        "x": rn(B, 3, S, S),
+        "weight": rn(D, 3, P, P, scale=(3 * P * P) ** -0.5),
+        "bias": rn(D, scale=0.1),
+        "pos_embed": rn(1, tokens + 1, D, scale=0.02),
+        "cls": rn(1, 1, D, scale=0.02),
+    }
+
+    def pe(fn: Callable, t: Dict[str, Tensor], **kw: Any) -> Tensor:
+        return fn(t["x"], t["weight"], t["bias"], patch_size=P, pos_embed=t["pos_embed"], prefix_tokens=t["cls"], **kw)
+
+    return leaves, lambda t, b: pe(ops.patch_embed, t, backend=b), lambda t: pe(ops.patch_embed_ref, t)
+
+
+def _selftest_conv(t: Dict[str, Tensor], s: Dict[str, Any]) -> Callable[[], Tensor]:
+    def conv() -> Tensor:
+        y = F.conv2d(t["x"], t["weight"], t["bias"], stride=s["P"]).flatten(2).transpose(1, 2)
+        return torch.cat([t["cls"].expand(y.shape[0], -1, -1), y], 1) + t["pos_embed"]
+
+    return conv
+
+
+_SELFTEST = SelftestSpec(
+    model_shapes=lambda batch: {k: {"B": batch, "S": s, "P": p, "D": d} for k, (s, p, d) in _SELFTEST_SHAPES.items()},
+    small_shapes={"small": {"B": 1, "S": 32, "P": 16, "D": 32}},
+    problem=_selftest_problem,
+    rule="three_way",
+    speed_shape="vit_b16_224",
+    composition=_selftest_conv,
+    work=lambda s, t, out: ("tflops", 2.0 * s["B"] * (s["S"] // s["P"]) ** 2 * 3 * s["P"] ** 2 * s["D"]),
+    primary_shapes=("vit_b16_224",),
+    cpu_torch_shapes=("vit_b16_224",),
+    order=4,
+)
+
+
 _OP = OpDispatcher(
     name="patch_embed",
     reasons={"torch": no_reasons, "triton": _triton_reasons, "cuda": _cuda.patch_embed_reasons},
@@ -292,6 +339,7 @@ _OP = OpDispatcher(
     backward_op=_patch_embed_bwd,
     autocast="lower",
     launchers={"torch": _torch_launch, "triton": _kernel_launch("triton"), "cuda": _kernel_launch("cuda")},
+    selftest=_SELFTEST,
 )
 _MEMO = _OP._memo
 _autocast_on = torch._C._is_any_autocast_enabled

@@ -26,7 +26,7 @@ timed on an H100/H200 yet (benchmarks/bench_soft_split.py will set this order).
 """
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from fastvit import kernels
 from fastvit._geometry import int_pair, unfold_grid
 from fastvit.ops import _cuda_backends as _cuda
 from fastvit.ops._library import FLOAT_DTYPES, check_tensors, direct, eager_op, new_output, register_autocast_keep_dtype
+from fastvit.ops._selftest_spec import SelftestSpec, bytes_moved, normal
 from fastvit.ops._validate import check_call
 from fastvit.ops.dispatch import ENV_KEY, OpDispatcher, env_get, is_compiling, no_reasons
 from fastvit.ops.layer_norm import check_affine, layer_norm_ref
@@ -292,6 +293,63 @@ def _kernel_launch(backend: str):
     return launch
 
 
+# The selftest's cases (fastvit/ops/_selftest_spec.py). label -> input ((C, H, W) image or (L, C) tokens with
+# hw), kernel, stride, padding, fused LayerNorm.
+_SELFTEST_SHAPES = {
+    "t2t_split0_image": {"image": (3, 224, 224), "k": 7, "s": 4, "p": 2, "norm": True},
+    "t2t_split1_tokens": {"tokens": (3136, 64), "hw": (56, 56), "k": 3, "s": 2, "p": 1, "norm": True},
+    "t2t_split2_tokens": {"tokens": (784, 64), "hw": (28, 28), "k": 3, "s": 2, "p": 1, "norm": False},
+}
+
+
+def _selftest_problem(s: Dict[str, Any], dev: torch.device) -> Any:
+    from fastvit import ops
+
+    rn = normal(dev)
+    B, k, st, p = s["B"], s["k"], s["s"], s["p"]
+    if "image" in s:
+        x, hw, channels = rn(B, *s["image"]), None, s["image"][0]
+    else:
+        x, hw, channels = rn(B, *s["tokens"]), tuple(s["hw"]), s["tokens"][1]
+    leaves = {"x": x}
+    features = channels * k * k
+    if s["norm"]:
+        leaves.update(norm_weight=1 + rn(features, scale=0.1), norm_bias=rn(features, scale=0.1))
+
+    def ss(fn: Callable, t: Dict[str, Tensor], **kw: Any) -> Tensor:
+        return fn(
+            t["x"], kernel_size=k, stride=st, padding=p, hw=hw, norm_weight=t.get("norm_weight"),
+            norm_bias=t.get("norm_bias"), **kw,
+        )  # fmt: skip
+
+    return leaves, lambda t, b: ss(ops.soft_split, t, backend=b), lambda t: ss(ops.soft_split_ref, t)
+
+
+def _selftest_unfold(t: Dict[str, Tensor], s: Dict[str, Any]) -> Callable[[], Tensor]:
+    features = t["norm_weight"].numel()  # the speed shape (T2T stage 0) has the fused LayerNorm
+    return lambda: F.layer_norm(
+        F.unfold(t["x"], s["k"], stride=s["s"], padding=s["p"]).transpose(1, 2), (features,), t["norm_weight"],
+        t["norm_bias"],
+    )  # fmt: skip
+
+
+_SELFTEST = SelftestSpec(
+    model_shapes=lambda batch: {k: {"B": batch, **v} for k, v in _SELFTEST_SHAPES.items()},
+    small_shapes={
+        "small_image": {"B": 1, "image": (3, 12, 12), "k": 7, "s": 4, "p": 2, "norm": True},
+        "small_tokens": {"B": 1, "tokens": (64, 8), "hw": (8, 8), "k": 3, "s": 2, "p": 1, "norm": False},
+    },
+    problem=_selftest_problem,
+    rule="table",
+    speed_shape="t2t_split0_image",
+    composition=_selftest_unfold,
+    work=lambda s, t, out: bytes_moved(t, out),
+    primary_shapes=("t2t_split0_image",),
+    cpu_torch_shapes=("t2t_split2_tokens",),
+    order=5,
+)
+
+
 _OP = OpDispatcher(
     name="soft_split",
     reasons={"torch": no_reasons, "triton": _triton_reasons, "cuda": _cuda.soft_split_reasons},
@@ -302,6 +360,7 @@ _OP = OpDispatcher(
     backward_op=_soft_split_bwd,
     autocast="keep",
     launchers={"torch": _torch_launch, "triton": _kernel_launch("triton"), "cuda": _kernel_launch("cuda")},
+    selftest=_SELFTEST,
 )
 
 
