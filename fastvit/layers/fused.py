@@ -78,7 +78,8 @@ def called(module: Optional[nn.Module]) -> bool:
     kind = type(module)
     if kind is nn.Identity:
         return False
-    return not (kind in _DROPOUTS and not dropout_active(module))
+    inactive_identity = kind is nn.Dropout or kind.__dict__.get(_INACTIVE_IDENTITY, False)
+    return not (inactive_identity and not dropout_active(module))
 
 
 def _apply(module: Optional[nn.Module], x: Tensor) -> Tensor:
@@ -86,14 +87,16 @@ def _apply(module: Optional[nn.Module], x: Tensor) -> Tensor:
     return module(x) if called(module) else x
 
 
-# Dropout classes whose inactive forward returns its input unchanged (others are always called).
-_DROPOUTS: set[type] = {nn.Dropout}
+# Dropout classes whose inactive forward returns its input unchanged (nn.Dropout and the registered ones;
+# any other class is always called).
+# A class attribute, not a set lookup: torch 2.5's dynamo cannot trace ``cls in some_set`` (compile fullgraph).
+_INACTIVE_IDENTITY = "_fastvit_identity_when_inactive"
 
 
 def register_dropout(cls: type) -> type:
     """Marks a Dropout / DropPath class whose forward is the identity when ``dropout_active`` is False, so
     the fused paths skip calling it then (fastvit's DropPath is registered; any other class is called)."""
-    _DROPOUTS.add(cls)
+    setattr(cls, _INACTIVE_IDENTITY, True)
     return cls
 
 
