@@ -219,6 +219,13 @@ def mlp_residual_fusable(block_module: nn.Module, residual: Tensor, plan: MlpPla
     residual stream to the autocast dtype, which timm keeps fp32, so then it may not either. (Under FX
     symbolic tracing dtypes are unknown: the graph records the fused call.)
     """
+    return _mlp_unwatched(block_module, plan) and (
+        fx_symbolic_tracing() or autocast_dtype(residual.device) in (None, residual.dtype)
+    )
+
+
+def _mlp_unwatched(block_module: nn.Module, plan: MlpPlan) -> bool:
+    """:func:`mlp_residual_fusable` but for the dtype rule."""
     if plan is None:
         return False
     sub = block_module._modules
@@ -228,9 +235,7 @@ def mlp_residual_fusable(block_module: nn.Module, residual: Tensor, plan: MlpPla
         return False
     if dropout_active(drop_path2) or dropout_active(msub["drop2"]):
         return False
-    if hooked(m, msub["fc1"], msub["act"], msub["fc2"], msub["drop2"], ls2, drop_path2):
-        return False
-    return fx_symbolic_tracing() or autocast_dtype(residual.device) in (None, residual.dtype)
+    return not hooked(m, msub["fc1"], msub["act"], msub["fc2"], msub["drop2"], ls2, drop_path2)
 
 
 def _global_hooks() -> bool:
@@ -267,6 +272,26 @@ def packed_rows_ready(attn: nn.Module) -> bool:
     )
 
 
+def _rows_of(x: Tensor, M: int, C: int) -> Tensor:
+    """``x`` (B, N, C) as (M, C) rows. Without grad, when ``x`` is the (B, N, C) view a previous row-path
+    block returned of its (M, C) rows (same memory), those rows themselves (one view op less per block).
+    Not when ``x`` requires grad: a hook or ``retain_grad`` on ``x`` (Grad-CAM on a block output) must see
+    the gradient the next block sends back through ``x``."""
+    if x.requires_grad:
+        return x.reshape(M, C)
+    base = x._base
+    if (
+        base is not None
+        and not base.requires_grad
+        and base.shape == (M, C)
+        and base.is_contiguous()
+        and x.is_contiguous()
+        and base.data_ptr() == x.data_ptr()
+    ):
+        return base
+    return x.reshape(M, C)
+
+
 def block(
     module: nn.Module,
     x: Tensor,
@@ -301,12 +326,13 @@ def block(
         and not called(sub["drop_path1"])
         and not hooked(sub["norm2"], sub["mlp"]._modules.get("drop1"), sub["mlp"]._modules.get("norm"))
         and not _global_hooks()
-        and x.dim() == 3
         and not fx_symbolic_tracing()
-        and mlp_residual_fusable(module, x, mlp_plan)  # also: autocast off or at x's dtype
+        and x.dim() == 3
+        and _mlp_unwatched(module, mlp_plan)
+        and autocast_dtype(x.device) in (None, x.dtype)  # the branch keeps the stream's dtype: both adds fuse
     ):
         B, N, C = x.shape
-        rows = x.reshape(B * N, C)
+        rows = _rows_of(x, B * N, C)
         a = attention(sub["attn"], layer_norm(sub["norm1"], rows, backend=direct[0]), direct[1], direct[2], (B, N))
         y, rows = layer_norm(sub["norm2"], a, residual=rows, backend=backend)
         activation, mlp_backend = mlp_plan
