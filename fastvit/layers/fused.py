@@ -14,7 +14,10 @@ nowhere else:
 * the first residual add is fused into ``norm2`` only when the caller says norm2 is a plain LayerNorm,
   branch and stream share a dtype (under autocast the branch is lowered, timm's stream stays fp32) and no
   hook watches norm2;
-* the second residual add is fused into fc2's epilogue only under :func:`mlp_residual_fusable`.
+* the second residual add is fused into fc2's epilogue only under :func:`mlp_residual_fusable`;
+* a block whose norm1 and attention run these functions unwatched and whose residual adds both fuse runs
+  on (B * N, C) rows without calling its submodules (:func:`block`'s ``direct``): the same ops on the same
+  values, with no view pair around each GEMM in the autograd graph and no module-call overhead.
 
 What decides whether a module runs these at all (timm: FX tracing, dtypes, hooks on what a fused forward
 skips; fastvit: the explicit-attention switch) stays with the caller.
@@ -34,6 +37,7 @@ except ImportError:  # older torch: one flag for every FX-based tracer
 
 from fastvit import ops
 from fastvit.ops._library import autocast_dtype
+from fastvit.ops.dispatch import is_compiling
 from fastvit.ops.attention import split_qkv
 
 __all__ = [
@@ -250,8 +254,8 @@ def _global_hooks() -> bool:
 
 
 def bare(module: nn.Module) -> bool:
-    """No hook of any kind (forward, backward, global) watches ``module``: running its forward without the
-    module call is the same as calling it."""
+    """No forward or backward hook of ``module`` itself watches it (global hooks: the caller checks them):
+    running its forward without the module call is then the same as calling it."""
     return not (
         module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
     )
@@ -277,7 +281,7 @@ def _rows_of(x: Tensor, M: int, C: int) -> Tensor:
     block returned of its (M, C) rows (same memory), those rows themselves (one view op less per block).
     Not when ``x`` requires grad: a hook or ``retain_grad`` on ``x`` (Grad-CAM on a block output) must see
     the gradient the next block sends back through ``x``."""
-    if x.requires_grad:
+    if x.requires_grad or is_compiling():  # compiled: the graph's own view handling, no ``_base`` probing
         return x.reshape(M, C)
     base = x._base
     if (
