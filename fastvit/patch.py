@@ -397,7 +397,7 @@ def _attention_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) ->
 
 def _mlp_plan(mlp: nn.Module) -> fused.MlpPlan:
     """(activation, backend) when ``mlp`` is a patched Mlp whose fused forward is bound, else None."""
-    state = getattr(mlp, _STATE, None)
+    state = mlp.__dict__.get(_STATE)  # a dict lookup: a miss through nn.Module.__getattr__ raises inside
     if state is None or state.kind != "mlp" or mlp.__dict__.get("forward") is None:
         return None
     return (state.activation, state.backend)
@@ -415,9 +415,27 @@ def _block_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Ten
     if _mask_args_used(args, kwargs) or _falls_back(self, x):
         return _original(self)(x, *args, **kwargs)
     state: _PatchState = self._fastvit_patch
+    sub = self._modules
     return fused.block(
-        self, x, fuse_norm2=state.fuse_norm2, mlp_plan=_mlp_plan(self._modules["mlp"]), backend=state.backend
-    )
+        self, x, fuse_norm2=state.fuse_norm2, mlp_plan=_mlp_plan(sub["mlp"]), backend=state.backend,
+        direct=_block_direct(sub["norm1"], sub["attn"]),
+    )  # fmt: skip
+
+
+def _block_direct(norm1: nn.Module, attn: nn.Module) -> Optional[tuple[Optional[str], Optional[float], Optional[str]]]:
+    """``fused.block``'s ``direct``: when norm1 and attn are patched (their fused forwards bound), unwatched,
+    and attn runs the packed path, (norm1's backend, attn's scale, attn's backend); else None (the block
+    calls them as modules)."""
+    f1, fa = norm1.__dict__.get("forward"), attn.__dict__.get("forward")
+    if f1.__class__ is not _PatchedForward or f1.__func__ is not _layer_norm_forward or not fused.bare(norm1):
+        return None
+    if fa.__class__ is not _PatchedForward or fa.__func__ is not _attention_forward:
+        return None
+    if not fused.packed_rows_ready(attn):
+        return None
+    state: _PatchState = attn.__dict__[_STATE]
+    scale = None if state.scale_repr is None else float(state.scale_repr)
+    return (norm1.__dict__[_STATE].backend, scale, state.backend)
 
 
 def _layer_norm_forward(self: nn.Module, x: Tensor) -> Tensor:

@@ -794,3 +794,100 @@ def test_torch_jit_script_of_a_patched_model_says_unpatch_first():
         torch.jit.script(model)
     unpatch_model(model)
     assert all("__prepare_scriptable__" not in m.__dict__ for m in model.modules())
+
+
+# ------------------------------------------------- the block's row path (host overhead, issue #14 item 3)
+
+
+def _graph_nodes(out: torch.Tensor) -> collections.Counter:
+    """Autograd node classes reachable from ``out``."""
+    seen, counts, stack = set(), collections.Counter(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        counts[type(fn).__name__] += 1
+        stack.extend(f for f, _ in fn.next_functions)
+    return counts
+
+
+def test_row_path_same_values_and_grads_with_fewer_autograd_nodes():
+    stock, patched, _ = _pair(_tiny(depth=3).train())  # drop rates are 0: the row path applies in training
+    x = torch.randn(2, 3, 32, 32)
+    ys, yp = stock(x), patched(x)
+    torch.testing.assert_close(yp, ys, atol=0, rtol=0)  # the same ops on the same values: bit-identical
+    ns, np_ = _graph_nodes(ys), _graph_nodes(yp)
+    # per block the four GEMMs run on 2-D rows: no view / unsafe-view pair around each (stock: 4 per block)
+    assert ns["UnsafeViewBackward0"] == 4 * 3 and np_["UnsafeViewBackward0"] == 0
+    assert sum(np_.values()) == sum(ns.values()) - 4 * 3
+    g = torch.randn_like(ys)
+    gs, gp = _grads(stock, x, g), _grads(patched, x, g)
+    assert gs.keys() == gp.keys() and gs
+    for name in gs:
+        torch.testing.assert_close(gp[name], gs[name], atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "blocks.0.norm1",
+        "blocks.0.attn",
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.proj",
+        "blocks.0.attn.proj_drop",
+        "blocks.0.mlp.drop1",
+        "blocks.0.mlp.fc1",
+        "blocks.0",
+    ],
+)
+def test_hooks_see_token_shapes_where_the_row_path_would_skip_them(path):
+    """A hook on a module the row path runs without a call (or on 2-D rows) keeps the module call and
+    timm's (B, N, C) shapes: the block takes its per-module path then."""
+    stock, patched, _ = _pair(_tiny(depth=2).eval())
+    x = torch.randn(2, 3, 32, 32)
+    seen: dict[str, list] = {"stock": [], "patched": []}
+    for key, model in (("stock", stock), ("patched", patched)):
+        model.get_submodule(path).register_forward_pre_hook(
+            lambda m, i, _k=key: seen[_k].append(tuple(i[0].shape))
+        )
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), stock(x), **FP32)
+    assert seen["patched"] == seen["stock"] and len(seen["stock"]) == 1
+
+
+def test_global_module_hooks_see_norm1_and_attention_calls():
+    """A global module hook keeps the block on its per-module path: norm1 and attn are called (norm2 stays
+    fused into the residual add, as it is when only norm2's own hooks are absent)."""
+    stock, patched, _ = _pair(_tiny(depth=2).eval())
+    x = torch.randn(1, 3, 32, 32)
+    calls: list = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: calls.append(type(m).__name__) if type(m).__name__ in ("Attention", "LayerNorm") else None
+    )
+    try:
+        with torch.no_grad():
+            ref = stock(x)
+            calls.clear()
+            torch.testing.assert_close(patched(x), ref, **FP32)
+    finally:
+        handle.remove()
+    assert calls == ["LayerNorm", "Attention"] * 2 + ["LayerNorm"]
+
+
+def test_backward_hook_and_retain_grad_on_row_path_modules_and_outputs():
+    stock, patched, _ = _pair(_tiny(depth=2).train())
+    x = torch.randn(2, 3, 32, 32)
+    got: dict[str, list] = {"stock": [], "patched": []}
+    kept = {}
+    for key, model in (("stock", stock), ("patched", patched)):
+        model.blocks[1].attn.register_full_backward_hook(lambda m, gi, go, _k=key: got[_k].append(go[0].shape))
+
+        def keep(m, i, o, _k=key):  # returns None: the output stays as it is
+            o.retain_grad()
+            kept[_k] = o
+
+        model.blocks[0].register_forward_hook(keep)
+        model(x).sum().backward()
+    assert got["patched"] == got["stock"] and len(got["stock"]) == 1
+    torch.testing.assert_close(kept["patched"].grad, kept["stock"].grad, **FP32)

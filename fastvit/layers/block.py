@@ -115,5 +115,16 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, N, C) -> (B, N, C): ``x + attn(norm1(x))`` then ``+ mlp(norm2(.))``, timm's math
         (:func:`fastvit.layers.fused.block`, the function ``patch_model`` runs on timm's Block)."""
-        fuse_norm2 = type(self._modules["norm2"]).forward is LayerNorm.forward
-        return fused.block(self, x, fuse_norm2=fuse_norm2, mlp_plan=self._mlp_plan())
+        sub = self._modules
+        fuse_norm2 = type(sub["norm2"]).forward is LayerNorm.forward
+        norm1, attn = sub["norm1"], sub["attn"]
+        direct = None
+        if (  # norm1 and attn run their fused forwards with nothing watching: the block may call them itself
+            type(norm1).forward is LayerNorm.forward
+            and fused.bare(norm1)
+            and type(attn).forward is Attention.forward
+            and attn.fused_attn
+            and fused.packed_rows_ready(attn)
+        ):
+            direct = (None, attn.scale, None)
+        return fused.block(self, x, fuse_norm2=fuse_norm2, mlp_plan=self._mlp_plan(), direct=direct)

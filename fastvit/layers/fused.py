@@ -14,7 +14,10 @@ nowhere else:
 * the first residual add is fused into ``norm2`` only when the caller says norm2 is a plain LayerNorm,
   branch and stream share a dtype (under autocast the branch is lowered, timm's stream stays fp32) and no
   hook watches norm2;
-* the second residual add is fused into fc2's epilogue only under :func:`mlp_residual_fusable`.
+* the second residual add is fused into fc2's epilogue only under :func:`mlp_residual_fusable`;
+* a block whose norm1 and attention run these functions unwatched and whose residual adds both fuse runs
+  on (B * N, C) rows without calling its submodules (:func:`block`'s ``direct``): the same ops on the same
+  values, with no view pair around each GEMM in the autograd graph and no module-call overhead.
 
 What decides whether a module runs these at all (timm: FX tracing, dtypes, hooks on what a fused forward
 skips; fastvit: the explicit-attention switch) stays with the caller.
@@ -25,6 +28,7 @@ from __future__ import annotations
 from typing import Optional
 
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 try:  # true under torch.fx.symbolic_trace only (not torch.export / torch.compile, which trace the ops themselves)
     from torch.fx._symbolic_trace import is_fx_symbolic_tracing as fx_symbolic_tracing
@@ -33,12 +37,15 @@ except ImportError:  # older torch: one flag for every FX-based tracer
 
 from fastvit import ops
 from fastvit.ops._library import autocast_dtype
+from fastvit.ops.dispatch import is_compiling
 from fastvit.ops.attention import split_qkv
 
 __all__ = [
     "MlpPlan",
     "attention",
+    "bare",
     "block",
+    "packed_rows_ready",
     "called",
     "dropout_active",
     "fx_symbolic_tracing",
@@ -102,8 +109,16 @@ def register_dropout(cls: type) -> type:
 
 def dropout_active(module: nn.Module) -> bool:
     """A Dropout / DropPath (torch's, timm's or fastvit's) that changes its input in this mode."""
-    p = getattr(module, "p", getattr(module, "drop_prob", 0.0)) or 0.0
-    return module.training and p > 0.0
+    if not module.training:  # eval: checked first, so the common case reads one attribute
+        return False
+    d = module.__dict__  # torch's Dropout keeps ``p``, timm's / fastvit's DropPath ``drop_prob`` there
+    if "p" in d:
+        p = d["p"]
+    elif "drop_prob" in d:
+        p = d["drop_prob"]
+    else:
+        p = getattr(module, "p", getattr(module, "drop_prob", 0.0))
+    return (p or 0.0) > 0.0
 
 
 def linear(
@@ -134,7 +149,13 @@ def layer_norm(
     return ops.layer_norm(x, params["weight"], params.get("bias"), module.eps, residual=residual, backend=backend)
 
 
-def attention(module: nn.Module, x: Tensor, scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+def attention(
+    module: nn.Module,
+    x: Tensor,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+    tokens: Optional[tuple[int, int]] = None,
+) -> Tensor:
     """timm's ViT attention on the ops: qkv GEMM -> packed flash attention (per-head attention after q/k
     norms) -> the optional output norm and gate -> proj GEMM -> proj_drop. (B, N, C) -> (B, N, C).
 
@@ -143,8 +164,18 @@ def attention(module: nn.Module, x: Tensor, scale: Optional[float] = None, backe
             proj_drop, and optionally q_norm, k_norm, norm, gate.
         scale: the softmax scale; None is ``head_dim ** -0.5``.
         backend: passed to every op.
+        tokens: (B, N) when ``x`` comes as (B * N, C) rows (:func:`block`'s row path): the GEMMs then run
+            on 2-D operands (no view nodes around them) and the output is (B * N, C) too.
     """
     sub = module._modules
+    if tokens is not None:  # rows: only the packed path (the caller checked: no q/k norm, gate or out norm)
+        qkv = linear(sub["qkv"], x, backend=backend)
+        dropout_p = sub["attn_drop"].p if module.training else 0.0
+        out = ops.attention_qkvpacked(
+            qkv.view(tokens[0], tokens[1], qkv.shape[-1]), module.num_heads, scale=scale, dropout_p=dropout_p,
+            backend=backend,
+        )  # fmt: skip
+        return _apply(sub["proj_drop"], linear(sub["proj"], out.reshape(x.shape[0], out.shape[-1]), backend=backend))
     gate = sub.get("gate")
     gate = linear(gate, x, backend=backend).sigmoid() if gate is not None else None
     qkv = linear(sub["qkv"], x, backend=backend)
@@ -195,6 +226,13 @@ def mlp_residual_fusable(block_module: nn.Module, residual: Tensor, plan: MlpPla
     residual stream to the autocast dtype, which timm keeps fp32, so then it may not either. (Under FX
     symbolic tracing dtypes are unknown: the graph records the fused call.)
     """
+    return _mlp_unwatched(block_module, plan) and (
+        fx_symbolic_tracing() or autocast_dtype(residual.device) in (None, residual.dtype)
+    )
+
+
+def _mlp_unwatched(block_module: nn.Module, plan: MlpPlan) -> bool:
+    """:func:`mlp_residual_fusable` but for the dtype rule."""
     if plan is None:
         return False
     sub = block_module._modules
@@ -204,12 +242,71 @@ def mlp_residual_fusable(block_module: nn.Module, residual: Tensor, plan: MlpPla
         return False
     if dropout_active(drop_path2) or dropout_active(msub["drop2"]):
         return False
-    if hooked(m, msub["fc1"], msub["act"], msub["fc2"], msub["drop2"], ls2, drop_path2):
-        return False
-    return fx_symbolic_tracing() or autocast_dtype(residual.device) in (None, residual.dtype)
+    return not hooked(m, msub["fc1"], msub["act"], msub["fc2"], msub["drop2"], ls2, drop_path2)
 
 
-def block(module: nn.Module, x: Tensor, fuse_norm2: bool, mlp_plan: MlpPlan, backend: Optional[str] = None) -> Tensor:
+def _global_hooks() -> bool:
+    """Global module hooks (``torch.nn.modules.module.register_module_forward_hook`` ...): every module call
+    must then go through ``nn.Module.__call__``."""
+    return bool(
+        _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    )
+
+
+def bare(module: nn.Module) -> bool:
+    """No forward or backward hook of ``module`` itself watches it (global hooks: the caller checks them):
+    running its forward without the module call is then the same as calling it."""
+    return not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
+
+
+def packed_rows_ready(attn: nn.Module) -> bool:
+    """Whether :func:`attention` may run ``attn`` on (B * N, C) rows: the packed path (no q/k norm, out norm
+    or gate computes anything) and no hook on the attention module or on the submodules that would see
+    rows instead of tokens (qkv, attn_drop, proj, proj_drop)."""
+    sub = attn._modules
+    return (
+        bare(attn)
+        and sub.get("gate") is None
+        and not hooked(sub["qkv"], sub["attn_drop"], sub["proj"], sub["proj_drop"])
+        and not called(sub.get("q_norm"))
+        and not called(sub.get("k_norm"))
+        and not called(sub.get("norm"))
+    )
+
+
+def _rows_of(x: Tensor, M: int, C: int) -> Tensor:
+    """``x`` (B, N, C) as (M, C) rows. Without grad, when ``x`` is the (B, N, C) view a previous row-path
+    block returned of its (M, C) rows (same memory), those rows themselves (one view op less per block).
+    Not when ``x`` requires grad: a hook or ``retain_grad`` on ``x`` (Grad-CAM on a block output) must see
+    the gradient the next block sends back through ``x``."""
+    if x.requires_grad or is_compiling():  # compiled: the graph's own view handling, no ``_base`` probing
+        return x.reshape(M, C)
+    base = x._base
+    if (
+        base is not None
+        and not base.requires_grad
+        and base.shape == (M, C)
+        and base.is_contiguous()
+        and x.is_contiguous()
+        and base.data_ptr() == x.data_ptr()
+    ):
+        return base
+    return x.reshape(M, C)
+
+
+def block(
+    module: nn.Module,
+    x: Tensor,
+    fuse_norm2: bool,
+    mlp_plan: MlpPlan,
+    backend: Optional[str] = None,
+    direct: Optional[tuple[Optional[str], Optional[float], Optional[str]]] = None,
+) -> Tensor:
     """The pre-norm ViT block: ``x + drop_path1(ls1(attn(norm1(x))))``, then ``+ drop_path2(ls2(mlp(norm2(.))))``
     with the first add fused into norm2 and the second into fc2's epilogue where the rules allow.
 
@@ -220,8 +317,33 @@ def block(module: nn.Module, x: Tensor, fuse_norm2: bool, mlp_plan: MlpPlan, bac
         fuse_norm2: norm2 is a plain last-dimension LayerNorm with a weight (``ops.layer_norm`` computes it).
         mlp_plan: how the MLP runs fused, or None (see :func:`mlp_residual_fusable`).
         backend: passed to the fused norm2 (the MLP's backend is in ``mlp_plan``).
+        direct: (norm1's backend, the attention scale, the attention's backend) when the caller checked that
+            ``norm1`` computes :func:`layer_norm` and ``attn`` the packed :func:`attention` (no q/k norm,
+            out norm or gate) and that nothing hooks them or what their forwards skip, else None. Then,
+            when the residual adds fuse too (no LayerScale, drop-path or hooks between the ops, no autocast
+            lowering, not FX tracing), the block runs on (B * N, C) rows without calling its submodules:
+            the same ops on the same values, with fewer autograd nodes (no view pair around each GEMM)
+            and no module-call overhead.
     """
     sub = module._modules
+    if (
+        direct is not None
+        and fuse_norm2
+        and not called(sub["ls1"])
+        and not called(sub["drop_path1"])
+        and not hooked(sub["norm2"], sub["mlp"]._modules.get("drop1"), sub["mlp"]._modules.get("norm"))
+        and not _global_hooks()
+        and not fx_symbolic_tracing()
+        and x.dim() == 3
+        and _mlp_unwatched(module, mlp_plan)
+        and autocast_dtype(x.device) in (None, x.dtype)  # the branch keeps the stream's dtype: both adds fuse
+    ):
+        B, N, C = x.shape
+        rows = _rows_of(x, B * N, C)
+        a = attention(sub["attn"], layer_norm(sub["norm1"], rows, backend=direct[0]), direct[1], direct[2], (B, N))
+        y, rows = layer_norm(sub["norm2"], a, residual=rows, backend=backend)
+        activation, mlp_backend = mlp_plan
+        return mlp(sub["mlp"], y, activation, residual=rows, backend=mlp_backend).view(B, N, C)
     a = _apply(sub["drop_path1"], _apply(sub["ls1"], sub["attn"](sub["norm1"](x))))
     norm2 = sub["norm2"]
     if fuse_norm2 and (fx_symbolic_tracing() or a.dtype == x.dtype) and not hooked(norm2):

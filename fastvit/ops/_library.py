@@ -132,13 +132,19 @@ def check_tensors(op: str, named: dict[str, Optional[torch.Tensor]]) -> None:
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """The dtype autocast lowers to on ``device``, or None when autocast is off there. Devices autocast
     does not cover (meta, used by fastvit.utils.count_flops) answer None instead of raising."""
-    if device.type not in ("cpu", "cuda"):
+    kind = _DEVICE_TYPES.get(device)
+    if kind is None:  # torch.device.type builds a new str per read (~1 us): cached per device
+        kind = _DEVICE_TYPES[device] = device.type
+    if kind not in ("cpu", "cuda"):
         return None
     try:
-        enabled = torch.is_autocast_enabled(device.type)
+        enabled = torch.is_autocast_enabled(kind)
     except TypeError:  # torch < 2.4 has no device_type argument
-        enabled = torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
-    return torch.get_autocast_dtype(device.type) if enabled else None
+        enabled = torch.is_autocast_enabled() if kind == "cuda" else torch.is_autocast_cpu_enabled()
+    return torch.get_autocast_dtype(kind) if enabled else None
+
+
+_DEVICE_TYPES: dict = {}  # torch.device -> its type string (a handful of entries: cpu, cuda:N, meta)
 
 
 def _autocast_excluded() -> Any:
