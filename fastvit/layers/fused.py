@@ -37,8 +37,8 @@ except ImportError:  # older torch: one flag for every FX-based tracer
 
 from fastvit import ops
 from fastvit.ops._library import autocast_dtype
-from fastvit.ops.dispatch import is_compiling
 from fastvit.ops.attention import split_qkv
+from fastvit.ops.dispatch import is_compiling
 
 __all__ = [
     "MlpPlan",
