@@ -567,10 +567,14 @@ def build_report(dtype_name: str = "bfloat16", only: Optional[set] = None, worke
                  cache: Optional[str] = None, targets: tuple = (90, 80), kernels: Optional[set] = None,
                  shapes: Optional[set] = None) -> list:  # fmt: skip
     """Rows of the report: one per (shape, launch, kernel, target, kept config)."""
+    from fastvit.kernels import linear as linear_kernels
     from fastvit.kernels._common import compile_target
 
     plan = []
     for cc in targets:
+        # the GEMM launcher remembers each shape's tuned config and launches it untuned afterwards: forget it, so
+        # every target records the autotuned launch (all its configs), not the first target's winner
+        linear_kernels._BEST.clear()
         with compile_target(cc):  # launchers that pick a kernel by target (attention's backward) see it
             launches = goal_launches(dtype_name, only, kernels, shapes)
         for shape_label, launch_label, kind, record in launches:
