@@ -47,7 +47,7 @@ from fastvit.kernels._common import (
     shared_memory_limit,
     target_capability,
 )
-from fastvit.kernels.linear import ACTIVATION_CODES, _epilogue, _epilogue_split, _halves, _shared_bytes
+from fastvit.kernels.linear import ACTIVATION_CODES, _config, _epilogue, _epilogue_split, _halves, _shared_bytes
 from fastvit.ops import dispatch
 
 __all__ = ["CHOICES", "ENV_SWITCH", "FAMILY", "HAS_API", "enabled", "linear_fwd_dispatch", "linear_tma_fwd", "reasons"]
@@ -142,12 +142,6 @@ def _fwd_epilogue(
     (no activation gradient, no dbias partials, no saved pre-activation: Y stands in for DB and H)."""
     _epilogue(acc, offs_m, offs_n, 0, B, R, Y, Y, Y, M, N, stride_rm, stride_rn, stride_ym,
               ACTIVATION, HAS_BIAS, False, False, HAS_R, False)  # fmt: skip
-
-
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
-    )
 
 
 # Hopper tiles (wgmma wants BLOCK_M a multiple of 64 per warp group): 128 x 256 x 64 on two warp groups
