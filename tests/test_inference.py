@@ -176,6 +176,7 @@ def test_predict_errors(tmp_path, image, vit_tiny_checkpoint, monkeypatch, capsy
     assert "num_classes=1000" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # > 4 s on 2 cores: out of the quick loop (pytest -m 'not slow'), CI runs it
 def test_predict_module_entry_point(tmp_path, image, vit_tiny_checkpoint):
     """The real ``python -m fastvit.predict`` command line, once, in a fresh interpreter."""
     path = tmp_path / "img.png"

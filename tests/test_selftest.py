@@ -174,6 +174,7 @@ def test_a_crashing_case_is_reported_and_the_next_cases_still_run():
     assert "  | some log output" in log
 
 
+@pytest.mark.slow  # > 4 s on 2 cores: out of the quick loop (pytest -m 'not slow'), CI runs it
 def test_a_case_running_into_the_end_of_the_budget_is_cut_off_not_failed():
     worker = Worker(dict(os.environ), lambda line: None, argv=[sys.executable, "-c", _FAKE_WORKER])
     cases = [Case(f"correctness/{i}", "correctness", {"i": i}, 1.0) for i in ("a", "hang", "b")]
@@ -226,6 +227,7 @@ def test_bad_arguments_name_the_fix(capsys):
     assert "letters, digits" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # > 4 s on 2 cores: out of the quick loop (pytest -m 'not slow'), CI runs it
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU mode; on a GPU machine the full run takes minutes")
 def test_cpu_mode_end_to_end(tmp_path):
     """What CI runs: ``python -m fastvit.selftest --budget-min 1 --out tmp`` exits 0 within its minute."""

@@ -168,6 +168,7 @@ _KW_2PROC = dict(batch_size=16, steps=4, eval_every=4, log_every=2, synthetic_sa
 CPU_FSDP = release_tuple(torch.__version__) >= (2, 6)
 
 
+@pytest.mark.slow  # > 4 s on 2 cores: out of the quick loop (pytest -m 'not slow'), CI runs it
 def test_two_process_gloo_ddp_equals_one_process_on_the_global_batch(tmp_path: Path) -> None:
     # 65 eval samples: shards of 33 and 32 (+1 padding item), all-reduced to the one-process numbers.
     single = train(tiny(tmp_path / "one", **_KW_2PROC), log=quiet)
@@ -188,6 +189,7 @@ def test_two_process_gloo_ddp_equals_one_process_on_the_global_batch(tmp_path: P
     assert t2 == pytest.approx(t1, rel=1e-5)
 
 
+@pytest.mark.slow  # > 4 s on 2 cores: out of the quick loop (pytest -m 'not slow'), CI runs it
 @pytest.mark.skipif(not CPU_FSDP, reason=f"fully_shard on CPU (gloo) needs torch >= 2.6; this is {torch.__version__}")
 def test_two_process_gloo_fsdp_equals_one_process_and_resumes_exactly(tmp_path: Path) -> None:
     train(tiny(tmp_path / "one", **_KW_2PROC), log=quiet)
