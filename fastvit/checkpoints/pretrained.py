@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import torch
 
 from fastvit.checkpoints._common import shorten
+from fastvit.models.t2t import PRETRAINED_CFG as _T2T_MODEL_CFG
 
 __all__ = [
     "PretrainedWeightsNotFound",
@@ -38,16 +39,9 @@ __all__ = [
 ]
 
 _T2T_RELEASE = "https://github.com/yitu-opensource/T2T-ViT/releases/download/main/"
-_T2T_DATA = {
-    "input_size": (3, 224, 224),
-    "interpolation": "bicubic",
-    "crop_pct": 0.9,
-    "crop_mode": "center",
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-    "num_classes": 1000,
-    "classifier": "head",
-}
+# The official weights' preprocessing, as the model states it (fastvit.models.t2t), with a center crop.
+_T2T_DATA_KEYS = ("input_size", "interpolation", "crop_pct", "mean", "std", "num_classes", "classifier")
+_T2T_DATA = {**{k: _T2T_MODEL_CFG[k] for k in _T2T_DATA_KEYS}, "crop_mode": "center"}
 # Official T2T-ViT releases (README of yitu-opensource/T2T-ViT); timm has no T2T-ViT.
 T2T_OFFICIAL_CFGS: dict[str, dict[str, Any]] = {
     name: {"architecture": name, "tag": "in1k", "url": _T2T_RELEASE + file, **_T2T_DATA}

@@ -134,6 +134,29 @@ def _dropout_keep(SEED, bh, counters, dropout_p):
 
 
 @triton.jit
+def _bwd_products(
+    a0, a1, b0, b1,  # the tiles the program holds (two head-dim parts each; the second unread if BLOCK_D1 == 0)
+    x_base, y_base, rows, cols0, cols1, stride_x, stride_y, n_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_D1: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The backward's two products against the tiles it walks over: loads rows of x and y (both head-dim
+    parts) and returns (a @ x^T, b @ y^T, x0, y0, x1, y1). The key-block pass holds (k, v) and walks
+    (q, dout) for S^T and dP^T; the query-block pass holds (q, dout) and walks (k, v) for S and dP."""
+    x0 = _load_tile(x_base, rows, cols0, stride_x, n_rows, HEAD_DIM, False)
+    y0 = _load_tile(y_base, rows, cols0, stride_y, n_rows, HEAD_DIM, False)
+    ax = tl.dot(a0, tl.trans(x0), input_precision=PRECISION)
+    by = tl.dot(b0, tl.trans(y0), input_precision=PRECISION)
+    if BLOCK_D1 > 0:
+        x1 = _load_tile(x_base, rows, cols1, stride_x, n_rows, HEAD_DIM, True)
+        y1 = _load_tile(y_base, rows, cols1, stride_y, n_rows, HEAD_DIM, True)
+        ax += tl.dot(a1, tl.trans(x1), input_precision=PRECISION)
+        by += tl.dot(b1, tl.trans(y1), input_precision=PRECISION)
+    else:  # placeholders so the return holds; the caller never reads them when BLOCK_D1 == 0
+        x1, y1 = x0, y0
+    return ax, by, x0, y0, x1, y1
+
+
+@triton.jit
 def _fwd_key_block(
     acc0, acc1, m_i, l_i,  # running output (two head-dim parts), max and sum for BLOCK_M queries
     q0, q1, k_base, v_base, start_n, offs_m, cols0, cols1, stride_kn, stride_vn,
@@ -315,6 +338,8 @@ def _attn_bwd_kernel(
     cols0 = tl.arange(0, BLOCK_D0)
     if BLOCK_D1 > 0:
         cols1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    else:  # placeholder for _bwd_products' signature
+        cols1 = cols0
     num_kv_blocks = tl.cdiv(N_K, BLOCK_N)
     if pid < num_kv_blocks:
         # dk, dv for BLOCK_N keys; scores are computed transposed, (keys, queries).
@@ -328,18 +353,15 @@ def _attn_bwd_kernel(
             v1 = _load_tile(v_base, offs_n, cols1, stride_vn, N_K, HEAD_DIM, True)
             dk1 = tl.zeros((BLOCK_N, BLOCK_D1), dtype=tl.float32)
             dv1 = tl.zeros((BLOCK_N, BLOCK_D1), dtype=tl.float32)
+        else:
+            k1, v1 = k0, v0
         for start_m in range(0, N_Q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             valid_m = offs_m < N_Q
-            q0 = _load_tile(q_base, offs_m, cols0, stride_qn, N_Q, HEAD_DIM, False)
-            do0 = _load_tile(do_base, offs_m, cols0, stride_don, N_Q, HEAD_DIM, False)
-            qkT = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)
-            dpT = tl.dot(v0, tl.trans(do0), input_precision=PRECISION)
-            if BLOCK_D1 > 0:
-                q1 = _load_tile(q_base, offs_m, cols1, stride_qn, N_Q, HEAD_DIM, True)
-                do1 = _load_tile(do_base, offs_m, cols1, stride_don, N_Q, HEAD_DIM, True)
-                qkT += tl.dot(k1, tl.trans(q1), input_precision=PRECISION)
-                dpT += tl.dot(v1, tl.trans(do1), input_precision=PRECISION)
+            qkT, dpT, q0, do0, q1, do1 = _bwd_products(
+                k0, k1, v0, v1, q_base, do_base, offs_m, cols0, cols1, stride_qn, stride_don, N_Q,
+                HEAD_DIM, BLOCK_D1, PRECISION,
+            )  # fmt: skip
             lse = tl.load(lse_base + offs_m, mask=valid_m, other=0.0) * _LOG2E
             delta = tl.load(delta_base + offs_m, mask=valid_m, other=0.0)
             pT = tl.where(valid_m[None, :], tl.exp2(qkT * qk_scale - lse[None, :]), 0.0)
@@ -373,19 +395,16 @@ def _attn_bwd_kernel(
             q1 = _load_tile(q_base, offs_m, cols1, stride_qn, N_Q, HEAD_DIM, True)
             do1 = _load_tile(do_base, offs_m, cols1, stride_don, N_Q, HEAD_DIM, True)
             dq1 = tl.zeros((BLOCK_M, BLOCK_D1), dtype=tl.float32)
+        else:
+            q1, do1 = q0, do0
         lse = tl.load(lse_base + offs_m, mask=valid_m, other=0.0) * _LOG2E
         delta = tl.load(delta_base + offs_m, mask=valid_m, other=0.0)
         for start_n in range(0, N_K, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k0 = _load_tile(k_base, offs_n, cols0, stride_kn, N_K, HEAD_DIM, False)
-            v0 = _load_tile(v_base, offs_n, cols0, stride_vn, N_K, HEAD_DIM, False)
-            qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
-            dp = tl.dot(do0, tl.trans(v0), input_precision=PRECISION)
-            if BLOCK_D1 > 0:
-                k1 = _load_tile(k_base, offs_n, cols1, stride_kn, N_K, HEAD_DIM, True)
-                v1 = _load_tile(v_base, offs_n, cols1, stride_vn, N_K, HEAD_DIM, True)
-                qk += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-                dp += tl.dot(do1, tl.trans(v1), input_precision=PRECISION)
+            qk, dp, k0, v0, k1, v1 = _bwd_products(
+                q0, q1, do0, do1, k_base, v_base, offs_n, cols0, cols1, stride_kn, stride_vn, N_K,
+                HEAD_DIM, BLOCK_D1, PRECISION,
+            )  # fmt: skip
             p = tl.where(offs_n[None, :] < N_K, tl.exp2(qk * qk_scale - lse[:, None]), 0.0)
             if DROPOUT:
                 keep = _dropout_keep(SEED, bh, offs_m[:, None] * N_K + offs_n[None, :], dropout_p)
@@ -665,6 +684,16 @@ def _n_bucket(n_q: int, n_k: int) -> int:
     return triton.next_power_of_2(max(n_q, n_k, 16))
 
 
+def _launch_geometry(q: torch.Tensor, k: torch.Tensor, **views: torch.Tensor) -> tuple[int, ...]:
+    """(B, H, N_Q, N_K, D, BLOCK_D0, BLOCK_D1, N_BUCKET) of a launch on (B, H, N, D) views, after checking
+    q's, k's and every other view's strides."""
+    B, H, N_Q, D = q.shape
+    N_K = k.shape[2]
+    _check_views(q=q, k=k, **views)
+    d0, d1 = head_dim_blocks(D)
+    return B, H, N_Q, N_K, D, d0, d1, _n_bucket(N_Q, N_K)
+
+
 def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -677,13 +706,9 @@ def attention_fwd(
     fp32_precision: str = "ieee",
 ) -> None:
     """Writes ``out`` (B, H, Nq, D view) and ``lse`` ((B, H, Nq) contiguous fp32) from (B, H, N, D) views."""
-    B, H, N_Q, D = q.shape
-    N_K = k.shape[2]
     if out.numel() == 0:
         return
-    _check_views(q=q, k=k, v=v, out=out)
-    d0, d1 = head_dim_blocks(D)
-    n_bucket = _n_bucket(N_Q, N_K)
+    B, H, N_Q, N_K, D, d0, d1, n_bucket = _launch_geometry(q, k, v=v, out=out)
     grid = lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
     with device_guard(q):
         launch_autotuned(
@@ -712,13 +737,9 @@ def attention_bwd(
     fp32_precision: str = "ieee",
 ) -> None:
     """Writes dq, dk, dv ((B, H, N, D) views, e.g. of one dqkv buffer)."""
-    B, H, N_Q, D = q.shape
-    N_K = k.shape[2]
     if dq.numel() == 0 and dk.numel() == 0:
         return
-    _check_views(dout=dout, q=q, k=k, v=v, out=out, dq=dq, dk=dk, dv=dv)
-    d0, d1 = head_dim_blocks(D)
-    n_bucket = _n_bucket(N_Q, N_K)
+    B, H, N_Q, N_K, D, d0, d1, n_bucket = _launch_geometry(q, k, dout=dout, v=v, out=out, dq=dq, dk=dk, dv=dv)
     delta = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
     delta_block = 32 if INTERPRET else 64
     short = uses_short_backward(N_Q, N_K, D, target_capability(q))

@@ -265,26 +265,19 @@ def linear_tma_fwd(
     residual: Optional[torch.Tensor],
     activation: Optional[str],
     y: torch.Tensor,
+    *,
+    checked: bool = False,
 ) -> None:
     """Writes ``y = act(x @ weight.T + bias) + residual`` with the persistent TMA kernel; x (M, K) and weight
-    (N, K) as :func:`reasons` asks, residual (M, N) any strides, y (M, N) with a unit column stride."""
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"linear_tma_fwd: activation {activation!r}; expected one of {list(ACTIVATION_CODES)}")
-    problems = reasons(x, weight, bias, residual, y)
-    if problems:
-        raise ValueError("linear_tma_fwd: " + "; ".join(problems))
-    _launch(x, weight, bias, residual, activation, y)
-
-
-def _launch(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    r: Optional[torch.Tensor],
-    activation: Optional[str],
-    y: torch.Tensor,
-) -> None:
-    """linear_tma_fwd after its checks (the dispatch has made them already)."""
+    (N, K) as :func:`reasons` asks, residual (M, N) any strides, y (M, N) with a unit column stride.
+    ``checked=True``: the caller has run these checks already (the measured dispatch), so they are skipped."""
+    if not checked:
+        if activation not in ACTIVATION_CODES:
+            raise ValueError(f"linear_tma_fwd: activation {activation!r}; expected one of {list(ACTIVATION_CODES)}")
+        problems = reasons(x, weight, bias, residual, y)
+        if problems:
+            raise ValueError("linear_tma_fwd: " + "; ".join(problems))
+    r = residual
     M, K = x.shape
     N = weight.shape[0]
     if M == 0 or N == 0:
@@ -366,7 +359,7 @@ def linear_fwd_dispatch(
             signature(M, N, K, x.dtype, activation, bias is not None, residual is not None),
             {
                 "pointer": lambda: pointer(scratch),
-                "tma": lambda: _launch(x, weight, bias, residual, activation, scratch),
+                "tma": lambda: linear_tma_fwd(x, weight, bias, residual, activation, scratch, checked=True),
             },
             device,
             measure=measure,
@@ -376,5 +369,6 @@ def linear_fwd_dispatch(
         choice = CHOICES.setdefault(key, entry["backend"])
     if choice != "tma":
         return False
-    _launch(x, weight, bias, residual, activation, y)  # reasons() passed above; linear_fwd's caller checked the rest
+    # reasons() passed above; linear_fwd's caller checked the rest
+    linear_tma_fwd(x, weight, bias, residual, activation, y, checked=True)
     return True

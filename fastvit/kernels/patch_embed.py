@@ -88,6 +88,18 @@ def _fits_shared_memory(operands: str):
 
 
 @triton.jit
+def _output_tile(pid, ROWS, COLS, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Program ``pid``'s tile of a (ROWS, COLS) output, tiles ordered row-major: (tile row, row indices,
+    column indices, row mask, column mask)."""
+    num_cols = tl.cdiv(COLS, BLOCK_COLS)
+    pid_row = pid // num_cols
+    pid_col = pid % num_cols
+    rows = pid_row * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = pid_col * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    return pid_row, rows, cols, rows < ROWS, cols < COLS
+
+
+@triton.jit
 def _feature_coords(k, PATCH: tl.constexpr, ROW_PAD: tl.constexpr):
     """(c, ki, kj, valid) of the padded feature index k = (c * PATCH + ki) * ROW_PAD + kj."""
     row_index = k // ROW_PAD
@@ -155,13 +167,7 @@ def _patch_embed_fwd_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    num_n = tl.cdiv(D, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = m < N
-    n_ok = n < D
+    pid_m, m, n, m_ok, n_ok = _output_tile(pid, N, D, BLOCK_M, BLOCK_N)
     x_img = X + b * sx_b
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -216,13 +222,7 @@ def _patch_embed_dx_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    num_k = tl.cdiv(K, BLOCK_K)
-    pid_m = pid // num_k
-    pid_k = pid % num_k
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_ok = m < N
-    k_ok = k < K
+    _, m, k, m_ok, k_ok = _output_tile(pid, N, K, BLOCK_M, BLOCK_K)
     dout_img = DOUT + b * (N + P) * D + (m + P).to(tl.int64)[:, None] * D
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, D, BLOCK_N):
@@ -258,13 +258,7 @@ def _patch_embed_dweight_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
-    num_k = tl.cdiv(K, BLOCK_K)
-    pid_n = pid // num_k
-    pid_k = pid % num_k
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_ok = n < D
-    k_ok = k < K
+    _, n, k, n_ok, k_ok = _output_tile(pid, D, K, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, ROWS)

@@ -88,6 +88,25 @@ def _gather_tile(r, c, kk, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KW: tl.constexpr
 
 
 @triton.jit
+def _row_features(C, KH: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_KK: tl.constexpr):
+    """The (channels, window) tile of one output row: (c, kk, feature index c * kh * kw + kk, its mask)."""
+    c = tl.arange(0, BLOCK_C)
+    kk = tl.arange(0, BLOCK_KK)
+    feat_ok = (c < C)[:, None] & (kk < KH * KW)[None, :]
+    return c, kk, c[:, None] * (KH * KW) + kk[None, :], feat_ok
+
+
+@triton.jit
+def _load_rows(X, r, r_ok, c, kk, feat_ok, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KW: tl.constexpr,
+               SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):  # fmt: skip
+    """Rows r of U as (rows, channels, window) tiles in x's dtype, zero outside the image and the padding,
+    and the mask of the real (row, feature) elements."""
+    mask = r_ok[:, None, None] & feat_ok[None, :, :]
+    offs, in_img = _gather_tile(r, c, kk, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KW, SH, SW, PH, PW)
+    return tl.load(X + offs, mask=mask & in_img, other=0.0), mask
+
+
+@triton.jit
 def _soft_split_fwd_kernel(
     X,  # image, strides sx_*
     NW,  # (F,) LayerNorm weight or unused
@@ -107,14 +126,9 @@ def _soft_split_fwd_kernel(
 ):  # fmt: skip
     F = C * (KH * KW)
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.arange(0, BLOCK_C)
-    kk = tl.arange(0, BLOCK_KK)
     r_ok = r < ROWS
-    feat_ok = (c < C)[:, None] & (kk < KH * KW)[None, :]  # (channels, window)
-    mask = r_ok[:, None, None] & feat_ok[None, :, :]
-    feat = c[:, None] * (KH * KW) + kk[None, :]  # feature index within the row
-    offs, in_img = _gather_tile(r, c, kk, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KW, SH, SW, PH, PW)
-    u = tl.load(X + offs, mask=mask & in_img, other=0.0)
+    c, kk, feat, feat_ok = _row_features(C, KH, KW, BLOCK_C, BLOCK_KK)
+    u, mask = _load_rows(X, r, r_ok, c, kk, feat_ok, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KW, SH, SW, PH, PW)
     if HAS_LN:
         u = u.to(tl.float32)
         mean = tl.sum(tl.sum(u, axis=2), axis=1) / F
@@ -150,10 +164,7 @@ def _soft_split_ln_bwd_stats_kernel(
 ):  # fmt: skip
     F = C * (KH * KW)
     pid = tl.program_id(0).to(tl.int64)
-    c = tl.arange(0, BLOCK_C)
-    kk = tl.arange(0, BLOCK_KK)
-    feat_ok = (c < C)[:, None] & (kk < KH * KW)[None, :]
-    feat = c[:, None] * (KH * KW) + kk[None, :]
+    c, kk, feat, feat_ok = _row_features(C, KH, KW, BLOCK_C, BLOCK_KK)
     w = tl.load(NW + feat, mask=feat_ok, other=0.0).to(tl.float32)[None, :, :]
     acc_dw = tl.zeros((BLOCK_C, BLOCK_KK), dtype=tl.float32)
     acc_db = tl.zeros((BLOCK_C, BLOCK_KK), dtype=tl.float32)
@@ -162,9 +173,8 @@ def _soft_split_ln_bwd_stats_kernel(
     for r0 in range(row_start, row_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         r_ok = r < row_end
-        mask = r_ok[:, None, None] & feat_ok[None, :, :]
-        offs, in_img = _gather_tile(r, c, kk, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KW, SH, SW, PH, PW)
-        u = tl.load(X + offs, mask=mask & in_img, other=0.0).to(tl.float32)
+        u, mask = _load_rows(X, r, r_ok, c, kk, feat_ok, L, Wo, H, W, sx_b, sx_c, sx_h, sx_w, KW, SH, SW, PH, PW)
+        u = u.to(tl.float32)
         dy = tl.load(DY + r[:, None, None] * F + feat[None, :, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + r, mask=r_ok, other=0.0)
         rstd = tl.load(RSTD + r, mask=r_ok, other=0.0)

@@ -391,7 +391,7 @@ def _pair(size: Union[int, tuple[int, int]]) -> tuple[int, int]:
 
 
 # Preprocessing of the official weights (their timm-0.3 default_cfg): bicubic resize to img / 0.9, center crop.
-_PRETRAINED_CFG = {
+PRETRAINED_CFG = {
     "input_size": (3, 224, 224),
     "crop_pct": 0.9,
     "interpolation": "bicubic",
@@ -454,7 +454,7 @@ class T2TViT(TimmCfgMixin, nn.Module):
         self.num_features = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
-        self.pretrained_cfg = dict(_PRETRAINED_CFG, input_size=(in_chans, *_pair(img_size)))
+        self.pretrained_cfg = dict(PRETRAINED_CFG, input_size=(in_chans, *_pair(img_size)))
         self.tokens_to_token = T2TModule(img_size, tokens_type, in_chans, embed_dim, token_dim)
         self.img_size = self.tokens_to_token.img_size
         num_patches = self.tokens_to_token.num_patches

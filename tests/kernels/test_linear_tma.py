@@ -218,7 +218,7 @@ def fake_kernels(fake_gpu, monkeypatch):
         state["writes"].append((kernel, out))
 
     monkeypatch.setattr(linear_tma, "reasons", lambda *a, **k: [])
-    monkeypatch.setattr(linear_tma, "_launch", lambda x, w, b, r, act, out: launch("tma", out))
+    monkeypatch.setattr(linear_tma, "linear_tma_fwd", lambda x, w, b, r, act, out, checked=False: launch("tma", out))
     state["pointer"] = lambda out: launch("pointer", out)
     return state
 
@@ -375,13 +375,13 @@ def test_dispatch_end_to_end_runs_the_winner(fake_gpu, tma_faster, monkeypatch):
     """Both real kernels under the interpreter (the CPU tensor passed off as a GPU one): each timed into a
     scratch output by the injected timer, y written by the winner, the key remembered."""
     state = fake_gpu
-    original = linear_tma._launch
+    original = linear_tma.linear_tma_fwd
 
-    def tma_launch(*args):
+    def tma_launch(*args, **kwargs):
         state["last"] = "tma"
-        return original(*args)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(linear_tma, "_launch", tma_launch)
+    monkeypatch.setattr(linear_tma, "linear_tma_fwd", tma_launch)
     state["ms"].update(pointer=2.0 if tma_faster else 1.0, tma=1.0 if tma_faster else 2.0)
     x, w, b, r, y = _dispatch_inputs()
     y.fill_(float("nan"))
