@@ -583,10 +583,12 @@ def attention(
     """
     key = chosen = None
     if not is_compiling():  # traced: the full checks and select run (on values cached outside the trace)
-        try:  # the signature: validation and the choice are cached per signature
+        try:  # the signature: validation and the choice are cached per signature. k's and v's devices are left
+            # out (reading, hashing and comparing two devices costs ~0.3 us, a tenth of a tiny SDPA): a hit
+            # compares them below before it runs (SDPA: by refusing them itself)
             key = (
-                q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device, scale, dropout_p,
-                backend, env_get(ENV_KEY),
+                q.shape, q.dtype, q.device, k.shape, k.dtype, v.shape, v.dtype, scale, dropout_p, backend,
+                env_get(ENV_KEY),
             )  # fmt: skip
             chosen = _MEMO.get(key)
         except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
@@ -601,9 +603,15 @@ def attention(
 
         chosen = _OP.resolve(key, backend, q.device, run, q=q, k=k, v=v, scale=scale, dropout_p=dropout_p)
     if chosen == "torch":  # the common CPU case, one frame less
-        if scale is None and not dropout_p:  # SDPA's defaults: parsing no keyword arguments saves ~0.4 us
-            return F.scaled_dot_product_attention(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        try:
+            if scale is None and not dropout_p:  # SDPA's defaults: parsing no keyword arguments saves ~0.4 us
+                return F.scaled_dot_product_attention(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        except RuntimeError:  # e.g. k or v on another device than a memo hit's q: the checks' clear error
+            _check_attention(q, k, v, scale, dropout_p)
+            raise
+    if k.device != q.device or v.device != q.device:  # a memo hit on another device set: the checks raise
+        _check_attention(q, k, v, scale, dropout_p)
     return _OP.launchers[chosen](q, k, v, scale, dropout_p)
 
 

@@ -720,3 +720,15 @@ def test_short_backward_qkvpacked_strided_views():
     ref = attention_ref(q, k, v).transpose(1, 2).reshape(B, N, H * D)
     (ref_grad,) = torch.autograd.grad(ref, [ref_in], dout.double())
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_memo_hit_with_k_or_v_on_another_device_raises_the_clear_error(backend):
+    """The memo key leaves k's and v's devices out: after a valid call with the same signature, k or v on
+    another device still gets the checks' error, not a launch (triton) or SDPA's own message (torch)."""
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    ops.attention(q, q, q, backend=backend)  # remembered
+    for k_dev, v_dev in (("meta", DEVICE), (DEVICE, "meta")):
+        with pytest.raises(ValueError, match="inputs are on different devices .* move them to one device"):
+            ops.attention(q, q.to(k_dev), q.to(v_dev), backend=backend)
