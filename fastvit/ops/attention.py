@@ -162,7 +162,7 @@ def _check_packed(qkv: Tensor, num_heads: int, tokens: Optional[int]) -> None:
                 "for (batch*tokens, 3*heads*head_dim) rows pass tokens=<tokens per image>"
             )
     else:
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        if isinstance(tokens, bool) or not isinstance(tokens, (int, torch.SymInt)) or tokens <= 0:  # SymInt: traced
             raise ValueError(f"fastvit.ops.{op}: tokens must be a positive int (tokens per image), got {tokens!r}")
         if qkv.dim() != 2:
             raise ValueError(

@@ -228,18 +228,25 @@ def test_qkvpacked_rows_match_tokens_bit_for_bit(backend, dropout_p):
 
 
 @pytest.mark.interpreter
-def test_qkvpacked_rows_compile_fullgraph():
-    """The rows call traces (no graph break) and matches eager, forward and dqkv."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_qkvpacked_rows_compile_fullgraph_dynamic_tokens(backend):
+    """The rows call traces with the token count a symbolic size (a block's row path under dynamic shapes):
+    no graph break, no recompile for a second token count, eager's forward and dqkv."""
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        return ops.attention_qkvpacked(x, 2, backend="triton", tokens=9)
+        n = x.shape[1]
+        return ops.attention_qkvpacked(x.reshape(-1, x.shape[-1]), 2, backend=backend, tokens=n)
 
-    x = torch.randn(2 * 9, 96, device=DEVICE, requires_grad=True)
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    out = compiled(x)
-    assert out.shape == (18, 32)
-    torch.testing.assert_close(out, fn(x))
-    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(fn(x).sum(), x)[0])
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (9, 13):
+            x = torch.randn(2, n, 96, device=DEVICE, requires_grad=True)
+            out = compiled(x)
+            assert out.shape == (2 * n, 32)
+            torch.testing.assert_close(out, fn(x))
+            (g_compiled,), (g_eager,) = torch.autograd.grad(out.sum(), x), torch.autograd.grad(fn(x).sum(), x)
+            torch.testing.assert_close(g_compiled, g_eager)
 
 
 @pytest.mark.interpreter
