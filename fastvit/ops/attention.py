@@ -23,7 +23,7 @@ q, k and v as strided views of qkv and write the output (and, in the backward, d
 buffer) in place, with no permute or contiguous copy on either side.
 
 Dtypes: fp32, fp16 and bf16, fp32 accumulation, output in the input dtype. Under autocast the inputs are
-cast to the autocast dtype (like ``F.linear``). fp32 matmuls in the Triton kernels follow
+cast to the autocast dtype (like ``F.linear``), so there q, k and v may come in different dtypes. fp32 matmuls in the Triton kernels follow
 ``torch.get_float32_matmul_precision()``: "highest" (PyTorch's default) uses exact fp32 products
 (``input_precision="ieee"``), "high"/"medium" use TF32 tensor cores.
 
@@ -50,7 +50,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit import kernels
-from fastvit.ops._library import FLOAT_DTYPES, check_tensors, direct, eager_op, new_output, register_autocast_lower
+from fastvit.ops._library import (
+    FLOAT_DTYPES,
+    autocast_dtype,
+    check_tensors,
+    direct,
+    eager_op,
+    new_output,
+    register_autocast_lower,
+)
 from fastvit.ops._selftest_spec import SelftestSpec, cap_batch, normal
 from fastvit.ops.dispatch import ENV_KEY, OpDispatcher, env_get, is_compiling, no_reasons
 
@@ -126,11 +134,11 @@ def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
     if any(t is None for t in named.values()):
         raise TypeError(f"fastvit.ops.{op}: q, k and v must be tensors, got None")
     check_tensors(f"fastvit.ops.{op}", named)
-    if len({t.dtype for t in named.values()}) > 1:
-        kinds = ", ".join(f"{n} {t.dtype}" for n, t in named.items())
+    kinds = ", ".join(f"{n} {t.dtype}" for n, t in named.items())
+    if len({t.dtype for t in named.values()}) > 1 and autocast_dtype(q.device) is None:  # autocast casts them
         raise TypeError(f"fastvit.ops.{op}: q, k and v must share one dtype, got {kinds}; cast them to one")
-    if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"fastvit.ops.{op}: q, k, v must be float32, float16 or bfloat16, got {q.dtype}")
+    if any(t.dtype not in FLOAT_DTYPES for t in named.values()):
+        raise TypeError(f"fastvit.ops.{op}: q, k, v must be float32, float16 or bfloat16, got {kinds}")
     for name, t in named.items():
         if t.dim() != 4:
             raise ValueError(
@@ -583,13 +591,10 @@ def attention(
     """
     key = chosen = None
     if not is_compiling():  # traced: the full checks and select run (on values cached outside the trace)
-        try:  # the signature: validation and the choice are cached per signature. k's and v's devices are left
-            # out (reading, hashing and comparing two devices costs ~0.3 us, a tenth of a tiny SDPA): a hit
-            # compares them below before it runs (SDPA: by refusing them itself)
-            key = (
-                q.shape, q.dtype, q.device, k.shape, k.dtype, v.shape, v.dtype, scale, dropout_p, backend,
-                env_get(ENV_KEY),
-            )  # fmt: skip
+        try:  # the signature: validation and the choice are cached per signature. k's and v's dtypes and
+            # devices are left out (reading, hashing and comparing them costs ~0.5 us, an eighth of a tiny
+            # SDPA): a hit compares them below before it runs (SDPA: by refusing a mismatch itself)
+            key = (q.shape, q.dtype, q.device, k.shape, v.shape, scale, dropout_p, backend, env_get(ENV_KEY))
             chosen = _MEMO.get(key)
         except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
             key = None
@@ -601,17 +606,21 @@ def attention(
         def run(b, q, k, v, scale, dropout_p):
             return attention(q, k, v, scale=scale, dropout_p=dropout_p, backend=b)
 
-        chosen = _OP.resolve(key, backend, q.device, run, q=q, k=k, v=v, scale=scale, dropout_p=dropout_p)
+        mixed = k.dtype != q.dtype or v.dtype != q.dtype  # passed the checks: only under autocast
+        chosen = _OP.resolve(
+            key, backend, q.device, run, autocast_only=mixed, q=q, k=k, v=v, scale=scale, dropout_p=dropout_p
+        )
     if chosen == "torch":  # the common CPU case, one frame less
         try:
             if scale is None and not dropout_p:  # SDPA's defaults: parsing no keyword arguments saves ~0.4 us
                 return F.scaled_dot_product_attention(q, k, v)
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-        except RuntimeError:  # e.g. k or v on another device than a memo hit's q: the checks' clear error
-            _check_attention(q, k, v, scale, dropout_p)
+        except RuntimeError:  # e.g. k or v in another dtype or on another device than a memo hit's q (outside
+            _check_attention(q, k, v, scale, dropout_p)  # autocast): the checks' clear error
             raise
-    if k.device != q.device or v.device != q.device:  # a memo hit on another device set: the checks raise
-        _check_attention(q, k, v, scale, dropout_p)
+    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
+        _check_attention(q, k, v, scale, dropout_p)  # a memo hit on another dtype / device set: it raises but
+        # under autocast, where the op casts them all (the registered autocast rule)
     return _OP.launchers[chosen](q, k, v, scale, dropout_p)
 
 

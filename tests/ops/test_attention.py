@@ -739,3 +739,25 @@ def test_memo_hit_with_k_or_v_on_another_device_raises_the_clear_error(backend):
     for k_dev, v_dev in (("meta", DEVICE), (DEVICE, "meta")):
         with pytest.raises(ValueError, match="inputs are on different devices .* move them to one device"):
             ops.attention(q, q.to(k_dev), q.to(v_dev), backend=backend)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mixed_dtypes_run_under_autocast_and_raise_outside_even_after_a_memo_hit(backend):
+    """The memo key leaves k's and v's dtypes out: outside autocast, mixed dtypes raise the checks' error
+    whether or not a same-signature call was remembered; under autocast the op casts them all, like SDPA."""
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    k16 = q.half()
+    ops.attention(q, q, q, backend=backend)  # a same-dtype call remembered
+    for k, v in ((k16, q), (q, k16)):
+        with pytest.raises(TypeError, match="must share one dtype, got q torch.float32"):
+            ops.attention(q, k, v, backend=backend)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out = ops.attention(q, k16, q, backend=backend)
+        expected = ops.attention(q.half(), k16, q.half(), backend=backend)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    with pytest.raises(TypeError, match="must share one dtype"):  # after the autocast-only entry, outside again
+        ops.attention(q, k16, q, backend=backend)
+    with torch.autocast(DEVICE.type, dtype=torch.float16), pytest.raises(TypeError, match="float32, float16 or"):
+        ops.attention(q, q.double(), q, backend=backend)
