@@ -17,7 +17,8 @@ nowhere else:
 * the second residual add is fused into fc2's epilogue only under :func:`mlp_residual_fusable`;
 * a block whose norm1 and attention run these functions unwatched and whose residual adds both fuse runs
   on (B * N, C) rows without calling its submodules (:func:`block`'s ``direct``): the same ops on the same
-  values, with no view pair around each GEMM in the autograd graph and no module-call overhead.
+  values, with no view pair around each GEMM and no view around the packed attention in the autograd graph,
+  and no module-call overhead.
 
 What decides whether a module runs these at all (timm: FX tracing, dtypes, hooks on what a fused forward
 skips; fastvit: the explicit-attention switch) stays with the caller.
@@ -116,6 +117,9 @@ def dropout_active(module: nn.Module) -> bool:
         p = d["p"]
     elif "drop_prob" in d:
         p = d["drop_prob"]
+    elif module.__class__ is nn.Identity and not (module._parameters or module._buffers or module._modules):
+        return False  # (a block's unused drop_path2 in training) no ``p`` / ``drop_prob`` anywhere: two failing
+        # ``nn.Module.__getattr__`` lookups below would cost ~2 us per block
     else:
         p = getattr(module, "p", getattr(module, "drop_prob", 0.0))
     return (p or 0.0) > 0.0
@@ -154,7 +158,7 @@ def attention(
     x: Tensor,
     scale: Optional[float] = None,
     backend: Optional[str] = None,
-    tokens: Optional[tuple[int, int]] = None,
+    tokens: Optional[int] = None,
 ) -> Tensor:
     """timm's ViT attention on the ops: qkv GEMM -> packed flash attention (per-head attention after q/k
     norms) -> the optional output norm and gate -> proj GEMM -> proj_drop. (B, N, C) -> (B, N, C).
@@ -164,18 +168,16 @@ def attention(
             proj_drop, and optionally q_norm, k_norm, norm, gate.
         scale: the softmax scale; None is ``head_dim ** -0.5``.
         backend: passed to every op.
-        tokens: (B, N) when ``x`` comes as (B * N, C) rows (:func:`block`'s row path): the GEMMs then run
-            on 2-D operands (no view nodes around them) and the output is (B * N, C) too.
+        tokens: N when ``x`` comes as (B * N, C) rows (:func:`block`'s row path): the GEMMs and the packed
+            attention then run on rows (no view nodes around any of them) and the output is (B * N, C) too.
     """
     sub = module._modules
     if tokens is not None:  # rows: only the packed path (the caller checked: no q/k norm, gate or out norm)
         qkv = linear(sub["qkv"], x, backend=backend)
         dropout_p = sub["attn_drop"].p if module.training else 0.0
-        out = ops.attention_qkvpacked(
-            qkv.view(tokens[0], tokens[1], qkv.shape[-1]), module.num_heads, scale=scale, dropout_p=dropout_p,
-            backend=backend,
-        )  # fmt: skip
-        return _apply(sub["proj_drop"], linear(sub["proj"], out.reshape(x.shape[0], out.shape[-1]), backend=backend))
+        heads = module.num_heads
+        out = ops.attention_qkvpacked(qkv, heads, scale=scale, dropout_p=dropout_p, backend=backend, tokens=tokens)
+        return _apply(sub["proj_drop"], linear(sub["proj"], out, backend=backend))
     gate = sub.get("gate")
     gate = linear(gate, x, backend=backend).sigmoid() if gate is not None else None
     qkv = linear(sub["qkv"], x, backend=backend)
@@ -340,7 +342,7 @@ def block(
     ):
         B, N, C = x.shape
         rows = _rows_of(x, B * N, C)
-        a = attention(sub["attn"], layer_norm(sub["norm1"], rows, backend=direct[0]), direct[1], direct[2], (B, N))
+        a = attention(sub["attn"], layer_norm(sub["norm1"], rows, backend=direct[0]), direct[1], direct[2], N)
         y, rows = layer_norm(sub["norm2"], a, residual=rows, backend=backend)
         activation, mlp_backend = mlp_plan
         return mlp(sub["mlp"], y, activation, residual=rows, backend=mlp_backend).view(B, N, C)

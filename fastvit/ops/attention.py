@@ -17,11 +17,13 @@ Gradients (Delta = rowsum(dout * out))::
 Layouts: :func:`attention` takes q, k, v as (B, H, N, D) like ``F.scaled_dot_product_attention`` and
 returns a contiguous (B, H, Nq, D). :func:`attention_qkvpacked` takes the qkv Linear's output
 (B, N, 3*H*D) (timm's ``reshape(B, N, 3, H, D)`` order) and returns (B, N, H*D) ready for the output
-projection: the Triton kernels read q, k and v as strided views of qkv and write the output (and, in the
-backward, dq/dk/dv into one dqkv buffer) in place, with no permute or contiguous copy on either side.
+projection; given ``tokens=N`` it takes the same values as (B*N, 3*H*D) rows and returns (B*N, H*D) rows
+(a block that runs its GEMMs on rows then needs no view around the attention). The Triton kernels read
+q, k and v as strided views of qkv and write the output (and, in the backward, dq/dk/dv into one dqkv
+buffer) in place, with no permute or contiguous copy on either side.
 
 Dtypes: fp32, fp16 and bf16, fp32 accumulation, output in the input dtype. Under autocast the inputs are
-cast to the autocast dtype (like ``F.linear``). fp32 matmuls in the Triton kernels follow
+cast to the autocast dtype (like ``F.linear``), so there q, k and v may come in different dtypes. fp32 matmuls in the Triton kernels follow
 ``torch.get_float32_matmul_precision()``: "highest" (PyTorch's default) uses exact fp32 products
 (``input_precision="ieee"``), "high"/"medium" use TF32 tensor cores.
 
@@ -48,7 +50,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit import kernels
-from fastvit.ops._library import FLOAT_DTYPES, check_tensors, direct, eager_op, new_output, register_autocast_lower
+from fastvit.ops._library import (
+    FLOAT_DTYPES,
+    autocast_dtype,
+    check_tensors,
+    direct,
+    eager_op,
+    new_output,
+    register_autocast_lower,
+)
 from fastvit.ops._selftest_spec import SelftestSpec, cap_batch, normal
 from fastvit.ops.dispatch import ENV_KEY, OpDispatcher, env_get, is_compiling, no_reasons
 
@@ -124,11 +134,11 @@ def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
     if any(t is None for t in named.values()):
         raise TypeError(f"fastvit.ops.{op}: q, k and v must be tensors, got None")
     check_tensors(f"fastvit.ops.{op}", named)
-    if len({t.dtype for t in named.values()}) > 1:
-        kinds = ", ".join(f"{n} {t.dtype}" for n, t in named.items())
+    kinds = ", ".join(f"{n} {t.dtype}" for n, t in named.items())
+    if len({t.dtype for t in named.values()}) > 1 and autocast_dtype(q.device) is None:  # autocast casts them
         raise TypeError(f"fastvit.ops.{op}: q, k and v must share one dtype, got {kinds}; cast them to one")
-    if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"fastvit.ops.{op}: q, k, v must be float32, float16 or bfloat16, got {q.dtype}")
+    if any(t.dtype not in FLOAT_DTYPES for t in named.values()):
+        raise TypeError(f"fastvit.ops.{op}: q, k, v must be float32, float16 or bfloat16, got {kinds}")
     for name, t in named.items():
         if t.dim() != 4:
             raise ValueError(
@@ -145,7 +155,7 @@ def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"fastvit.ops.{op}: head_dim must be positive, got shape {tuple(q.shape)}")
 
 
-def _check_packed(qkv: Tensor, num_heads: int) -> None:
+def _check_packed(qkv: Tensor, num_heads: int, tokens: Optional[int]) -> None:
     op = "attention_qkvpacked"
     if not isinstance(qkv, Tensor):
         raise TypeError(f"fastvit.ops.{op}: qkv must be a torch.Tensor, got {type(qkv).__name__}")
@@ -153,8 +163,25 @@ def _check_packed(qkv: Tensor, num_heads: int) -> None:
         raise ValueError(f"fastvit.ops.{op}: num_heads must be a positive int, got {num_heads!r}")
     if qkv.dtype not in FLOAT_DTYPES:
         raise TypeError(f"fastvit.ops.{op}: qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
-    if qkv.dim() != 3:
-        raise ValueError(f"fastvit.ops.{op}: qkv must be 3-D (batch, tokens, 3*heads*head_dim), got {tuple(qkv.shape)}")
+    if tokens is None:
+        if qkv.dim() != 3:
+            raise ValueError(
+                f"fastvit.ops.{op}: qkv must be 3-D (batch, tokens, 3*heads*head_dim), got {tuple(qkv.shape)}; "
+                "for (batch*tokens, 3*heads*head_dim) rows pass tokens=<tokens per image>"
+            )
+    else:
+        if isinstance(tokens, bool) or not isinstance(tokens, (int, torch.SymInt)) or tokens <= 0:  # SymInt: traced
+            raise ValueError(f"fastvit.ops.{op}: tokens must be a positive int (tokens per image), got {tokens!r}")
+        if qkv.dim() != 2:
+            raise ValueError(
+                f"fastvit.ops.{op}: with tokens={tokens} qkv must be 2-D (batch*tokens, 3*heads*head_dim) rows, "
+                f"got {tuple(qkv.shape)}; pass a 3-D (batch, tokens, 3*heads*head_dim) qkv without tokens"
+            )
+        if qkv.shape[0] % tokens != 0:
+            raise ValueError(
+                f"fastvit.ops.{op}: qkv's {qkv.shape[0]} rows are not a whole number of images of tokens={tokens} "
+                "tokens; pass the token count N of the (batch*N, 3*heads*head_dim) rows"
+            )
     if qkv.shape[-1] == 0 or qkv.shape[-1] % (3 * num_heads) != 0:
         raise ValueError(
             f"fastvit.ops.{op}: qkv's last dimension {qkv.shape[-1]} must be a positive multiple of "
@@ -167,18 +194,25 @@ def _check_packed(qkv: Tensor, num_heads: int) -> None:
 
 def _triton_reasons(
     q: Optional[Tensor] = None, k: Optional[Tensor] = None, dropout_p: float = 0.0, qkv: Optional[Tensor] = None,
-    num_heads: int = 1, **_: object,
+    num_heads: int = 1, tokens: Optional[int] = None, **_: object,
 ) -> list[str]:  # fmt: skip
     if kernels.TRITON_IMPORT_ERROR is not None:
         return []  # the environment reason already says Triton is missing
-    B, H, N_Q, D, N_K = _dims(q, k, qkv, num_heads)
+    B, H, N_Q, D, N_K = _dims(q, k, qkv, num_heads, tokens)
     return _triton_kernels.unsupported_reasons(D, N_Q, N_K, dropout_p, batch=B, heads=H)
 
 
-def _dims(q: Optional[Tensor], k: Optional[Tensor], qkv: Optional[Tensor], num_heads: int) -> Tuple[int, ...]:
-    """(B, H, Nq, D, Nk) of a q/k pair or of a packed qkv (no split computed)."""
+def _dims(
+    q: Optional[Tensor], k: Optional[Tensor], qkv: Optional[Tensor], num_heads: int, tokens: Optional[int] = None
+) -> Tuple[int, ...]:
+    """(B, H, Nq, D, Nk) of a q/k pair or of a packed qkv, 3-D or rows of ``tokens`` (no split computed).
+    Rows and their 3-D view share these (and so a measured key): the kernels see the same strides."""
     if qkv is not None:
-        B, N, C3 = qkv.shape
+        if tokens is None:
+            B, N, C3 = qkv.shape
+        else:
+            N, C3 = tokens, qkv.shape[-1]
+            B = qkv.shape[0] // N
         return B, num_heads, N, C3 // (3 * num_heads), N
     B, H, N_Q, D = q.shape
     return B, H, N_Q, D, k.shape[-2]
@@ -186,9 +220,9 @@ def _dims(q: Optional[Tensor], k: Optional[Tensor], qkv: Optional[Tensor], num_h
 
 def _signature(
     q: Optional[Tensor] = None, k: Optional[Tensor] = None, dropout_p: float = 0.0, qkv: Optional[Tensor] = None,
-    num_heads: int = 1, **_: object,
+    num_heads: int = 1, tokens: Optional[int] = None, **_: object,
 ) -> str:  # fmt: skip
-    B, H, N_Q, D, N_K = _dims(q, k, qkv, num_heads)
+    B, H, N_Q, D, N_K = _dims(q, k, qkv, num_heads, tokens)
     return f"BH={B * H} Nq={N_Q} Nk={N_K} D={D} dropout={dropout_p > 0} packed={qkv is not None}"
 
 
@@ -264,21 +298,30 @@ register_autocast_lower(_attention_fwd)
 
 @torch.library.custom_op("fastvit::attention_qkvpacked_fwd", mutates_args=())
 def _attention_qkvpacked_fwd(
-    qkv: Tensor, num_heads: int, scale: float, dropout_p: float, seed: Optional[Tensor], backend: str
+    qkv: Tensor, num_heads: int, tokens: int, scale: float, dropout_p: float, seed: Optional[Tensor], backend: str
 ) -> Tuple[Tensor, Tensor]:
-    """qkv (B, N, 3*H*D) with unit last stride. Returns out (B, N, H*D) and lse (B, H, N) fp32."""
-    B, N, C3 = qkv.shape
-    q, k, v = split_qkv(qkv, num_heads)
-    out = new_output((B, N, C3 // 3), qkv)
+    """qkv (B, N, 3*H*D), or (B*N, 3*H*D) rows of ``tokens`` = N, with unit last stride. Returns out (B, N, H*D)
+    (rows: (B*N, H*D)) and lse (B, H, N) fp32."""
+    tokens_view = _tokens_view(qkv, tokens)
+    B, N, C3 = tokens_view.shape
+    q, k, v = split_qkv(tokens_view, num_heads)
+    out = new_output((*qkv.shape[:-1], C3 // 3), qkv)
     lse = new_output((B, num_heads, N), qkv, torch.float32)
-    _triton_kernels.attention_fwd(q, k, v, _heads_view(out, num_heads), lse, scale, dropout_p, seed, _fp32_precision())
+    out_heads = _heads_view(_tokens_view(out, tokens), num_heads)
+    _triton_kernels.attention_fwd(q, k, v, out_heads, lse, scale, dropout_p, seed, _fp32_precision())
     return out, lse
 
 
 @_attention_qkvpacked_fwd.register_fake
-def _(qkv, num_heads, scale, dropout_p, seed, backend):
-    B, N, C3 = qkv.shape
-    return qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+def _(qkv, num_heads, tokens, scale, dropout_p, seed, backend):
+    C3 = qkv.shape[-1]
+    B = qkv.shape[0] if qkv.dim() == 3 else qkv.shape[0] // tokens
+    return qkv.new_empty((*qkv.shape[:-1], C3 // 3)), qkv.new_empty((B, num_heads, tokens), dtype=torch.float32)
+
+
+def _tokens_view(x: Tensor, tokens: int) -> Tensor:
+    """(B, N, C) as it is, (B*N, C) rows of ``tokens`` = N as a (B, N, C) view (inside the ops: no autograd)."""
+    return x if x.dim() == 3 else x.view(x.shape[0] // tokens, tokens, x.shape[-1])
 
 
 def _heads_view(x: Tensor, num_heads: int) -> Tensor:
@@ -289,37 +332,38 @@ def _heads_view(x: Tensor, num_heads: int) -> Tensor:
 
 @torch.library.custom_op("fastvit::attention_qkvpacked_bwd", mutates_args=())
 def _attention_qkvpacked_bwd(
-    dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: float, dropout_p: float,
-    seed: Optional[Tensor], backend: str,
+    dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, tokens: int, scale: float,
+    dropout_p: float, seed: Optional[Tensor], backend: str,
 ) -> Tensor:  # fmt: skip
-    """dout and out (B, N, H*D) with unit last stride. Returns dqkv (B, N, 3*H*D) written in place by the kernels."""
+    """dout and out (B, N, H*D) or (B*N, H*D) rows, unit last stride. Returns dqkv shaped like qkv, written in
+    place by the kernels."""
     dqkv = new_output(qkv.shape, qkv)
-    q, k, v = split_qkv(qkv, num_heads)
-    dq, dk, dv = split_qkv(dqkv, num_heads)
+    q, k, v = split_qkv(_tokens_view(qkv, tokens), num_heads)
+    dq, dk, dv = split_qkv(_tokens_view(dqkv, tokens), num_heads)
+    dout_heads, out_heads = (_heads_view(_tokens_view(t, tokens), num_heads) for t in (dout, out))
     _triton_kernels.attention_bwd(
-        _heads_view(dout, num_heads), q, k, v, _heads_view(out, num_heads), lse, dq, dk, dv, scale, dropout_p, seed,
-        _fp32_precision(),
+        dout_heads, q, k, v, out_heads, lse, dq, dk, dv, scale, dropout_p, seed, _fp32_precision()
     )  # fmt: skip
     return dqkv
 
 
 @_attention_qkvpacked_bwd.register_fake
-def _(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, backend):
+def _(dout, qkv, out, lse, num_heads, tokens, scale, dropout_p, seed, backend):
     return qkv.new_empty(qkv.shape)
 
 
 def _packed_setup_context(ctx, inputs, output) -> None:
-    qkv, num_heads, scale, dropout_p, seed, backend = inputs
+    qkv, num_heads, tokens, scale, dropout_p, seed, backend = inputs
     out, lse = output
     ctx.save_for_backward(qkv, out, lse, seed)
-    ctx.num_heads, ctx.scale, ctx.dropout_p, ctx.backend = num_heads, scale, dropout_p, backend
+    ctx.num_heads, ctx.tokens, ctx.scale, ctx.dropout_p, ctx.backend = num_heads, tokens, scale, dropout_p, backend
 
 
 def _packed_backward(ctx, dout, _dlse):
     qkv, out, lse, seed = ctx.saved_tensors
     dout = _unit_last_stride(dout)  # e.g. the stride-0 gradient of a sum
-    dqkv = _packed_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p, seed, ctx.backend)
-    return dqkv, None, None, None, None, None
+    dqkv = _packed_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.tokens, ctx.scale, ctx.dropout_p, seed, ctx.backend)
+    return dqkv, None, None, None, None, None, None
 
 
 _packed_fwd = eager_op(_attention_qkvpacked_fwd, _packed_setup_context, _packed_backward)
@@ -338,18 +382,28 @@ def _triton_launch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], drop
     return out
 
 
-def _torch_packed_launch(qkv: Tensor, num_heads: int, scale: Optional[float], dropout_p: float) -> Tensor:
-    B, N, C3 = qkv.shape
-    q, k, v = split_qkv(qkv, num_heads)  # only this backend needs the split views
+def _torch_packed_launch(
+    qkv: Tensor, num_heads: int, scale: Optional[float], dropout_p: float, tokens: Optional[int] = None
+) -> Tensor:
+    """SDPA on the split views; rows are viewed as (B, N, 3, H, D) directly (one view node, as for 3-D)."""
+    C3 = qkv.shape[-1]
+    if tokens is None:
+        B, N, _ = qkv.shape
+    else:
+        B, N = qkv.shape[0] // tokens, tokens
+    q, k, v = qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    return out.transpose(1, 2).reshape(B, N, C3 // 3)
+    return out.transpose(1, 2).reshape(*qkv.shape[:-1], C3 // 3)
 
 
-def _triton_packed_launch(qkv: Tensor, num_heads: int, scale: Optional[float], dropout_p: float) -> Tensor:
+def _triton_packed_launch(
+    qkv: Tensor, num_heads: int, scale: Optional[float], dropout_p: float, tokens: Optional[int] = None
+) -> Tensor:
     scale = _default_scale(qkv, num_heads, scale)
     out, _ = _packed_fwd(
-        _unit_last_stride(qkv), num_heads, scale, float(dropout_p), _dropout_seed(dropout_p, qkv), "triton"
-    )
+        _unit_last_stride(qkv), num_heads, qkv.shape[1] if tokens is None else tokens, scale, float(dropout_p),
+        _dropout_seed(dropout_p, qkv), "triton",
+    )  # fmt: skip
     return out
 
 
@@ -362,8 +416,10 @@ def _check_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], dr
     _check_scale_dropout("attention", scale, dropout_p)
 
 
-def _check_attention_packed(qkv: Tensor, num_heads: int, scale: Optional[float], dropout_p: float) -> None:
-    _check_packed(qkv, num_heads)
+def _check_attention_packed(
+    qkv: Tensor, num_heads: int, scale: Optional[float], dropout_p: float, tokens: Optional[int] = None
+) -> None:
+    _check_packed(qkv, num_heads, tokens)
     _check_scale_dropout("attention_qkvpacked", scale, dropout_p)
 
 
@@ -476,33 +532,30 @@ def _selftest_spec(packed: bool) -> SelftestSpec:
     )
 
 
-_OP = OpDispatcher(
-    name="attention",
-    reasons={"torch": no_reasons, "triton": _triton_reasons},
-    preference=("triton", "torch"),
-    launchers={"torch": _torch_launch, "triton": _triton_launch},
-    reference=attention_ref,
-    check=_check_attention,
-    forward_op=_attention_fwd,
-    backward_op=_attention_bwd,
-    autocast="lower",
-    signature=_signature,
-    selftest=_selftest_spec(packed=False),
-)
-_PACKED = OpDispatcher(
-    name="attention_qkvpacked",
-    kernel_family="attention",
-    reasons={"torch": no_reasons, "triton": _triton_reasons},
-    preference=("triton", "torch"),
-    launchers={"torch": _torch_packed_launch, "triton": _triton_packed_launch},
-    reference=attention_ref,
-    check=_check_attention_packed,
-    forward_op=_attention_qkvpacked_fwd,
-    backward_op=_attention_qkvpacked_bwd,
-    autocast="lower",
-    signature=_signature,
-    selftest=_selftest_spec(packed=True),
-)
+def _dispatcher(packed: bool) -> OpDispatcher:
+    """The op-table row of ``attention`` or ``attention_qkvpacked``: one kernel family, one rule set; they
+    differ only in the layout-specific launchers, checks and custom ops."""
+    return OpDispatcher(
+        name="attention_qkvpacked" if packed else "attention",
+        kernel_family="attention",
+        reasons={"torch": no_reasons, "triton": _triton_reasons},
+        preference=("triton", "torch"),
+        launchers=(
+            {"torch": _torch_packed_launch, "triton": _triton_packed_launch}
+            if packed
+            else {"torch": _torch_launch, "triton": _triton_launch}
+        ),
+        reference=attention_ref,
+        check=_check_attention_packed if packed else _check_attention,
+        forward_op=_attention_qkvpacked_fwd if packed else _attention_fwd,
+        backward_op=_attention_qkvpacked_bwd if packed else _attention_bwd,
+        autocast="lower",
+        signature=_signature,
+        selftest=_selftest_spec(packed=packed),
+    )
+
+
+_OP, _PACKED = _dispatcher(packed=False), _dispatcher(packed=True)
 _MEMO, _PACKED_MEMO = _OP._memo, _PACKED._memo
 
 
@@ -538,11 +591,10 @@ def attention(
     """
     key = chosen = None
     if not is_compiling():  # traced: the full checks and select run (on values cached outside the trace)
-        try:  # the signature: validation and the choice are cached per signature
-            key = (
-                q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device, scale, dropout_p,
-                backend, env_get(ENV_KEY),
-            )  # fmt: skip
+        try:  # the signature: validation and the choice are cached per signature. k's and v's dtypes and
+            # devices are left out (reading, hashing and comparing them costs ~0.5 us, an eighth of a tiny
+            # SDPA): a hit compares them below before it runs (SDPA: by refusing a mismatch itself)
+            key = (q.shape, q.dtype, q.device, k.shape, v.shape, scale, dropout_p, backend, env_get(ENV_KEY))
             chosen = _MEMO.get(key)
         except (AttributeError, TypeError):  # not tensors / unhashable: the checks say what is wrong
             key = None
@@ -554,11 +606,21 @@ def attention(
         def run(b, q, k, v, scale, dropout_p):
             return attention(q, k, v, scale=scale, dropout_p=dropout_p, backend=b)
 
-        chosen = _OP.resolve(key, backend, q.device, run, q=q, k=k, v=v, scale=scale, dropout_p=dropout_p)
+        mixed = k.dtype != q.dtype or v.dtype != q.dtype  # passed the checks: only under autocast
+        chosen = _OP.resolve(
+            key, backend, q.device, run, autocast_only=mixed, q=q, k=k, v=v, scale=scale, dropout_p=dropout_p
+        )
     if chosen == "torch":  # the common CPU case, one frame less
-        if scale is None and not dropout_p:  # SDPA's defaults: parsing no keyword arguments saves ~0.4 us
-            return F.scaled_dot_product_attention(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        try:
+            if scale is None and not dropout_p:  # SDPA's defaults: parsing no keyword arguments saves ~0.4 us
+                return F.scaled_dot_product_attention(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        except RuntimeError:  # e.g. k or v in another dtype or on another device than a memo hit's q (outside
+            _check_attention(q, k, v, scale, dropout_p)  # autocast): the checks' clear error
+            raise
+    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
+        _check_attention(q, k, v, scale, dropout_p)  # a memo hit on another dtype / device set: it raises but
+        # under autocast, where the op casts them all (the registered autocast rule)
     return _OP.launchers[chosen](q, k, v, scale, dropout_p)
 
 
@@ -569,6 +631,7 @@ def attention_qkvpacked(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     backend: Optional[str] = None,
+    tokens: Optional[int] = None,
 ) -> Tensor:
     """Attention straight from the qkv Linear's output, returning the input of the output projection.
 
@@ -577,26 +640,29 @@ def attention_qkvpacked(
     and writes the output (and dqkv in the backward) through strides, with no copies.
 
     Args:
-        qkv: (B, N, 3*H*D), fp32 / fp16 / bf16; the last dimension must be contiguous for the no-copy path.
+        qkv: (B, N, 3*H*D), or with ``tokens`` the same values as (B*N, 3*H*D) rows (a qkv GEMM run on
+            rows), fp32 / fp16 / bf16; the last dimension must be contiguous for the no-copy path.
         num_heads: H.
         scale: multiplies q @ k.T; None means D ** -0.5.
         dropout_p: probability of dropping an attention weight, applied as given (pass 0.0 in eval mode).
         backend: None (``FASTVIT_BACKEND`` or auto), "torch" (SDPA) or "triton".
+        tokens: N, the tokens per image of a 2-D qkv (rows image-major: row ``b * N + n``); None for 3-D.
 
     Returns:
-        (B, N, H*D) in qkv's dtype.
+        (B, N, H*D) in qkv's dtype; (B*N, H*D) rows for rows (same values, no view in the autograd graph
+        between them and the output projection).
 
     Raises:
-        TypeError / ValueError: bad dtype, shape, num_heads, scale or dropout_p, naming the input.
+        TypeError / ValueError: bad dtype, shape, num_heads, tokens, scale or dropout_p, naming the input.
         fastvit.ops.dispatch.BackendNotSupported: an explicit backend cannot serve the input.
     """
     key = chosen = None
     if not is_compiling():  # traced: the full checks and select run (on values cached outside the trace)
-        try:  # the signature: validation and the choice are cached per signature (num_heads with its type:
-            # True == 1 must not share a valid call's key)
+        try:  # the signature: validation and the choice are cached per signature (num_heads and tokens with
+            # their types: True == 1 must not share a valid call's key)
             key = (
                 (shape := qkv.shape), qkv.dtype, qkv.device, num_heads, num_heads.__class__, scale, dropout_p,
-                backend, env_get(ENV_KEY),
+                backend, env_get(ENV_KEY), tokens, tokens.__class__,
             )  # fmt: skip
             chosen = _PACKED_MEMO.get(key)
         except (AttributeError, TypeError):  # not a tensor / unhashable: the checks say what is wrong
@@ -604,24 +670,31 @@ def attention_qkvpacked(
         if chosen.__class__ is not str:  # a measured (CUDA, auto) or autocast-only entry, or a miss
             chosen = _PACKED.slot(chosen, (qkv,))
     if chosen is None:
-        _check_attention_packed(qkv, num_heads, scale, dropout_p)
+        _check_attention_packed(qkv, num_heads, scale, dropout_p, tokens)
 
-        def run(b, qkv, num_heads, scale, dropout_p):
-            return attention_qkvpacked(qkv, num_heads, scale=scale, dropout_p=dropout_p, backend=b)
+        def run(b, qkv, num_heads, scale, dropout_p, tokens):
+            return attention_qkvpacked(qkv, num_heads, scale=scale, dropout_p=dropout_p, backend=b, tokens=tokens)
 
         chosen = _PACKED.resolve(
-            key, backend, qkv.device, run, qkv=qkv, num_heads=num_heads, scale=scale, dropout_p=dropout_p
-        )
+            key, backend, qkv.device, run, qkv=qkv, num_heads=num_heads, scale=scale, dropout_p=dropout_p,
+            tokens=tokens,
+        )  # fmt: skip
         shape = qkv.shape
     if chosen == "torch":  # the common CPU case: _torch_packed_launch inlined
-        B, N, C3 = shape
+        if tokens is None:
+            B, N, C3 = shape
+        else:  # rows: viewed as (B, N, 3, H, D) at once, and the output reshaped straight back to rows
+            M, C3 = shape
+            B, N = M // tokens, tokens
         q, k, v = qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
         if scale is None and not dropout_p:  # SDPA's defaults: parsing no keyword arguments saves ~0.4 us
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-        return out.transpose(1, 2).reshape(B, N, C3 // 3)
-    return _PACKED.launchers[chosen](qkv, num_heads, scale, dropout_p)
+        if tokens is None:
+            return out.transpose(1, 2).reshape(B, N, C3 // 3)
+        return out.transpose(1, 2).reshape(M, C3 // 3)
+    return _PACKED.launchers[chosen](qkv, num_heads, scale, dropout_p, tokens)
 
 
 def attention_probs(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:

@@ -122,3 +122,17 @@ def test_a_custom_mlp_layer_is_called_as_a_module():
         a = block.attn(block.norm1(x))
         h = x + a
         assert_close(y, h + 2 * block.mlp.fc(block.norm2(h)))
+
+
+def test_dropout_active_answers_identity_without_attribute_lookups():
+    """A training-mode Identity (a block's unused drop_path2) is inactive by its class; one given a rate
+    (an instance attribute) still answers by it."""
+    ident = nn.Identity().train()
+    assert not fused.dropout_active(ident)
+    ident.p = 0.5
+    assert fused.dropout_active(ident)
+    holder = nn.Identity().train()
+    holder.drop_prob = 0.0
+    assert not fused.dropout_active(holder)
+    assert fused.dropout_active(nn.Dropout(0.1).train()) and not fused.dropout_active(nn.Dropout(0.1).eval())
+    assert not fused.dropout_active(nn.Dropout(0.0).train())

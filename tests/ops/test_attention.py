@@ -188,6 +188,67 @@ def test_qkvpacked_torch_backend_matches_triton(grad_layout):
     torch.testing.assert_close(triton_grad, torch_grad, atol=1e-5, rtol=1e-5)
 
 
+def _graph_nodes(out: torch.Tensor) -> int:
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            stack.extend(f for f, _ in fn.next_functions)
+    return len(seen)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_qkvpacked_rows_match_tokens_bit_for_bit(backend, dropout_p):
+    """(B*N, 3C) rows with tokens=N: the same values as the (B, N, 3C) call, as (B*N, C) rows, and the same
+    dqkv, bit for bit (dropout: the same torch seed draws the same mask), with two view nodes fewer in the
+    graph than viewing the rows as tokens around the 3-D call (torch) and no view at all (triton)."""
+    B, N, H, D = 3, 11, 2, 32
+    rows = torch.randn(B * N, 3 * H * D, device=DEVICE, requires_grad=True)
+    dout = torch.randn(B * N, H * D, device=DEVICE)
+
+    def run(as_rows: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        torch.manual_seed(7)
+        if as_rows:
+            out = ops.attention_qkvpacked(rows, H, dropout_p=dropout_p, backend=backend, tokens=N)
+        else:
+            out = ops.attention_qkvpacked(rows.view(B, N, 3 * H * D), H, dropout_p=dropout_p, backend=backend)
+            out = out.reshape(B * N, H * D)
+        return out, torch.autograd.grad(out, rows, dout)[0], _graph_nodes(out)
+
+    with poisoned_outputs():
+        (out_rows, grad_rows, nodes_rows), (out_tok, grad_tok, nodes_tok) = run(True), run(False)
+    assert out_rows.shape == (B * N, H * D)
+    assert torch.equal(out_rows, out_tok) and torch.equal(grad_rows, grad_tok)
+    assert nodes_rows == nodes_tok - 2
+    if backend == "triton":
+        assert out_rows.grad_fn.next_functions[0][0].__class__.__name__ == "AccumulateGrad"  # one node: the op
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_qkvpacked_rows_compile_fullgraph_dynamic_tokens(backend):
+    """The rows call traces with the token count a symbolic size (a block's row path under dynamic shapes):
+    no graph break, no recompile for a second token count, eager's forward and dqkv."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        return ops.attention_qkvpacked(x.reshape(-1, x.shape[-1]), 2, backend=backend, tokens=n)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (9, 13):
+            x = torch.randn(2, n, 96, device=DEVICE, requires_grad=True)
+            out = compiled(x)
+            assert out.shape == (2 * n, 32)
+            torch.testing.assert_close(out, fn(x))
+            (g_compiled,), (g_eager,) = torch.autograd.grad(out.sum(), x), torch.autograd.grad(fn(x).sum(), x)
+            torch.testing.assert_close(g_compiled, g_eager)
+
+
 @pytest.mark.interpreter
 def test_backward_is_bitwise_deterministic():
     q, k, v = _qkv(3, 2, 50, 80, torch.float32)
@@ -274,10 +335,12 @@ def test_opcheck_forward_and_backward_ops():
     torch.library.opcheck(torch.ops.fastvit.attention_bwd.default, bwd_args)
     qkv = torch.randn(2, 5, 3 * 2 * 16, device=DEVICE, requires_grad=True)
     packed_fwd = torch.ops.fastvit.attention_qkvpacked_fwd.default
-    torch.library.opcheck(packed_fwd, (qkv, 2, 0.25, 0.0, None, "triton"))
-    out, lse = (t.detach() for t in packed_fwd(qkv, 2, 0.25, 0.0, None, "triton"))
-    packed_bwd_args = (torch.randn_like(out), qkv.detach(), out, lse, 2, 0.25, 0.0, None, "triton")
-    torch.library.opcheck(torch.ops.fastvit.attention_qkvpacked_bwd.default, packed_bwd_args)
+    for packed in (qkv, qkv.detach().reshape(10, 96).requires_grad_()):  # (B, N, 3C) and (B*N, 3C) rows
+        torch.library.opcheck(packed_fwd, (packed, 2, 5, 0.25, 0.0, None, "triton"))
+        out, lse = (t.detach() for t in packed_fwd(packed, 2, 5, 0.25, 0.0, None, "triton"))
+        assert out.shape == (*packed.shape[:-1], 32) and lse.shape == (2, 2, 5)
+        packed_bwd_args = (torch.randn_like(out), packed.detach(), out, lse, 2, 5, 0.25, 0.0, None, "triton")
+        torch.library.opcheck(torch.ops.fastvit.attention_qkvpacked_bwd.default, packed_bwd_args)
 
 
 @pytest.mark.interpreter
@@ -381,6 +444,15 @@ def test_bad_inputs_raise_clear_errors():
         ops.attention_qkvpacked(torch.randn(1, 8, 100), 2)
     with pytest.raises(ValueError, match="num_heads must be a positive int"):
         ops.attention_qkvpacked(torch.randn(1, 8, 96), 0)
+    with pytest.raises(ValueError, match="must be 3-D .* pass tokens="):
+        ops.attention_qkvpacked(torch.randn(8, 96), 2)
+    with pytest.raises(ValueError, match="must be 2-D .* rows, got \\(1, 8, 96\\); pass a 3-D"):
+        ops.attention_qkvpacked(torch.randn(1, 8, 96), 2, tokens=8)
+    with pytest.raises(ValueError, match="9 rows are not a whole number of images of tokens=2"):
+        ops.attention_qkvpacked(torch.randn(9, 96), 2, tokens=2)
+    for bad in (0, -3, True, 2.0):
+        with pytest.raises(ValueError, match="tokens must be a positive int"):
+            ops.attention_qkvpacked(torch.randn(8, 96), 2, tokens=bad)
     with pytest.raises(ValueError, match="unknown backend"):
         ops.attention(q, k, v, backend="cuda_graphs")
 
@@ -655,3 +727,37 @@ def test_short_backward_qkvpacked_strided_views():
     ref = attention_ref(q, k, v).transpose(1, 2).reshape(B, N, H * D)
     (ref_grad,) = torch.autograd.grad(ref, [ref_in], dout.double())
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_memo_hit_with_k_or_v_on_another_device_raises_the_clear_error(backend):
+    """The memo key leaves k's and v's devices out: after a valid call with the same signature, k or v on
+    another device still gets the checks' error, not a launch (triton) or SDPA's own message (torch)."""
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    ops.attention(q, q, q, backend=backend)  # remembered
+    for k_dev, v_dev in (("meta", DEVICE), (DEVICE, "meta")):
+        with pytest.raises(ValueError, match="inputs are on different devices .* move them to one device"):
+            ops.attention(q, q.to(k_dev), q.to(v_dev), backend=backend)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mixed_dtypes_run_under_autocast_and_raise_outside_even_after_a_memo_hit(backend):
+    """The memo key leaves k's and v's dtypes out: outside autocast, mixed dtypes raise the checks' error
+    whether or not a same-signature call was remembered; under autocast the op casts them all, like SDPA."""
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    k16 = q.half()
+    ops.attention(q, q, q, backend=backend)  # a same-dtype call remembered
+    for k, v in ((k16, q), (q, k16)):
+        with pytest.raises(TypeError, match="must share one dtype, got q torch.float32"):
+            ops.attention(q, k, v, backend=backend)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out = ops.attention(q, k16, q, backend=backend)
+        expected = ops.attention(q.half(), k16, q.half(), backend=backend)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    with pytest.raises(TypeError, match="must share one dtype"):  # after the autocast-only entry, outside again
+        ops.attention(q, k16, q, backend=backend)
+    with torch.autocast(DEVICE.type, dtype=torch.float16), pytest.raises(TypeError, match="float32, float16 or"):
+        ops.attention(q, q.double(), q, backend=backend)
