@@ -731,6 +731,25 @@ def test_compile_fullgraph_several_widths_in_one_process():
             torch.testing.assert_close(compiled(x), model(x), **FP32)
 
 
+def test_compile_dynamic_fullgraph_patched_timm_and_fastvit_block():
+    """torch.compile(dynamic=True) traces the float attributes (LayerNorm eps, attention scale) as symbols:
+    the ops' argument checks must take them (math.isfinite on a SymFloat broke the trace), with grads too."""
+    from fastvit.layers import Block
+
+    torch._dynamo.reset()
+    model = _tiny(depth=1).eval()
+    patch_model(model)
+    block = Block(32, 2).eval()
+    for module, shapes in ((model, [(1, 3, 32, 32), (3, 3, 32, 32)]), (block, [(2, 5, 32), (3, 7, 32)])):
+        compiled = torch.compile(module, backend="eager", fullgraph=True, dynamic=True)
+        for shape in shapes:
+            x = torch.randn(shape, requires_grad=True)
+            out = compiled(x)
+            torch.testing.assert_close(out, module(x), **FP32)
+            (dx,) = torch.autograd.grad(out.sum(), [x])
+            torch.testing.assert_close(dx, torch.autograd.grad(module(x).sum(), [x])[0], **FP32)
+
+
 def test_compile_fullgraph_with_a_non_default_scale():
     torch._dynamo.reset()
     x = torch.randn(1, 3, 32, 32)

@@ -47,7 +47,7 @@ def check_call(
     for name, value in (eps or {}).items():
         if isinstance(value, bool) or not isinstance(value, Real):
             raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__} {value!r}")
-        if not (math.isfinite(value) and value > 0):
+        if not 0 < value < math.inf:  # NaN fails too; comparisons (not math.isfinite) also take a traced SymFloat
             raise ValueError(f"{op}: {name} must be > 0 and finite, got {value!r}")
 
 

@@ -23,8 +23,9 @@ q, k and v as strided views of qkv and write the output (and, in the backward, d
 buffer) in place, with no permute or contiguous copy on either side.
 
 Dtypes: fp32, fp16 and bf16, fp32 accumulation, output in the input dtype. Under autocast the inputs are
-cast to the autocast dtype (like ``F.linear``), so there q, k and v may come in different dtypes. fp32 matmuls in the Triton kernels follow
-``torch.get_float32_matmul_precision()``: "highest" (PyTorch's default) uses exact fp32 products
+cast to the autocast dtype (like ``F.linear``), so there q, k and v may come in different dtypes. fp32
+matmuls in the Triton kernels follow ``torch.get_float32_matmul_precision()``: "highest" (PyTorch's
+default) uses exact fp32 products
 (``input_precision="ieee"``), "high"/"medium" use TF32 tensor cores.
 
 Dropout: drawn in the kernels from a Philox key taken from torch's generator (a ``torch.randint`` on the
@@ -123,7 +124,8 @@ def split_qkv(qkv: Tensor, num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def _check_scale_dropout(op: str, scale: Optional[float], dropout_p: float) -> None:
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+    # comparisons, not math.isfinite: they also take a scale traced as a SymFloat (torch.compile(dynamic=True))
+    if scale is not None and (not isinstance(scale, (int, float)) or not -math.inf < scale < math.inf):
         raise ValueError(f"fastvit.ops.{op}: scale must be a finite number or None (D ** -0.5), got {scale!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"fastvit.ops.{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
