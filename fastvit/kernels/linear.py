@@ -30,7 +30,13 @@ import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
 from fastvit.kernels import INTERPRET
-from fastvit.kernels._common import device_guard, graph_capturing, lazy_autotune, shared_memory_limit
+from fastvit.kernels._common import (
+    device_guard,
+    graph_capturing,
+    lazy_autotune,
+    shared_memory_limit,
+    target_capability,
+)
 
 __all__ = [
     "ACTIVATION_CODES", "WGRAD_CHOICES", "WGRAD_ENV_SWITCH", "WGRAD_FAMILY", "linear_act_grad", "linear_act_grad_saved",
@@ -579,15 +585,21 @@ _WGRAD_ROWS_ALIGN = 256  # ROWS_PER_SPLIT is a multiple of this, so of every con
 
 def _wgrad_prune(configs: list, named_args: dict, **kwargs) -> list:
     """Tiles that fit the target's shared memory per block at this dtype; fp32 operands take the 64 x 64 x 32
-    tile only (the forward's rule: larger fp32 tiles spill there)."""
+    tile only (the forward's rule: larger fp32 tiles spill there). Below sm_90 (mma.sync: the accumulator
+    and the dy tile converted for the column sums share the registers) at most 64 accumulator values per
+    thread: the 128-per-thread tiles spill 40-296 bytes on sm_80 in bf16 (benchmarks/kernel_report.py,
+    ViT-B/16 bs256), none on sm_90a (wgmma)."""
     elsize = named_args["DY"].element_size()
     limit = shared_memory_limit(named_args["DY"])
+    hopper = target_capability(named_args["DY"]) >= 90
     kept = []
     for c in configs:
         bn, bk, bm = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_M"]
         if c.num_stages * (bn + bk) * bm * elsize > limit:
             continue
         if elsize == 4 and (bm > 32 or bn * bk > 64 * 64):
+            continue
+        if not hopper and bn * bk > 64 * 32 * c.num_warps:
             continue
         kept.append(c)
     return kept or [_WGRAD_DEFAULT_CONFIG]
