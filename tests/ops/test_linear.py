@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvit import ops
-from fastvit.ops.linear import ACTIVATIONS, _linear_act_grad, _linear_fwd, linear_ref
+from fastvit.ops.linear import ACTIVATIONS, _linear_act_grad, _linear_fwd, _linear_wgrad, linear_ref
 from fastvit.testing import assert_three_way, poisoned_outputs
 from tests.ops.backends import kernel_backends, run_under_memcheck
 
@@ -263,6 +263,8 @@ def test_opcheck(activation, bias, residual, device):
     if activation:
         b_ = b.detach() if b is not None else None
         torch.library.opcheck(_linear_act_grad, (dy, x.detach(), w.detach(), b_, activation, bias, "triton"))
+    else:
+        torch.library.opcheck(_linear_wgrad, (dy, x.detach(), "triton"))
 
 
 @pytest.mark.interpreter
