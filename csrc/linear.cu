@@ -202,8 +202,9 @@ void linear_act_grad(const LinearActGradArgs& a) {
 // B = dy, stored column-major as (N, M) with ld = dy_stride, op T, so op(B) is (k, n) = (M, N). The GEMM's
 // k is M. CUBLASLT_EPILOGUE_BGRADB reduces op(B) over k into a vector of D's column count n = N: entry j
 // is sum_i op(B)[i, j] = sum_i dy[i, j], the column sums of the row-major dy, which is dbias. (BGRADA
-// would reduce A = x over k: the wrong operand.) The bias vector takes D's dtype (cuBLASLt's default
-// CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE), the sums are accumulated in the compute type (fp32).
+// would reduce A = x over k: the wrong operand.) cublasLt.h (CUBLASLT_EPILOGUE_BGRADB, BIAS_POINTER) states
+// the same: bias size = D's column count, reduction over the GEMM's k, and bias-gradient elements of the
+// output type (so dbias comes back in dy's dtype; the torch pair rounds its fp32 sum to it as well).
 //
 // cuBLASLt documents BGRAD epilogues for a subset of layouts / dtypes / compute types and the set moves
 // between versions; rather than copy a table, the heuristic is asked: no algorithm -> false, and the
