@@ -538,7 +538,7 @@ def _wgrad_kernel(
     x_ptrs = X + (m_start + offs_m)[:, None] * stride_xm + (offs_k % K)[None, :] * stride_xk  # (BM, BK)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     col_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    sums = WRITE_DBIAS and pid_k == 0
+    first_k = pid_k == 0  # (WRITE_DBIAS tested apart: a constexpr `and` a tensor is not portable to Triton 3.1)
     for m in range(m_start, m_stop, BLOCK_M):
         if EVEN_M:
             a = tl.load(dy_ptrs)
@@ -548,15 +548,17 @@ def _wgrad_kernel(
             a = tl.load(dy_ptrs, mask=offs_m[None, :] < left, other=0.0)
             b = tl.load(x_ptrs, mask=offs_m[:, None] < left, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if sums:
-            col_sum += tl.sum(a.to(tl.float32), axis=1)
+        if WRITE_DBIAS:
+            if first_k:
+                col_sum += tl.sum(a.to(tl.float32), axis=1)
         dy_ptrs += BLOCK_M * stride_dym
         x_ptrs += BLOCK_M * stride_xm
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     dw_ptrs = DW + split.to(tl.int64) * N * stride_dwn + offs_n[:, None] * stride_dwn + offs_k[None, :]
     tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=mask)
-    if sums:
-        tl.store(DB + split.to(tl.int64) * N + offs_n, col_sum, mask=offs_n < N)
+    if WRITE_DBIAS:
+        if first_k:
+            tl.store(DB + split.to(tl.int64) * N + offs_n, col_sum, mask=offs_n < N)
 
 
 def _wgrad_config(bn: int, bk: int, bm: int, warps: int, stages: int, group_n: int = 8) -> triton.Config:
