@@ -10,6 +10,14 @@ The forward can also store h = acc + bias (constexpr ``STORE_H``, the ``save_pre
 then the backward is ``_act_grad_saved_kernel``, an elementwise pass g = dy * act'(h) over the saved h
 with the same dbias partials, instead of the GEMM.
 
+The backward of a linear without activation has its own kernel, ``_wgrad_kernel`` (:func:`linear_wgrad`):
+dW = dy^T @ x tiled over (N, K) with the M reduction in the loop (optionally cut into row splits whose fp32
+partials are summed after, for the narrow proj / qkv grids), and dbias = sum_rows(dy) summed by the
+programs of the first K tile column from the dy tiles they load anyway: no second read of dy, no atomics.
+It replaces cuBLAS's wgrad, so :func:`linear_wgrad_dispatch` runs it only where it measured faster than
+``torch.matmul(dy.T, x)`` + ``dy.sum(0)`` (fastvit.ops.dispatch.measured_entry, family ``linear_wgrad``;
+``FASTVIT_WGRAD_FUSED=0`` turns it off; CPU tensors and static mode take the pair).
+
 Tiles are visited in groups of GROUP_M rows of tiles so neighbouring programs reuse the same weight
 columns from L2. Loads clamp ragged rows / columns into range (``% M``, ``% N``) so the K loop needs no
 M/N masks; K is masked only when BLOCK_K does not divide it; every store is masked. fp32 inputs follow
