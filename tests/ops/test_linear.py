@@ -745,6 +745,10 @@ def test_training_gemm_flops_vit_b16_by_hand():
     assert summary["saved_preact_bytes_bf16"] == 309_854_208  # 256 * 197 * 3072 * 2 B, the documented 310 MB
     text = report.training_flops_markdown()
     assert "before (recompute) 2.380 TFLOP, after (save) 2.142 TFLOP: 10.0% of before saved" in text
+    # dbias fused into the dW GEMM: no FLOPs change (the totals above hold); the separate column sum's read of
+    # dy is gone, M * N * 2 bytes per linear without activation (qkv N = 2304, proj and fc2 N = 768)
+    assert summary["dbias_dy_bytes_bf16"] == {"qkv": 232_390_656, "proj": 77_463_552, "fc2": 77_463_552}
+    assert "qkv 232 MB, proj 77 MB, fc2 77 MB, total 387 MB" in text
 
 
 @pytest.mark.interpreter
