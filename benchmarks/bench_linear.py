@@ -133,7 +133,7 @@ SPEC = OpSpec(
     options=(
         Option(("--models",), {"nargs": "+", "default": ["B", "L", "H"], "choices": sorted(MODELS)}),
         Option(("--batches",), {"type": int, "nargs": "+", "default": [1, 64, 128]}),
-        Option(("--wgrad",), {"action": "store_true", "help": "also time dW + fused dbias (linears without activation)"}),
+        Option(("--wgrad",), {"action": "store_true", "help": "also time dW + fused dbias (no-activation linears)"}),
     ),
 )
 

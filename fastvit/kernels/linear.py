@@ -762,4 +762,5 @@ def _register_reset() -> None:
 
 # Imported last: linear_tma imports this module's epilogue helpers.
 from fastvit.kernels import linear_tma  # noqa: E402
+
 _register_reset()

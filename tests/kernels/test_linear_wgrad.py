@@ -143,7 +143,9 @@ def _call():
                                         dtype=torch.float16), True)  # fmt: skip
 
 
-@pytest.mark.parametrize("torch_ms, fused_ms, expected", [(2.0, 1.0, "fused"), (1.0, 2.0, "torch"), (1.0, 1.0, "torch")])
+@pytest.mark.parametrize(
+    "torch_ms, fused_ms, expected", [(2.0, 1.0, "fused"), (1.0, 2.0, "torch"), (1.0, 1.0, "torch")]
+)
 def test_fused_only_where_timed_faster(fake_gpu, torch_ms, fused_ms, expected):
     state = fake_gpu
     state["ms"].update(torch=torch_ms, fused=fused_ms)
