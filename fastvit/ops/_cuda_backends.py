@@ -419,6 +419,11 @@ def linear_act_grad(
     return part.sum(0) if part is not None else None
 
 
+# (M, N, K, dtype, allow_tf32) -> why linear_wgrad left that problem to the separate GEMM + column sum: the
+# cuda backend's BGRADB refusals, for python -c "from fastvit.ops import _cuda_backends as c; print(c.BGRADB_REFUSED)".
+BGRADB_REFUSED: dict[tuple, str] = {}
+
+
 def linear_wgrad(dy: Tensor, x: Tensor, need_dbias: bool) -> Optional[tuple[Tensor, Optional[Tensor]]]:
     """``(dy.T @ x, dy.sum(0) in dy's dtype)`` for a linear without activation, the bias gradient from the
     same cuBLASLt GEMM (BGRADB epilogue: csrc/linear.cu::linear_wgrad). dy (M, N) and x (M, K) any strides
@@ -442,4 +447,10 @@ def linear_wgrad(dy: Tensor, x: Tensor, need_dbias: bool) -> Optional[tuple[Tens
             dtype=_ext.dtype_code(x), allow_tf32=_allow_tf32(), workspace=_ext.ptr(workspace),
             workspace_bytes=_WORKSPACE_BYTES, stream=_ext.stream_handle(x.device),
         )  # fmt: skip
-    return (dweight, dbias) if ok else None
+    if not ok:
+        BGRADB_REFUSED[(M, N, K, dy.dtype, _allow_tf32())] = (
+            "cuBLASLt's heuristic has no CUBLASLT_EPILOGUE_BGRADB algorithm for this GEMM (dW = dy^T x, "
+            f"M={M} N={N} K={K}, {dy.dtype}); dW and dbias ran as torch.matmul + dy.sum(0)"
+        )
+        return None
+    return dweight, dbias
