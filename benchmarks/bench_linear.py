@@ -7,11 +7,22 @@ Per ViT MLP shape (rows M = batch x 197 tokens, width D = K, hidden 4D) and dtyp
 * ``fc2+residual``  ``h @ W2.T + b2 + x``:    ``ops.linear(..., residual=x)`` vs ``linear_ref``
 * ``mlp``           ``x + fc2(gelu(fc1(LN(x))))``: ops.layer_norm + the two fused linears vs the refs
 
+With ``--wgrad``, two more cases per shape time the backward of a linear without activation, dW = dy^T x
+and dbias = sum_rows(dy) (``fwd`` mode only: the case is itself a gradient): ``qkv wgrad+dbias`` (N = 3D,
+K = D) and ``fc2 wgrad+dbias`` (N = D, K = 4D); providers ``torch`` (``torch.matmul(dy.T, x)`` + ``dy.sum(0)``
+in fp32, what the measured dispatch compares against), ``fastvit_triton`` (the fused Triton kernel,
+``fastvit.kernels.linear.linear_wgrad``, called directly: not the measured choice) and ``fastvit_cuda``
+(cuBLASLt BGRADB, ``fastvit.ops._cuda_backends.linear_wgrad``; "not run" where cuBLASLt has no algorithm).
+Expected: the fused dbias saves one read of dy (M N 2 bytes in bf16: 232 MB for ViT-B/16 qkv at batch
+256, ~50-80 us at H200 bandwidth) against a ~0.25 ms GEMM; the Triton kernel wins only if its GEMM is
+within that margin of cuBLAS's.
+
 TFLOP/s count 2 M N K per GEMM (fwd_bwd: 3x, the input and weight gradients). The fwd ceiling of fc1 / fc2
 is ``torch.matmul`` of the same operands without an epilogue, timed in the same run (the issue's goal: the
 fused GEMM at >= 80% of it, the sub-block >= 1.3x the eager composition in bf16 at ViT-B/16 batch 256).
 
     python benchmarks/bench_linear.py [--models S B L H] [--batches 1 64 128 256] [--dtypes bfloat16] [--backward]
+                                      [--wgrad]
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ def _inputs(m: int, d: int, device: torch.device, dtype: torch.dtype) -> dict[st
         "b2": rand(d, scale=0.1),
         "ln_w": rand(d, scale=0.1) + 1,
         "ln_b": rand(d, scale=0.1),
+        "dqkv": rand(m, 3 * d),
     }
 
 
@@ -66,10 +78,35 @@ def cases(args, dtype):
                     reference=None if case == "mlp" else _matmul(case),
                     reference_name="torch.matmul same operands",
                 )
+            if getattr(args, "wgrad", False):
+                for case, n, k in (("qkv wgrad+dbias", 3 * d, d), ("fc2 wgrad+dbias", d, 4 * d)):
+                    yield Case(
+                        {"model": name, "M": m, "K": d, "case": case},
+                        lambda dev, dt, m=m, d=d: _inputs(m, d, dev, dt),
+                        flops={"fwd": 2 * m * n * k},
+                        bytes={"fwd": 2 * (m * n + m * k + n * k)},  # one read of dy and x, dW written (16-bit)
+                    )
 
 
 def providers(case, t, backends):
     x, h, w1, b1, w2, b2, ln_w, ln_b = (t[k] for k in ("x", "h", "w1", "b1", "w2", "b2", "ln_w", "ln_b"))
+    if case.label["case"].endswith("wgrad+dbias"):
+        from fastvit.kernels import linear as kernels_linear
+        from fastvit.ops import _cuda_backends
+
+        dy, xin = (t["dqkv"], x) if case.label["case"].startswith("qkv") else (x, h)
+
+        def cuda_bgradb():
+            out = _cuda_backends.linear_wgrad(dy, xin, True)
+            if out is None:
+                raise RuntimeError("cuBLASLt has no BGRADB algorithm for this problem")
+            return out
+
+        wgrad = {"triton": lambda: kernels_linear.linear_wgrad(dy, xin, True), "cuda": cuda_bgradb}
+        return {
+            "torch": lambda: (torch.matmul(dy.t(), xin), dy.sum(0, dtype=torch.float32)),
+            **{f"fastvit_{bk}": wgrad[bk] for bk in backends if bk in wgrad},
+        }
     if case.label["case"] == "fc1+gelu":
         run_ = lambda f, **bk: f(x, w1, b1, activation="gelu", **bk)  # noqa: E731
     elif case.label["case"] == "fc2+residual":
@@ -96,6 +133,7 @@ SPEC = OpSpec(
     options=(
         Option(("--models",), {"nargs": "+", "default": ["B", "L", "H"], "choices": sorted(MODELS)}),
         Option(("--batches",), {"type": int, "nargs": "+", "default": [1, 64, 128]}),
+        Option(("--wgrad",), {"action": "store_true", "help": "also time dW + fused dbias (no-activation linears)"}),
     ),
 )
 

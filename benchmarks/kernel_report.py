@@ -459,12 +459,21 @@ def _gemm_launches(rows: int, width: int, dtype: Any) -> list:
         dy = torch.empty(rows, h, **meta)
         linear.linear_act_grad(dy, x, w, b, "gelu", torch.empty(rows, h, **meta), need_dbias=True)
 
+    def wgrad(n: int, k: int) -> Callable[[], None]:
+        def run() -> None:  # dW = dy^T x with dbias fused (the non-activated linears' backward, when measured faster)
+            linear.linear_wgrad(torch.empty(rows, n, **meta), torch.empty(rows, k, **meta), need_dbias=True)
+
+        return run
+
     return [
         ("qkv", "gemm", fwd(width, 3 * width, None, False)),
         ("proj+res", "gemm", fwd(width, width, None, True)),
         ("fc1+gelu", "gemm", fwd(width, 4 * width, "gelu", False)),
         ("fc2+res", "gemm", fwd(4 * width, width, None, True)),
         ("fc1 gelu bwd", "gemm", act_grad),
+        ("qkv wgrad+dbias", "gemm", wgrad(3 * width, width)),
+        ("proj wgrad+dbias", "gemm", wgrad(width, width)),
+        ("fc2 wgrad+dbias", "gemm", wgrad(width, 4 * width)),
     ]
 
 
@@ -575,6 +584,7 @@ def build_report(dtype_name: str = "bfloat16", only: Optional[set] = None, worke
         # the GEMM launcher remembers each shape's tuned config and launches it untuned afterwards: forget it, so
         # every target records the autotuned launch (all its configs), not the first target's winner
         linear_kernels._BEST.clear()
+        linear_kernels._WGRAD_BEST.clear()
         with compile_target(cc):  # launchers that pick a kernel by target (attention's backward) see it
             launches = goal_launches(dtype_name, only, kernels, shapes)
         for shape_label, launch_label, kind, record in launches:
@@ -793,6 +803,10 @@ def training_flops_summary(batch: int = 256, tokens: int = 197, width: int = 768
         "saved_pct_of_before": 100.0 * (before - after) / before,
         "extra_pct_over_after": 100.0 * (before - after) / after,
         "saved_preact_bytes_bf16": batch * tokens * mlp_ratio * width * 2,
+        # dbias fused into the dW GEMM of each linear without activation (qkv, proj, fc2): the separate
+        # dy.sum(0) read M * N bf16 elements of dy; FLOPs unchanged (a sum is memory traffic)
+        "dbias_dy_bytes_bf16": {name: batch * tokens * n * 2 for name, n in
+                                (("qkv", 3 * width), ("proj", width), ("fc2", width))},
     }  # fmt: skip
 
 
@@ -812,6 +826,14 @@ def training_flops_markdown(batch: int = 256, tokens: int = 197, width: int = 76
         f"before (recompute) {s['before'] / 1e12:.3f} TFLOP, after (save) {s['after'] / 1e12:.3f} TFLOP: "
         f"{s['saved_pct_of_before']:.1f}% of before saved (recompute adds {s['extra_pct_over_after']:.1f}% over "
         f"after), for {s['saved_preact_bytes_bf16'] / 1e6:.0f} MB of saved bf16 pre-activation per block"
+    )
+    dy_bytes = s["dbias_dy_bytes_bf16"]
+    lines.append("")
+    lines.append(
+        "dbias fused into the dW GEMM (linears without activation; FLOPs unchanged): bf16 dy bytes no longer "
+        "read by a separate column sum (M * N * 2) per block: "
+        + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in dy_bytes.items())
+        + f", total {sum(dy_bytes.values()) / 1e6:.0f} MB"
     )
     return "\n".join(lines) + "\n"
 

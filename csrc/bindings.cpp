@@ -227,4 +227,23 @@ PYBIND11_MODULE(_C, m) {
       py::arg("g_stride"), py::arg("num_partials"), py::arg("activation"), py::arg("dtype"), py::arg("allow_tf32"),
       py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
       "g = dy * act'(x @ weight^T + bias) (h recomputed by cuBLASLt) and fp32 per-block partial column sums of g.");
+
+  m.def(
+      "linear_wgrad",
+      [](std::uintptr_t dy, std::uintptr_t x, std::uintptr_t dweight, std::uintptr_t dbias, std::int64_t m_rows,
+         std::int64_t n, std::int64_t k, std::int64_t dy_stride, std::int64_t x_stride, std::int64_t dweight_stride,
+         int dtype, bool allow_tf32, std::uintptr_t workspace, std::int64_t workspace_bytes, std::uintptr_t stream) {
+        fastvit::LinearWgradArgs a{.dy = dy, .x = x, .dweight = dweight, .dbias = dbias, .m = m_rows, .n = n,
+                                       .k = k, .dy_stride = dy_stride, .x_stride = x_stride,
+                                       .dweight_stride = dweight_stride, .dtype = dtype,
+                                       .allow_tf32 = allow_tf32, .workspace = workspace,
+                                       .workspace_bytes = workspace_bytes, .stream = stream};
+        py::gil_scoped_release release;
+        return fastvit::linear_wgrad(a);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("dweight"), py::arg("dbias"), py::arg("m"), py::arg("n"), py::arg("k"),
+      py::arg("dy_stride"), py::arg("x_stride"), py::arg("dweight_stride"), py::arg("dtype"), py::arg("allow_tf32"),
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+      "dweight = dy^T @ x and dbias = sum_rows(dy) in one cuBLASLt GEMM (BGRADB epilogue); False (nothing "
+      "written) where cuBLASLt has no algorithm for it.");
 }

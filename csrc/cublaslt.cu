@@ -266,7 +266,9 @@ bool try_matmul(const char* op, const MatmulArgs& a) {
   if (a.epilogue == Epilogue::kBias) epilogue = CUBLASLT_EPILOGUE_BIAS;
   if (a.epilogue == Epilogue::kGeluTanh) epilogue = CUBLASLT_EPILOGUE_GELU;
   if (a.epilogue == Epilogue::kGeluTanhBias) epilogue = CUBLASLT_EPILOGUE_GELU_BIAS;
-  const bool has_bias = a.epilogue == Epilogue::kBias || a.epilogue == Epilogue::kGeluTanhBias;
+  if (a.epilogue == Epilogue::kBgradB) epilogue = CUBLASLT_EPILOGUE_BGRADB;  // bias: written, not read
+  const bool has_bias =
+      a.epilogue == Epilogue::kBias || a.epilogue == Epilogue::kGeluTanhBias || a.epilogue == Epilogue::kBgradB;
   check(api, api.desc_set(d.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)), op,
         "setting the epilogue");
   if (has_bias) {

@@ -17,7 +17,9 @@ struct RowMajor {
 };
 
 // kGeluTanh*: cuBLASLt's GELU epilogue, the tanh approximation (nn.GELU(approximate="tanh")).
-enum class Epilogue { kNone, kBias, kGeluTanh, kGeluTanhBias };
+// kBgradB: CUBLASLT_EPILOGUE_BGRADB, no change to out; `bias` is an *output* of out.cols elements of
+// `dtype`: the sums of op(lhs) (cuBLASLt's B) over the GEMM's k dimension (csrc/linear.cu: linear_wgrad).
+enum class Epilogue { kNone, kBias, kGeluTanh, kGeluTanhBias, kBgradB };
 
 // out = epilogue(op(lhs) @ op(rhs) + addend), for `batch` independent products. op(M) is M or, with
 // the *_t flag, M^T. `addend` (ptr 0: none) has out's shape and may have its own ld and batch stride

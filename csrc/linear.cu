@@ -193,4 +193,49 @@ void linear_act_grad(const LinearActGradArgs& a) {
   check_launch(op);
 }
 
+// dW (N, K) = dy^T @ x, dbias (N) = sum over the M rows of dy, as one cuBLASLt call with BGRADB.
+//
+// Which operand is dy in cuBLASLt's column-major view (csrc/cublaslt.cu's mapping: A = rhs, B = lhs,
+// m = out.cols, n = out.rows): the row-major product is out = op(lhs) @ op(rhs) with lhs = dy (M, N)
+// transposed and rhs = x (M, K) as is, out = dW (N, K). Column-major, dW is read as dW^T (K, N) =
+// x^T @ dy: A = x, stored column-major as (K, M) with ld = x_stride, op N, so op(A) is (m, k) = (K, M);
+// B = dy, stored column-major as (N, M) with ld = dy_stride, op T, so op(B) is (k, n) = (M, N). The GEMM's
+// k is M. CUBLASLT_EPILOGUE_BGRADB reduces op(B) over k into a vector of D's column count n = N: entry j
+// is sum_i op(B)[i, j] = sum_i dy[i, j], the column sums of the row-major dy, which is dbias. (BGRADA
+// would reduce A = x over k: the wrong operand.) cublasLt.h (CUBLASLT_EPILOGUE_BGRADB, BIAS_POINTER) states
+// the same: bias size = D's column count, reduction over the GEMM's k, and bias-gradient elements of the
+// output type (so dbias comes back in dy's dtype; the torch pair rounds its fp32 sum to it as well).
+//
+// cuBLASLt documents BGRAD epilogues for a subset of layouts / dtypes / compute types and the set moves
+// between versions; rather than copy a table, the heuristic is asked: no algorithm -> false, and the
+// caller (fastvit/ops/_cuda_backends.py) runs torch.matmul + dy.sum(0).
+bool linear_wgrad(const LinearWgradArgs& a) {
+  const char* op = "linear_wgrad";
+  require(a.m > 0 && a.n > 0 && a.k > 0, op,
+          "sizes must be M > 0, N > 0, K > 0 (the caller handles M = 0), got M=" + std::to_string(a.m) +
+              ", N=" + std::to_string(a.n) + ", K=" + std::to_string(a.k));
+  require(a.m < (std::int64_t{1} << 31) && a.n < (std::int64_t{1} << 31) && a.k < (std::int64_t{1} << 31), op,
+          "cuBLASLt takes 32-bit matrix sizes; got M=" + std::to_string(a.m) + ", N=" + std::to_string(a.n) +
+              ", K=" + std::to_string(a.k));
+  require(a.dy_stride >= a.n && a.x_stride >= a.k && a.dweight_stride >= a.k, op,
+          "row strides must be dy >= N, x >= K, dweight >= K (unit column strides)");
+  require(a.dy && a.x && a.dweight && a.dbias, op, "dy, x, dweight and dbias must be non-null device pointers");
+  check_float_dtype(op, "dtype", a.dtype);
+  require(a.workspace_bytes >= 0, op, "workspace_bytes must be >= 0");
+  require_cuda_device(op);
+  MatmulArgs mm;
+  mm.lhs = {a.dy, a.m, a.n, a.dy_stride, 0};
+  mm.lhs_t = true;
+  mm.rhs = {a.x, a.m, a.k, a.x_stride, 0};
+  mm.out = {a.dweight, a.n, a.k, a.dweight_stride, 0};
+  mm.dtype = a.dtype;
+  mm.allow_tf32 = a.allow_tf32;
+  mm.epilogue = Epilogue::kBgradB;
+  mm.bias = a.dbias;
+  mm.workspace = a.workspace;
+  mm.workspace_bytes = a.workspace_bytes;
+  mm.stream = a.stream;
+  return try_matmul(op, mm);
+}
+
 }  // namespace fastvit

@@ -33,9 +33,25 @@ struct LinearActGradArgs {
   std::uintptr_t stream;
 };
 
+// The weight gradient of a linear without activation, with its bias gradient from the same GEMM.
+struct LinearWgradArgs {
+  std::uintptr_t dy, x, dweight, dbias;  // (M, N), (M, K), (N, K), (N,) dy's dtype
+  std::int64_t m, n, k;
+  std::int64_t dy_stride, x_stride, dweight_stride;
+  int dtype;  // DTypeCode of every operand
+  bool allow_tf32;
+  std::uintptr_t workspace;
+  std::int64_t workspace_bytes;
+  std::uintptr_t stream;
+};
+
 // y = act(x @ weight^T + bias) + residual.
 void linear_fwd(const LinearFwdArgs& a);
 // g = dy * act'(h), h = x @ weight^T + bias recomputed; per-block fp32 partial column sums of g (dbias).
 void linear_act_grad(const LinearActGradArgs& a);
+// dweight = dy^T @ x and dbias = sum_rows(dy) in one cuBLASLt GEMM (the BGRADB epilogue). Returns false,
+// having written nothing, where cuBLASLt has no algorithm for it (the caller then runs the GEMM and the
+// column sum separately); throws std::runtime_error on bad arguments or a cuBLASLt failure.
+bool linear_wgrad(const LinearWgradArgs& a);
 
 }  // namespace fastvit

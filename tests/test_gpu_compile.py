@@ -154,6 +154,14 @@ def _exercise_linear():
         b = torch.randn(48, dtype=torch.float16) if bias else None
         res = torch.randn(10, 48, dtype=torch.float16) if residual else None
         linear_tma.linear_tma_fwd(x, w, b, res, activation, torch.empty(10, 48, dtype=torch.float16))
+    # The fused wgrad + dbias kernel (the measured dispatch runs it on GPUs only, so it is launched directly):
+    # fp32 and fp16 (bf16 by the child's dtype swap), with and without the column sums, one and two splits.
+    from fastvit.kernels import linear as kernels_linear
+
+    for dtype in (torch.float32, torch.float16):
+        dy, x = torch.randn(300, 48, dtype=dtype), torch.randn(300, 32, dtype=dtype)
+        kernels_linear.linear_wgrad(dy, x, True, splits=2)
+        kernels_linear.linear_wgrad(dy, x, False, splits=1)
 
 
 def _exercise_attention():

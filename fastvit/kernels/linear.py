@@ -10,6 +10,14 @@ The forward can also store h = acc + bias (constexpr ``STORE_H``, the ``save_pre
 then the backward is ``_act_grad_saved_kernel``, an elementwise pass g = dy * act'(h) over the saved h
 with the same dbias partials, instead of the GEMM.
 
+The backward of a linear without activation has its own kernel, ``_wgrad_kernel`` (:func:`linear_wgrad`):
+dW = dy^T @ x tiled over (N, K) with the M reduction in the loop (optionally cut into row splits whose fp32
+partials are summed after, for the narrow proj / qkv grids), and dbias = sum_rows(dy) summed by the
+programs of the first K tile column from the dy tiles they load anyway: no second read of dy, no atomics.
+It replaces cuBLAS's wgrad, so :func:`linear_wgrad_dispatch` runs it only where it measured faster than
+``torch.matmul(dy.T, x)`` + ``dy.sum(0)`` (fastvit.ops.dispatch.measured_entry, family ``linear_wgrad``;
+``FASTVIT_WGRAD_FUSED=0`` turns it off; CPU tensors and static mode take the pair).
+
 Tiles are visited in groups of GROUP_M rows of tiles so neighbouring programs reuse the same weight
 columns from L2. Loads clamp ragged rows / columns into range (``% M``, ``% N``) so the K loop needs no
 M/N masks; K is masked only when BLOCK_K does not divide it; every store is masked. fp32 inputs follow
@@ -30,9 +38,18 @@ import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
 from fastvit.kernels import INTERPRET
-from fastvit.kernels._common import device_guard, graph_capturing, lazy_autotune, shared_memory_limit
+from fastvit.kernels._common import (
+    device_guard,
+    graph_capturing,
+    lazy_autotune,
+    shared_memory_limit,
+    target_capability,
+)
 
-__all__ = ["ACTIVATION_CODES", "linear_act_grad", "linear_act_grad_saved", "linear_fwd"]
+__all__ = [
+    "ACTIVATION_CODES", "WGRAD_CHOICES", "WGRAD_ENV_SWITCH", "WGRAD_FAMILY", "linear_act_grad", "linear_act_grad_saved",
+    "linear_fwd", "linear_wgrad", "linear_wgrad_dispatch", "wgrad_enabled",
+]  # fmt: skip
 
 ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
 _SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
@@ -478,5 +495,272 @@ def linear_act_grad_saved(
     return part.sum(0) if part is not None else None
 
 
+# ---------------------------------------------------- dW = dy^T @ x with dbias = sum_rows(dy) fused in
+
+
+@triton.jit
+def _wgrad_kernel(
+    DY,  # (M, N) the output's gradient, strides (stride_dym, stride_dyn)
+    X,  # (M, K) the forward's input, strides (stride_xm, stride_xk)
+    DW,  # (SPLITS, N, K) dweight (SPLITS == 1: dy's dtype) or fp32 per-split partials; row stride stride_dwn
+    DB,  # (SPLITS, N) fp32 column sums of dy per split (WRITE_DBIAS), or unused
+    M,
+    N,
+    K,
+    M_BUCKET,  # unused in the body: the autotuning key's row bucket
+    SPLITS,  # unused in the body (the grid's second axis): part of the autotuning key
+    ROWS_PER_SPLIT,  # rows of dy / x each split reduces over, a multiple of every BLOCK_M (256)
+    stride_dym,
+    stride_dyn,
+    stride_xm,
+    stride_xk,
+    stride_dwn,
+    WRITE_DBIAS: tl.constexpr,
+    EVEN_M: tl.constexpr,  # M % BLOCK_M == 0 (then every split's rows are whole tiles)
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # the reduction step
+    GROUP_N: tl.constexpr,
+):
+    """One (BLOCK_N, BLOCK_K) tile of dW = dy^T @ x over the rows [split * ROWS_PER_SPLIT, +ROWS_PER_SPLIT).
+    The programs of the first K tile column (pid_k == 0) also sum the dy tiles they load over those rows:
+    the fp32 column sums of dy (dbias) with no second read of dy and no atomics (one writer per (split, n))."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    pids_per_group = GROUP_N * num_pid_k
+    first_pid_n = (pid // pids_per_group) * GROUP_N
+    group_rows = min(num_pid_n - first_pid_n, GROUP_N)
+    pid_n = first_pid_n + (pid % pids_per_group) % group_rows
+    pid_k = (pid % pids_per_group) // group_rows
+
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_start = split.to(tl.int64) * ROWS_PER_SPLIT
+    m_stop = tl.minimum(m_start + ROWS_PER_SPLIT, M)
+    # Ragged N / K columns re-read valid ones (never stored), as in _linear_kernel; M is the reduction: masked.
+    dy_ptrs = DY + (offs_n % N)[:, None] * stride_dyn + (m_start + offs_m)[None, :] * stride_dym  # (BN, BM): dy^T
+    x_ptrs = X + (m_start + offs_m)[:, None] * stride_xm + (offs_k % K)[None, :] * stride_xk  # (BM, BK)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    col_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    first_k = pid_k == 0  # (WRITE_DBIAS tested apart: a constexpr `and` a tensor is not portable to Triton 3.1)
+    for m in range(m_start, m_stop, BLOCK_M):
+        if EVEN_M:
+            a = tl.load(dy_ptrs)
+            b = tl.load(x_ptrs)
+        else:
+            left = m_stop - m
+            a = tl.load(dy_ptrs, mask=offs_m[None, :] < left, other=0.0)
+            b = tl.load(x_ptrs, mask=offs_m[:, None] < left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if WRITE_DBIAS:
+            if first_k:
+                col_sum += tl.sum(a.to(tl.float32), axis=1)
+        dy_ptrs += BLOCK_M * stride_dym
+        x_ptrs += BLOCK_M * stride_xm
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    dw_ptrs = DW + split.to(tl.int64) * N * stride_dwn + offs_n[:, None] * stride_dwn + offs_k[None, :]
+    tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=mask)
+    if WRITE_DBIAS:
+        if first_k:
+            tl.store(DB + split.to(tl.int64) * N + offs_n, col_sum, mask=offs_n < N)
+
+
+def _wgrad_config(bn: int, bk: int, bm: int, warps: int, stages: int, group_n: int = 8) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "GROUP_N": group_n}, num_warps=warps, num_stages=stages
+    )
+
+
+# Output tiles (BLOCK_N x BLOCK_K) of the forward's sizes, the reduction step BLOCK_M 64 (32 for fp32); the
+# dy tile is loaded transposed ((BLOCK_N, BLOCK_M) with unit stride along N for a contiguous dy).
+_WGRAD_CONFIGS = [
+    _wgrad_config(128, 256, 64, 8, 3),
+    _wgrad_config(256, 128, 64, 8, 3),
+    _wgrad_config(128, 128, 64, 8, 3),
+    _wgrad_config(128, 128, 64, 4, 4),
+    _wgrad_config(128, 128, 32, 4, 4),
+    _wgrad_config(128, 64, 64, 4, 4),
+    _wgrad_config(64, 128, 64, 4, 4),
+    _wgrad_config(64, 64, 64, 4, 4),
+    _wgrad_config(64, 64, 32, 4, 3),
+]
+_WGRAD_DEFAULT_CONFIG = _wgrad_config(128, 128, 32, 4, 4)
+_WGRAD_INTERPRET_CONFIG = _wgrad_config(16, 32, 16, 1, 1, group_n=2)
+_WGRAD_ROWS_ALIGN = 256  # ROWS_PER_SPLIT is a multiple of this, so of every config's BLOCK_M
+
+
+def _wgrad_prune(configs: list, named_args: dict, **kwargs) -> list:
+    """Tiles that fit the target's shared memory per block at this dtype; fp32 operands take the 64 x 64 x 32
+    tile only (the forward's rule: larger fp32 tiles spill there). Below sm_90 (mma.sync: the accumulator
+    and the dy tile converted for the column sums share the registers) at most 64 accumulator values per
+    thread: the 128-per-thread tiles spill 40-296 bytes on sm_80 in bf16 (benchmarks/kernel_report.py,
+    ViT-B/16 bs256), none on sm_90a (wgmma)."""
+    elsize = named_args["DY"].element_size()
+    limit = shared_memory_limit(named_args["DY"])
+    hopper = target_capability(named_args["DY"]) >= 90
+    kept = []
+    for c in configs:
+        bn, bk, bm = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_M"]
+        if c.num_stages * (bn + bk) * bm * elsize > limit:
+            continue
+        if elsize == 4 and (bm > 32 or bn * bk > 64 * 64):
+            continue
+        if not hopper and bn * bk > 64 * 32 * c.num_warps:
+            continue
+        kept.append(c)
+    return kept or [_WGRAD_DEFAULT_CONFIG]
+
+
+_wgrad_fixed = triton.heuristics({"EVEN_M": lambda args: args["M"] % args["BLOCK_M"] == 0})(_wgrad_kernel)
+# DB is zeroed before every trial: only the pid_k == 0 programs write it.
+_wgrad_tuned = lazy_autotune(
+    configs=_WGRAD_CONFIGS, key=["M_BUCKET", "N", "K", "SPLITS", "WRITE_DBIAS", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _wgrad_prune}, reset_to_zero=["DB"],
+)(_wgrad_fixed)  # fmt: skip
+_WGRAD_BEST: dict[tuple, triton.Config] = {}
+
+
+def _wgrad_splits(M: int, N: int, K: int, programs: int) -> int:
+    """Splits of the M reduction: enough (BLOCK_N, BLOCK_K) = 128 x 128 tiles x splits to give every SM two
+    programs, at most 16, each split at least 2048 rows. ViT-B/16 at batch 256 (M = 50432, 132 SMs): qkv
+    (N 2304, K 768) 108 tiles -> 3 splits, proj 36 tiles -> 8, fc2 (N 768, K 3072) 144 tiles -> 2."""
+    tiles = triton.cdiv(N, 128) * triton.cdiv(K, 128)
+    want = triton.cdiv(2 * programs, tiles)
+    return max(1, min(16, want, M // 2048))
+
+
+def linear_wgrad(
+    dy: torch.Tensor, x: torch.Tensor, need_dbias: bool, splits: Optional[int] = None
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(dy.T @ x, sum_rows(dy))`` for a linear without activation: dweight (N, K) in dy's dtype and, when
+    ``need_dbias``, the fp32 column sums of dy (else None), both from one pass over dy. dy (M, N) and x
+    (M, K) share a dtype (fp16 / bf16 / fp32, TF32 as torch.get_float32_matmul_precision() allows); any
+    strides. ``splits`` (default: :func:`_wgrad_splits`) cuts the M reduction into that many row ranges whose
+    fp32 partials (dW and dbias) are summed in a fixed order after: deterministic, no atomics."""
+    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+        raise ValueError(f"linear_wgrad: dy (M, N) and x (M, K) must share M, got {tuple(dy.shape)}, {tuple(x.shape)}")
+    if dy.dtype != x.dtype or dy.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"linear_wgrad: dy and x must share one of float32/float16/bfloat16, got {dy.dtype}, {x.dtype}")
+    M, N = dy.shape
+    K = x.shape[1]
+    programs = _sm_programs(dy)
+    splits = _wgrad_splits(M, N, K, programs) if splits is None else splits
+    if not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"linear_wgrad: splits must be an int >= 1, got {splits!r}")
+    rows = triton.cdiv(triton.cdiv(max(M, 1), splits), _WGRAD_ROWS_ALIGN) * _WGRAD_ROWS_ALIGN
+    splits = max(1, triton.cdiv(M, rows))  # no empty split
+    if splits == 1:
+        dw = torch.empty((N, K), device=dy.device, dtype=dy.dtype)
+    else:
+        dw = torch.empty((splits, N, K), device=dy.device, dtype=torch.float32)
+    part = torch.zeros((splits, N), device=dy.device, dtype=torch.float32) if need_dbias else None
+    if M == 0 or N == 0 or K == 0:
+        dw.zero_()
+    else:
+        flags = {"WRITE_DBIAS": part is not None, "DOT_PRECISION": _dot_precision(dy.dtype)}
+        m_bucket = triton.next_power_of_2(M)
+        args = (
+            dy, x, dw, part if part is not None else dw, M, N, K, m_bucket, splits, rows,
+            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), K,
+        )  # fmt: skip
+
+        def grid(meta: dict) -> tuple[int, int]:
+            return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), splits)
+
+        key = (dy.device.index, dy.dtype, m_bucket, N, K, splits, *flags.values())
+        config = _WGRAD_INTERPRET_CONFIG if INTERPRET else _WGRAD_BEST.get(key)
+        with device_guard(dy):
+            if config is None and graph_capturing(dy):
+                config = _WGRAD_DEFAULT_CONFIG
+            if config is None:
+                _wgrad_tuned[grid](*args, **flags)
+                _WGRAD_BEST[key] = _wgrad_tuned.best_config
+            else:
+                _wgrad_fixed[grid](*args, **flags, **_config_kwargs(config))
+    if splits > 1:
+        dw = dw.sum(0).to(dy.dtype)
+    return dw, (part.sum(0) if part is not None else None)
+
+
+def _sm_programs(t: torch.Tensor) -> int:
+    if t.is_cuda:
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return 132  # H100 / H200 SXM: the compile report's meta tensors and the interpreter
+
+
+# The measured choice between the fused kernel and the torch pair (fastvit.ops.dispatch.measured_entry, as
+# kernels/linear_tma.py chooses its GEMM). (device index, M, N, K, dtype, need dbias) -> "torch" or "fused".
+WGRAD_ENV_SWITCH = "FASTVIT_WGRAD_FUSED"
+WGRAD_FAMILY = "linear_wgrad"
+WGRAD_CHOICES: dict[tuple, str] = {}
+
+
+def wgrad_enabled() -> bool:
+    """False when ``FASTVIT_WGRAD_FUSED=0`` (or ``false`` / ``off`` / ``no``)."""
+    import os
+
+    return os.environ.get(WGRAD_ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _wgrad_device(t: torch.Tensor) -> Optional[torch.device]:
+    """The GPU the choice is made for; None off CUDA (the tests stand a CPU tensor in for a GPU one)."""
+    return t.device if t.is_cuda else None
+
+
+def wgrad_signature(M: int, N: int, K: int, dtype: torch.dtype, need_dbias: bool) -> str:
+    dt = str(dtype).replace("torch.", "")
+    return f"{dt}|M={M}|N={N}|K={K}|dbias={need_dbias}"
+
+
+def _torch_wgrad(dy: torch.Tensor, x: torch.Tensor, need_dbias: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The unfused pair: cuBLAS's wgrad and torch's fp32 column sum (a second read of dy)."""
+    return torch.matmul(dy.t(), x), dy.sum(0, dtype=torch.float32) if need_dbias else None
+
+
+def linear_wgrad_dispatch(
+    dy: torch.Tensor, x: torch.Tensor, need_dbias: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(dy.T @ x, fp32 sum_rows(dy) or None)`` by the fused kernel where it measured faster than the torch
+    pair for this key, else by the pair: always on CPU tensors, with ``FASTVIT_WGRAD_FUSED=0``,
+    ``FASTVIT_DISPATCH=static`` (the static choice, unmeasured), a key neither measured nor cached inside
+    CUDA-graph capture or torch.compile tracing, or where the fused kernel raised while timed (refused,
+    with the reason, in the dispatch table)."""
+    from fastvit.ops import dispatch
+
+    device = _wgrad_device(dy)
+    if device is None or not wgrad_enabled() or dispatch.current_mode() == "static":
+        return _torch_wgrad(dy, x, need_dbias)
+    M, N = dy.shape
+    K = x.shape[1]
+    key = (device.index, M, N, K, dy.dtype, need_dbias)
+    choice = WGRAD_CHOICES.get(key)
+    if choice is None:
+        if torch.compiler.is_compiling():
+            return _torch_wgrad(dy, x, need_dbias)
+        entry = dispatch.measured_entry(
+            WGRAD_FAMILY,
+            wgrad_signature(M, N, K, dy.dtype, need_dbias),
+            {"torch": lambda: _torch_wgrad(dy, x, need_dbias), "fused": lambda: linear_wgrad(dy, x, need_dbias)},
+            device,
+            measure=not graph_capturing(dy),
+        )
+        if entry is None:
+            return _torch_wgrad(dy, x, need_dbias)
+        choice = WGRAD_CHOICES.setdefault(key, entry["backend"])
+    return linear_wgrad(dy, x, need_dbias) if choice == "fused" else _torch_wgrad(dy, x, need_dbias)
+
+
+def _register_reset() -> None:
+    from fastvit.ops import dispatch
+
+    dispatch._RESET_HOOKS.append(WGRAD_CHOICES.clear)
+
+
 # Imported last: linear_tma imports this module's epilogue helpers.
 from fastvit.kernels import linear_tma  # noqa: E402
+
+_register_reset()

@@ -40,6 +40,7 @@ __all__ = [
     "linear_act_grad",
     "linear_fwd",
     "linear_reasons",
+    "linear_wgrad",
     "patch_embed_bwd",
     "patch_embed_fwd",
     "patch_embed_reasons",
@@ -416,3 +417,40 @@ def linear_act_grad(
             workspace=_ext.ptr(workspace), workspace_bytes=_WORKSPACE_BYTES, stream=_ext.stream_handle(x.device),
         )  # fmt: skip
     return part.sum(0) if part is not None else None
+
+
+# (M, N, K, dtype, allow_tf32) -> why linear_wgrad left that problem to the separate GEMM + column sum: the
+# cuda backend's BGRADB refusals, for python -c "from fastvit.ops import _cuda_backends as c; print(c.BGRADB_REFUSED)".
+BGRADB_REFUSED: dict[tuple, str] = {}
+
+
+def linear_wgrad(dy: Tensor, x: Tensor, need_dbias: bool) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+    """``(dy.T @ x, dy.sum(0) in dy's dtype)`` for a linear without activation, the bias gradient from the
+    same cuBLASLt GEMM (BGRADB epilogue: csrc/linear.cu::linear_wgrad). dy (M, N) and x (M, K) any strides
+    (copied only where cuBLASLt cannot read them). Returns None, having written nothing, where this does not
+    apply, so the caller runs ``torch.matmul(dy.t(), x)`` and ``dy.sum(0)``: no dbias wanted, M = 0, or
+    cuBLASLt has no BGRADB algorithm for the problem (its documented support depends on the layout, dtype
+    and compute type and on the library version; the heuristic's answer is what is used)."""
+    M, N = dy.shape
+    K = x.shape[1]
+    if not need_dbias or M == 0 or N == 0 or K == 0:
+        return None
+    C = _require_cublaslt("linear")
+    dy, x = _gemm_operand(dy), _gemm_operand(x)
+    dweight = torch.empty((N, K), device=dy.device, dtype=dy.dtype)
+    dbias = torch.empty((N,), device=dy.device, dtype=dy.dtype)
+    workspace = _workspace(x)
+    with device_guard(x):
+        ok = C.linear_wgrad(
+            dy=_ext.ptr(dy), x=_ext.ptr(x), dweight=_ext.ptr(dweight), dbias=_ext.ptr(dbias), m=M, n=N, k=K,
+            dy_stride=dy.stride(0), x_stride=x.stride(0), dweight_stride=dweight.stride(0),
+            dtype=_ext.dtype_code(x), allow_tf32=_allow_tf32(), workspace=_ext.ptr(workspace),
+            workspace_bytes=_WORKSPACE_BYTES, stream=_ext.stream_handle(x.device),
+        )  # fmt: skip
+    if not ok:
+        BGRADB_REFUSED[(M, N, K, dy.dtype, _allow_tf32())] = (
+            "cuBLASLt's heuristic has no CUBLASLT_EPILOGUE_BGRADB algorithm for this GEMM (dW = dy^T x, "
+            f"M={M} N={N} K={K}, {dy.dtype}); dW and dbias ran as torch.matmul + dy.sum(0)"
+        )
+        return None
+    return dweight, dbias

@@ -36,13 +36,16 @@ Memory choice, ``save_preact`` (activated layers on the "triton" and "cuda" back
   block; turn it on where the memory is spare.
 * The "torch" backend is autograd's own composition: F.gelu keeps h whatever the flag says.
 
-With no activation there is nothing to recompute and dy is g; dbias is then ``dy.sum(0)`` in fp32, one
-read of dy beside the two cuBLAS GEMMs (torch.matmul) that read it: no fastvit pass reads dy there to
-fuse it into. Fusing it needs a dW GEMM of our own (the program holding the first K tile would also sum
-dy's column tiles it loads) or cuBLASLt's BGRADB epilogue (a new csrc entry point), neither of which can
-be tuned or timed without a GPU. The separate sum reads M * N elements once (bf16, ViT-B/16 batch 256,
-qkv + proj + fc2: 387 MB per block, against 1.67 TFLOP of backward GEMMs per block), and torch's column
-sum is deterministic. Activated layers already get dbias from the pass that computes g (both paths).
+With no activation there is nothing to recompute and dy is g; dbias = sum_rows(dy) then comes from the
+dW GEMM's own pass over dy (fastvit::linear_wgrad) instead of a separate ``dy.sum(0)``, which read M * N
+elements of dy once more (bf16, ViT-B/16 batch 256, qkv + proj + fc2: 387 MB per block; the FLOPs do not
+change). "cuda": cuBLASLt's BGRADB epilogue (csrc/linear.cu::linear_wgrad; where cuBLASLt has no
+algorithm for it, the separate pair runs). "triton": the Triton dW kernel whose first K-tile programs also
+sum the dy tiles they load (kernels/linear.py), chosen per (GPU, M, N, K, dtype) by measurement against
+``torch.matmul(dy.T, x)`` + ``dy.sum(0)`` (it replaces a cuBLAS GEMM, so it runs only where it timed
+faster; ``FASTVIT_WGRAD_FUSED=0`` turns it off, and on CPU tensors, in static dispatch mode or unmeasured
+inside capture / tracing the pair runs). Without dW wanted dbias is the column sum alone. Both column sums
+are fp32 and deterministic. Activated layers already get dbias from the pass that computes g (both paths).
 
 Dtypes: x, weight, bias and residual share one dtype: fp16 and bf16 run on the tensor cores with fp32
 accumulation. fp32 inputs follow ``torch.get_float32_matmul_precision()`` exactly as ``F.linear`` does:
@@ -296,22 +299,58 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_residual = residual is not None
 
 
+@torch.library.custom_op("fastvit::linear_wgrad", mutates_args=())
+def _linear_wgrad(dy: Tensor, x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """dy (M, N), x (M, K). Returns (dy.T @ x, sum_rows(dy)) in dy's dtype, the column sums fused into the
+    dW GEMM where the backend has that: "cuda" cuBLASLt's BGRADB epilogue (where cuBLASLt has an algorithm
+    for it), "triton" the fused Triton kernel where it measured faster (kernels/linear.py:
+    linear_wgrad_dispatch); everywhere else torch.matmul and the fp32 column sum."""
+    if backend == "cuda":
+        fused = _cuda.linear_wgrad(dy, x, True)
+        if fused is not None:
+            return fused
+    elif backend == "triton":
+        dweight, dbias = _triton_kernels.linear_wgrad_dispatch(dy, x, True)
+        return dweight, dbias.to(dy.dtype)
+    return torch.matmul(dy.t(), x), dy.sum(0, dtype=torch.float32).to(dy.dtype)
+
+
+@_linear_wgrad.register_fake
+def _(dy, x, backend):
+    return dy.new_empty((dy.shape[1], x.shape[1])), dy.new_empty((dy.shape[1],))
+
+
+def _input_grads(ctx, g: Tensor, x: Tensor, weight: Tensor, dbias: Optional[Tensor], need_dbias: bool):
+    """(dx, dweight, dbias) from g = dy * act'(h) (g = dy without activation), for both backwards. ``dbias``
+    is the act-grad pass's column sums, or None: then, when wanted, it comes from here, from the dW GEMM's
+    pass over g (fastvit::linear_wgrad) when dW is wanted too, else from a column sum."""
+    dx = torch.matmul(g, weight) if ctx.needs_input_grad[0] else None
+    dweight = None
+    if ctx.needs_input_grad[1]:
+        if need_dbias and dbias is None:
+            dweight, dbias = _wgrad(g, x, ctx.backend)
+        else:
+            dweight = torch.matmul(g.t(), x)
+    elif need_dbias and dbias is None:
+        dbias = g.sum(0, dtype=torch.float32).to(g.dtype)
+    return dx, dweight, dbias if need_dbias else None
+
+
 def _backward(ctx, dy):
     x, weight, bias = ctx.saved_tensors
     need_dbias = bias is not None and ctx.needs_input_grad[2]
     if ctx.activation:
         g, dbias = _act_grad(dy, x, weight, bias, ctx.activation, need_dbias, ctx.backend)
     else:
-        g, dbias = dy, dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_dbias else None
-    dx = torch.matmul(g, weight) if ctx.needs_input_grad[0] else None
-    dweight = torch.matmul(g.t(), x) if ctx.needs_input_grad[1] else None
-    dbias = dbias if need_dbias else None
+        g, dbias = dy, None
+    dx, dweight, dbias = _input_grads(ctx, g, x, weight, dbias, need_dbias)
     dresidual = dy if ctx.has_residual else None
     return dx, dweight, dbias, dresidual, None, None
 
 
 _fwd = eager_op(_linear_fwd, _setup_context, _backward)
 _act_grad = direct(_linear_act_grad)
+_wgrad = direct(_linear_wgrad)
 register_autocast_lower(_linear_fwd)
 
 
@@ -397,9 +436,7 @@ def _backward_save(ctx, dy, _dh):
     if dy is None:  # y unused by the loss (materialize_grads is off)
         dy = h.new_zeros(h.shape)
     g, dbias = _act_grad_saved(dy, h, ctx.activation, need_dbias, ctx.backend)
-    dx = torch.matmul(g, weight) if ctx.needs_input_grad[0] else None
-    dweight = torch.matmul(g.t(), x) if ctx.needs_input_grad[1] else None
-    dbias = dbias if need_dbias else None
+    dx, dweight, dbias = _input_grads(ctx, g, x, weight, dbias, need_dbias)
     dresidual = dy if ctx.has_residual else None
     return dx, dweight, dbias, dresidual, None, None
 

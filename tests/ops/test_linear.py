@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvit import ops
-from fastvit.ops.linear import ACTIVATIONS, _linear_act_grad, _linear_fwd, linear_ref
+from fastvit.ops.linear import ACTIVATIONS, _linear_act_grad, _linear_fwd, _linear_wgrad, linear_ref
 from fastvit.testing import assert_three_way, poisoned_outputs
 from tests.ops.backends import kernel_backends, run_under_memcheck
 
@@ -263,6 +263,8 @@ def test_opcheck(activation, bias, residual, device):
     if activation:
         b_ = b.detach() if b is not None else None
         torch.library.opcheck(_linear_act_grad, (dy, x.detach(), w.detach(), b_, activation, bias, "triton"))
+    else:
+        torch.library.opcheck(_linear_wgrad, (dy, x.detach(), "triton"))
 
 
 @pytest.mark.interpreter
@@ -743,6 +745,10 @@ def test_training_gemm_flops_vit_b16_by_hand():
     assert summary["saved_preact_bytes_bf16"] == 309_854_208  # 256 * 197 * 3072 * 2 B, the documented 310 MB
     text = report.training_flops_markdown()
     assert "before (recompute) 2.380 TFLOP, after (save) 2.142 TFLOP: 10.0% of before saved" in text
+    # dbias fused into the dW GEMM: no FLOPs change (the totals above hold); the separate column sum's read of
+    # dy is gone, M * N * 2 bytes per linear without activation (qkv N = 2304, proj and fc2 N = 768)
+    assert summary["dbias_dy_bytes_bf16"] == {"qkv": 232_390_656, "proj": 77_463_552, "fc2": 77_463_552}
+    assert "qkv 232 MB, proj 77 MB, fc2 77 MB, total 387 MB" in text
 
 
 @pytest.mark.interpreter
@@ -806,3 +812,88 @@ def test_save_preact_reaches_the_mlp_layers(monkeypatch, device):
     assert runs[True][0] - runs[False][0] == 10 * 48 * 4 - 48 * 4  # + fc1's h, - fc1's bias (not needed)
     for a, c in zip(runs[False][1:], runs[True][1:]):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------- dbias fused into the dW GEMM (no activation)
+#
+# Without an activation the backward gets dW and dbias from one pass over dy (fastvit::linear_wgrad). On
+# the "triton" backend the fused kernel runs only where the measured dispatch chose it: here a GPU is
+# faked (as tests/kernels/test_linear_wgrad.py does) and the injected timer says the fused kernel is the
+# faster, so the real kernel (under the interpreter on CPU) computes the gradients checked below.
+
+
+@pytest.fixture
+def fused_wgrad(monkeypatch, tmp_path):
+    from fastvit.kernels import linear as kernels_linear
+    from fastvit.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(dispatch, "_gpu_name", lambda index: "Fake H100")
+    monkeypatch.setattr(dispatch, "_index", lambda device: 0)
+    monkeypatch.setattr(kernels_linear, "_wgrad_device", lambda t: torch.device("cuda", 0))
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(tmp_path / "dispatch.json"))
+    for name in (dispatch.MODE_ENV, kernels_linear.WGRAD_ENV_SWITCH):
+        monkeypatch.delenv(name, raising=False)
+    dispatch.reset()
+    state = {"fused": 0, "timing": False}
+    real = kernels_linear.linear_wgrad
+
+    def spy(dy, x, need_dbias, *args):
+        state["last"] = "fused"
+        state["fused"] += 0 if state["timing"] else 1
+        return real(dy, x, need_dbias, *args)
+
+    def timer(fn, device):
+        state["last"], state["timing"] = "torch", True
+        fn()
+        state["timing"] = False
+        return {"torch": 2.0, "fused": 1.0}[state["last"]]
+
+    monkeypatch.setattr(kernels_linear, "linear_wgrad", spy)
+    previous = dispatch.set_timer(timer)
+    yield state
+    dispatch.set_timer(previous)
+    dispatch.reset()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_wgrad_gradients_match(fused_wgrad, residual, dtype, device):
+    """Ragged M = 70 (not a multiple of the tile), K = 40, N = 24; the fused kernel served dW and dbias."""
+    x, w, b, r = _inputs((2, 35, 40), 24, dtype, device, residual=residual)
+    _check("triton", x, w, b, r, None)
+    assert fused_wgrad["fused"] == 1
+
+
+@pytest.mark.interpreter
+def test_fused_wgrad_only_when_both_grads_are_wanted(fused_wgrad, device):
+    """No bias, or a frozen bias: dW by torch.matmul; a frozen weight: dbias by the column sum alone."""
+    x, w, b, _ = _inputs((70, 40), 24, torch.float16, device, residual=False)
+    dy = torch.randn(70, 24, device=device).half()
+    torch.autograd.grad(ops.linear(x, w, None, backend="triton"), (x, w), dy)
+    b.requires_grad_(False)
+    torch.autograd.grad(ops.linear(x, w, b, backend="triton"), (x, w), dy)
+    b.requires_grad_(True)
+    w.requires_grad_(False)
+    (db,) = torch.autograd.grad(ops.linear(x, w, b, backend="triton"), (b,), dy)
+    assert fused_wgrad["fused"] == 0
+    assert_three_way(db, dy.double().sum(0), dy.sum(0), factor=3.0, name="dbias")
+
+
+@pytest.mark.interpreter
+def test_wgrad_unmeasured_runs_the_torch_pair(device, monkeypatch):
+    """On a CPU tensor (no GPU to measure on) the pair runs: same values as the torch backend's autograd."""
+    from fastvit.kernels import linear as kernels_linear
+
+    if device.type != "cpu":
+        pytest.skip("the CPU case; the gpu tests measure for real")
+    calls = []
+    monkeypatch.setattr(kernels_linear, "linear_wgrad", lambda *a: calls.append(a))
+    x, w, b, _ = _inputs((70, 40), 24, torch.float32, device, residual=False)
+    dy = torch.randn(70, 24)
+    got = torch.autograd.grad(ops.linear(x, w, b, backend="triton"), (w, b), dy)
+    want = torch.autograd.grad(ops.linear(x, w, b, backend="torch"), (w, b), dy)
+    assert calls == []
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e)
