@@ -275,7 +275,7 @@ def test_args_structs_are_bound_by_name(case, tmp_path):
     with open(os.path.join(REPO, "csrc", "bindings.cpp")) as f:
         bindings = f.read()
     structs = re.findall(r"(\w+Args) a\{(.)", bindings)
-    assert len(structs) == 8 and all(first == "." for _, first in structs), structs
+    assert len(structs) == 9 and all(first == "." for _, first in structs), structs  # 9: LinearWgradArgs (#15)
     strides = {
         "in order": ".x_stride = 8, .residual_stride = 0, .y_stride = 8",
         "two strides swapped": ".y_stride = 8, .residual_stride = 0, .x_stride = 8",
