@@ -166,6 +166,7 @@ def collect() -> dict[str, Any]:
         "fallbacks": {f"{op}/{backend}": reasons for (op, backend), reasons in dispatch.fallback_log().items()},
         "dispatch": dispatch.describe_cache(),
         "linear_tma": linear_tma_status(),
+        "linear_wgrad": linear_wgrad_status(),
     }
 
 
@@ -184,6 +185,28 @@ def linear_tma_status() -> dict[str, Any]:
         "available": "yes" if linear_tma.HAS_API else f"no (triton {kernels.TRITON_VERSION} has no tensor descriptors)",
         "enabled": linear_tma.enabled(),
         "choices": {k: e.get("backend") for k, e in sorted(table.items()) if k.startswith(prefix)},
+    }
+
+
+def linear_wgrad_status() -> dict[str, Any]:
+    """The fused weight-gradient GEMM (dW with dbias from the same pass over dy, linears without activation):
+    its switch, its measured choices (``linear_wgrad|...`` entries: "fused" or "torch") and the shapes for
+    which cuBLASLt refused its BGRADB epilogue in this process (the cuda backend then ran the torch pair)."""
+    try:
+        from fastvit.kernels import linear as triton_linear
+    except Exception as exc:  # noqa: BLE001 - no Triton: the torch pair (and cuBLASLt on cuda) only
+        return {"available": f"not importable ({type(exc).__name__}: {exc})", "enabled": False, "choices": {}}
+    from fastvit.ops import _cuda_backends
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a bad cache is reported by describe_cache already
+        table = dispatch.measured_table()
+    prefix = f"{triton_linear.WGRAD_FAMILY}|"
+    return {
+        "available": "yes",
+        "enabled": triton_linear.wgrad_enabled(),
+        "choices": {k: e.get("backend") for k, e in sorted(table.items()) if k.startswith(prefix)},
+        "bgradb_refused": {str(k): why for k, why in _cuda_backends.BGRADB_REFUSED.items()},
     }
 
 
@@ -258,6 +281,14 @@ def main() -> None:
     print(
         f"linear TMA GEMM: API {tma['available']}, {switch}; measured choices {len(tma['choices'])} "
         f"(tma {won}, pointer {len(tma['choices']) - won}; listed above as linear_tma|...)"
+    )
+    wgrad = info["linear_wgrad"]
+    fused = sum(1 for b in wgrad["choices"].values() if b == "fused")
+    switch = "on" if wgrad["enabled"] else "off (FASTVIT_WGRAD_FUSED=0)"
+    print(
+        f"linear fused wgrad (dW + dbias): {switch}; measured choices {len(wgrad['choices'])} (fused {fused}, "
+        f"torch {len(wgrad['choices']) - fused}; listed above as linear_wgrad|...); cuBLASLt BGRADB refused "
+        f"for {len(wgrad.get('bgradb_refused', {}))} shapes"
     )
 
 

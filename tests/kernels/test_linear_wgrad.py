@@ -239,3 +239,15 @@ def test_gpu_dispatch_measures_and_runs_the_winner():
     entry = [v for k, v in dispatch.measured_table().items() if k.startswith(linear.WGRAD_FAMILY + "|")]
     assert entry and set(entry[0]["times_ms"]) | set(entry[0]["refused"]) == {"torch", "fused"}
     assert_three_way(dw.double(), _ref(dy, x)[0], torch.matmul(dy.t(), x).double(), factor=3.0)
+
+
+def test_info_lists_the_cached_wgrad_choices(fake_gpu, capsys):
+    from fastvit import info
+
+    _call()  # fused timed faster (the fixture's 1.0 ms against 2.0 ms)
+    dispatch.reset()  # listed from the file
+    info.main()
+    out = capsys.readouterr().out
+    assert f"  {KEY} -> fused  (fused 1.0000 ms, torch 2.0000 ms; " in out
+    assert "linear fused wgrad (dW + dbias): on; measured choices 1 (fused 1, torch 0" in out
+    assert info.collect()["linear_wgrad"]["choices"] == {KEY: "fused"}
