@@ -828,10 +828,12 @@ def compare(before: list, after: list) -> str:
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="folder for kernel_report.json and kernel_report.md (required to compile)")
-    parser.add_argument("--kinds", nargs="+", choices=["gemm", "attention", "layer_norm", "patch_embed", "soft_split"], help="default: all")
+    parser.add_argument("--kinds", nargs="+", choices=["gemm", "attention", "layer_norm", "patch_embed", "soft_split"],
+                        help="default: all")  # fmt: skip
     parser.add_argument("--targets", nargs="+", type=int, default=[90, 80], choices=[80, 90])
     parser.add_argument("--kernels", nargs="+", help="only these kernel functions (e.g. _linear_tma_kernel)")
-    parser.add_argument("--shapes", nargs="+", choices=sorted({*GEMMS, *ATTENTION, *LAYER_NORM, *PATCH_EMBED, *SOFT_SPLIT}),
+    shape_labels = sorted({*GEMMS, *ATTENTION, *LAYER_NORM, *PATCH_EMBED, *SOFT_SPLIT})
+    parser.add_argument("--shapes", nargs="+", choices=shape_labels,
                         help="only these shape labels (default: all)")  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: CPUs)")
