@@ -539,6 +539,30 @@ def _layer_norm_launches(rows: int, width: int, dtype: Any) -> list:
     return [("fwd+res", "layer_norm", fwd), ("bwd+res", "layer_norm", bwd)]
 
 
+# SMs of the targets' reference GPUs (H100 SXM, A100): launchers that size grids and row chunks by the SM count
+# (patch_embed's dweight splits, soft_split's persistent LayerNorm statistics) record what those GPUs launch; a
+# meta tensor would count 1 SM, and the chunk length (an int argument, specialised on divisibility by 16) with it.
+TARGET_SMS = {90: 132, 80: 108}
+
+
+@contextlib.contextmanager
+def _target_sm_count() -> Any:
+    """Within the block, sm_count() of a non-GPU tensor answers the compile target's reference SM count."""
+    from unittest import mock
+
+    from fastvit import _geometry
+    from fastvit.kernels import patch_embed
+    from fastvit.kernels._common import target_capability
+
+    real = _geometry.sm_count
+
+    def sm_count(t: Any) -> int:
+        return real(t) if t.is_cuda else TARGET_SMS[target_capability(t)]
+
+    with mock.patch.object(_geometry, "sm_count", sm_count), mock.patch.object(patch_embed, "sm_count", sm_count):
+        yield
+
+
 def _patch_embed_launches(batch: int, side: int, patch: int, width: int, prefix: int, dtype: Any) -> list:
     """(label, kind, thunk): the patch embedding forward (bias, class token, position embedding covering it, as
     timm's ViT / DeiT run it fused) and its backward's two kernels, dx (image gradient) and dweight."""
@@ -565,7 +589,8 @@ def _patch_embed_launches(batch: int, side: int, patch: int, width: int, prefix:
 
     def dweight() -> None:
         dout = torch.empty(batch, prefix + tokens, width, **meta)
-        patch_embed.patch_embed_dweight(dout, image(), weight(), prefix)
+        with _target_sm_count():  # the row chunks a GPU of the target splits into
+            patch_embed.patch_embed_dweight(dout, image(), weight(), prefix)
 
     return [("fwd", "patch_embed", fwd), ("bwd dx", "patch_embed", dx), ("bwd dweight", "patch_embed", dweight)]
 
@@ -608,8 +633,9 @@ def _soft_split_launches(batch: int, channels: int, side: int, k: int, s: int, p
     def ln_stats() -> None:
         x, strides = source()
         dy = torch.empty(rows, features, **meta)
-        soft_split.soft_split_ln_bwd_stats(dy, x, strides, geometry, kernel, torch.empty(features, **meta),
-                                           *stats(), True)  # fmt: skip
+        with _target_sm_count():  # its persistent grid and rows per program on a GPU of the target
+            soft_split.soft_split_ln_bwd_stats(dy, x, strides, geometry, kernel, torch.empty(features, **meta),
+                                               *stats(), True)  # fmt: skip
 
     def fold() -> None:
         x, strides = source()

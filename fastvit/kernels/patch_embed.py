@@ -71,18 +71,22 @@ _GEMM_SHAPES = [
 ]
 
 
-# (target capability, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the dweight configs that spill registers
-# at the goal shapes (benchmarks/kernel_report.py, bf16, ViT-B/16 / ViT-L/16@384 / DeiT-S at batch 256):
-# on sm_80 (mma.sync, operands through registers) the 128-row gathered reduction tile over 4 warps with
-# 4 stages needs 128 registers and 24 bytes of spill; sm_90 (wgmma) builds it in 109 registers, no spill.
-_DWEIGHT_SPILLS = {(80, 128, 64, 64, 4, 4)}
+# (target capability, element bytes, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the dweight configs that spill
+# registers (ptxas -v, benchmarks/kernel_report.py and tests/test_gpu_compile.py):
+# * bf16 / fp16 on sm_80 (mma.sync, operands through registers) at the goal shapes (ViT-B/16, ViT-L/16@384,
+#   DeiT-S at batch 256): the 128-row gathered reduction tile over 4 warps, 4 stages, needs 128 registers and
+#   24 bytes of spill; sm_90 (wgmma) builds it in 142 registers without spill.
+# * fp32 (TF32) on sm_90 with short row chunks (test_gpu_compile's 4-row launch, chunks not a multiple of 16):
+#   64 x 128 x 64 over 4 warps, 4 stages: 255 registers, 12400 bytes of spill (207-212 registers, none, at the
+#   goal shapes' chunk lengths). The config fits only sm_90's shared memory in fp32.
+_DWEIGHT_SPILLS = {(80, 2, 128, 64, 64, 4, 4), (90, 4, 64, 128, 64, 4, 4)}
 
 
 def _fits_shared_memory(operands: str, spills: frozenset = frozenset()):
     """An autotune ``early_config_prune`` keeping the configs whose pipelined operand tiles fit the GPU's
     shared memory per block in the launch's dtype. ``operands`` names the two staged tiles' shapes:
-    "MK,NK" (forward), "MN,NK" (dx) or "NM,MK" (dweight). ``spills``: (capability, BLOCK_M, BLOCK_N,
-    BLOCK_K, warps, stages) tuples dropped on that target (measured to spill there)."""
+    "MK,NK" (forward), "MN,NK" (dx) or "NM,MK" (dweight). ``spills``: (capability, element bytes, BLOCK_M,
+    BLOCK_N, BLOCK_K, warps, stages) tuples dropped on that target and dtype (measured to spill there)."""
     dims = {"M": "BLOCK_M", "N": "BLOCK_N", "K": "BLOCK_K"}
 
     def prune(configs: list, named_args: dict, **_: object) -> list:
@@ -100,7 +104,7 @@ def _fits_shared_memory(operands: str, spills: frozenset = frozenset()):
         cc = target_capability(first)
 
         def spill_free(cfg: triton.Config) -> bool:
-            key = (cc, *(cfg.kwargs[dims[d]] for d in "MNK"), cfg.num_warps, cfg.num_stages)
+            key = (cc, elem, *(cfg.kwargs[dims[d]] for d in "MNK"), cfg.num_warps, cfg.num_stages)
             return key not in spills
 
         candidates = [cfg for cfg in configs if spill_free(cfg)] or configs
