@@ -7,7 +7,11 @@ Every Triton kernel of fastvit, in every autotune configuration its prune keeps,
   ViT-L/16@384 at batch 256, DeiT-S at batch 256;
 * attention forward and backward at ViT-B/16 (N=197, D=64), ViT-L/16@384 (N=577, D=64), ViT-H/14 (N=257,
   D=80), DeiT-S (N=197, D=64), T2T-ViT-t-14's soft-split token attention (N=3137, D=64);
-* LayerNorm (+ residual) forward and backward at C = 768, 1024, 1280.
+* LayerNorm (+ residual) forward and backward at C = 768, 1024, 1280;
+* patch embedding (fwd with bias + class token + position embedding, dx, dweight) of ViT-B/16 and
+  ViT-L/16@384 (3 x 224 x 224 / 3 x 384 x 384, p = 16, D = 768 / 1024) and DeiT-S (D = 384) at batch 256;
+* T2T-ViT-t-14's three soft splits at batch 256 (fwd with the fused LayerNorm, LayerNorm backward
+  statistics, fold): k7 s4 p2 on the image, k3 s2 p1 on the 56 x 56 and 28 x 28 token grids.
 
 The launches are recorded by calling the kernel modules' own launchers on ``meta`` tensors with Triton's
 launch entry points replaced by a recorder, so the report sees exactly the arguments, constexprs and
@@ -426,6 +430,23 @@ ATTENTION = {
 LAYER_NORM = {"C=768": (256 * 197, 768), "C=1024": (256 * 577, 1024), "C=1280": (256 * 257, 1280)}
 
 
+# (label, batch, image side, patch, embedding width D, prefix tokens): the patch embeddings (conv as GEMMs).
+PATCH_EMBED = {
+    "ViT-B/16 bs256": (256, 224, 16, 768, 1),
+    "ViT-L/16@384 bs256": (256, 384, 16, 1024, 1),
+    "DeiT-S bs256": (256, 224, 16, 384, 1),
+}
+# T2T-ViT-t-14's three soft splits at batch 256 (fastvit/models/t2t.py, mission.md section 3): (label, batch,
+# channels, grid side, kernel, stride, padding, token input?, fused LayerNorm?). Stage 0 unfolds the 3 x 224 x 224
+# image (k7 s4 p2 -> 56 x 56 x 147) with attention1.norm1 fused; stage 1 the 56 x 56 x 64 tokens (k3 s2 p1 ->
+# 28 x 28 x 576) with attention2.norm1 fused; stage 2 the 28 x 28 x 64 tokens (k3 s2 p1 -> 14 x 14 x 576), no norm.
+SOFT_SPLIT = {
+    "T2T-ViT-t-14 split0 bs256": (256, 3, 224, 7, 4, 2, False, True),
+    "T2T-ViT-t-14 split1 bs256": (256, 64, 56, 3, 2, 1, True, True),
+    "T2T-ViT-t-14 split2 bs256": (256, 64, 28, 3, 2, 1, True, False),
+}
+
+
 # Kernels that only some targets run (the launcher's reasons send the others elsewhere): compiled for those.
 # The persistent TMA GEMM needs sm_90+ (linear_tma.reasons); sm_80 runs the pointer GEMM.
 KERNEL_TARGETS = {"_linear_tma_kernel": (90,)}
@@ -527,6 +548,120 @@ def _layer_norm_launches(rows: int, width: int, dtype: Any) -> list:
     return [("fwd+res", "layer_norm", fwd), ("bwd+res", "layer_norm", bwd)]
 
 
+# SMs of the targets' reference GPUs (H100 SXM, A100): launchers that size grids and row chunks by the SM count
+# (patch_embed's dweight splits, soft_split's persistent LayerNorm statistics) record what those GPUs launch; a
+# meta tensor would count 1 SM, and the chunk length (an int argument, specialised on divisibility by 16) with it.
+TARGET_SMS = {90: 132, 80: 108}
+
+
+@contextlib.contextmanager
+def _target_sm_count() -> Any:
+    """Within the block, sm_count() of a non-GPU tensor answers the compile target's reference SM count."""
+    from unittest import mock
+
+    from fastvit import _geometry
+    from fastvit.kernels import patch_embed
+    from fastvit.kernels._common import target_capability
+
+    real = _geometry.sm_count
+
+    def sm_count(t: Any) -> int:
+        return real(t) if t.is_cuda else TARGET_SMS[target_capability(t)]
+
+    with mock.patch.object(_geometry, "sm_count", sm_count), mock.patch.object(patch_embed, "sm_count", sm_count):
+        yield
+
+
+def _patch_embed_launches(batch: int, side: int, patch: int, width: int, prefix: int, dtype: Any) -> list:
+    """(label, kind, thunk): the patch embedding forward (bias, class token, position embedding covering it, as
+    timm's ViT / DeiT run it fused) and its backward's two kernels, dx (image gradient) and dweight."""
+    import torch
+
+    from fastvit.kernels import patch_embed
+
+    meta = {"device": "meta", "dtype": dtype}
+    tokens = (side // patch) ** 2
+
+    def image() -> Any:
+        return torch.empty(batch, 3, side, side, **meta)
+
+    def weight() -> Any:
+        return torch.empty(width, 3, patch, patch, **meta)
+
+    def fwd() -> None:
+        out = torch.empty(batch, prefix + tokens, width, **meta)
+        pos, cls = torch.empty(prefix + tokens, width, **meta), torch.empty(prefix, width, **meta)
+        patch_embed.patch_embed_fwd(image(), weight(), torch.empty(width, **meta), pos, cls, out)
+
+    def dx() -> None:
+        patch_embed.patch_embed_dx(torch.empty(batch, prefix + tokens, width, **meta), weight(), prefix, image())
+
+    def dweight() -> None:
+        dout = torch.empty(batch, prefix + tokens, width, **meta)
+        with _target_sm_count():  # the row chunks a GPU of the target splits into
+            patch_embed.patch_embed_dweight(dout, image(), weight(), prefix)
+
+    return [("fwd", "patch_embed", fwd), ("bwd dx", "patch_embed", dx), ("bwd dweight", "patch_embed", dweight)]
+
+
+def _soft_split_launches(batch: int, channels: int, side: int, k: int, s: int, p: int, tokens: bool, norm: bool,
+                         dtype: Any) -> list:  # fmt: skip
+    """(label, kind, thunk): a soft split's forward (gather, with the fused LayerNorm where T2T fuses it) and its
+    backward: the LayerNorm statistics kernel (with LayerNorm) and the fold. Token input is read as T2T lays it
+    out, (B, H * W, C) viewed as an image through strides, as ops.soft_split does."""
+    import torch
+
+    from fastvit._geometry import unfold_grid
+    from fastvit.kernels import soft_split
+
+    meta = {"device": "meta", "dtype": dtype}
+    kernel = (k, k, s, s, p, p)
+    geometry = (batch, channels, side, side)
+    ho, wo = unfold_grid(side, side, kernel)
+    rows, features = batch * ho * wo, channels * k * k
+
+    def source() -> tuple:
+        if tokens:
+            x = torch.empty(batch, side * side, channels, **meta)
+            s_b, s_l, s_c = x.stride()
+            return x, (s_b, s_c, side * s_l, s_l)
+        x = torch.empty(*geometry, **meta)
+        return x, tuple(x.stride())
+
+    def stats() -> list:
+        return [torch.empty(rows, device="meta", dtype=torch.float32) for _ in range(2)]
+
+    def fwd() -> None:
+        x, strides = source()
+        w = torch.empty(features, **meta) if norm else None
+        b = torch.empty(features, **meta) if norm else None
+        mean, rstd = stats() if norm else (None, None)
+        y = torch.empty(rows, features, **meta)
+        soft_split.soft_split_fwd(x, strides, geometry, kernel, w, b, 1e-5, y, mean, rstd)
+
+    def ln_stats() -> None:
+        x, strides = source()
+        dy = torch.empty(rows, features, **meta)
+        with _target_sm_count():  # its persistent grid and rows per program on a GPU of the target
+            soft_split.soft_split_ln_bwd_stats(dy, x, strides, geometry, kernel, torch.empty(features, **meta),
+                                               *stats(), True)  # fmt: skip
+
+    def fold() -> None:
+        x, strides = source()
+        dy = torch.empty(rows, features, **meta)
+        dx, dx_strides = source()
+        if norm:
+            w, row_stats = torch.empty(features, **meta), (*stats(), *stats())
+            soft_split.soft_split_bwd(dy, x, strides, geometry, kernel, dx, dx_strides, w, row_stats)
+        else:
+            soft_split.soft_split_bwd(dy, x, strides, geometry, kernel, dx, dx_strides)
+
+    launches = [("fwd+ln" if norm else "fwd", "soft_split", fwd)]
+    if norm:
+        launches.append(("bwd ln stats", "soft_split", ln_stats))
+    return launches + [("bwd fold+ln" if norm else "bwd fold", "soft_split", fold)]
+
+
 def goal_launches(dtype_name: str = "bfloat16", only: Optional[set] = None, kernels: Optional[set] = None,
                   shapes: Optional[set] = None) -> list:  # fmt: skip
     """Every (shape label, launch label, kind, record) at the goal shapes; ``only`` limits the kinds,
@@ -541,6 +676,10 @@ def goal_launches(dtype_name: str = "bfloat16", only: Optional[set] = None, kern
         groups += [(label, *item) for item in _attention_launches(*shape, dtype)]
     for label, (rows, width) in LAYER_NORM.items():
         groups += [(label, *item) for item in _layer_norm_launches(rows, width, dtype)]
+    for label, shape in PATCH_EMBED.items():
+        groups += [(label, *item) for item in _patch_embed_launches(*shape, dtype)]
+    for label, shape in SOFT_SPLIT.items():
+        groups += [(label, *item) for item in _soft_split_launches(*shape, dtype)]
     out = []
     for shape_label, launch_label, kind, thunk in groups:
         if (only and kind not in only) or (shapes and shape_label not in shapes):
@@ -725,10 +864,12 @@ def compare(before: list, after: list) -> str:
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="folder for kernel_report.json and kernel_report.md (required to compile)")
-    parser.add_argument("--kinds", nargs="+", choices=["gemm", "attention", "layer_norm"], help="default: all")
+    parser.add_argument("--kinds", nargs="+", choices=["gemm", "attention", "layer_norm", "patch_embed", "soft_split"],
+                        help="default: all")  # fmt: skip
     parser.add_argument("--targets", nargs="+", type=int, default=[90, 80], choices=[80, 90])
     parser.add_argument("--kernels", nargs="+", help="only these kernel functions (e.g. _linear_tma_kernel)")
-    parser.add_argument("--shapes", nargs="+", choices=sorted({*GEMMS, *ATTENTION, *LAYER_NORM}),
+    shape_labels = sorted({*GEMMS, *ATTENTION, *LAYER_NORM, *PATCH_EMBED, *SOFT_SPLIT})
+    parser.add_argument("--shapes", nargs="+", choices=shape_labels,
                         help="only these shape labels (default: all)")  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: CPUs)")

@@ -34,7 +34,14 @@ import triton.language as tl
 
 from fastvit._geometry import sm_count
 from fastvit.kernels import INTERPRET
-from fastvit.kernels._common import MAX_GRID_YZ, device_guard, launch_autotuned, lazy_autotune
+from fastvit.kernels._common import (
+    MAX_GRID_YZ,
+    device_guard,
+    launch_autotuned,
+    lazy_autotune,
+    shared_memory_limit,
+    target_capability,
+)
 
 __all__ = ["MAX_BATCH", "int32_extent_ok", "patch_embed_dweight", "patch_embed_dx", "patch_embed_fwd"]
 
@@ -64,25 +71,44 @@ _GEMM_SHAPES = [
 ]
 
 
-def _fits_shared_memory(operands: str):
+# (target capability, element bytes, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the dweight configs that spill
+# registers (ptxas -v, benchmarks/kernel_report.py and tests/test_gpu_compile.py):
+# * bf16 / fp16 on sm_80 (mma.sync, operands through registers) at the goal shapes (ViT-B/16, ViT-L/16@384,
+#   DeiT-S at batch 256): the 128-row gathered reduction tile over 4 warps, 4 stages, needs 128 registers and
+#   24 bytes of spill; sm_90 (wgmma) builds it in 142 registers without spill.
+# * fp32 (TF32) on sm_90 with short row chunks (test_gpu_compile's 4-row launch, chunks not a multiple of 16):
+#   64 x 128 x 64 over 4 warps, 4 stages: 255 registers, 12400 bytes of spill (207-212 registers, none, at the
+#   goal shapes' chunk lengths). The config fits only sm_90's shared memory in fp32.
+_DWEIGHT_SPILLS = {(80, 2, 128, 64, 64, 4, 4), (90, 4, 64, 128, 64, 4, 4)}
+
+
+def _fits_shared_memory(operands: str, spills: frozenset = frozenset()):
     """An autotune ``early_config_prune`` keeping the configs whose pipelined operand tiles fit the GPU's
     shared memory per block in the launch's dtype. ``operands`` names the two staged tiles' shapes:
-    "MK,NK" (forward), "MN,NK" (dx) or "NM,MK" (dweight)."""
+    "MK,NK" (forward), "MN,NK" (dx) or "NM,MK" (dweight). ``spills``: (capability, element bytes, BLOCK_M,
+    BLOCK_N, BLOCK_K, warps, stages) tuples dropped on that target and dtype (measured to spill there)."""
     dims = {"M": "BLOCK_M", "N": "BLOCK_N", "K": "BLOCK_K"}
 
     def prune(configs: list, named_args: dict, **_: object) -> list:
         if len(configs) <= 1:
             return configs
         first = next(a for a in named_args.values() if isinstance(a, torch.Tensor))
-        props = torch.cuda.get_device_properties(first.device) if first.is_cuda else None
-        limit = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024  # sm_86's opt-in limit
+        # the GPU's opt-in limit per block; off a GPU (the compile report) the compile target's
+        limit = shared_memory_limit(first)
         elem = first.element_size()
 
         def staged_bytes(cfg: triton.Config) -> int:
             tiles = sum(cfg.kwargs[dims[a]] * cfg.kwargs[dims[b]] for a, b in operands.split(","))
             return cfg.num_stages * tiles * elem
 
-        return [cfg for cfg in configs if staged_bytes(cfg) <= limit] or [min(configs, key=staged_bytes)]
+        cc = target_capability(first)
+
+        def spill_free(cfg: triton.Config) -> bool:
+            key = (cc, elem, *(cfg.kwargs[dims[d]] for d in "MNK"), cfg.num_warps, cfg.num_stages)
+            return key not in spills
+
+        candidates = [cfg for cfg in configs if spill_free(cfg)] or configs
+        return [cfg for cfg in candidates if staged_bytes(cfg) <= limit] or [min(candidates, key=staged_bytes)]
 
     return prune
 
@@ -238,7 +264,7 @@ def _patch_embed_dx_kernel(
 
 @lazy_autotune(
     configs=_configs(_GEMM_SHAPES), key=["N", "D", "K", "PATCH", "rows_per_split"],
-    prune_configs_by={"early_config_prune": _fits_shared_memory("NM,MK")},
+    prune_configs_by={"early_config_prune": _fits_shared_memory("NM,MK", frozenset(_DWEIGHT_SPILLS))},
 )  # fmt: skip
 @triton.jit
 def _patch_embed_dweight_kernel(

@@ -24,7 +24,6 @@ import triton
 import triton.language as tl
 
 from fastvit._geometry import num_programs, unfold_grid
-from fastvit.kernels import INTERPRET
 from fastvit.kernels._common import MAX_GRID_YZ, device_guard
 
 __all__ = [
@@ -49,11 +48,14 @@ def padded_row_elements(channels: int, window: int) -> int:
 
 def row_tiles(channels: int, window: int) -> tuple[int, int, int, int]:
     """(BLOCK_R, BLOCK_C, BLOCK_KK, num_warps) of the forward and LayerNorm-statistics kernels: about 4096
-    padded elements per program (up to 64 rows), one warp per 512."""
+    padded elements per program (up to 64 rows), one warp per 512.
+
+    The same under the interpreter (which ignores the warps): tests/test_gpu_compile.py compiles the launches
+    recorded there for GPU targets, and one warp on a 4096-element tile spills (sm_90: 23-59 KB per thread)."""
     block_c, block_kk = triton.next_power_of_2(channels), triton.next_power_of_2(window)
     block_r = max(1, min(64, 4096 // (block_c * block_kk)))
     elements = block_r * block_c * block_kk
-    return block_r, block_c, block_kk, 1 if INTERPRET else min(max(elements // 512, 1), 8)
+    return block_r, block_c, block_kk, min(max(elements // 512, 1), 8)
 
 
 def fold_tiles(channels: int) -> tuple[int, int, int]:
@@ -61,9 +63,8 @@ def fold_tiles(channels: int) -> tuple[int, int, int]:
 
     512-element tiles over 8 warps: each of the ceil(k/s)^2 unrolled window positions keeps its gathered
     gradient and row statistics live; sm_90 builds of 1024-4096-element tiles needed 150-255 registers
-    or spilled, this one needs about 64."""
-    if INTERPRET:
-        return 16, min(triton.next_power_of_2(channels), 16), 1
+    or spilled, this one needs about 64. The same under the interpreter, so the launches recorded there
+    (tests/test_gpu_compile.py) compile the tile and warps a GPU runs."""
     block_c = min(triton.next_power_of_2(channels), 32)
     return 512 // block_c, block_c, 8
 
