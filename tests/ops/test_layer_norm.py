@@ -298,3 +298,43 @@ def test_gpu_cuda_graph_capture():
         torch.cuda.synchronize()
         y_ref, z_ref = ops.layer_norm(x, w, b, residual=r, backend=backend)
         assert torch.equal(y, y_ref) and torch.equal(z, z_ref)
+
+
+# ------------------------------------------------------------------------------ the memo hit (host overhead)
+
+
+@pytest.mark.parametrize("bias, residual", [(False, False), (True, False), (False, True), (True, True)])
+def test_a_cached_signature_still_refuses_bad_inputs(bias, residual):
+    """Both memo key layouts (with and without a residual) cover every input's shape, dtype and device:
+    after a valid call is memoised, meta inputs, a dtype mismatch and a ``.data`` swap are refused by name."""
+    x, w = torch.randn(3, 8), torch.randn(8)
+    b = torch.randn(8) if bias else None
+    r = torch.randn(3, 8) if residual else None
+    for _ in range(2):
+        ops.layer_norm(x, w, b, residual=r)
+    with pytest.raises(ValueError, match="different devices"):
+        ops.layer_norm(x, w.to("meta"), b, residual=r)
+    with pytest.raises(TypeError, match="weight dtype torch.float16 must be x's dtype"):
+        ops.layer_norm(x, w.half(), b, residual=r)
+    if bias:
+        with pytest.raises(ValueError, match="different devices"):
+            ops.layer_norm(x, w, b.to("meta"), residual=r)
+    if residual:
+        with pytest.raises(ValueError, match="different devices"):
+            ops.layer_norm(x, w, b, residual=r.to("meta"))
+        with pytest.raises(TypeError, match="residual dtype torch.float16 must equal x's dtype"):
+            ops.layer_norm(x, w, b, residual=r.half())
+    swapped = torch.randn(8)
+    swapped.data = torch.randn(7)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        ops.layer_norm(x, swapped, b, residual=r)
+
+
+def test_residual_and_plain_keys_never_meet():
+    x, w, b = torch.randn(2, 8), torch.randn(8), torch.randn(8)
+    for _ in range(2):
+        y = ops.layer_norm(x, w, b)
+        y2, z = ops.layer_norm(x, w, b, residual=x)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,), w, b, 1e-6))
+    torch.testing.assert_close(z, x + x)
+    torch.testing.assert_close(y2, torch.nn.functional.layer_norm(x + x, (8,), w, b, 1e-6))

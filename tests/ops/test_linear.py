@@ -897,3 +897,59 @@ def test_wgrad_unmeasured_runs_the_torch_pair(device, monkeypatch):
     assert calls == []
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e)
+
+
+# ------------------------------------------------------------------------------ the memo hit (host overhead)
+
+
+@pytest.mark.parametrize("bias, residual", [(False, False), (True, False), (False, True), (True, True)])
+def test_a_cached_signature_still_refuses_bad_inputs(bias, residual):
+    """The memo key covers every input's shape,
+    dtype and device: after a valid call is memoised, a meta weight (F.linear with a CPU input and a meta
+    weight returns without raising), a dtype mismatch and a ``.data`` swap to another shape are refused by
+    fastvit's checks, by name."""
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    b = torch.randn(5) if bias else None
+    r = torch.randn(3, 5) if residual else None
+    for _ in range(2):
+        torch.testing.assert_close(ops.linear(x, w, b, residual=r), linear_ref(x, w, b, None, r))
+    with pytest.raises(ValueError, match="different devices"):
+        ops.linear(x, w.to("meta"), b, residual=r)
+    with pytest.raises(TypeError, match="weight dtype torch.float16 must equal x's dtype"):
+        ops.linear(x, w.half(), b, residual=r)
+    if bias:
+        with pytest.raises(ValueError, match="different devices"):
+            ops.linear(x, w, b.to("meta"), residual=r)
+        with pytest.raises(TypeError, match="bias dtype torch.float16 must equal x's dtype"):
+            ops.linear(x, w, b.half(), residual=r)
+    if residual:
+        with pytest.raises(ValueError, match="different devices"):
+            ops.linear(x, w, b, residual=r.to("meta"))
+        with pytest.raises(TypeError, match="residual dtype torch.float16 must equal x's dtype"):
+            ops.linear(x, w, b, residual=r.half())
+    swapped = torch.randn(5, 8)
+    swapped.data = torch.randn(5, 7)  # same object, another shape: the key reads the shape, not the identity
+    with pytest.raises(ValueError, match=r"weight must have shape \(out_features, 8\)"):
+        ops.linear(x, swapped, b, residual=r)
+
+
+def test_bias_and_residual_keys_never_meet():
+    """A bias-only and a residual-only call can read the same (shape, dtype, device) triple (1-D x: bias
+    (N,) and residual (N,)); their memo keys must not meet, so each call runs its own op."""
+    x, w, v = torch.randn(8), torch.randn(4, 8), torch.randn(4)
+    for _ in range(2):
+        torch.testing.assert_close(ops.linear(x, w, v), F.linear(x, w, v))
+        torch.testing.assert_close(ops.linear(x, w, residual=v), F.linear(x, w) + v)
+        torch.testing.assert_close(ops.linear(x, w), F.linear(x, w))
+
+
+def test_memo_hit_fast_path_keeps_the_flag_check_and_activations():
+    """On a memoised signature a bad save_preact flag is still refused and an activation still applied."""
+    x, w, b = torch.randn(2, 8), torch.randn(4, 8), torch.randn(4)
+    for _ in range(2):
+        ops.linear(x, w, b)
+    with pytest.raises(TypeError, match="save_preact must be True or False, got 1"):
+        ops.linear(x, w, b, save_preact=1)
+    for _ in range(2):
+        torch.testing.assert_close(ops.linear(x, w, b, activation="gelu"), F.gelu(F.linear(x, w, b)))
+    assert ops.linear(x, w, b, save_preact=True).shape == (2, 4)
