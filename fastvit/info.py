@@ -177,15 +177,19 @@ def linear_tma_status() -> dict[str, Any]:
         from fastvit.kernels import linear_tma
     except Exception as exc:  # noqa: BLE001 - no Triton: nothing to choose between
         return {"available": f"not importable ({type(exc).__name__}: {exc})", "enabled": False, "choices": {}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a bad cache is reported by describe_cache already
-        table = dispatch.measured_table()
-    prefix = f"{linear_tma.FAMILY}|"
     return {
         "available": "yes" if linear_tma.HAS_API else f"no (triton {kernels.TRITON_VERSION} has no tensor descriptors)",
         "enabled": linear_tma.enabled(),
-        "choices": {k: e.get("backend") for k, e in sorted(table.items()) if k.startswith(prefix)},
+        "choices": _measured_choices(linear_tma.FAMILY),
     }
+
+
+def _measured_choices(family: str) -> dict[str, Any]:
+    """The ``<family>|...`` entries of the dispatch cache and of this process: key -> the backend chosen."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a bad cache is reported by describe_cache already
+        table = dispatch.measured_table()
+    return {k: e.get("backend") for k, e in sorted(table.items()) if k.startswith(f"{family}|")}
 
 
 def linear_wgrad_status() -> dict[str, Any]:
@@ -198,14 +202,10 @@ def linear_wgrad_status() -> dict[str, Any]:
         return {"available": f"not importable ({type(exc).__name__}: {exc})", "enabled": False, "choices": {}}
     from fastvit.ops import _cuda_backends
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a bad cache is reported by describe_cache already
-        table = dispatch.measured_table()
-    prefix = f"{triton_linear.WGRAD_FAMILY}|"
     return {
         "available": "yes",
         "enabled": triton_linear.wgrad_enabled(),
-        "choices": {k: e.get("backend") for k, e in sorted(table.items()) if k.startswith(prefix)},
+        "choices": _measured_choices(triton_linear.WGRAD_FAMILY),
         "bgradb_refused": {str(k): why for k, why in _cuda_backends.BGRADB_REFUSED.items()},
     }
 

@@ -21,6 +21,7 @@ from fastvit.kernels._common import compile_target
 from fastvit.ops import dispatch
 from fastvit.ops.linear import linear_ref
 from fastvit.testing import assert_close
+from tests._fake_gpu import fake_sm90
 
 interpreter = pytest.mark.skipif(
     not INTERPRET or not linear_tma.HAS_API,
@@ -181,14 +182,7 @@ KEY = "linear_tma|Fake H100 sm_90|float16|M=40|N=48|K=32|act=gelu|bias=True|resi
 
 @pytest.fixture
 def fake_gpu(monkeypatch, tmp_path):
-    monkeypatch.setattr(dispatch, "_capability", lambda index: (9, 0))
-    monkeypatch.setattr(dispatch, "_gpu_name", lambda index: "Fake H100")
-    monkeypatch.setattr(dispatch, "_index", lambda device: 0)
-    monkeypatch.setattr(linear_tma, "_gpu_device", lambda t: torch.device("cuda", 0))
-    monkeypatch.setenv(dispatch.CACHE_ENV, str(tmp_path / "dispatch.json"))
-    for name in (dispatch.MODE_ENV, linear_tma.ENV_SWITCH):
-        monkeypatch.delenv(name, raising=False)
-    dispatch.reset()
+    fake_sm90(monkeypatch, tmp_path, linear_tma, "_gpu_device", linear_tma.ENV_SWITCH)
     state = {"ms": {"pointer": 2.0, "tma": 1.0}, "timed": [], "raise": {}, "writes": []}
     state["path"] = tmp_path / "dispatch.json"
 

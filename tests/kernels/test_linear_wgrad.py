@@ -15,6 +15,7 @@ import torch
 from fastvit.kernels import INTERPRET, linear
 from fastvit.ops import dispatch
 from fastvit.testing import assert_close, assert_three_way
+from tests._fake_gpu import fake_sm90
 
 interpreter = pytest.mark.skipif(
     not INTERPRET, reason="runs the kernel on the CPU under TRITON_INTERPRET=1 (the gpu tests cover a GPU)"
@@ -102,14 +103,7 @@ KEY = "linear_wgrad|Fake H100 sm_90|float16|M=40|N=48|K=32|dbias=True"
 def fake_gpu(monkeypatch, tmp_path):
     """A faked sm_90 GPU (the CPU tensor passed off as a CUDA one), the cache under tmp_path, both candidates
     replaced by recorders and a timer answering the configured ms for whichever ran."""
-    monkeypatch.setattr(dispatch, "_capability", lambda index: (9, 0))
-    monkeypatch.setattr(dispatch, "_gpu_name", lambda index: "Fake H100")
-    monkeypatch.setattr(dispatch, "_index", lambda device: 0)
-    monkeypatch.setattr(linear, "_wgrad_device", lambda t: torch.device("cuda", 0))
-    monkeypatch.setenv(dispatch.CACHE_ENV, str(tmp_path / "dispatch.json"))
-    for name in (dispatch.MODE_ENV, linear.WGRAD_ENV_SWITCH):
-        monkeypatch.delenv(name, raising=False)
-    dispatch.reset()
+    fake_sm90(monkeypatch, tmp_path, linear, "_wgrad_device", linear.WGRAD_ENV_SWITCH)
     state = {"ms": {"torch": 2.0, "fused": 1.0}, "timed": [], "raise": {}, "ran": []}
 
     def recorder(name):

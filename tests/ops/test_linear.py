@@ -19,6 +19,7 @@ from torch import nn
 from fastvit import ops
 from fastvit.ops.linear import ACTIVATIONS, _linear_act_grad, _linear_fwd, _linear_wgrad, linear_ref
 from fastvit.testing import assert_three_way, poisoned_outputs
+from tests._fake_gpu import fake_sm90
 from tests.ops.backends import kernel_backends, run_under_memcheck
 
 ACTS = [None, *ACTIVATIONS]
@@ -827,14 +828,7 @@ def fused_wgrad(monkeypatch, tmp_path):
     from fastvit.kernels import linear as kernels_linear
     from fastvit.ops import dispatch
 
-    monkeypatch.setattr(dispatch, "_capability", lambda index: (9, 0))
-    monkeypatch.setattr(dispatch, "_gpu_name", lambda index: "Fake H100")
-    monkeypatch.setattr(dispatch, "_index", lambda device: 0)
-    monkeypatch.setattr(kernels_linear, "_wgrad_device", lambda t: torch.device("cuda", 0))
-    monkeypatch.setenv(dispatch.CACHE_ENV, str(tmp_path / "dispatch.json"))
-    for name in (dispatch.MODE_ENV, kernels_linear.WGRAD_ENV_SWITCH):
-        monkeypatch.delenv(name, raising=False)
-    dispatch.reset()
+    fake_sm90(monkeypatch, tmp_path, kernels_linear, "_wgrad_device", kernels_linear.WGRAD_ENV_SWITCH)
     state = {"fused": 0, "timing": False}
     real = kernels_linear.linear_wgrad
 
